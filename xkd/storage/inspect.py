@@ -1,0 +1,67 @@
+"""`xkd inspect`: what a cache holds and what it costs, from the manifest alone."""
+
+from __future__ import annotations
+
+import os
+
+from .manifest import read_manifest
+
+
+def inspect_cache(path: str | os.PathLike) -> dict:
+    manifest = read_manifest(path)
+    shards = [s for s in manifest["shards"] if s["state"] == "done"]
+    totals = {k: sum(s[k] for s in shards) for k in ("rows", "tokens", "masked", "bytes")}
+    per_output: dict[str, int] = {}
+    langs: dict[str, int] = {}
+    for s in shards:
+        for name, size in s["bytes_by_output"].items():
+            per_output[name] = per_output.get(name, 0) + size
+        for lang, n in s.get("langs", {}).items():
+            langs[lang] = langs.get(lang, 0) + n
+    outputs = manifest.get("outputs", {})
+    present = (["topk"] if outputs.get("topk") else []) + sorted(outputs.get("dense", {}))
+
+    def ratio(n, d):
+        return round(n / d, 3) if d else None
+
+    return {
+        "cache": str(path),
+        "key": manifest.get("key"),
+        "complete": bool(manifest.get("complete")),
+        "shards": len(shards),
+        **totals,
+        "outputs": present,
+        "topk_k": (outputs.get("topk") or {}).get("k"),
+        "teacher": (manifest.get("teacher") or {}).get("name"),
+        "languages": dict(sorted(langs.items())),
+        "bytes_by_output": {
+            name: {
+                "bytes": size,
+                "per_token": ratio(size, totals["tokens"]),
+                "per_masked_position": ratio(size, totals["masked"]),
+            }
+            for name, size in sorted(per_output.items())
+        },
+        "bytes_per_token": ratio(totals["bytes"], totals["tokens"]),
+        "bytes_per_masked_position": ratio(totals["bytes"], totals["masked"]),
+    }
+
+
+def format_inspect(info: dict) -> str:
+    lines = [
+        f"cache      {info['cache']}  (key {info['key']}, {'complete' if info['complete'] else 'INCOMPLETE'})",
+        f"teacher    {info['teacher']}",
+        f"rows       {info['rows']:,} in {info['shards']} shards",
+        f"tokens     {info['tokens']:,}",
+        f"masked     {info['masked']:,} positions",
+        f"outputs    {', '.join(info['outputs']) or 'none'}" + (f" (top-k k={info['topk_k']})" if info["topk_k"] else ""),
+        "languages  " + (", ".join(f"{k} {v:,}" for k, v in info["languages"].items()) or "none"),
+        f"bytes      {info['bytes']:,} ({info['bytes_per_token']} per token, "
+        f"{info['bytes_per_masked_position']} per masked position)",
+        "",
+        f"{'column / array':<20}{'bytes':>14}{'per token':>12}{'per masked':>12}",
+    ]
+    for name, b in info["bytes_by_output"].items():
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        lines.append(f"{name:<20}{b['bytes']:>14,}{fmt(b['per_token']):>12}{fmt(b['per_masked_position']):>12}")
+    return "\n".join(lines)

@@ -1,0 +1,210 @@
+"""Lazy reading of a cache: by shard, by Parquet row group, or by example id.
+
+Nothing here loads a whole cache. The unit of reading is a `Block` (one row group of one
+shard plus the matching slices of its dense arrays); per-example dicts are views into it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import XkdError
+from .manifest import read_manifest
+from .schema import RAGGED_COLUMNS, DenseSpec, Ragged, ragged_from_arrow
+from .shard import parquet_path, zarr_path
+
+_OPEN_FILES = 8  # open Parquet/Zarr handles kept per cache
+
+
+class Block:
+    """Rows of one row group: scalar columns as numpy, ragged columns as Ragged, plus the
+    dense arrays' slices for exactly these rows."""
+
+    def __init__(self, cache: "Cache", shard_id: int, columns: dict, dense: dict, dense_offsets: dict):
+        self.cache = cache
+        self.shard_id = shard_id
+        self.columns = columns
+        self.dense = dense  # name -> array covering these rows
+        self._dense_offsets = dense_offsets  # name -> (rows + 1) offsets into self.dense[name]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.columns["example_id"])
+
+    def dense_rows(self, name: str, i: int) -> np.ndarray:
+        off = self._dense_offsets[name]
+        return self.dense[name][off[i] : off[i + 1]]
+
+    def example(self, i: int) -> dict:
+        out = {}
+        for name, col in self.columns.items():
+            if name in ("token_offset", "word_offset"):
+                continue
+            out[name] = col.row(i) if isinstance(col, Ragged) else col[i]
+        k = self.cache.topk_k
+        if k and "topk_ids" in out:
+            out["topk_ids"] = out["topk_ids"].reshape(-1, k)
+            out["topk_logits"] = out["topk_logits"].reshape(-1, k)
+        for name, spec in self.cache.dense_specs.items():
+            if name in self.dense:
+                rows = self.dense_rows(name, i)
+                out[name] = rows[0] if spec.align == "row" else rows
+        return out
+
+
+class Cache:
+    """A cache on disk. `len()` counts rows (examples as the teacher saw them)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self._shards = {s["id"]: s for s in self.manifest["shards"] if s["state"] == "done"}
+        self._parquet: OrderedDict[int, pq.ParquetFile] = OrderedDict()
+        self._zarr: OrderedDict[int, object] = OrderedDict()
+
+    # What is stored -----------------------------------------------------------------
+    @cached_property
+    def topk_k(self) -> int | None:
+        topk = self.manifest.get("outputs", {}).get("topk")
+        return int(topk["k"]) if topk else None
+
+    @cached_property
+    def dense_specs(self) -> dict[str, DenseSpec]:
+        dense = self.manifest.get("outputs", {}).get("dense", {})
+        return {name: DenseSpec.from_json(name, d) for name, d in dense.items()}
+
+    @property
+    def shard_ids(self) -> list[int]:
+        return sorted(self._shards)
+
+    def shard(self, shard_id: int) -> dict:
+        return self._shards[shard_id]
+
+    def __len__(self) -> int:
+        return sum(s["rows"] for s in self._shards.values())
+
+    def __repr__(self) -> str:
+        return f"Cache({str(self.path)!r}, rows={len(self)}, shards={len(self._shards)})"
+
+    # Files --------------------------------------------------------------------------
+    def _missing(self, shard_id: int, what: Path) -> XkdError:
+        return XkdError(
+            f"cache {self.path}: shard {shard_id} is listed as done but {what.name} is missing. "
+            f"Run `xkd verify {self.path}` for a full check, then re-run the command that made the cache "
+            "to rewrite damaged shards."
+        )
+
+    def parquet_file(self, shard_id: int) -> pq.ParquetFile:
+        f = self._parquet.get(shard_id)
+        if f is None:
+            path = parquet_path(self.path, shard_id)
+            if not path.is_file():
+                raise self._missing(shard_id, path)
+            f = self._parquet[shard_id] = pq.ParquetFile(path)
+            if len(self._parquet) > _OPEN_FILES:
+                self._parquet.popitem(last=False)
+        else:
+            self._parquet.move_to_end(shard_id)
+        return f
+
+    def zarr_group(self, shard_id: int):
+        import zarr
+
+        g = self._zarr.get(shard_id)
+        if g is None:
+            path = zarr_path(self.path, shard_id)
+            if not path.is_dir():
+                raise self._missing(shard_id, path)
+            g = self._zarr[shard_id] = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")
+            if len(self._zarr) > _OPEN_FILES:
+                self._zarr.popitem(last=False)
+        return g
+
+    def row_groups(self, shard_id: int) -> list[int]:
+        """Rows per row group of a shard, from the Parquet footer only."""
+        meta = self.parquet_file(shard_id).metadata
+        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+    # Reading --------------------------------------------------------------------------
+    def read_table(self, shard_id: int, row_group: int | None = None, columns=None) -> pa.Table:
+        f = self.parquet_file(shard_id)
+        if row_group is None:
+            return f.read(columns=columns)
+        return f.read_row_group(row_group, columns=columns)
+
+    def read_block(self, shard_id: int, row_group: int, columns=None, dense=None) -> Block:
+        """One row group with the matching dense slices. `dense=None` reads every stored
+        dense output, `dense=()` none of them."""
+        dense_names = list(self.dense_specs) if dense is None else list(dense)
+        cols = None if columns is None else list(dict.fromkeys([*columns, "example_id"]))
+        if cols is not None and dense_names:
+            cols = list(dict.fromkeys([*cols, "input_ids", "word_start", "token_offset", "word_offset"]))
+        table = self.read_table(shard_id, row_group, cols)
+        columns_np = {}
+        for name in table.column_names:
+            col = table[name]
+            columns_np[name] = ragged_from_arrow(col) if name in RAGGED_COLUMNS else col.to_numpy()
+        dense_out, dense_offsets = {}, {}
+        if dense_names:
+            group = self.zarr_group(shard_id)
+            for name in dense_names:
+                spec = self.dense_specs[name]
+                start, counts = self._dense_span(spec, columns_np, shard_id, row_group)
+                offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+                np.cumsum(counts, out=offsets[1:])
+                dense_out[name] = group[name][start : start + int(offsets[-1])]
+                dense_offsets[name] = offsets
+        return Block(self, shard_id, columns_np, dense_out, dense_offsets)
+
+    def _dense_span(self, spec: DenseSpec, cols: dict, shard_id: int, row_group: int):
+        """Where these rows start in a dense array, and how many entries each row has."""
+        n = len(cols["example_id"])
+        if spec.align == "row":
+            start = sum(self.row_groups(shard_id)[:row_group])
+            return start, np.ones(n, dtype=np.int64)
+        if spec.align == "token":
+            return (int(cols["token_offset"][0]) if n else 0), cols["input_ids"].lengths()
+        counts = cols["word_start"].row_sums()
+        return (int(cols["word_offset"][0]) if n else 0), counts
+
+    def iter_blocks(self, columns=None, dense=None, shards=None):
+        for shard_id in shards if shards is not None else self.shard_ids:
+            for rg in range(len(self.row_groups(shard_id))):
+                yield self.read_block(shard_id, rg, columns=columns, dense=dense)
+
+    def iter_examples(self, columns=None, dense=None, shards=None):
+        """One dict of numpy arrays per row; keys as in DESIGN.md, where stored."""
+        for block in self.iter_blocks(columns=columns, dense=dense, shards=shards):
+            for i in range(block.num_rows):
+                yield block.example(i)
+
+    def examples_by_id(self, example_id: int) -> list[dict]:
+        """Every row of one example (its sides and mask epochs), reading only the row groups
+        whose statistics can contain it."""
+        out = []
+        for shard_id, record in self._shards.items():
+            lo_hi = record.get("example_ids")
+            if not lo_hi or not lo_hi[0] <= example_id <= lo_hi[1]:
+                continue
+            meta = self.parquet_file(shard_id).metadata
+            col = meta.schema.to_arrow_schema().get_field_index("example_id")
+            for rg in range(meta.num_row_groups):
+                stats = meta.row_group(rg).column(col).statistics
+                if stats is not None and stats.has_min_max and not stats.min <= example_id <= stats.max:
+                    continue
+                block = self.read_block(shard_id, rg)
+                for i in np.flatnonzero(block.columns["example_id"] == example_id):
+                    out.append(block.example(int(i)))
+        return out
+
+
+def open_cache(path: str | os.PathLike) -> Cache:
+    """Open the cache at `path` for reading (see DESIGN.md, "Python API")."""
+    return Cache(path)

@@ -1,0 +1,244 @@
+"""Writing one shard: a Parquet file of rows plus a Zarr group of dense tensors.
+
+`write_shard_files` is a pure function of its inputs (no manifest, no lock), so it can run
+on any dask worker. It writes under temporary names, fsyncs, renames into place, and returns
+the shard's record (sizes and sha256 of every file) for the single manifest owner to commit.
+The same inputs always give the same bytes: no timestamps, fixed encodings, sorted names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.parquet as pq
+
+from .manifest import SHARDS, fsync_dir
+from .schema import RAGGED_COLUMNS, DenseSpec, Ragged, arrow_schema
+
+# Parquet encodings chosen by bench/storage.py: byte-stream-split makes fp16/fp32 values
+# compress (exponent bytes group together); dictionary encoding only pays for the two
+# low-cardinality string columns. zstd level 3 is the point where more level stops paying.
+PARQUET_OPTIONS = dict(
+    compression="zstd",
+    compression_level=3,
+    use_dictionary=["lang", "side"],
+    use_byte_stream_split=["topk_logits", "lognorm", "teacher_loss"],
+    write_statistics=["example_id"],
+    data_page_size=1 << 20,
+)
+DEFAULT_ROW_GROUP_SIZE = 512
+ZARR_CHUNK_BYTES = 1 << 20
+
+
+def shard_name(shard_id: int) -> str:
+    return f"{shard_id:05d}"
+
+
+def parquet_path(root: Path, shard_id: int) -> Path:
+    return Path(root) / SHARDS / f"{shard_name(shard_id)}.parquet"
+
+
+def zarr_path(root: Path, shard_id: int) -> Path:
+    return Path(root) / SHARDS / f"{shard_name(shard_id)}.zarr"
+
+
+def _offsets_from_lengths(lengths: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=out[1:])
+    return out
+
+
+def build_table(rows: dict, has_topk: bool) -> pa.Table:
+    """Rows as an Arrow table in the cache schema; adds the dense-alignment offsets."""
+    rows = dict(rows)
+    for name in ("input_ids", "word_start"):
+        if not isinstance(rows[name], Ragged):
+            rows[name] = Ragged.from_rows(rows[name], np.uint32 if name == "input_ids" else np.bool_)
+    input_ids, word_start = rows["input_ids"], rows["word_start"]
+    n = len(input_ids)
+    rows["token_offset"] = _offsets_from_lengths(input_ids.lengths())
+    rows["word_offset"] = _offsets_from_lengths(word_start.row_sums())
+    schema = arrow_schema(has_topk)
+    arrays = []
+    for field in schema:
+        if field.name not in rows:
+            raise ValueError(f"shard rows lack column {field.name!r}")
+        value = rows[field.name]
+        if field.name in RAGGED_COLUMNS:
+            if not isinstance(value, Ragged):
+                value = Ragged.from_rows(value, field.type.value_type.to_pandas_dtype())
+            arr = value.to_arrow(field.type.value_type)
+        else:
+            arr = pa.array(np.asarray(value), type=field.type)
+        if len(arr) != n:
+            raise ValueError(f"column {field.name!r} has {len(arr)} rows, input_ids has {n}")
+        arrays.append(arr)
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def dense_length(spec: DenseSpec, table: pa.Table) -> int:
+    if spec.align == "row":
+        return table.num_rows
+    if spec.align == "token":
+        return int(pa.compute.sum(pa.compute.list_value_length(table["input_ids"])).as_py() or 0)
+    return int(pa.compute.sum(table["word_start"].combine_chunks().values).as_py() or 0)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            _fsync_file(os.path.join(dirpath, name))
+        fsync_dir(Path(dirpath))
+
+
+def shard_files(root: Path, shard_id: int) -> list[Path]:
+    """The files of a shard on disk, in a fixed order (relative to shards/)."""
+    base = Path(root) / SHARDS
+    files = [parquet_path(root, shard_id)]
+    z = zarr_path(root, shard_id)
+    if z.is_dir():
+        files += sorted(p for p in z.rglob("*") if p.is_file())
+    return [f.relative_to(base) for f in files]
+
+
+def digest_of(files: dict) -> str:
+    """One checksum for a shard, over its files' names, sizes and checksums."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        size, sha = files[name]
+        h.update(f"{name}\0{size}\0{sha}\n".encode())
+    return h.hexdigest()
+
+
+def _write_zarr(path: Path, dense: dict, specs: dict[str, DenseSpec], expected: dict[str, int]) -> None:
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    group = zarr.open_group(zarr.storage.LocalStore(path), mode="w", zarr_format=3)
+    for name in sorted(specs):
+        spec = specs[name]
+        data = np.ascontiguousarray(dense[name], dtype=spec.dtype)
+        if data.shape != (expected[name], spec.dim):
+            raise ValueError(
+                f"dense output {name!r} has shape {data.shape}, expected ({expected[name]}, {spec.dim}) "
+                f"for align={spec.align}"
+            )
+        chunk_rows = max(1, ZARR_CHUNK_BYTES // (spec.dim * data.dtype.itemsize))
+        arr = group.create_array(
+            name,
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=(min(chunk_rows, max(1, data.shape[0])), spec.dim),
+            compressors=[ZstdCodec(level=1)],
+            fill_value=0,
+        )
+        if data.size:
+            arr[...] = data
+
+
+def write_shard_files(
+    root: str | os.PathLike,
+    shard_id: int,
+    rows: dict,
+    dense: dict | None = None,
+    dense_specs: dict[str, DenseSpec] | None = None,
+    has_topk: bool = False,
+    row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
+) -> dict:
+    """Write shard `shard_id` atomically; return its manifest record.
+
+    `rows` maps every column of the schema (except the offsets, computed here) to a numpy
+    array (scalars) or a Ragged / list of arrays (lists). `dense` maps each name of
+    `dense_specs` to an array whose first axis follows the spec's alignment.
+    """
+    root = Path(root)
+    dense = dense or {}
+    dense_specs = dense_specs or {}
+    if set(dense) != set(dense_specs):
+        raise ValueError(f"dense outputs {sorted(dense)} do not match their specs {sorted(dense_specs)}")
+    table = build_table(rows, has_topk)
+    expected = {name: dense_length(spec, table) for name, spec in dense_specs.items()}
+
+    shards = root / SHARDS
+    shards.mkdir(parents=True, exist_ok=True)
+    tag = f"tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    name = shard_name(shard_id)
+    tmp_parquet = shards / f".{name}.parquet.{tag}"
+    tmp_zarr = shards / f".{name}.zarr.{tag}"
+    try:
+        pq.write_table(table, tmp_parquet, row_group_size=row_group_size, **PARQUET_OPTIONS)
+        _fsync_file(tmp_parquet)
+        if dense_specs:
+            _write_zarr(tmp_zarr, dense, dense_specs, expected)
+            _fsync_tree(tmp_zarr)
+            final_zarr = zarr_path(root, shard_id)
+            if final_zarr.exists():  # a leftover of an interrupted run, never listed as done
+                shutil.rmtree(final_zarr)
+            os.rename(tmp_zarr, final_zarr)
+        os.replace(tmp_parquet, parquet_path(root, shard_id))
+        fsync_dir(shards)
+    finally:
+        tmp_parquet.unlink(missing_ok=True)
+        if tmp_zarr.exists():
+            shutil.rmtree(tmp_zarr)
+
+    files = {}
+    for rel in shard_files(root, shard_id):
+        path = shards / rel
+        files[str(rel)] = [path.stat().st_size, sha256_file(path)]
+    lengths = table["input_ids"].combine_chunks().value_lengths().to_numpy()
+    masked = table["masked_positions"].combine_chunks().value_lengths().to_numpy()
+    ids = table["example_id"].to_numpy()
+    langs = pa.compute.value_counts(table["lang"]).to_pylist()
+    return {
+        "id": shard_id,
+        "rows": table.num_rows,
+        "tokens": int(lengths.sum()),
+        "masked": int(masked.sum()),
+        "example_ids": [int(ids.min()), int(ids.max())] if len(ids) else None,
+        "langs": {d["values"]: d["counts"] for d in sorted(langs, key=lambda d: d["values"])},
+        "bytes": sum(size for size, _ in files.values()),
+        "bytes_by_output": _bytes_by_output(shards / f"{name}.parquet", dense_specs, files, name),
+        "files": files,
+        "sha256": digest_of(files),
+        "state": "done",
+    }
+
+
+def _bytes_by_output(parquet_file: Path, dense_specs: dict, files: dict, name: str) -> dict:
+    """Compressed bytes on disk per column (Parquet) and per dense array (Zarr)."""
+    meta = pq.ParquetFile(parquet_file).metadata
+    out: dict[str, int] = {}
+    for g in range(meta.num_row_groups):
+        rg = meta.row_group(g)
+        for c in range(rg.num_columns):
+            col = rg.column(c)
+            key = col.path_in_schema.split(".")[0]
+            out[key] = out.get(key, 0) + col.total_compressed_size
+    for dense_name in dense_specs:
+        prefix = f"{name}.zarr/{dense_name}/"
+        out[dense_name] = sum(size for rel, (size, _) in files.items() if rel.startswith(prefix))
+    return out
