@@ -76,6 +76,10 @@ class Cache:
         return int(topk["k"]) if topk else None
 
     @cached_property
+    def has_text(self) -> bool:
+        return bool(self.manifest.get("outputs", {}).get("text"))
+
+    @cached_property
     def dense_specs(self) -> dict[str, DenseSpec]:
         dense = self.manifest.get("outputs", {}).get("dense", {})
         return {name: DenseSpec.from_json(name, d) for name, d in dense.items()}

@@ -24,6 +24,8 @@ BASE_FIELDS = [
     pa.field("lang", pa.string(), nullable=False),
     pa.field("side", pa.string(), nullable=False),  # "mono" | "src" | "tgt"
     pa.field("mask_epoch", pa.uint16(), nullable=False),
+    # What the teacher saw, masking applied; labels hold the original ids at the masked
+    # positions, so the unmasked sentence is input_ids with labels written back.
     pa.field("input_ids", pa.list_(pa.uint32()), nullable=False),
     pa.field("word_start", pa.list_(pa.bool_()), nullable=False),
     pa.field("masked_positions", pa.list_(pa.uint16()), nullable=False),
@@ -44,16 +46,25 @@ TOPK_FIELDS = [
     pa.field("lognorm", pa.list_(pa.float32()), nullable=False),
 ]
 
-RAGGED_COLUMNS = {f.name for f in BASE_FIELDS + TOPK_FIELDS if pa.types.is_list(f.type)}
-SCALAR_COLUMNS = {f.name for f in BASE_FIELDS + TOPK_FIELDS} - RAGGED_COLUMNS
+# Present when the raw text was stored: students that tokenize a side themselves (the
+# translation side in xd and mmkd, a student tokenizer unlike the teacher's) read it here.
+# pair_text is the other side of a parallel pair ("" for monolingual rows), so one row
+# carries a whole pair and students need no join across rows.
+TEXT_FIELDS = [
+    pa.field("text", pa.string(), nullable=False),
+    pa.field("pair_text", pa.string(), nullable=False),
+]
+
+ALL_FIELDS = BASE_FIELDS + TOPK_FIELDS + TEXT_FIELDS
+RAGGED_COLUMNS = {f.name for f in ALL_FIELDS if pa.types.is_list(f.type)}
 
 # How a dense array's first axis relates to rows: one entry per row, per token of the row,
 # or per word (token with word_start) of the row.
 ALIGNS = ("row", "token", "word")
 
 
-def arrow_schema(has_topk: bool) -> pa.Schema:
-    return pa.schema(BASE_FIELDS + (TOPK_FIELDS if has_topk else []))
+def arrow_schema(has_topk: bool, has_text: bool = False) -> pa.Schema:
+    return pa.schema(BASE_FIELDS + (TOPK_FIELDS if has_topk else []) + (TEXT_FIELDS if has_text else []))
 
 
 @dataclass(frozen=True)

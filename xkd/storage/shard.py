@@ -55,7 +55,7 @@ def _offsets_from_lengths(lengths: np.ndarray) -> np.ndarray:
     return out
 
 
-def build_table(rows: dict, has_topk: bool) -> pa.Table:
+def build_table(rows: dict, has_topk: bool, has_text: bool = False) -> pa.Table:
     """Rows as an Arrow table in the cache schema; adds the dense-alignment offsets."""
     rows = dict(rows)
     for name in ("input_ids", "word_start"):
@@ -65,7 +65,7 @@ def build_table(rows: dict, has_topk: bool) -> pa.Table:
     n = len(input_ids)
     rows["token_offset"] = _offsets_from_lengths(input_ids.lengths())
     rows["word_offset"] = _offsets_from_lengths(word_start.row_sums())
-    schema = arrow_schema(has_topk)
+    schema = arrow_schema(has_topk, has_text)
     arrays = []
     for field in schema:
         if field.name not in rows:
@@ -166,20 +166,22 @@ def write_shard_files(
     dense: dict | None = None,
     dense_specs: dict[str, DenseSpec] | None = None,
     has_topk: bool = False,
+    has_text: bool = False,
     row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
 ) -> dict:
     """Write shard `shard_id` atomically; return its manifest record.
 
     `rows` maps every column of the schema (except the offsets, computed here) to a numpy
     array (scalars) or a Ragged / list of arrays (lists). `dense` maps each name of
-    `dense_specs` to an array whose first axis follows the spec's alignment.
+    `dense_specs` to an array whose first axis follows the spec's alignment. `has_topk` and
+    `has_text` must agree with the manifest's outputs (see writer.outputs_json).
     """
     root = Path(root)
     dense = dense or {}
     dense_specs = dense_specs or {}
     if set(dense) != set(dense_specs):
         raise ValueError(f"dense outputs {sorted(dense)} do not match their specs {sorted(dense_specs)}")
-    table = build_table(rows, has_topk)
+    table = build_table(rows, has_topk, has_text)
     expected = {name: dense_length(spec, table) for name, spec in dense_specs.items()}
 
     shards = root / SHARDS
