@@ -1,0 +1,316 @@
+"""Streaming training data over caches.
+
+The sample order is a pure function of (seed, batch index): which language each example
+comes from, which row of that language it is, and in which order rows are visited are all
+computed from counters, never from state accumulated while reading. So:
+- resume is exact: the state is just (next batch, rows consumed per language);
+- DataLoader workers and DDP ranks each compute the same plan and materialise only their
+  own batches, so nothing is duplicated or dropped;
+- nothing but the current shuffle window of each language is ever in memory.
+
+Order within a language: each epoch permutes the language's row groups, cuts the permuted
+list into windows of `shuffle_window` row groups (the shuffle buffer), and permutes rows
+within each window. Languages are mixed by temperature sampling, q_l ∝ p_l^alpha.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ..errors import BadInput
+from ..storage import Cache, Ragged
+
+SIDE_CODES = {"mono": 0, "src": 1, "tgt": 2}
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    batch_size: int
+    seed: int = 0
+    alpha: float = 0.7  # language smoothing exponent; 1 = proportional, 0 = uniform
+    copies: str = "all"  # several teachers' copies of an example: "all" or "best" (lowest teacher loss)
+    shuffle_window: int = 8  # row groups per shuffle window
+    mix: str = "example"  # "example": languages mixed within a batch; "batch": one language per batch
+    languages: tuple[str, ...] = ()  # restrict to these; empty = every language in the caches
+    columns: tuple[str, ...] | None = None  # Parquet columns to read; None = all
+    dense: tuple[str, ...] = ()  # dense outputs to read
+    world_size: int = 1  # DDP ranks; each takes every world_size-th batch
+    rank: int = 0
+
+    def __post_init__(self):
+        if self.copies not in ("all", "best"):
+            raise BadInput(f"--copies must be 'all' or 'best', not {self.copies!r}")
+        if self.mix not in ("example", "batch"):
+            raise BadInput(f"language mixing must be 'example' or 'batch', not {self.mix!r}")
+        if self.batch_size < 1 or self.shuffle_window < 1:
+            raise BadInput("--batch-size and the shuffle window must be at least 1")
+
+
+@dataclass
+class LanguageIndex:
+    """Where one language's rows are: row groups (cache, shard, row group) with counts."""
+
+    lang: str
+    refs: np.ndarray  # (n, 3) int64: cache index, shard id, row group
+    counts: np.ndarray  # (n,) rows of this language (after copy selection) per row group
+    keep: list = field(default_factory=list)  # per ref: bool mask over the row group's rows, or None
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+
+def _scan(caches: list[Cache], copies: str, languages: tuple[str, ...]) -> dict[str, LanguageIndex]:
+    """Per language, the row groups holding it. Reads only small columns (lang, and for the
+    best-copy selection example_id, side, mask_epoch, teacher_loss)."""
+    cols = ["lang"] + (["example_id", "side", "mask_epoch", "teacher_loss"] if copies == "best" else [])
+    groups = []  # (cache, shard, rg, lang array, key arrays)
+    for ci, cache in enumerate(caches):
+        for shard in cache.shard_ids:
+            for rg in range(len(cache.row_groups(shard))):
+                t = cache.read_table(shard, rg, cols)
+                groups.append((ci, shard, rg, t))
+    keep_masks: list[np.ndarray | None] = [None] * len(groups)
+    if copies == "best" and groups:
+        keep_masks = _best_copies([g[3] for g in groups])
+    by_lang: dict[str, list] = {}
+    for (ci, shard, rg, t), keep in zip(groups, keep_masks):
+        lang = np.asarray(t["lang"].to_numpy(zero_copy_only=False), dtype=object)
+        for name in np.unique(lang):
+            if languages and name not in languages:
+                continue
+            mask = lang == name
+            if keep is not None:
+                mask &= keep
+            if mask.any():
+                by_lang.setdefault(str(name), []).append(((ci, shard, rg), int(mask.sum()), mask))
+    index = {}
+    for name, entries in sorted(by_lang.items()):
+        index[name] = LanguageIndex(
+            lang=name,
+            refs=np.array([e[0] for e in entries], dtype=np.int64).reshape(-1, 3),
+            counts=np.array([e[1] for e in entries], dtype=np.int64),
+            keep=[e[2] for e in entries],
+        )
+    return index
+
+
+def _best_copies(tables) -> list[np.ndarray]:
+    """For each (example, side, mask epoch) key, keep only the copy with the lowest teacher
+    loss (ties: the earlier cache). Returns one keep-mask per row group."""
+    sizes = [t.num_rows for t in tables]
+    ex = np.concatenate([t["example_id"].to_numpy() for t in tables]).astype(np.uint64)
+    side = np.concatenate([np.vectorize(SIDE_CODES.get)(t["side"].to_numpy(zero_copy_only=False)) for t in tables])
+    epoch = np.concatenate([t["mask_epoch"].to_numpy() for t in tables]).astype(np.int64)
+    loss = np.concatenate([t["teacher_loss"].to_numpy() for t in tables]).astype(np.float64)
+    loss = np.where(np.isnan(loss), np.inf, loss)
+    order = np.lexsort((np.arange(len(ex)), loss, epoch, side, ex))  # last key sorts first
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (np.diff(ex[order].astype(np.int64)) != 0) | (np.diff(side[order]) != 0) | (np.diff(epoch[order]) != 0)
+    keep = np.zeros(len(ex), dtype=bool)
+    keep[order[first]] = True
+    return np.split(keep, np.cumsum(sizes)[:-1])
+
+
+def language_probabilities(totals: dict[str, int], alpha: float) -> dict[str, float]:
+    """q_l ∝ p_l^alpha with p_l the language's share of rows (MergeDistill uses 0.7)."""
+    langs = sorted(totals)
+    p = np.array([totals[l] for l in langs], dtype=np.float64)
+    p /= p.sum()
+    q = p**alpha
+    q /= q.sum()
+    return dict(zip(langs, q.tolist()))
+
+
+class _Window:
+    """The rows of one shuffle window of one language, read and remapped, in shuffled order."""
+
+    def __init__(self, rows: dict, order: np.ndarray):
+        self.rows = rows
+        self.order = order
+
+
+class StreamingDataset(IterableDataset):
+    """Yields collated batches forever; each batch carries `loader_state`, the state to
+    resume from after it (see module docstring)."""
+
+    def __init__(self, caches: list[Cache], config: StreamConfig, remap_tables=None, collate=None):
+        if not caches:
+            raise BadInput("no caches given: pass one or more with --caches")
+        self.caches = caches
+        self.config = config
+        self.remap_tables = remap_tables or [None] * len(caches)
+        self.collate = collate or (lambda rows: rows)
+        self.index = _scan(caches, config.copies, config.languages)
+        if not self.index:
+            where = ", ".join(str(c.path) for c in caches)
+            wanted = f" in languages {', '.join(config.languages)}" if config.languages else ""
+            raise BadInput(f"the caches hold no rows{wanted}: {where}")
+        self.langs = sorted(self.index)
+        self.probs = language_probabilities({l: self.index[l].total for l in self.langs}, config.alpha)
+        self._q = np.array([self.probs[l] for l in self.langs])
+        self._start = {"batch": 0, "consumed": {l: 0 for l in self.langs}}
+        self._windows: dict[str, tuple[tuple[int, int], _Window]] = {}
+        self._layouts: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    # Resume ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"batch": self._start["batch"], "consumed": dict(self._start["consumed"])}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["batch"] % self.config.world_size:
+            raise BadInput(f"loader state at batch {state['batch']} does not fall on a {self.config.world_size}-rank boundary")
+        consumed = {l: int(state["consumed"].get(l, 0)) for l in self.langs}
+        self._start = {"batch": int(state["batch"]), "consumed": consumed}
+
+    # The plan -------------------------------------------------------------------------
+    def _languages_of(self, batch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.config.seed, batch, 7])
+        size = 1 if self.config.mix == "batch" else self.config.batch_size
+        drawn = rng.choice(len(self.langs), size=size, p=self._q)
+        return np.repeat(drawn, self.config.batch_size // size)
+
+    def _epoch_layout(self, li: int, epoch: int):
+        """Row-group order of one language's epoch and where each window ends."""
+        if (li, epoch) in self._layouts:
+            return self._layouts[li, epoch]
+        if len(self._layouts) > 4 * len(self.langs):
+            self._layouts.clear()
+        idx = self.index[self.langs[li]]
+        perm = np.random.default_rng([self.config.seed, li, epoch, 1]).permutation(len(idx.refs))
+        w = self.config.shuffle_window
+        counts = idx.counts[perm]
+        window_ends = np.cumsum(np.add.reduceat(counts, np.arange(0, len(perm), w)))
+        self._layouts[li, epoch] = perm, window_ends
+        return perm, window_ends
+
+    def _window(self, li: int, epoch: int, window: int, perm: np.ndarray, size: int) -> _Window:
+        lang = self.langs[li]
+        cached = self._windows.get(lang)
+        if cached and cached[0] == (epoch, window):
+            return cached[1]
+        idx = self.index[lang]
+        w = self.config.shuffle_window
+        parts = []
+        for j in perm[window * w : (window + 1) * w]:
+            ci, shard, rg = (int(v) for v in idx.refs[j])
+            block = self.caches[ci].read_block(shard, rg, columns=self.config.columns, dense=self.config.dense)
+            rows = _block_rows(block, np.flatnonzero(idx.keep[j]), ci)
+            parts.append(_remap_rows(rows, self.remap_tables[ci]))
+        rows = _concat_rows(parts)
+        order = np.random.default_rng([self.config.seed, li, epoch, window, 2]).permutation(size)
+        win = _Window(rows, order)
+        self._windows[lang] = ((epoch, window), win)
+        return win
+
+    def _rows_for(self, li: int, positions: np.ndarray) -> dict:
+        """Rows at the given positions of a language's endless stream."""
+        total = self.index[self.langs[li]].total
+        parts, inverse = [], np.empty(len(positions), dtype=np.int64)
+        epochs = positions // total
+        offset = 0
+        for epoch in np.unique(epochs):
+            perm, ends = self._epoch_layout(li, int(epoch))
+            within = positions[epochs == epoch] % total
+            windows = np.searchsorted(ends, within, side="right")
+            for window in np.unique(windows):
+                sel = np.flatnonzero(epochs == epoch)[windows == window]
+                start = ends[window - 1] if window else 0
+                win = self._window(li, int(epoch), int(window), perm, int(ends[window] - start))
+                parts.append(_take_rows(win.rows, win.order[within[windows == window] - start]))
+                inverse[sel] = np.arange(offset, offset + len(sel))
+                offset += len(sel)
+        return _take_rows(_concat_rows(parts), np.argsort(inverse))
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        world, rank = self.config.world_size, self.config.rank
+        batch = self._start["batch"]
+        consumed = np.array([self._start["consumed"][l] for l in self.langs], dtype=np.int64)
+        self._windows, self._layouts = {}, {}
+        while True:
+            # A group is one batch per rank; DataLoader workers take groups round-robin.
+            mine = (batch // world) % workers == worker
+            rows = None
+            for r in range(world):
+                langs = self._languages_of(batch)
+                counts = np.bincount(langs, minlength=len(self.langs))
+                if mine and r == rank:
+                    positions = np.empty(len(langs), dtype=np.int64)
+                    for li in np.flatnonzero(counts):
+                        positions[langs == li] = consumed[li] + np.arange(counts[li])
+                    rows = self._gather(langs, positions)
+                consumed += counts
+                batch += 1
+            if rows is not None:
+                out = self.collate(rows)
+                out["loader_state"] = {"batch": batch, "consumed": dict(zip(self.langs, consumed.tolist()))}
+                yield out
+
+    def _gather(self, langs: np.ndarray, positions: np.ndarray) -> dict:
+        parts, inverse, offset = [], np.empty(len(langs), dtype=np.int64), 0
+        for li in np.unique(langs):
+            sel = np.flatnonzero(langs == li)
+            parts.append(self._rows_for(int(li), positions[sel]))
+            inverse[sel] = np.arange(offset, offset + len(sel))
+            offset += len(sel)
+        return _take_rows(_concat_rows(parts), inverse)
+
+
+# Row sets: dict of column name -> numpy array (one value per row) or Ragged -------------
+
+
+def _block_rows(block, rows: np.ndarray, cache_index: int) -> dict:
+    out = {}
+    for name, col in block.columns.items():
+        out[name] = col.take(rows) if isinstance(col, Ragged) else col[rows]
+    for name in block.dense:
+        out[name] = Ragged(block.dense[name], block._dense_offsets[name]).take(rows)
+    out["source"] = np.full(len(rows), cache_index, dtype=np.int64)
+    return out
+
+
+def _remap_rows(rows: dict, table) -> dict:
+    if table is None:
+        return rows
+    from ..vocab import remap
+
+    for name in ("input_ids", "labels", "topk_ids"):
+        if name in rows:
+            col = rows[name]
+            rows[name] = Ragged(remap(col.values, table), col.offsets)
+    return rows
+
+
+def _concat_rows(parts: list[dict]) -> dict:
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for name, first in parts[0].items():
+        cols = [p[name] for p in parts]
+        out[name] = Ragged.concat(cols) if isinstance(first, Ragged) else np.concatenate(cols)
+    return out
+
+
+def _take_rows(rows: dict, idx: np.ndarray) -> dict:
+    return {name: col.take(idx) if isinstance(col, Ragged) else col[idx] for name, col in rows.items()}
+
+
+def num_rows(rows: dict) -> int:
+    return len(rows["example_id"])
+
+
+def padded(col: Ragged, pad_value, dtype=torch.long) -> torch.Tensor:
+    """A ragged column as a (rows, longest) tensor padded with pad_value."""
+    lengths = col.lengths()
+    width = int(lengths.max()) if len(lengths) else 0
+    out = np.full((len(lengths), width) + col.values.shape[1:], pad_value, dtype=col.values.dtype)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    cols = np.arange(len(col.values)) - np.repeat(col.offsets[:-1], lengths)
+    out[rows, cols] = col.values
+    return torch.from_numpy(out.astype(np.int64 if dtype == torch.long else out.dtype, copy=False)).to(dtype)

@@ -1,0 +1,108 @@
+"""What every method shares: declaring needs, checking caches against them, and the
+student-side conveniences (masked-position logits, λ schedules)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ...errors import BadInput
+from ...storage import Cache, Ragged
+from ..data import padded
+
+
+@dataclass(frozen=True)
+class Need:
+    """A cache output a method needs, and the cache-teachers option that produces it."""
+
+    output: str  # "topk", "text", or a dense name ("cls", "pooled", "class_logits", "hidden.6")
+    option: str
+
+    def present_in(self, cache: Cache) -> bool:
+        if self.output == "topk":
+            return cache.topk_k is not None
+        if self.output == "text":
+            return cache.has_text
+        if self.output == "hidden.*":
+            return any(n.startswith("hidden.") for n in cache.dense_specs)
+        return self.output in cache.dense_specs
+
+
+class Method:
+    name: str = ""
+    needs: tuple[Need, ...] = ()
+    columns: tuple[str, ...] | None = None  # Parquet columns to read (None: all)
+    dense: tuple[str, ...] = ()  # dense outputs to read
+
+    def __init__(self, options: dict, vocab=None, total_steps: int = 1):
+        self.options = options
+        self.vocab = vocab
+        self.total_steps = max(1, total_steps)
+        self.modules = torch.nn.ModuleDict()  # method-owned trainable heads, trained with the student
+
+    @classmethod
+    def check_caches(cls, caches: list[Cache]) -> None:
+        for cache in caches:
+            for need in cls.needs:
+                if not need.present_in(cache):
+                    raise BadInput(
+                        f"--method {cls.name} needs the cached output '{need.output}', which {cache.path} lacks. "
+                        f"Re-run cache-teachers with {need.option} to produce it."
+                    )
+
+    def setup(self, student, caches: list[Cache]) -> None:
+        """Build method-owned heads once the student and caches are known (default: none)."""
+
+    def collate(self, rows: dict) -> dict:
+        raise NotImplementedError
+
+    def losses(self, batch: dict, student, step: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def lambda_at(schedule: str, start: float, end: float, step: int, total: int) -> float:
+    """Weight of the distillation term at `step`. "anneal" moves linearly from start to end
+    over training (teacher annealing, Clark et al. 2019, as MergeDistill does);
+    "constant" keeps start."""
+    if schedule == "constant":
+        return start
+    if schedule == "anneal":
+        return start + (end - start) * min(1.0, step / max(1, total - 1))
+    raise BadInput(f"--lambda-schedule must be 'anneal' or 'constant', not {schedule!r}")
+
+
+def collate_masked_lm(rows: dict, pad_id: int) -> dict:
+    """Padded student inputs plus everything at masked positions, flattened in row order."""
+    ids: Ragged = rows["input_ids"]
+    lengths = ids.lengths()
+    input_ids = padded(ids, pad_id)
+    width = input_ids.shape[1]
+    attention_mask = (torch.arange(width)[None, :] < torch.from_numpy(lengths)[:, None]).long()
+    masked: Ragged = rows["masked_positions"]
+    row_of = np.repeat(np.arange(len(lengths)), masked.lengths())
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "masked_flat": torch.from_numpy(row_of * width + masked.values.astype(np.int64)),
+        "masked_row": torch.from_numpy(row_of),
+        "labels": torch.from_numpy(rows["labels"].values.astype(np.int64)),
+        "source": torch.from_numpy(rows["source"]),
+        "example_id": torch.from_numpy(rows["example_id"].astype(np.int64)),
+        "lang": list(rows["lang"]),
+    }
+    n_masked = len(masked.values)
+    if "topk_ids" in rows:
+        k = len(rows["topk_ids"].values) // max(1, n_masked) if n_masked else 1
+        batch["topk_ids"] = torch.from_numpy(rows["topk_ids"].values.astype(np.int64).reshape(n_masked, k))
+        batch["topk_logits"] = torch.from_numpy(rows["topk_logits"].values.astype(np.float32).reshape(n_masked, k))
+        batch["lognorm"] = torch.from_numpy(rows["lognorm"].values.astype(np.float32))
+    return batch
+
+
+def masked_log_probs(student, batch: dict) -> torch.Tensor:
+    """Student log-probabilities over its whole vocabulary at the batch's masked positions, (M, V)."""
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    flat = logits.reshape(-1, logits.shape[-1])[batch["masked_flat"]]
+    return torch.log_softmax(flat.float(), dim=-1)

@@ -1,0 +1,272 @@
+"""The training loop: knows optimisers, checkpoints and devices, and nothing of any method.
+
+Exact resume: a checkpoint holds the model, the method's heads, optimiser, scheduler, every
+RNG, and the loader's position (a tiny dict, see data.py). Restoring them all makes the
+remaining steps see the same batches, dropout masks and learning rates, so a stopped and
+resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..errors import BadInput
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    steps: int
+    lr: float = 5e-4
+    warmup: float = 0.1  # fraction of steps (< 1) or a number of steps
+    weight_decay: float = 0.01
+    grad_accum: int = 1
+    clip: float = 1.0
+    save_every: int = 0  # steps between checkpoints; 0: only at the end
+    log_every: int = 10
+    seed: int = 0
+    amp: str = "auto"  # auto: bf16/fp16 autocast on CUDA, off on CPU | off | bf16 | fp16
+    num_workers: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1 or self.grad_accum < 1:
+            raise BadInput("--steps and --grad-accum must be at least 1")
+        if self.amp not in ("auto", "off", "bf16", "fp16"):
+            raise BadInput(f"--amp must be auto, off, bf16 or fp16, not {self.amp!r}")
+
+
+def distributed_context() -> tuple[int, int]:
+    """(rank, world size) under torchrun, (0, 1) otherwise; initialises the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _schedule(optimizer, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Trainer:
+    def __init__(self, model, method, dataset, config: TrainConfig, device: str | None = None, rank=0, world=1):
+        self.config = config
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.rank, self.world = rank, world
+        self.model = model.to(self.device)
+        self.method = method
+        method.modules.to(self.device)
+        self.dataset = dataset
+        self.out = Path(config.out)
+        params = [p for p in list(model.parameters()) + list(method.modules.parameters()) if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.lr,
+        )
+        warmup = int(config.warmup * config.steps) if config.warmup < 1 else int(config.warmup)
+        self.scheduler = _schedule(self.optimizer, max(1, warmup), config.steps)
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.step = 0
+        if world > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        else:
+            self.ddp = self.model
+
+    def _amp_dtype(self):
+        amp = self.config.amp
+        if amp == "off" or (amp == "auto" and self.device.type != "cuda"):
+            return None
+        if amp == "fp16":
+            return torch.float16
+        if amp == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16
+
+    # Checkpoints ------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def save_checkpoint(self, loader_state: dict) -> Path:
+        if self.rank != 0:
+            return self.checkpoint_dir
+        path = self.checkpoint_dir / f"step-{self.step:08d}"
+        tmp = self.checkpoint_dir / f".step-{self.step:08d}.tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "step": self.step,
+                "model": self.model.state_dict(),
+                "method": self.method.modules.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "rng": _rng_state(),
+                "loader": loader_state,
+                "config": asdict(self.config),
+            },
+            tmp / "state.pt",
+        )
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        return path
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(self.checkpoint_dir.glob("step-*")) if self.checkpoint_dir.is_dir() else []
+        return found[-1] if found else None
+
+    def resume(self) -> None:
+        path = self.latest_checkpoint()
+        if path is None:
+            raise BadInput(f"--resume: {self.checkpoint_dir} holds no checkpoint to resume from.")
+        state = torch.load(path / "state.pt", map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.method.modules.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        self.dataset.load_state_dict(state["loader"])
+        self.step = state["step"]
+        self._truncate_metrics()
+
+    # Metrics ---------------------------------------------------------------------------
+    def _truncate_metrics(self) -> None:
+        """Drop lines a killed run logged after the checkpoint we resume from."""
+        path = self.out / "metrics.jsonl"
+        if self.rank != 0 or not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def _open_tensorboard(self):
+        if self.rank != 0:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    # The loop --------------------------------------------------------------------------
+    def train(self) -> dict:
+        config = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=None, num_workers=config.num_workers,
+            persistent_workers=False, prefetch_factor=2 if config.num_workers else None,
+        )
+        batches = iter(loader)
+        tensorboard = self._open_tensorboard()
+        metrics_file = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None
+        self.model.train()
+        self.method.modules.train()
+        start_step, start_time = self.step, time.time()
+        last = {}
+        loader_state = self.dataset.state_dict()
+        try:
+            while self.step < config.steps:
+                totals: dict[str, float] = {}
+                for micro in range(config.grad_accum):
+                    batch = next(batches)
+                    loader_state = batch.pop("loader_state")
+                    batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    # Gradients synchronise across ranks only on the last micro-batch.
+                    sync = micro == config.grad_accum - 1 or self.world == 1
+                    ctx = self.ddp.no_sync() if not sync else contextlib.nullcontext()
+                    with ctx, torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                        losses = self.method.losses(batch, self.ddp, self.step)
+                        loss = losses["loss"] / config.grad_accum
+                    (self.scaler.scale(loss) if self.scaler else loss).backward()
+                    for name, value in losses.items():
+                        totals[name] = totals.get(name, 0.0) + float(value) / config.grad_accum
+                if self.scaler:
+                    self.scaler.unscale_(self.optimizer)
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.clip)) if config.clip > 0 else 0.0
+                if self.scaler:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                self.step += 1
+                last = {**totals, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+                if metrics_file and (self.step % config.log_every == 0 or self.step == config.steps):
+                    record = {"step": self.step, **{k: round(v, 6) for k, v in last.items()}}
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    if tensorboard:
+                        for k, v in last.items():
+                            tensorboard.add_scalar(k, v, self.step)
+                    self._progress(start_step, start_time, last)
+                if config.save_every and self.step % config.save_every == 0 and self.step < config.steps:
+                    self.save_checkpoint(loader_state)
+            self.save_checkpoint(loader_state)
+        finally:
+            if metrics_file:
+                metrics_file.close()
+            if tensorboard:
+                tensorboard.close()
+        if self.rank == 0:
+            sys.stderr.write("\n")
+        return {"steps": self.step, "final": {k: round(v, 6) for k, v in last.items()}, "seconds": round(time.time() - start_time, 2)}
+
+    def _progress(self, start_step: int, start_time: float, last: dict) -> None:
+        done = self.step - start_step
+        elapsed = time.time() - start_time
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.config.steps - self.step) / rate if rate > 0 else 0.0
+        shown = " ".join(f"{k} {v:.4g}" for k, v in last.items() if k not in ("lr", "grad_norm"))
+        end = "\r" if sys.stderr.isatty() else "\n"
+        sys.stderr.write(f"step {self.step}/{self.config.steps}  {shown}  | {rate:.2f} steps/s, ETA {_fmt_time(eta)}{end}")
+        sys.stderr.flush()
