@@ -77,8 +77,9 @@ def read_manifest(root: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise XkdError(
-            f"{path} is not valid JSON ({e}). The manifest is damaged; re-run the command that made "
-            "this cache: finished shards whose checksums still match are kept."
+            f"{path} is not valid JSON ({e}). xkd only ever replaces the manifest atomically, so "
+            "something else changed it; without it the shards cannot be trusted. Delete the cache "
+            "directory and re-run the command that made it."
         ) from None
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if not isinstance(version, int):

@@ -98,20 +98,41 @@ class Cache:
         return f"Cache({str(self.path)!r}, rows={len(self)}, shards={len(self._shards)})"
 
     # Files --------------------------------------------------------------------------
-    def _missing(self, shard_id: int, what: Path) -> XkdError:
+    def _damaged(self, shard_id: int, problem: str) -> XkdError:
         return XkdError(
-            f"cache {self.path}: shard {shard_id} is listed as done but {what.name} is missing. "
-            f"Run `xkd verify {self.path}` for a full check, then re-run the command that made the cache "
-            "to rewrite damaged shards."
+            f"cache {self.path}: shard {shard_id} {problem}. Run `xkd verify {self.path}` for a full "
+            "check, then re-run the command that made the cache: it rewrites damaged shards."
         )
+
+    def _record(self, shard_id: int) -> dict:
+        # Files of shards the manifest does not list as done are leftovers of an interrupted
+        # run: reading them would show a reader a shard that was never committed.
+        record = self._shards.get(shard_id)
+        if record is None:
+            raise XkdError(
+                f"cache {self.path} has no finished shard {shard_id}; its finished shards are "
+                f"{self.shard_ids[:10]}{' ...' if len(self._shards) > 10 else ''}."
+            )
+        return record
 
     def parquet_file(self, shard_id: int) -> pq.ParquetFile:
         f = self._parquet.get(shard_id)
         if f is None:
+            record = self._record(shard_id)
             path = parquet_path(self.path, shard_id)
             if not path.is_file():
-                raise self._missing(shard_id, path)
-            f = self._parquet[shard_id] = pq.ParquetFile(path)
+                raise self._damaged(shard_id, f"is listed as done but {path.name} is missing")
+            recorded = record.get("files", {}).get(path.name, [None])[0]
+            size = path.stat().st_size
+            if recorded is not None and size != recorded:
+                raise self._damaged(
+                    shard_id, f"is damaged: {path.name} has {size} bytes, the manifest records {recorded}"
+                )
+            try:
+                f = pq.ParquetFile(path, page_checksum_verification=True)
+            except (OSError, pa.ArrowException) as e:
+                raise self._damaged(shard_id, f"is damaged: {path.name} cannot be read ({e})") from None
+            self._parquet[shard_id] = f
             if len(self._parquet) > _OPEN_FILES:
                 self._parquet.popitem(last=False)
         else:
@@ -123,9 +144,10 @@ class Cache:
 
         g = self._zarr.get(shard_id)
         if g is None:
+            self._record(shard_id)
             path = zarr_path(self.path, shard_id)
             if not path.is_dir():
-                raise self._missing(shard_id, path)
+                raise self._damaged(shard_id, f"is listed as done but {path.name} is missing")
             g = self._zarr[shard_id] = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")
             if len(self._zarr) > _OPEN_FILES:
                 self._zarr.popitem(last=False)
@@ -139,9 +161,13 @@ class Cache:
     # Reading --------------------------------------------------------------------------
     def read_table(self, shard_id: int, row_group: int | None = None, columns=None) -> pa.Table:
         f = self.parquet_file(shard_id)
-        if row_group is None:
-            return f.read(columns=columns)
-        return f.read_row_group(row_group, columns=columns)
+        try:
+            if row_group is None:
+                return f.read(columns=columns)
+            return f.read_row_group(row_group, columns=columns)
+        except (OSError, pa.ArrowException) as e:  # page checksums fail here on a flipped byte
+            name = parquet_path(self.path, shard_id).name
+            raise self._damaged(shard_id, f"is damaged: {name} cannot be read ({e})") from None
 
     def read_block(self, shard_id: int, row_group: int, columns=None, dense=None) -> Block:
         """One row group with the matching dense slices. `dense=None` reads every stored
@@ -163,7 +189,11 @@ class Cache:
                 start, counts = self._dense_span(spec, columns_np, shard_id, row_group)
                 offsets = np.zeros(len(counts) + 1, dtype=np.int64)
                 np.cumsum(counts, out=offsets[1:])
-                dense_out[name] = group[name][start : start + int(offsets[-1])]
+                try:
+                    dense_out[name] = group[name][start : start + int(offsets[-1])]
+                except Exception as e:  # a failed chunk CRC or decompression is the finding itself
+                    where = f"{zarr_path(self.path, shard_id).name}/{name}"
+                    raise self._damaged(shard_id, f"is damaged: {where} cannot be read ({e})") from None
                 dense_offsets[name] = offsets
         return Block(self, shard_id, columns_np, dense_out, dense_offsets)
 

@@ -129,6 +129,23 @@ class Ragged:
     def row(self, i: int) -> np.ndarray:
         return self.values[self.offsets[i] : self.offsets[i + 1]]
 
+    def take(self, rows: np.ndarray) -> "Ragged":
+        """The given rows, in the given order, as a new Ragged (one vectorised gather)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        lengths = self.lengths()[rows]
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        shift = np.repeat(self.offsets[:-1][rows] - offsets[:-1], lengths)
+        return Ragged(self.values[np.arange(offsets[-1]) + shift], offsets)
+
+    @classmethod
+    def concat(cls, parts: list["Ragged"]) -> "Ragged":
+        if len(parts) == 1:
+            return parts[0]
+        sizes = np.cumsum([0] + [len(p.values) for p in parts[:-1]])
+        offsets = np.concatenate([[0]] + [p.offsets[1:] + base for p, base in zip(parts, sizes)])
+        return cls(np.concatenate([p.values for p in parts]), offsets)
+
     def to_arrow(self, value_type: pa.DataType) -> pa.Array:
         values = pa.array(self.values, type=value_type)
         if self.offsets[-1] < 2**31:

@@ -22,16 +22,25 @@ import pyarrow.parquet as pq
 from .manifest import SHARDS, fsync_dir
 from .schema import RAGGED_COLUMNS, DenseSpec, Ragged, arrow_schema
 
-# Parquet encodings chosen by bench/storage.py: byte-stream-split makes fp16/fp32 values
-# compress (exponent bytes group together); dictionary encoding only pays for the two
+# Parquet encodings chosen by bench/storage.py (see docs/benchmarks.md): byte-stream-split
+# makes fp16/fp32 values compress (exponent bytes group together), and Zipf-distributed ids
+# too (their high bytes are mostly zero); at k=8 it takes top-k from 34.7 to 29.6 bytes per
+# masked position. Options name leaf columns, so a list column is "<name>.list.element"; a
+# bare list name silently matches nothing. BYTE_STREAM_SPLIT on ints and fp16 needs a reader
+# with Parquet format 2.11 (pyarrow >= 16). Dictionary encoding only pays for the two
 # low-cardinality string columns. zstd level 3 is the point where more level stops paying.
+BYTE_STREAM_SPLIT_COLUMNS = ["teacher_loss"] + [
+    f"{name}.list.element" for name in ("input_ids", "labels", "topk_ids", "topk_logits", "lognorm")
+]
 PARQUET_OPTIONS = dict(
     compression="zstd",
     compression_level=3,
     use_dictionary=["lang", "side"],
-    use_byte_stream_split=["topk_logits", "lognorm", "teacher_loss"],
+    use_byte_stream_split=BYTE_STREAM_SPLIT_COLUMNS,
     write_statistics=["example_id"],
     data_page_size=1 << 20,
+    # A CRC per page lets every read (not only `xkd verify`) notice a flipped byte.
+    write_page_checksum=True,
 )
 DEFAULT_ROW_GROUP_SIZE = 512
 ZARR_CHUNK_BYTES = 1 << 20
@@ -135,7 +144,7 @@ def digest_of(files: dict) -> str:
 
 def _write_zarr(path: Path, dense: dict, specs: dict[str, DenseSpec], expected: dict[str, int]) -> None:
     import zarr
-    from zarr.codecs import ZstdCodec
+    from zarr.codecs import Crc32cCodec, ZstdCodec
 
     group = zarr.open_group(zarr.storage.LocalStore(path), mode="w", zarr_format=3)
     for name in sorted(specs):
@@ -152,7 +161,7 @@ def _write_zarr(path: Path, dense: dict, specs: dict[str, DenseSpec], expected: 
             shape=data.shape,
             dtype=data.dtype,
             chunks=(min(chunk_rows, max(1, data.shape[0])), spec.dim),
-            compressors=[ZstdCodec(level=1)],
+            compressors=[ZstdCodec(level=1), Crc32cCodec()],  # the CRC makes a corrupted chunk fail to read
             fill_value=0,
         )
         if data.size:
@@ -231,7 +240,8 @@ def write_shard_files(
 
 
 def _bytes_by_output(parquet_file: Path, dense_specs: dict, files: dict, name: str) -> dict:
-    """Compressed bytes on disk per column (Parquet) and per dense array (Zarr)."""
+    """Compressed bytes on disk per column (Parquet) and per dense array (Zarr); "metadata"
+    is the rest (Parquet footer, Zarr group metadata), so the values sum to the shard's bytes."""
     meta = pq.ParquetFile(parquet_file).metadata
     out: dict[str, int] = {}
     for g in range(meta.num_row_groups):
@@ -243,4 +253,5 @@ def _bytes_by_output(parquet_file: Path, dense_specs: dict, files: dict, name: s
     for dense_name in dense_specs:
         prefix = f"{name}.zarr/{dense_name}/"
         out[dense_name] = sum(size for rel, (size, _) in files.items() if rel.startswith(prefix))
+    out["metadata"] = sum(size for size, _ in files.values()) - sum(out.values())
     return out

@@ -7,14 +7,53 @@ log-normaliser adds a plausible tail mass. Deterministic given the seed.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .schema import DenseSpec, Ragged
 
 
+@functools.lru_cache(maxsize=8)
+def _zipf_cdf(vocab: int, a: float) -> np.ndarray:
+    """P(id <= i) for i < vocab, where id = Zipf(a) - 1; what lies past the vocabulary is
+    left to the last bucket. zeta(a) by Euler-Maclaurin at N = vocab."""
+    n = np.arange(1, vocab + 1, dtype=np.float64)
+    head = n ** -a
+    zeta = head.sum() + vocab ** (1 - a) / (a - 1) - vocab**-a / 2 + a * vocab ** (-a - 1) / 12
+    return np.cumsum(head) / zeta
+
+
 def zipf_ids(rng: np.random.Generator, n: int, vocab: int, a: float = 1.1) -> np.ndarray:
-    ids = rng.zipf(a, size=n) - 1
-    return np.where(ids < vocab, ids, rng.integers(0, vocab, size=n)).astype(np.uint32)
+    """Zipf(a) - 1, with draws past the vocabulary replaced by uniform ids (rare tokens).
+
+    The same law as `rng.zipf`, drawn by inverting its CDF (rng.zipf is slow for a near 1)."""
+    ids = np.searchsorted(_zipf_cdf(vocab, a), rng.random(n), side="right")
+    past = ids >= vocab
+    ids[past] = rng.integers(0, vocab, size=int(past.sum()))
+    return ids.astype(np.uint32)
+
+
+def distinct_zipf_ids(rng: np.random.Generator, n: int, k: int, vocab: int) -> np.ndarray:
+    """(n, k) Zipf ids, distinct within each row, as a top-k over a vocabulary is."""
+    if k > vocab:
+        raise ValueError(f"cannot draw {k} distinct ids from a vocabulary of {vocab}")
+    out = np.zeros((n, k), dtype=np.uint32)
+    todo = np.arange(n)
+    while todo.size:
+        draws = zipf_ids(rng, todo.size * 2 * k, vocab).reshape(todo.size, 2 * k)
+        order = np.argsort(draws, axis=1, kind="stable")
+        ranked = np.take_along_axis(draws, order, axis=1)
+        repeat = np.zeros_like(ranked, dtype=bool)
+        repeat[:, 1:] = ranked[:, 1:] == ranked[:, :-1]
+        first = np.empty_like(repeat)
+        np.put_along_axis(first, order, ~repeat, axis=1)  # first occurrence, in draw order
+        enough = first.sum(axis=1) >= k
+        rows, cols = np.nonzero(first[enough])
+        per_row = np.cumsum(first[enough], axis=1)[rows, cols] <= k
+        out[todo[enough]] = draws[enough][rows[per_row], cols[per_row]].reshape(-1, k)
+        todo = todo[~enough]
+    return out
 
 
 def synthetic_rows(
@@ -38,7 +77,7 @@ def synthetic_rows(
     n_masked = np.array([len(m) for m in masked])
     total_masked = int(n_masked.sum())
 
-    topk_ids = zipf_ids(rng, total_masked * k, vocab).reshape(total_masked, k)
+    topk_ids = distinct_zipf_ids(rng, total_masked, k, vocab)
     peak = rng.normal(14.0, 2.5, size=(total_masked, 1))
     gaps = np.cumsum(rng.exponential(0.9, size=(total_masked, k)), axis=1)
     logits = (peak - (gaps - gaps[:, :1])).astype(np.float32)  # descending from the peak

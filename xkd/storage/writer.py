@@ -35,6 +35,9 @@ class CacheWriter:
     `meta` is everything the manifest says about the cache besides its shards: teacher,
     corpus, view and outputs (see DESIGN.md). Re-opening a cache with the same key resumes it;
     a different key is refused, so settings can never be mixed in one cache silently.
+
+    Resuming re-checks every finished shard's files (sizes and sha256, as `xkd verify` does)
+    and forgets the damaged ones, listed in `.damaged`, so the resumed run rewrites them.
     """
 
     def __init__(self, root: str | os.PathLike, key: str, meta: dict, planned_shards: int | None = None):
@@ -44,6 +47,7 @@ class CacheWriter:
         self.planned_shards = planned_shards
         self._lock = CacheLock(self.root)
         self.manifest: dict = {}
+        self.damaged: dict[int, list[str]] = {}
 
     def __enter__(self) -> "CacheWriter":
         self.root.mkdir(parents=True, exist_ok=True)
@@ -68,6 +72,7 @@ class CacheWriter:
                     f"this run's key is {self.key}). Give another --out, or delete that directory to rebuild it."
                 )
             self.manifest = manifest
+            self._forget_damaged_shards()
         else:
             self.manifest = {
                 "schema_version": SCHEMA_VERSION,
@@ -82,9 +87,18 @@ class CacheWriter:
             write_manifest(self.root, self.manifest)
         self._remove_leftovers()
 
+    def _forget_damaged_shards(self) -> None:
+        from .verify import _check_files
+
+        self.damaged = {s["id"]: p for s in self.manifest["shards"] if (p := _check_files(self.root, s))}
+        if self.damaged:
+            self.manifest["complete"] = False
+            self._write([s for s in self.manifest["shards"] if s["id"] not in self.damaged])
+
     def _remove_leftovers(self) -> None:
         """Temp files of a killed run. Safe: we hold the lock, so no other writer is active."""
-        for path in (self.root / SHARDS).glob(".*.tmp-*"):
+        leftovers = [*(self.root / SHARDS).glob(".*.tmp-*"), *self.root.glob(f".{MANIFEST}.tmp-*")]
+        for path in leftovers:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
     def done_shards(self) -> set[int]:
@@ -94,6 +108,9 @@ class CacheWriter:
         """Make a written shard visible: record it in the manifest, atomically."""
         shards = [s for s in self.manifest["shards"] if s["id"] != record["id"]]
         shards.append(record)
+        self._write(shards)
+
+    def _write(self, shards: list[dict]) -> None:
         shards.sort(key=lambda s: s["id"])
         self.manifest["shards"] = shards
         self.manifest["totals"] = {
@@ -108,4 +125,7 @@ class CacheWriter:
         self.manifest["planned_shards"] = len(self.manifest["shards"])
         self.manifest["complete"] = True
         write_manifest(self.root, self.manifest)
+        # A worker killed mid-write leaves temp files even when its retried task succeeds;
+        # without this a finished cache would differ from an uninterrupted run's.
+        self._remove_leftovers()
         return self.manifest
