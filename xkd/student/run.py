@@ -26,7 +26,7 @@ def teacher_name(cache) -> str:
 def remap_tables(caches, vocab) -> list:
     """Each cache's teacher->student table from the vocab, with an error naming the teacher
     a vocab does not cover."""
-    return [vocab.map_for(teacher_name(c)) for c in caches]
+    return [vocab.map_for(c.manifest) for c in caches]
 
 
 def make_student(vocab, student: StudentConfig, init_from: str | None, teacher_for_init: str | None):

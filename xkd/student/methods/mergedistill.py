@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import BadInput
+from ..targets import tail_cross_entropy
 from . import register
 from .base import Method, Need, collate_masked_lm, lambda_at, masked_log_probs
 
@@ -30,13 +31,7 @@ def kd_topk(student_logp: torch.Tensor, topk_ids, topk_logits, temperature: floa
 
 def kd_tail(student_logp: torch.Tensor, topk_ids, topk_logits, lognorm) -> torch.Tensor:
     """Cross-entropy over {top-k tokens, the rest}, with the teacher's exact tail mass."""
-    p_top = torch.exp(topk_logits - lognorm[:, None])
-    p_tail = (1.0 - p_top.sum(-1)).clamp_min(0.0)
-    student_top = student_logp.gather(1, topk_ids)
-    student_tail = torch.logsumexp(student_logp.scatter(1, topk_ids, float("-inf")), dim=-1)
-    # A tail with no teacher mass contributes nothing, even where the student's tail is -inf.
-    tail_term = torch.where(p_tail > 0, p_tail * student_tail, torch.zeros_like(p_tail))
-    return -((p_top * student_top).sum(-1) + tail_term).mean()
+    return tail_cross_entropy(student_logp, topk_ids, topk_logits, lognorm).mean()
 
 
 @register

@@ -1,0 +1,92 @@
+"""`xkd evaluate`: how a student does on held-out caches, and against its teachers.
+
+Per held-out cache (one teacher each): the student's MLM loss and accuracy on the gold
+labels, the teacher's accuracy (its top-1 from the cached top-k), and the KL divergence from
+teacher to student over {top-k tokens, the rest} (exact given the cached log-normaliser).
+RDT (MergeDistill, Eq. 3) averages the student's relative deviation from each teacher,
+100/n Σ (P_S − P_T)/P_T, with P the masked-LM accuracy; positive means the student is better,
+the sign convention of the paper's tables.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import BadInput
+from .data import _block_rows, _concat_rows, _remap_rows, _take_rows, num_rows
+from .methods.base import collate_masked_lm, masked_log_probs
+from .run import open_caches, remap_tables
+from .targets import tail_kl
+
+
+def load_student(model_dir: str):
+    from transformers import AutoModelForMaskedLM
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise BadInput(f"{model_dir} is not a saved student (no config.json): give the --out of train-student.")
+    return AutoModelForMaskedLM.from_pretrained(path).eval()
+
+
+def iter_row_batches(cache, table, batch_size: int, columns, max_rows: int | None = None):
+    """The cache's rows in order, remapped, in batches of `batch_size` rows."""
+    pending, seen = [], 0
+    for block in cache.iter_blocks(columns=columns, dense=()):
+        rows = _remap_rows(_block_rows(block, np.arange(block.num_rows), 0), table)
+        if max_rows is not None and seen + block.num_rows > max_rows:
+            rows = _take_rows(rows, np.arange(max_rows - seen))
+        seen += num_rows(rows)
+        pending.append(rows)
+        merged = _concat_rows(pending)
+        while num_rows(merged) >= batch_size:
+            yield _take_rows(merged, np.arange(batch_size))
+            merged = _take_rows(merged, np.arange(batch_size, num_rows(merged)))
+        pending = [merged] if num_rows(merged) else []
+        if max_rows is not None and seen >= max_rows:
+            break
+    if pending:
+        yield _concat_rows(pending)
+
+
+@torch.inference_mode()
+def evaluate_mlm(model_dir: str, caches: list[str], vocab_dir: str, batch_size: int = 32, max_rows: int | None = None) -> dict:
+    from ..vocab import load_vocab
+
+    student = load_student(model_dir)
+    opened = open_caches(caches)
+    vocab = load_vocab(vocab_dir)
+    columns = ("example_id", "lang", "input_ids", "masked_positions", "labels", "topk_ids", "topk_logits", "lognorm")
+    results = []
+    for cache, table in zip(opened, remap_tables(opened, vocab)):
+        if cache.topk_k is None:
+            raise BadInput(f"{cache.path} holds no top-k: evaluate needs a masked-LM cache (cache-teachers --topk K).")
+        nll = kl = correct = teacher_correct = n = 0.0
+        for rows in iter_row_batches(cache, table, batch_size, columns, max_rows):
+            batch = collate_masked_lm(rows, vocab.pad_id)
+            if not len(batch["labels"]):
+                continue
+            logp = masked_log_probs(student, batch)
+            labels = batch["labels"]
+            nll += float(-logp.gather(1, labels[:, None]).sum())
+            correct += float((logp.argmax(-1) == labels).sum())
+            teacher_correct += float((batch["topk_ids"][:, 0] == labels).sum())
+            kl += float(tail_kl(logp, batch["topk_ids"], batch["topk_logits"], batch["lognorm"]).sum())
+            n += len(labels)
+        if n == 0:
+            raise BadInput(f"{cache.path} has no masked positions to evaluate on.")
+        results.append({
+            "cache": str(cache.path),
+            "teacher": cache.manifest["teacher"]["name"],
+            "masked_positions": int(n),
+            "mlm_loss": nll / n,
+            "perplexity": math.exp(min(50.0, nll / n)),
+            "accuracy": correct / n,
+            "teacher_accuracy": teacher_correct / n,
+            "kl_to_teacher": kl / n,
+        })
+    rdt = [100 * (r["accuracy"] - r["teacher_accuracy"]) / r["teacher_accuracy"] for r in results if r["teacher_accuracy"] > 0]
+    return {"model": model_dir, "per_cache": results, "rdt_percent": float(np.mean(rdt)) if rdt else None}

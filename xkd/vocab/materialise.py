@@ -1,0 +1,121 @@
+"""`xkd remap`: write a copy of a cache whose ids are in a union vocabulary.
+
+Students normally remap as they read (DESIGN.md): one cache serves every union it takes part
+in. A materialised copy trades disk for a loader that does no remapping, and lets tools
+that know nothing of xkd's maps read union ids directly. The copy is a cache like any other
+(same shards, row groups, dense arrays and checks, `xkd verify` passes), and its manifest
+says which vocab its ids are in:
+
+    "vocab": {"hash", "size", "dir", "teacher", "specials", "source_cache": {"path", "key"}}
+
+The copy is written shard by shard through CacheWriter, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BadInput
+from ..storage import CacheWriter, Ragged, cache_key, open_cache, write_shard_files
+from .vocabdir import ID_COLUMNS, Vocab, load_vocab
+
+# Keys the cache writer owns; everything else in a manifest describes the cache and is copied.
+_WRITER_KEYS = {"schema_version", "xkd_version", "key", "planned_shards", "complete", "shards", "totals"}
+
+
+def needs_remap(manifest: dict, vocab: Vocab) -> bool:
+    """False when a cache's ids are already in `vocab` (a materialised copy), True when they
+    are teacher ids; an error when they are in another union."""
+    held = manifest.get("vocab")
+    if not held:
+        return True
+    if held.get("hash") != vocab.hash:
+        raise BadInput(
+            f"the cache's ids are in the union vocab {held.get('dir')} (hash {held.get('hash')}), not in "
+            f"{vocab.path} (hash {vocab.hash}). Use that vocab, or the original teacher-id cache "
+            f"{held.get('source_cache', {}).get('path')}."
+        )
+    return False
+
+
+def _concat_columns(blocks: list[dict]) -> dict:
+    out = {}
+    for name in blocks[0]:
+        parts = [b[name] for b in blocks]
+        out[name] = Ragged.concat(parts) if isinstance(parts[0], Ragged) else np.concatenate(parts)
+    return out
+
+
+def remap_cache(cache: str | os.PathLike, vocab: str | os.PathLike | Vocab, out: str | os.PathLike,
+                teacher: str | None = None, progress=None) -> dict:
+    """Write a union-vocab copy of `cache` to `out`; return a summary."""
+    say = progress or (lambda msg: None)
+    src = open_cache(cache)
+    vocab = vocab if isinstance(vocab, Vocab) else load_vocab(vocab)
+    manifest = src.manifest
+    out = Path(out)
+    if out.resolve() == src.path.resolve():
+        raise BadInput(f"--out {out} is the cache itself; give another directory for the copy.")
+    if manifest.get("vocab"):
+        raise BadInput(
+            f"{src.path} already holds union ids (vocab {manifest['vocab'].get('dir')}); remap its source cache "
+            f"{manifest['vocab'].get('source_cache', {}).get('path')} instead."
+        )
+    if not manifest.get("complete"):
+        raise BadInput(
+            f"{src.path} is not complete ({len(src.shard_ids)} of {manifest.get('planned_shards')} shards); finish it "
+            "(re-run cache-teachers) before making a union-vocab copy."
+        )
+    entry = vocab.teacher(teacher) if teacher else vocab.teacher(manifest)
+    slug = entry["slug"]
+    meta = {k: v for k, v in manifest.items() if k not in _WRITER_KEYS}
+    meta["vocab"] = {
+        "hash": vocab.hash,
+        "size": vocab.size,
+        "dir": str(vocab.path.resolve()),
+        "teacher": slug,
+        "specials": vocab.special_ids,
+        "source_cache": {"path": str(src.path.resolve()), "key": manifest.get("key")},
+    }
+    key = cache_key(manifest.get("teacher", {}), manifest.get("corpus", {}),
+                    {"source_key": manifest.get("key"), "vocab": vocab.hash, "teacher_map": slug})
+    has_topk = bool(src.topk_k)
+    rows_written = 0
+    with CacheWriter(out, key, meta, planned_shards=len(src.shard_ids)) as writer:
+        done = writer.done_shards()
+        for shard_id in src.shard_ids:
+            if shard_id in done:
+                continue
+            columns, dense = [], {name: [] for name in src.dense_specs}
+            for block in src.iter_blocks(shards=[shard_id]):
+                remapped = vocab.remap_columns(block.columns, slug)
+                for name in ID_COLUMNS:  # the cache schema stores ids unsigned
+                    if name in remapped:
+                        remapped[name] = Ragged(remapped[name].values.astype(np.uint32), remapped[name].offsets)
+                columns.append(remapped)
+                for name in dense:
+                    dense[name].append(block.dense[name])
+            rows = _concat_columns(columns)
+            dense_arrays = {name: np.concatenate(parts) for name, parts in dense.items()}
+            record = write_shard_files(
+                out, shard_id, rows, dense_arrays, src.dense_specs, has_topk=has_topk, has_text=src.has_text,
+                row_group_size=src.row_groups(shard_id)[0],
+            )
+            writer.commit(record)
+            rows_written += record["rows"]
+            say(f"shard {shard_id:05d}: {record['rows']} rows remapped")
+        final = writer.finish()
+    return {
+        "cache": str(out),
+        "source": str(src.path),
+        "vocab_dir": str(vocab.path),
+        "vocab_hash": vocab.hash,
+        "teacher": slug,
+        "rows": final["totals"]["rows"],
+        "rows_written_now": rows_written,
+        "shards": len(final["shards"]),
+        "bytes": final["totals"]["bytes"],
+    }

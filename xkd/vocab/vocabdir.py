@@ -1,0 +1,305 @@
+"""A vocab directory on disk, and `load_vocab`, the public way to use one.
+
+Layout (written by build.py):
+
+    vocab.txt                 the union, canonical WordPiece spellings, one a line (line i = id i)
+    maps/<teacher>.npy        int32 teacher id -> union id, one per teacher
+    teachers/<teacher>/       each teacher's tokenizer, for tokenizing as in training
+    tokenizer.json, tokenizer_config.json
+                              a plain WordPiece tokenizer over the union (AutoTokenizer)
+    report.json               sizes, pairwise overlaps, per-teacher coverage
+    xkd-vocab.json            what this is: teachers (name, model id, tokenizer hash,
+                              convention, languages routed to it), special ids, hash
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BadInput
+from .canonical import CANONICAL_SPECIALS, SPECIAL_ROLES, from_canonical
+from .remap import remap, remap_rows, stack_tables
+from .tokenizer import route_tokenize
+
+META = "xkd-vocab.json"
+VOCAB_TXT = "vocab.txt"
+REPORT = "report.json"
+MAPS = "maps"
+TEACHERS = "teachers"
+FORMAT = 1
+
+# Columns of a cache row that hold teacher vocabulary ids.
+ID_COLUMNS = ("input_ids", "labels", "topk_ids")
+
+
+def vocab_hash(root: Path, slugs: list[str]) -> str:
+    """The identity of a union: its tokens and every map."""
+    h = hashlib.sha256()
+    h.update((root / VOCAB_TXT).read_bytes())
+    for slug in slugs:
+        h.update(slug.encode() + b"\0")
+        h.update((root / MAPS / f"{slug}.npy").read_bytes())
+    return h.hexdigest()[:16]
+
+
+class Vocab:
+    """A union vocabulary: its tokens, one id map per teacher, and the tokenizers."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        meta_path = self.path / META
+        if not meta_path.is_file():
+            what = "no such directory" if not self.path.exists() else f"it has no {META}"
+            raise BadInput(
+                f"{self.path} is not an xkd vocab directory ({what}). Make one with "
+                "`xkd build-vocab --teachers A B --out DIR`."
+            )
+        try:
+            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadInput(f"{meta_path} is not valid JSON ({e}); rebuild the vocab with xkd build-vocab.") from None
+        if self.meta.get("format", 0) > FORMAT:
+            raise BadInput(f"{meta_path} has vocab format {self.meta.get('format')}; this xkd reads up to {FORMAT}. Upgrade xkd.")
+        self._maps: dict[str, np.ndarray] = {}
+        self._tokenizers: dict[str, object] = {}
+
+    def __repr__(self) -> str:
+        return f"Vocab({str(self.path)!r}, size={self.size}, teachers={self.teacher_names})"
+
+    # What it holds ----------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return int(self.meta["size"])
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def hash(self) -> str:
+        return self.meta["hash"]
+
+    @cached_property
+    def tokens(self) -> list[str]:
+        lines = (self.path / VOCAB_TXT).read_bytes().decode("utf-8").split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        if len(lines) != self.size:
+            raise BadInput(f"{self.path / VOCAB_TXT} has {len(lines)} lines but {META} says {self.size}; rebuild the vocab.")
+        return lines
+
+    @cached_property
+    def token_to_id(self) -> dict[str, int]:
+        return {t: i for i, t in enumerate(self.tokens)}
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        return dict(self.meta["specials"])
+
+    pad_id = property(lambda self: self.special_ids["pad"])
+    unk_id = property(lambda self: self.special_ids["unk"])
+    cls_id = property(lambda self: self.special_ids["cls"])
+    sep_id = property(lambda self: self.special_ids["sep"])
+    mask_id = property(lambda self: self.special_ids["mask"])
+
+    @property
+    def teachers(self) -> list[dict]:
+        return list(self.meta["teachers"])
+
+    @property
+    def teacher_names(self) -> list[str]:
+        return [t["slug"] for t in self.meta["teachers"]]
+
+    # Which teacher -------------------------------------------------------------------
+    def teacher(self, key) -> dict:
+        """The teacher entry for `key`: the name given at build time, its slug, model id,
+        path or tokenizer hash; or a cache manifest (or its "teacher" part)."""
+        if isinstance(key, dict):
+            return self._teacher_from_manifest(key)
+        found = self._match(str(key))
+        if found is None:
+            raise BadInput(
+                f"teacher {key!r} is not in the vocab {self.path}. Its teachers are: "
+                + "; ".join(f"{t['slug']} (given as {t['name']!r}, model {t['model_id']})" for t in self.meta["teachers"])
+                + ". Name one of them, or rebuild the vocab with this teacher."
+            )
+        return found
+
+    def _match(self, key: str) -> dict | None:
+        candidates = {key}
+        if Path(key).expanduser().exists():
+            candidates.add(str(Path(key).expanduser().resolve()))
+        for field in ("slug", "name", "model_id", "path", "tokenizer_hash"):
+            for t in self.meta["teachers"]:
+                if t.get(field) in candidates:
+                    return t
+        return None
+
+    def _teacher_from_manifest(self, manifest: dict) -> dict:
+        info = manifest["teacher"] if isinstance(manifest.get("teacher"), dict) else manifest
+        found = None
+        for field in ("name", "alias", "model_id", "path"):
+            if isinstance(info.get(field), str) and info[field]:
+                found = self._match(info[field])
+                if found:
+                    break
+        if found is None and isinstance(info.get("path"), str) and (Path(info["path"]) / "config.json").is_file():
+            found = self._match(self._fingerprint_of_dir(info["path"]))
+        described = ", ".join(f"{k}={info[k]!r}" for k in ("name", "model_id", "path") if k in info) or "unnamed"
+        if found is None:
+            raise BadInput(
+                f"the cache's teacher ({described}) is not among the teachers of the vocab {self.path} "
+                f"({', '.join(self.teacher_names)}). Rebuild the vocab with `xkd build-vocab --teachers ...` "
+                "including this teacher, or name the teacher explicitly."
+            )
+        self._check_same_tokenizer(info, found, described)
+        return found
+
+    @staticmethod
+    def _fingerprint_of_dir(path: str) -> str:
+        from transformers import AutoTokenizer
+
+        from .teachers import tokenizer_fingerprint
+
+        try:
+            return tokenizer_fingerprint(AutoTokenizer.from_pretrained(path))
+        except Exception:  # an unloadable tokenizer just does not match
+            return ""
+
+    def _check_same_tokenizer(self, info: dict, entry: dict, described: str) -> None:
+        """A name can match while the tokenizer differs (another revision): compare what the
+        manifest records, so that remapped ids are never silently wrong."""
+        problems = []
+        if isinstance(info.get("vocab_size"), int) and info["vocab_size"] != entry["tokens"]:
+            problems.append(f"its tokenizer has {info['vocab_size']} tokens, the vocab's teacher {entry['tokens']}")
+        if isinstance(info.get("model_vocab_size"), int) and info["model_vocab_size"] > entry["map_size"]:
+            problems.append(f"its model emits ids up to {info['model_vocab_size'] - 1}, the map covers {entry['map_size']}")
+        table = self.map_for(entry["slug"])
+        for role, tid in sorted((info.get("special_ids") or {}).items()):
+            if role in self.special_ids and isinstance(tid, int) and (not 0 <= tid < table.size or table[tid] != self.special_ids[role]):
+                problems.append(f"its {role} token is id {tid}, which the map does not send to the union's {role}")
+        if problems:
+            raise BadInput(
+                f"the cache's teacher ({described}) matches the vocab's teacher {entry['slug']} by name, but "
+                + "; ".join(problems) + ". They are different tokenizers: rebuild the vocab from the cache's teacher."
+            )
+
+    def map_for(self, teacher) -> np.ndarray:
+        """The int32 teacher id -> union id table of a teacher (see `teacher` for keys)."""
+        slug = teacher if isinstance(teacher, str) and teacher in self._maps else self.teacher(teacher)["slug"]
+        table = self._maps.get(slug)
+        if table is None:
+            table = self._maps[slug] = np.load(self.path / MAPS / f"{slug}.npy")
+            table.flags.writeable = False
+        return table
+
+    # Remapping ---------------------------------------------------------------------
+    def remap(self, ids, teacher) -> np.ndarray:
+        """Teacher ids (any integer array) -> union ids (int32, same shape)."""
+        slug = self.teacher(teacher)["slug"]
+        return remap(ids, self.map_for(slug), what=f"remap for teacher {slug}")
+
+    def remap_columns(self, columns: dict, teacher) -> dict:
+        """A cache block's columns with input_ids, labels and topk_ids in union ids (Ragged
+        columns keep their offsets); other columns are passed through."""
+        from ..storage import Ragged
+
+        slug = self.teacher(teacher)["slug"]
+        table = self.map_for(slug)
+        out = dict(columns)
+        for name in ID_COLUMNS:
+            col = columns.get(name)
+            if col is None:
+                continue
+            what = f"remap of {name} for teacher {slug}"
+            out[name] = Ragged(remap(col.values, table, what=what), col.offsets) if isinstance(col, Ragged) else remap(col, table, what=what)
+        return out
+
+    def stacked_maps(self, teachers: list) -> tuple:
+        """Several teachers' maps stacked for `remap_rows` (batches that mix teachers)."""
+        return stack_tables([self.map_for(t) for t in teachers])
+
+    def remap_rows(self, values, offsets, row_teacher, stacked) -> np.ndarray:
+        """Ragged ids whose row r comes from teacher row_teacher[r] (an index into the list
+        given to stacked_maps)."""
+        return remap_rows(values, offsets, row_teacher, stacked)
+
+    def to_teacher_token(self, union_id: int, teacher) -> str:
+        """The teacher's own spelling of a union token (specials by role)."""
+        t = self.teacher(teacher)
+        return self._teacher_spelling(self.tokens[int(union_id)], t)
+
+    @staticmethod
+    def _teacher_spelling(token: str, entry: dict) -> str:
+        for role in SPECIAL_ROLES:
+            if token == CANONICAL_SPECIALS[role] and entry["special_roles"].get(role):
+                return entry["special_roles"][role]
+        return from_canonical(token, entry["convention"])
+
+    def teacher_tokens(self, teacher) -> list[str]:
+        """Each of a teacher's ids, read back through the union in the teacher's spelling:
+        teacher id -> union id -> union token -> teacher spelling. Equal to the teacher's
+        own token list (the round trip that tests/test_vocab.py checks)."""
+        entry = self.teacher(teacher)
+        table = self.map_for(entry["slug"])[: entry["tokens"]]
+        return [self._teacher_spelling(self.tokens[u], entry) for u in table.tolist()]
+
+    # Tokenizing like in training ----------------------------------------------------------
+    @property
+    def routes(self) -> dict[str, str]:
+        return dict(self.meta["routes"])
+
+    def teacher_for(self, lang: str | None) -> str:
+        """The teacher whose tokenizer a language is tokenized with (see docs/vocab.md)."""
+        return self.meta["routes"].get(lang, self.meta["default_teacher"]) if lang else self.meta["default_teacher"]
+
+    def teacher_tokenizer(self, teacher):
+        from transformers import AutoTokenizer
+
+        slug = self.teacher(teacher)["slug"]
+        tok = self._tokenizers.get(slug)
+        if tok is None:
+            tok = self._tokenizers[slug] = AutoTokenizer.from_pretrained(str(self.path / TEACHERS / slug))
+        return tok
+
+    def tokenize(self, texts, lang: str | None = None, text_pairs=None, *, max_length: int | None = None,
+                 add_special_tokens: bool = True, teacher=None):
+        """Union ids of raw text as the student saw it in training: tokenized by the teacher
+        routed for `lang` (or the given teacher) and remapped. One int32 array per text (or
+        one array for one string)."""
+        slug = self.teacher(teacher)["slug"] if teacher is not None else self.teacher_for(lang)
+        return route_tokenize(
+            self.teacher_tokenizer(slug), self.map_for(slug), texts, text_pairs, max_length=max_length,
+            add_special_tokens=add_special_tokens, what=f"tokenize with teacher {slug}",
+        )
+
+    def encode(self, texts, lang: str | None = None, text_pairs=None, *, max_length: int | None = None,
+               teacher=None) -> dict:
+        """`tokenize`, padded into a batch: {"input_ids", "attention_mask"} int64 arrays,
+        padded with the union's [PAD]."""
+        rows = self.tokenize(list([texts] if isinstance(texts, str) else texts), lang, text_pairs,
+                             max_length=max_length, teacher=teacher)
+        width = max((len(r) for r in rows), default=0)
+        ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+            mask[i, : len(r)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def student_tokenizer(self):
+        """The plain WordPiece tokenizer over the union (what AutoTokenizer loads from this
+        directory). It does not route by language: see docs/vocab.md for where it differs."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.path))
+
+
+def load_vocab(path: str | os.PathLike) -> Vocab:
+    """The union vocab in `path` (DESIGN.md, "Python API")."""
+    return Vocab(path)
