@@ -19,6 +19,7 @@ import torch
 from ..errors import BadInput
 from .data import _block_rows, _concat_rows, _remap_rows, _take_rows, num_rows
 from .methods.base import collate_masked_lm, masked_log_probs
+from .models import Student
 from .run import open_caches, remap_tables
 from .targets import tail_kl
 
@@ -56,7 +57,7 @@ def iter_row_batches(cache, table, batch_size: int, columns, max_rows: int | Non
 def evaluate_mlm(model_dir: str, caches: list[str], vocab_dir: str, batch_size: int = 32, max_rows: int | None = None) -> dict:
     from ..vocab import load_vocab
 
-    student = load_student(model_dir)
+    student = Student(load_student(model_dir))
     opened = open_caches(caches)
     vocab = load_vocab(vocab_dir)
     columns = ("example_id", "lang", "input_ids", "masked_positions", "labels", "topk_ids", "topk_logits", "lognorm")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..errors import BadInput
 
 
@@ -43,3 +45,40 @@ def build_student(config: StudentConfig, vocab_size: int, pad_id: int):
                               num_hidden_groups=config.layers, inner_group_num=1, hidden_act="gelu")
         return AlbertForMaskedLM(albert)
     return BertForMaskedLM(BertConfig(**common))
+
+
+_MLM_HEADS = ("cls", "predictions", "lm_head")  # BERT / ALBERT / RoBERTa-style attribute names
+
+
+@dataclass
+class StudentOutput:
+    logits: object = None
+    last_hidden_state: object = None
+    hidden_states: object = None
+    attentions: object = None
+
+
+class Student(torch.nn.Module):
+    """The student as methods call it, and as DDP wraps it.
+
+    Given `masked_flat` (flat indices into batch x length), the masked-LM head runs only at
+    those positions: on a union vocabulary of ~290k tokens the vocabulary projection is most
+    of a small student's step, and only ~15% of positions are masked.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, masked_flat=None, **kwargs):
+        if masked_flat is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = out.last_hidden_state
+        head = next(getattr(self.model, name) for name in _MLM_HEADS if hasattr(self.model, name))
+        return StudentOutput(
+            logits=head(hidden.reshape(-1, hidden.shape[-1])[masked_flat]),
+            last_hidden_state=hidden,
+            hidden_states=getattr(out, "hidden_states", None),
+            attentions=getattr(out, "attentions", None),
+        )

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import BadInput
+from .models import Student
 
 
 @dataclass
@@ -39,6 +40,7 @@ class TrainConfig:
     seed: int = 0
     amp: str = "auto"  # auto: bf16/fp16 autocast on CUDA, off on CPU | off | bf16 | fp16
     num_workers: int = 0
+    stop_after: int = 0  # leave (with a checkpoint) after this many steps in this run; 0: run to --steps
 
     def __post_init__(self):
         if self.steps < 1 or self.grad_accum < 1:
@@ -96,6 +98,7 @@ class Trainer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.rank, self.world = rank, world
         self.model = model.to(self.device)
+        self.student = Student(self.model)
         self.method = method
         method.modules.to(self.device)
         self.dataset = dataset
@@ -114,9 +117,9 @@ class Trainer:
         self.step = 0
         if world > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.student, device_ids=device_ids)
         else:
-            self.ddp = self.model
+            self.ddp = self.student
 
     def _amp_dtype(self):
         amp = self.config.amp
@@ -200,9 +203,12 @@ class Trainer:
     def train(self) -> dict:
         config = self.config
         self.out.mkdir(parents=True, exist_ok=True)
+        # Its own generator: drawing worker seeds from the global RNG would shift every
+        # dropout mask after a resume.
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=None, num_workers=config.num_workers,
             persistent_workers=False, prefetch_factor=2 if config.num_workers else None,
+            generator=torch.Generator().manual_seed(config.seed),
         )
         batches = iter(loader)
         tensorboard = self._open_tensorboard()
@@ -212,8 +218,9 @@ class Trainer:
         start_step, start_time = self.step, time.time()
         last = {}
         loader_state = self.dataset.state_dict()
+        until = min(config.steps, start_step + config.stop_after) if config.stop_after else config.steps
         try:
-            while self.step < config.steps:
+            while self.step < until:
                 totals: dict[str, float] = {}
                 for micro in range(config.grad_accum):
                     batch = next(batches)
@@ -227,7 +234,7 @@ class Trainer:
                         loss = losses["loss"] / config.grad_accum
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
                     for name, value in losses.items():
-                        totals[name] = totals.get(name, 0.0) + float(value) / config.grad_accum
+                        totals[name] = totals.get(name, 0.0) + float(value.detach()) / config.grad_accum
                 if self.scaler:
                     self.scaler.unscale_(self.optimizer)
                 params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -249,7 +256,7 @@ class Trainer:
                         for k, v in last.items():
                             tensorboard.add_scalar(k, v, self.step)
                     self._progress(start_step, start_time, last)
-                if config.save_every and self.step % config.save_every == 0 and self.step < config.steps:
+                if config.save_every and self.step % config.save_every == 0 and self.step < until:
                     self.save_checkpoint(loader_state)
             self.save_checkpoint(loader_state)
         finally:

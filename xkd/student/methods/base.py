@@ -102,7 +102,8 @@ def collate_masked_lm(rows: dict, pad_id: int) -> dict:
 
 
 def masked_log_probs(student, batch: dict) -> torch.Tensor:
-    """Student log-probabilities over its whole vocabulary at the batch's masked positions, (M, V)."""
-    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    flat = logits.reshape(-1, logits.shape[-1])[batch["masked_flat"]]
-    return torch.log_softmax(flat.float(), dim=-1)
+    """Student log-probabilities over its whole vocabulary at the batch's masked positions,
+    (M, V). `student` is a models.Student (or DDP around one)."""
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     masked_flat=batch["masked_flat"]).logits
+    return torch.log_softmax(logits.float(), dim=-1)
