@@ -9,7 +9,7 @@ from ..errors import BadInput
 from ..storage import open_cache
 from .data import StreamConfig, StreamingDataset
 from .methods import get_method
-from .models import StudentConfig, build_student
+from .models import StudentConfig
 from .trainer import Trainer, TrainConfig, distributed_context, seed_everything
 
 
@@ -19,23 +19,12 @@ def open_caches(paths) -> list:
     return [open_cache(p) for p in paths]
 
 
-def teacher_name(cache) -> str:
-    return cache.manifest["teacher"]["name"]
-
-
 def remap_tables(caches, vocab) -> list:
-    """Each cache's teacher->student table from the vocab, with an error naming the teacher
-    a vocab does not cover."""
-    return [vocab.map_for(c.manifest) for c in caches]
+    """Each cache's teacher->student table from the vocab (an error names a teacher the vocab
+    does not cover); None for a cache already materialised in this vocab (`xkd remap`)."""
+    from ..vocab import needs_remap
 
-
-def make_student(vocab, student: StudentConfig, init_from: str | None, teacher_for_init: str | None):
-    if init_from:
-        from ..vocab import student_from_teacher
-
-        model, _ = student_from_teacher(init_from, vocab, teacher_for_init)
-        return model
-    return build_student(student, len(vocab.tokens), vocab.pad_id)
+    return [vocab.map_for(c.manifest) if needs_remap(c.manifest, vocab) else None for c in caches]
 
 
 def train_student(
@@ -64,7 +53,7 @@ def train_student(
     vocab = load_vocab(vocab_dir)
     tables = remap_tables(opened, vocab)
     seed_everything(train.seed)
-    model = make_student(vocab, student, init_from, init_teacher)
+    model = method_cls.build_student(vocab, student, init_from, init_teacher, opened)
     impl = method_cls(dict(method_options or {}), vocab=vocab, total_steps=train.steps)
     impl.setup(model, opened)
     dataset = StreamingDataset(

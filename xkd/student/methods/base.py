@@ -52,6 +52,19 @@ class Method:
                         f"Re-run cache-teachers with {need.option} to produce it."
                     )
 
+    @classmethod
+    def build_student(cls, vocab, config, init_from: str | None, init_teacher: str | None, caches: list[Cache]):
+        """The student model this method trains. Default: a masked LM over the union vocab,
+        random or initialised from a checkpoint through the union-vocab embedding rule.
+        Methods that train classifiers or multi-branch students override this."""
+        from ..models import build_student
+
+        if init_from:
+            from ...vocab import student_from_teacher
+
+            return student_from_teacher(init_from, vocab, init_teacher)[0]
+        return build_student(config, vocab.size, vocab.pad_id)
+
     def setup(self, student, caches: list[Cache]) -> None:
         """Build method-owned heads once the student and caches are known (default: none)."""
 
