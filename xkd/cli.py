@@ -84,6 +84,224 @@ def verify_cmd(
         raise typer.Exit(1)
 
 
+@app.command("cache-teachers")
+@user_errors
+def cache_teachers_cmd(
+    teacher: List[str] = typer.Option(..., "--teacher", help="Alias (bert-base, mbert, muril, xlmr, minilm), HF model id or model dir; repeat for several."),
+    corpus: str = typer.Option(..., "--corpus", help="A corpus name (sample, opus-en-hi) or spec: text:PATH@LANG, parallel:SRC@L1,TGT@L2, tsv:PATH@L1,L2, hf:DATASET[:CONFIG]."),
+    out: Path = typer.Option(Path("caches"), "--out", help="Cache root: each teacher's cache is OUT/<teacher>-<key>."),
+    corpus_files: Optional[str] = typer.Option(None, "--corpus-files", help="Local files for a named corpus: SRC,TGT (e.g. for opus-en-hi offline)."),
+    split: str = typer.Option("train", "--split", help="Split of an hf: dataset."),
+    topk: Optional[int] = typer.Option(None, "--topk", help="Store the top-k logits and log-normaliser at masked positions (masked LMs; default 8)."),
+    mask_prob: Optional[float] = typer.Option(None, "--mask-prob", help="Masking probability (default 0.15 for masked LMs, 0 otherwise)."),
+    whole_word: bool = typer.Option(False, "--whole-word", help="Mask whole words."),
+    mask_epochs: int = typer.Option(1, "--mask-epochs", help="Cache this many maskings of each example."),
+    seed: int = typer.Option(0, "--seed", help="Masking seed."),
+    max_length: int = typer.Option(128, "--max-length"),
+    hidden_layers: Optional[str] = typer.Option(None, "--hidden-layers", help="Store hidden states of these layers, e.g. 0,6,12 (0: embeddings)."),
+    hidden_positions: str = typer.Option("all", "--hidden-positions", help="all | word (first sub-token of each word) | cls."),
+    sentence: Optional[str] = typer.Option(None, "--sentence", help="Sentence vectors to store: cls,pooled (pooled follows the model's pooling config)."),
+    class_logits: Optional[bool] = typer.Option(None, "--class-logits/--no-class-logits", help="Store class logits (sequence classifiers)."),
+    sides: str = typer.Option("both", "--sides", help="Parallel corpora: which sides the teacher runs on: src | tgt | both."),
+    text: bool = typer.Option(True, "--text/--no-text", help="Store each row's raw text and its pair's text."),
+    min_tokens: int = typer.Option(0, "--min-tokens", help="Keep pairs whose sides have at least this many tokens (MMKD: 10)."),
+    max_tokens: int = typer.Option(0, "--max-tokens", help="Keep pairs whose sides have at most this many tokens (MMKD: 128)."),
+    max_pairs: int = typer.Option(0, "--max-pairs", help="Cap the examples per language pair (0: no cap)."),
+    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip and count invalid lines instead of stopping."),
+    shard_size: int = typer.Option(2048, "--shard-size", help="Examples per shard (the unit of work and resume)."),
+    token_budget: int = typer.Option(16384, "--token-budget", help="Tokens per batch (length-bucketed)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (fp16 on CUDA, fp32 on CPU) | fp16 | bf16 | fp32."),
+    scheduler: str = typer.Option("local", "--scheduler", help="local (a LocalCluster) or a dask scheduler address tcp://host:port."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Local workers (default: one per GPU, else 1)."),
+    as_json: bool = JsonOpt,
+):
+    """Run teachers over a corpus once and cache what students learn from (resumable)."""
+    from .pipeline import CacheTeachersOptions, cache_teachers, format_summary
+    from .pipeline.run import parse_list
+
+    opts = CacheTeachersOptions(
+        teachers=list(teacher), corpus=corpus, out=str(out), corpus_files=corpus_files, split=split, topk=topk,
+        mask_prob=mask_prob, whole_word=whole_word, mask_epochs=mask_epochs, seed=seed, max_length=max_length,
+        hidden_layers=parse_list(hidden_layers, "--hidden-layers", cast=int), hidden_positions=hidden_positions,
+        sentence=parse_list(sentence, "--sentence", allowed=("cls", "pooled")) if sentence is not None else None,
+        class_logits=class_logits, sides=sides, text=text, min_tokens=min_tokens, max_tokens=max_tokens,
+        max_pairs=max_pairs, skip_bad_lines=skip_bad_lines, shard_size=shard_size, token_budget=token_budget,
+        dtype=dtype, scheduler=scheduler, workers=workers,
+    )
+    result = cache_teachers(opts)
+    typer.echo(format_summary(result))
+    if as_json:
+        emit_json(result)
+
+
+@app.command("build-vocab")
+@user_errors
+def build_vocab_cmd(
+    teachers: List[str] = typer.Option(..., "--teachers", help="Teachers: alias, model id, model/tokenizer dir, or a bare vocab file. Give several after one --teachers, or repeat it."),
+    more: Optional[List[str]] = typer.Argument(None, help="More teachers (after --teachers A B ...).", show_default=False),
+    out: Path = typer.Option(..., "--out", help="The vocab directory to write."),
+    lang_teacher: List[str] = typer.Option([], "--lang-teacher", help="Tokenize language LANG with TEACHER's tokenizer: LANG=TEACHER (repeatable)."),
+    as_json: bool = JsonOpt,
+):
+    """The union of the teachers' vocabularies, teacher->student id maps, and a student tokenizer."""
+    from .vocab.build import build_vocab, format_summary, parse_lang_teacher
+
+    summary = build_vocab([*teachers, *(more or [])], out, parse_lang_teacher(lang_teacher),
+                          progress=lambda msg: typer.echo(f"build-vocab: {msg}", err=True))
+    emit_json(summary) if as_json else typer.echo(format_summary(summary))
+
+
+@app.command("remap")
+@user_errors
+def remap_cmd(
+    cache: Path = typer.Argument(..., help="A teacher cache (teacher vocabulary ids)."),
+    vocab: Path = typer.Option(..., "--vocab", help="A vocab dir from build-vocab that includes the cache's teacher."),
+    out: Path = typer.Option(..., "--out", help="Where to write the union-vocab copy (a cache; passes xkd verify)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="The cache's teacher in the vocab, if its manifest does not identify it."),
+    as_json: bool = JsonOpt,
+):
+    """Write a copy of a cache with input ids, labels and top-k ids in the union vocabulary."""
+    from .vocab import remap_cache
+
+    summary = remap_cache(cache, vocab, out, teacher, progress=lambda msg: typer.echo(f"remap: {msg}", err=True))
+    if as_json:
+        emit_json(summary)
+    else:
+        typer.echo(f"{out}: {summary['rows']:,} rows of {summary['teacher']} in the union vocab "
+                   f"({summary['rows_written_now']:,} written now)")
+
+
+@app.command("train-student")
+@user_errors
+def train_student_cmd(
+    method: str = typer.Option(..., "--method", help="Distillation method (see `xkd methods`)."),
+    caches: List[Path] = typer.Option(..., "--caches", help="Cache directories to learn from (repeat for several)."),
+    vocab: Path = typer.Option(..., "--vocab", help="Vocab dir from `xkd build-vocab` over the caches' teachers."),
+    out: Path = typer.Option(..., "--out", help="Output dir: the student (HF format), checkpoints, metrics."),
+    steps: int = typer.Option(1000, "--steps"),
+    batch_size: int = typer.Option(32, "--batch-size", help="Examples per batch (per rank)."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Batches per optimiser step."),
+    lr: float = typer.Option(5e-4, "--lr"),
+    warmup: float = typer.Option(0.1, "--warmup", help="Warm-up: a fraction of --steps (<1) or a step count."),
+    weight_decay: float = typer.Option(0.01, "--weight-decay"),
+    clip: float = typer.Option(1.0, "--clip", help="Gradient-norm clipping (0: off)."),
+    seed: int = typer.Option(0, "--seed"),
+    save_every: int = typer.Option(0, "--save-every", help="Checkpoint every N steps (0: only at the end)."),
+    log_every: int = typer.Option(10, "--log-every"),
+    amp: str = typer.Option("auto", "--amp", help="auto | off | bf16 | fp16 (auto: autocast on CUDA only)."),
+    workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
+    stop_after: int = typer.Option(0, "--stop-after", help="Leave after N steps of this run, with a checkpoint (time-limited jobs; continue with --resume)."),
+    alpha: float = typer.Option(0.7, "--alpha", help="Language smoothing: sample language l with q ∝ p_l^alpha."),
+    copies: str = typer.Option("all", "--copies", help="Several teachers per example: all | best (lowest teacher loss)."),
+    hidden: int = typer.Option(256, "--hidden", help="Student hidden size."),
+    layers: int = typer.Option(4, "--layers"),
+    heads: int = typer.Option(4, "--heads"),
+    embedding_dim: int = typer.Option(0, "--embedding-dim", help="Reduced embedding size (0: = --hidden)."),
+    dropout: float = typer.Option(0.1, "--dropout"),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from this checkpoint (teacher alias or dir) through the union-vocab embedding initialisation."),
+    init_teacher: Optional[str] = typer.Option(None, "--init-teacher", help="Which vocab teacher --init-from is (default: the same name)."),
+    lambda_schedule: str = typer.Option("anneal", "--lambda-schedule", help="anneal (linear start->end) | constant."),
+    lambda_start: float = typer.Option(1.0, "--lambda-start"),
+    lambda_end: float = typer.Option(0.0, "--lambda-end"),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    kd_target: str = typer.Option("topk", "--kd-target", help="topk (renormalised, the paper) | tail (top-k plus exact tail mass)."),
+    option: List[str] = typer.Option([], "--option", "-o", help="Method-specific KEY=VALUE (repeatable)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda if available)."),
+    as_json: bool = JsonOpt,
+):
+    """Train a student from cached teacher outputs, with any registered method."""
+    from .student.models import StudentConfig
+    from .student.run import train_student
+    from .student.trainer import TrainConfig
+
+    method_options = {
+        "lambda_schedule": lambda_schedule, "lambda_start": lambda_start, "lambda_end": lambda_end,
+        "temperature": temperature, "kd_target": kd_target, **parse_key_values(option),
+    }
+    result = train_student(
+        method=method, caches=[str(c) for c in caches], vocab_dir=str(vocab), out=str(out),
+        train=TrainConfig(out=str(out), steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay,
+                          grad_accum=grad_accum, clip=clip, save_every=save_every, log_every=log_every,
+                          seed=seed, amp=amp, num_workers=workers, stop_after=stop_after),
+        batch_size=batch_size,
+        student=StudentConfig(hidden=hidden, layers=layers, heads=heads, embedding_dim=embedding_dim, dropout=dropout),
+        init_from=init_from, init_teacher=init_teacher, alpha=alpha, copies=copies,
+        method_options=method_options, resume=resume, device=device,
+    )
+    if as_json:
+        emit_json(result)
+    else:
+        typer.echo(f"trained {method} for {result['steps']} steps in {result['seconds']}s; final "
+                   + ", ".join(f"{k} {v:.4g}" for k, v in result["final"].items()) + f"\nstudent: {out}")
+
+
+def parse_key_values(items: List[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            from .errors import BadInput
+
+            raise BadInput(f"--option {item!r} must be KEY=VALUE, e.g. --option xwcl=false")
+        out[key.replace("-", "_")] = value
+    return out
+
+
+@app.command("methods")
+def methods_cmd():
+    """List the registered distillation methods and what each needs from a cache."""
+    from .student.methods import METHODS, available
+
+    for name in available():
+        needs = ", ".join(f"{n.output} ({n.option})" for n in METHODS[name].needs) or "token ids and labels only"
+        typer.echo(f"{name:<14}needs: {needs}")
+
+
+@app.command("evaluate")
+@user_errors
+def evaluate_cmd(
+    model: Optional[Path] = typer.Argument(None, help="A trained student (the --out of train-student)."),
+    vocab: Path = typer.Option(..., "--vocab", help="The vocab dir the student was trained with."),
+    caches: List[Path] = typer.Option([], "--caches", help="mlm mode: held-out caches (one teacher each)."),
+    mode: str = typer.Option("mlm", "--mode", help="mlm (loss, accuracy, KL to teachers, RDT) | bitext (retrieval accuracy)."),
+    src: Optional[str] = typer.Option(None, "--src", help="bitext mode: PATH@LANG, a sentence a line."),
+    tgt: Optional[str] = typer.Option(None, "--tgt", help="bitext mode: PATH@LANG, line-aligned with --src."),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="bitext mode: evaluate the untrained student initialised from this teacher instead of MODEL."),
+    pooling: str = typer.Option("mean", "--pooling", help="bitext mode: mean | cls sentence vectors."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    max_rows: Optional[int] = typer.Option(None, "--max-rows", help="Evaluate on at most this many rows (lines) per cache (file)."),
+    as_json: bool = JsonOpt,
+):
+    """Evaluate a student: masked-LM quality against held-out caches, or bitext retrieval."""
+    from .errors import BadInput
+
+    if mode == "bitext":
+        from .student.evaluate import evaluate_bitext
+
+        if not src or not tgt:
+            raise BadInput("--mode bitext needs --src PATH@LANG and --tgt PATH@LANG.")
+        result = evaluate_bitext(str(model) if model else None, str(vocab), src, tgt, init_from, pooling, max_rows)
+        emit_json(result) if as_json else typer.echo(
+            "  ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("accuracy")) + f"  ({result['pairs']} pairs)")
+        return
+    if mode != "mlm":
+        raise BadInput(f"--mode must be mlm or bitext, not {mode!r}")
+    if model is None or not caches:
+        raise BadInput("--mode mlm needs MODEL and at least one --caches.")
+    from .student.evaluate import evaluate_mlm
+
+    result = evaluate_mlm(str(model), [str(c) for c in caches], str(vocab), batch_size, max_rows)
+    if as_json:
+        emit_json(result)
+        return
+    for r in result["per_cache"]:
+        typer.echo(f"{r['teacher']:<24} positions {r['masked_positions']:>8,}  mlm loss {r['mlm_loss']:.4f}  "
+                   f"acc {r['accuracy']:.4f} (teacher {r['teacher_accuracy']:.4f})  KL to teacher {r['kl_to_teacher']:.4f}")
+    if result["rdt_percent"] is not None:
+        typer.echo(f"RDT {result['rdt_percent']:+.2f}% (relative deviation from teachers; positive: student better)")
+
+
 def main() -> None:
     app()
 

@@ -91,3 +91,65 @@ def evaluate_mlm(model_dir: str, caches: list[str], vocab_dir: str, batch_size: 
         })
     rdt = [100 * (r["accuracy"] - r["teacher_accuracy"]) / r["teacher_accuracy"] for r in results if r["teacher_accuracy"] > 0]
     return {"model": model_dir, "per_cache": results, "rdt_percent": float(np.mean(rdt)) if rdt else None}
+
+
+def read_lines(spec: str) -> tuple[list[str], str]:
+    """PATH@LANG -> (lines, lang), with a clear error for a missing file or language."""
+    path, sep, lang = spec.rpartition("@")
+    if not sep or not path or not lang:
+        raise BadInput(f"{spec!r} must be PATH@LANG, e.g. tatoeba.hin-eng.hin@hi")
+    if not Path(path).is_file():
+        raise BadInput(f"{path} does not exist (or is not a file).")
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines(), lang
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path} is not UTF-8 text ({e}).") from None
+
+
+@torch.inference_mode()
+def sentence_vectors(model, vocab, texts: list[str], lang: str, pooling: str = "mean", batch_size: int = 64,
+                     max_length: int = 128) -> torch.Tensor:
+    """L2-normalised sentence vectors from the student's encoder, text tokenized as in
+    training (routed by language through the vocab)."""
+    student = Student(model.eval())
+    out = []
+    for start in range(0, len(texts), batch_size):
+        enc = vocab.encode(texts[start : start + batch_size], lang, max_length=max_length)
+        ids, mask = torch.from_numpy(enc["input_ids"]), torch.from_numpy(enc["attention_mask"])
+        hidden = student(input_ids=ids, attention_mask=mask, masked_flat=torch.zeros(0, dtype=torch.long)).last_hidden_state
+        if pooling == "cls":
+            vec = hidden[:, 0]
+        else:
+            weights = mask[..., None].to(hidden.dtype)
+            vec = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+        out.append(torch.nn.functional.normalize(vec.float(), dim=-1))
+    return torch.cat(out)
+
+
+def evaluate_bitext(model_dir: str | None, vocab_dir: str, src: str, tgt: str, init_from: str | None = None,
+                    pooling: str = "mean", max_lines: int | None = None) -> dict:
+    """Bitext retrieval (Tatoeba-style similarity search): for each sentence, is its
+    translation the nearest neighbour among all candidates? Accuracy in both directions."""
+    from ..vocab import load_vocab, student_from_teacher
+
+    if (model_dir is None) == (init_from is None):
+        raise BadInput("give either a trained student (MODEL) or --init-from TEACHER (the student before training).")
+    vocab = load_vocab(vocab_dir)
+    model = student_from_teacher(init_from, vocab)[0] if init_from else load_student(model_dir)
+    src_lines, src_lang = read_lines(src)
+    tgt_lines, tgt_lang = read_lines(tgt)
+    if len(src_lines) != len(tgt_lines):
+        raise BadInput(f"{src} has {len(src_lines)} lines but {tgt} has {len(tgt_lines)}: bitext must be line-aligned.")
+    if max_lines:
+        src_lines, tgt_lines = src_lines[:max_lines], tgt_lines[:max_lines]
+    a = sentence_vectors(model, vocab, src_lines, src_lang, pooling)
+    b = sentence_vectors(model, vocab, tgt_lines, tgt_lang, pooling)
+    sim = a @ b.T
+    gold = torch.arange(len(src_lines))
+    return {
+        "model": model_dir or f"init:{init_from}",
+        "pairs": len(src_lines),
+        f"accuracy_{src_lang}_to_{tgt_lang}": float((sim.argmax(1) == gold).float().mean()),
+        f"accuracy_{tgt_lang}_to_{src_lang}": float((sim.argmax(0) == gold).float().mean()),
+        "pooling": pooling,
+    }
