@@ -88,31 +88,33 @@ def verify_cmd(
 @user_errors
 def cache_teachers_cmd(
     teacher: List[str] = typer.Option(..., "--teacher", help="Alias (bert-base, mbert, muril, xlmr, minilm), HF model id or model dir; repeat for several."),
-    corpus: str = typer.Option(..., "--corpus", help="A corpus name (sample, opus-en-hi) or spec: text:PATH@LANG, parallel:SRC@L1,TGT@L2, tsv:PATH@L1,L2, hf:DATASET[:CONFIG]."),
+    corpus: str = typer.Option(..., "--corpus", help="A corpus name (sample, opus-en-hi) or spec: text:PATH@LANG, labeled:PATH@LANG (text<TAB>label), parallel:SRC@L1,TGT@L2, tsv:PATH@L1,L2, hf:DATASET[:CONFIG]."),
     out: Path = typer.Option(Path("caches"), "--out", help="Cache root: each teacher's cache is OUT/<teacher>-<key>."),
-    corpus_files: Optional[str] = typer.Option(None, "--corpus-files", help="Local files for a named corpus: SRC,TGT (e.g. for opus-en-hi offline)."),
+    corpus_files: Optional[str] = typer.Option(None, "--corpus-files", help="Read a named hub corpus from local files: SRC,TGT or one TSV (e.g. opus-en-hi offline)."),
     split: str = typer.Option("train", "--split", help="Split of an hf: dataset."),
-    topk: Optional[int] = typer.Option(None, "--topk", help="Store the top-k logits and log-normaliser at masked positions (masked LMs; default 8)."),
+    topk: Optional[int] = typer.Option(None, "--topk", help="Store the top-k logits and log-normaliser at masked positions (masked LMs; default 8; 0: off)."),
     mask_prob: Optional[float] = typer.Option(None, "--mask-prob", help="Masking probability (default 0.15 for masked LMs, 0 otherwise)."),
+    no_mask: bool = typer.Option(False, "--no-mask", help="Teachers see unmasked text (same as --mask-prob 0)."),
     whole_word: bool = typer.Option(False, "--whole-word", help="Mask whole words."),
     mask_epochs: int = typer.Option(1, "--mask-epochs", help="Cache this many maskings of each example."),
     seed: int = typer.Option(0, "--seed", help="Masking seed."),
-    max_length: int = typer.Option(128, "--max-length"),
+    max_length: int = typer.Option(128, "--max-length", help="Tokens per row, special tokens included."),
     hidden_layers: Optional[str] = typer.Option(None, "--hidden-layers", help="Store hidden states of these layers, e.g. 0,6,12 (0: embeddings)."),
     hidden_positions: str = typer.Option("all", "--hidden-positions", help="all | word (first sub-token of each word) | cls."),
-    sentence: Optional[str] = typer.Option(None, "--sentence", help="Sentence vectors to store: cls,pooled (pooled follows the model's pooling config)."),
-    class_logits: Optional[bool] = typer.Option(None, "--class-logits/--no-class-logits", help="Store class logits (sequence classifiers)."),
+    sentence: Optional[str] = typer.Option(None, "--sentence", help="Sentence vectors to store: cls,pooled (pooled follows the model's pooling config; default for encoders; 'none': none)."),
+    class_logits: Optional[bool] = typer.Option(None, "--class-logits/--no-class-logits", help="Store class logits (default on for sequence classifiers)."),
     sides: str = typer.Option("both", "--sides", help="Parallel corpora: which sides the teacher runs on: src | tgt | both."),
     text: bool = typer.Option(True, "--text/--no-text", help="Store each row's raw text and its pair's text."),
-    min_tokens: int = typer.Option(0, "--min-tokens", help="Keep pairs whose sides have at least this many tokens (MMKD: 10)."),
-    max_tokens: int = typer.Option(0, "--max-tokens", help="Keep pairs whose sides have at most this many tokens (MMKD: 128)."),
-    max_pairs: int = typer.Option(0, "--max-pairs", help="Cap the examples per language pair (0: no cap)."),
-    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip and count invalid lines instead of stopping."),
-    shard_size: int = typer.Option(2048, "--shard-size", help="Examples per shard (the unit of work and resume)."),
-    token_budget: int = typer.Option(16384, "--token-budget", help="Tokens per batch (length-bucketed)."),
+    min_tokens: int = typer.Option(0, "--min-tokens", help="Keep records whose every side has at least this many whitespace tokens (MMKD: 10)."),
+    max_tokens: int = typer.Option(0, "--max-tokens", help="... and at most this many (MMKD: 128; 0: no bound)."),
+    max_pairs: int = typer.Option(0, "--max-pairs", help="Cap the examples of the corpus (one language pair) to the first N kept (0: no cap)."),
+    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip and count invalid UTF-8 or malformed lines instead of stopping."),
+    shard_size: int = typer.Option(2048, "--shard-size", help="Examples per shard (the unit of work, retry and resume)."),
+    token_budget: int = typer.Option(16384, "--token-budget", help="Padded tokens per batch (rows x longest row; length-bucketed)."),
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (fp16 on CUDA, fp32 on CPU) | fp16 | bf16 | fp32."),
     scheduler: str = typer.Option("local", "--scheduler", help="local (a LocalCluster) or a dask scheduler address tcp://host:port."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Local workers (default: one per GPU, else 1)."),
+    cpu_threads: Optional[int] = typer.Option(None, "--cpu-threads", help="Torch threads per worker on CPU (default: cores / local workers)."),
     as_json: bool = JsonOpt,
 ):
     """Run teachers over a corpus once and cache what students learn from (resumable)."""
@@ -121,12 +123,13 @@ def cache_teachers_cmd(
 
     opts = CacheTeachersOptions(
         teachers=list(teacher), corpus=corpus, out=str(out), corpus_files=corpus_files, split=split, topk=topk,
-        mask_prob=mask_prob, whole_word=whole_word, mask_epochs=mask_epochs, seed=seed, max_length=max_length,
-        hidden_layers=parse_list(hidden_layers, "--hidden-layers", cast=int), hidden_positions=hidden_positions,
-        sentence=parse_list(sentence, "--sentence", allowed=("cls", "pooled")) if sentence is not None else None,
+        mask_prob=0.0 if no_mask else mask_prob, whole_word=whole_word, mask_epochs=mask_epochs, seed=seed,
+        max_length=max_length, hidden_layers=parse_list(hidden_layers, "--hidden-layers", cast=int),
+        hidden_positions=hidden_positions,
+        sentence=None if sentence is None else parse_list("" if sentence == "none" else sentence, "--sentence", ("cls", "pooled")),
         class_logits=class_logits, sides=sides, text=text, min_tokens=min_tokens, max_tokens=max_tokens,
         max_pairs=max_pairs, skip_bad_lines=skip_bad_lines, shard_size=shard_size, token_budget=token_budget,
-        dtype=dtype, scheduler=scheduler, workers=workers,
+        dtype=dtype, scheduler=scheduler, workers=workers, cpu_threads=cpu_threads,
     )
     result = cache_teachers(opts)
     typer.echo(format_summary(result))
@@ -204,7 +207,7 @@ def train_student_cmd(
     lambda_schedule: str = typer.Option("anneal", "--lambda-schedule", help="anneal (linear start->end) | constant."),
     lambda_start: float = typer.Option(1.0, "--lambda-start"),
     lambda_end: float = typer.Option(0.0, "--lambda-end"),
-    temperature: float = typer.Option(1.0, "--temperature"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Distillation temperature (default: the method's own; mergedistill 1, multikd 8)."),
     kd_target: str = typer.Option("topk", "--kd-target", help="topk (renormalised, the paper) | tail (top-k plus exact tail mass)."),
     option: List[str] = typer.Option([], "--option", "-o", help="Method-specific KEY=VALUE (repeatable)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda if available)."),
@@ -217,7 +220,8 @@ def train_student_cmd(
 
     method_options = {
         "lambda_schedule": lambda_schedule, "lambda_start": lambda_start, "lambda_end": lambda_end,
-        "temperature": temperature, "kd_target": kd_target, **parse_key_values(option),
+        "kd_target": kd_target, **({"temperature": temperature} if temperature is not None else {}),
+        **parse_key_values(option),
     }
     result = train_student(
         method=method, caches=[str(c) for c in caches], vocab_dir=str(vocab), out=str(out),
@@ -300,6 +304,33 @@ def evaluate_cmd(
                    f"acc {r['accuracy']:.4f} (teacher {r['teacher_accuracy']:.4f})  KL to teacher {r['kl_to_teacher']:.4f}")
     if result["rdt_percent"] is not None:
         typer.echo(f"RDT {result['rdt_percent']:+.2f}% (relative deviation from teachers; positive: student better)")
+
+
+@app.command("finetune-teacher")
+@user_errors
+def finetune_teacher_cmd(
+    base: str = typer.Option(..., "--base", help="Model to fine-tune: alias (minilm, mbert, ...), HF model id or model dir."),
+    data: List[str] = typer.Option(..., "--data", help="Labeled file PATH@LANG, a text<TAB>label a line (repeat for several)."),
+    out: Path = typer.Option(..., "--out", help="Where to save the classifier (HF format, with its tokenizer and labels)."),
+    epochs: int = typer.Option(3, "--epochs"),
+    lr: float = typer.Option(5e-5, "--lr"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    max_length: int = typer.Option(128, "--max-length", help="Tokens per example, special tokens included."),
+    held_out: float = typer.Option(0.2, "--held-out", help="Fraction of each file kept out of training and scored (0: none)."),
+    seed: int = typer.Option(0, "--seed"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda if available)."),
+    as_json: bool = JsonOpt,
+):
+    """Fine-tune a Hugging Face sequence classifier on labelled text: a classifier teacher for xd and multikd."""
+    from .finetune import FinetuneOptions, finetune_teacher, format_summary
+
+    summary = finetune_teacher(FinetuneOptions(
+        base=base, data=list(data), out=str(out), epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
+        held_out=held_out, seed=seed, device=device,
+    ))
+    typer.echo(format_summary(summary))
+    if as_json:
+        emit_json(summary)
 
 
 def main() -> None:

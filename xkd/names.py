@@ -112,7 +112,7 @@ def resolve_teacher(name: str) -> ResolvedTeacher:
 
 @dataclass(frozen=True)
 class CorpusSpec:
-    """A parsed --corpus value. kind: text | parallel | tsv | hf | sample."""
+    """A parsed --corpus value. kind: text | labeled | parallel | tsv | hf | sample."""
 
     kind: str
     paths: tuple[str, ...] = ()
@@ -136,7 +136,8 @@ NAMED_CORPORA = {
 }
 
 SPEC_HELP = (
-    "Corpus specs: text:PATH@LANG (a sentence a line), parallel:SRC_PATH@SRC_LANG,TGT_PATH@TGT_LANG "
+    "Corpus specs: text:PATH@LANG (a sentence a line), labeled:PATH@LANG (text<TAB>label a line), "
+    "parallel:SRC_PATH@SRC_LANG,TGT_PATH@TGT_LANG "
     "(two line-aligned files), tsv:PATH@SRC_LANG,TGT_LANG (src<TAB>tgt), hf:DATASET[:CONFIG], or a name: "
     + ", ".join(sorted(NAMED_CORPORA))
     + "."
@@ -150,19 +151,39 @@ def _path_lang(item: str, spec: str) -> tuple[str, str]:
     return path, lang
 
 
-def parse_corpus(spec: str) -> CorpusSpec:
-    """A --corpus string -> CorpusSpec, checking that local files exist."""
+def _local_files_spec(name: str, files: str) -> str:
+    """A registered hub corpus read from local files instead: SRC,TGT (line-aligned) or one TSV."""
+    if name not in NAMED_CORPORA or not NAMED_CORPORA[name].startswith("hf:"):
+        hub_names = sorted(n for n, s in NAMED_CORPORA.items() if s.startswith("hf:"))
+        raise BadInput(
+            f"--corpus-files replaces the files of a registered hub corpus ({', '.join(hub_names)}), but "
+            f"--corpus is {name!r}; give local files in the spec itself. {SPEC_HELP}"
+        )
+    langs = NAMED_CORPORA[name].rpartition(":")[2].split("-")
+    paths = [p for p in files.split(",") if p]
+    if len(paths) == 2:
+        return f"parallel:{paths[0]}@{langs[0]},{paths[1]}@{langs[1]}"
+    if len(paths) == 1:
+        return f"tsv:{paths[0]}@{langs[0]},{langs[1]}"
+    raise BadInput(f"--corpus-files {files!r}: give SRC_PATH,TGT_PATH (two line-aligned files) or one TSV file.")
+
+
+def parse_corpus(spec: str, files: str | None = None) -> CorpusSpec:
+    """A --corpus string -> CorpusSpec, checking that local files exist. `files` (the
+    --corpus-files option, or XKD_OPUS_EN_HI for opus-en-hi) reads a registered hub corpus
+    from local files."""
     original = spec
-    if spec == "opus-en-hi" and os.environ.get("XKD_OPUS_EN_HI"):
-        src, _, tgt = os.environ["XKD_OPUS_EN_HI"].partition(",")
-        spec = f"parallel:{src}@en,{tgt}@hi"
+    if spec == "opus-en-hi" and not files and os.environ.get("XKD_OPUS_EN_HI"):
+        files = os.environ["XKD_OPUS_EN_HI"]
+    if files:
+        spec = _local_files_spec(spec, files)
     spec = NAMED_CORPORA.get(spec, spec)
     kind, sep, rest = spec.partition(":")
-    if not sep or kind not in ("text", "parallel", "tsv", "hf", "sample"):
+    if not sep or kind not in ("text", "labeled", "parallel", "tsv", "hf", "sample"):
         raise BadInput(f"--corpus {original!r} is not a known corpus name or spec. {SPEC_HELP}")
-    if kind == "text":
+    if kind in ("text", "labeled"):
         path, lang = _path_lang(rest, original)
-        parsed = CorpusSpec("text", (path,), (lang,), spec=original)
+        parsed = CorpusSpec(kind, (path,), (lang,), spec=original)
     elif kind == "parallel":
         parts = rest.split(",")
         if len(parts) != 2:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from numba import njit
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import BadInput
@@ -207,24 +208,24 @@ class StreamingDataset(IterableDataset):
         self._windows[lang] = ((epoch, window), win)
         return win
 
-    def _rows_for(self, li: int, positions: np.ndarray) -> dict:
-        """Rows at the given positions of a language's endless stream."""
+    def _rows_for(self, li: int, positions: np.ndarray) -> list[tuple[dict, np.ndarray, np.ndarray]]:
+        """Where the rows at the given positions of a language's endless stream are: per
+        shuffle window touched, (window rows, rows to take from it, their indices in
+        `positions`)."""
         total = self.index[self.langs[li]].total
-        parts, inverse = [], np.empty(len(positions), dtype=np.int64)
+        pieces = []
         epochs = positions // total
-        offset = 0
         for epoch in np.unique(epochs):
             perm, ends = self._epoch_layout(li, int(epoch))
-            within = positions[epochs == epoch] % total
+            in_epoch = np.flatnonzero(epochs == epoch)
+            within = positions[in_epoch] % total
             windows = np.searchsorted(ends, within, side="right")
             for window in np.unique(windows):
-                sel = np.flatnonzero(epochs == epoch)[windows == window]
+                here = windows == window
                 start = ends[window - 1] if window else 0
                 win = self._window(li, int(epoch), int(window), perm, int(ends[window] - start))
-                parts.append(_take_rows(win.rows, win.order[within[windows == window] - start]))
-                inverse[sel] = np.arange(offset, offset + len(sel))
-                offset += len(sel)
-        return _take_rows(_concat_rows(parts), np.argsort(inverse))
+                pieces.append((win.rows, win.order[within[here] - start], in_epoch[here]))
+        return pieces
 
     def __iter__(self):
         info = get_worker_info()
@@ -253,24 +254,24 @@ class StreamingDataset(IterableDataset):
                 yield out
 
     def _gather(self, langs: np.ndarray, positions: np.ndarray) -> dict:
-        parts, inverse, offset = [], np.empty(len(langs), dtype=np.int64), 0
+        pieces = []
         for li in np.unique(langs):
             sel = np.flatnonzero(langs == li)
-            parts.append(self._rows_for(int(li), positions[sel]))
-            inverse[sel] = np.arange(offset, offset + len(sel))
-            offset += len(sel)
-        return _take_rows(_concat_rows(parts), inverse)
+            pieces.extend((rows, take, sel[dest]) for rows, take, dest in self._rows_for(int(li), positions[sel]))
+        return _assemble(pieces, len(langs))
 
 
 # Row sets: dict of column name -> numpy array (one value per row) or Ragged -------------
 
 
 def _block_rows(block, rows: np.ndarray, cache_index: int) -> dict:
+    every = len(rows) == block.num_rows  # rows are sorted and distinct: no copy needed
     out = {}
     for name, col in block.columns.items():
-        out[name] = col.take(rows) if isinstance(col, Ragged) else col[rows]
+        out[name] = col if every else col.take(rows) if isinstance(col, Ragged) else col[rows]
     for name in block.dense:
-        out[name] = Ragged(block.dense[name], block._dense_offsets[name]).take(rows)
+        dense = Ragged(block.dense[name], block._dense_offsets[name])
+        out[name] = dense if every else dense.take(rows)
     out["source"] = np.full(len(rows), cache_index, dtype=np.int64)
     return out
 
@@ -301,6 +302,66 @@ def _take_rows(rows: dict, idx: np.ndarray) -> dict:
     return {name: col.take(idx) if isinstance(col, Ragged) else col[idx] for name, col in rows.items()}
 
 
+def _assemble(pieces: list[tuple[dict, np.ndarray, np.ndarray]], n: int) -> dict:
+    """One row set of n rows from pieces (rows, take, dest): out[dest] = rows[take].
+
+    A batch draws from one shuffle window per language; gathering each row's values
+    straight into place copies them once, where taking per piece, concatenating and then
+    restoring the batch order copied them three times (per-row work the loader benchmark
+    showed to cost as much as reading the Parquet pages)."""
+    if len(pieces) == 1 and np.array_equal(pieces[0][2], np.arange(n)):
+        return _take_rows(pieces[0][0], pieces[0][1])
+    out = {}
+    for name, first in pieces[0][0].items():
+        if isinstance(first, Ragged):
+            lengths = np.empty(n, dtype=np.int64)
+            for rows, take, dest in pieces:
+                _lengths_into(rows[name].offsets, take, dest, lengths)
+            offsets = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            values = np.empty((int(offsets[-1]),) + first.values.shape[1:], dtype=first.values.dtype)
+            if len(values):
+                dst, width = _as_words(values)
+                for rows, take, dest in pieces:
+                    _copy_rows(_as_words(rows[name].values)[0], rows[name].offsets, take, dst, offsets, dest, width)
+            out[name] = Ragged(values, offsets)
+        else:
+            values = np.empty((n,) + first.shape[1:], dtype=first.dtype)
+            for rows, take, dest in pieces:
+                values[dest] = rows[name][take]
+            out[name] = values
+    return out
+
+
+_WORDS = (np.uint64, np.uint32, np.uint16, np.uint8)
+
+
+def _as_words(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """A ragged column's values as flat machine words, and words per value row, so that
+    one compiled copy kernel per word size serves every dtype and trailing shape."""
+    row_bytes = values.itemsize
+    for size in values.shape[1:]:
+        row_bytes *= size
+    word = _WORDS[(row_bytes % 8 != 0) + (row_bytes % 4 != 0) + (row_bytes % 2 != 0)]
+    flat = np.ascontiguousarray(values).reshape(-1).view(np.uint8).view(word)
+    return flat, row_bytes // flat.itemsize
+
+
+@njit(cache=True, nogil=True)
+def _lengths_into(src_offsets, take, dest, lengths):
+    for r in range(take.size):
+        lengths[dest[r]] = src_offsets[take[r] + 1] - src_offsets[take[r]]
+
+
+@njit(cache=True, nogil=True)
+def _copy_rows(src, src_offsets, take, dst, dst_offsets, dest, width):
+    for r in range(take.size):
+        s = src_offsets[take[r]] * width
+        d = dst_offsets[dest[r]] * width
+        n = dst_offsets[dest[r] + 1] * width - d
+        dst[d : d + n] = src[s : s + n]
+
+
 def num_rows(rows: dict) -> int:
     return len(rows["example_id"])
 
@@ -309,8 +370,21 @@ def padded(col: Ragged, pad_value, dtype=torch.long) -> torch.Tensor:
     """A ragged column as a (rows, longest) tensor padded with pad_value."""
     lengths = col.lengths()
     width = int(lengths.max()) if len(lengths) else 0
+    if dtype == torch.long and col.values.ndim == 1 and col.values.dtype.kind in "iu":
+        out = np.full((len(lengths), width), pad_value, dtype=np.int64)
+        _pad_rows(col.values, col.offsets, out)
+        return torch.from_numpy(out)
     out = np.full((len(lengths), width) + col.values.shape[1:], pad_value, dtype=col.values.dtype)
     rows = np.repeat(np.arange(len(lengths)), lengths)
     cols = np.arange(len(col.values)) - np.repeat(col.offsets[:-1], lengths)
     out[rows, cols] = col.values
     return torch.from_numpy(out.astype(np.int64 if dtype == torch.long else out.dtype, copy=False)).to(dtype)
+
+
+@njit(cache=True, nogil=True)
+def _pad_rows(values, offsets, out):
+    """Row r's values into out[r, :length], widening to out's dtype as they are copied."""
+    for r in range(offsets.size - 1):
+        lo = offsets[r]
+        for i in range(offsets[r + 1] - lo):
+            out[r, i] = values[lo + i]

@@ -53,14 +53,14 @@ def train_student(
     vocab = load_vocab(vocab_dir)
     tables = remap_tables(opened, vocab)
     seed_everything(train.seed)
-    model = method_cls.build_student(vocab, student, init_from, init_teacher, opened)
+    model = method_cls.build_student(vocab, student, init_from, init_teacher, opened, options=dict(method_options or {}))
     impl = method_cls(dict(method_options or {}), vocab=vocab, total_steps=train.steps)
     impl.setup(model, opened)
     dataset = StreamingDataset(
         opened,
         StreamConfig(
             batch_size=batch_size, seed=train.seed, alpha=alpha, copies=copies,
-            columns=impl.columns, dense=impl.dense, world_size=world, rank=rank,
+            columns=impl.columns, dense=impl.dense, mix=impl.mix, world_size=world, rank=rank,
         ),
         remap_tables=tables,
         collate=impl.collate,

@@ -35,6 +35,9 @@ def available() -> list[str]:
 def _load_builtin() -> None:
     # Importing a method module registers it; new methods add one line here.
     from . import mergedistill, mlm  # noqa: F401
+    from . import mmkd  # noqa: F401
+    from . import multikd, xd  # noqa: F401
+    from . import tinybert  # noqa: F401
 
 
 __all__ = ["METHODS", "Method", "Need", "available", "get_method", "register"]

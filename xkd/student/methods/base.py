@@ -35,6 +35,7 @@ class Method:
     needs: tuple[Need, ...] = ()
     columns: tuple[str, ...] | None = None  # Parquet columns to read (None: all)
     dense: tuple[str, ...] = ()  # dense outputs to read
+    mix: str = "example"  # "example": languages mixed within a batch; "batch": one language per batch
 
     def __init__(self, options: dict, vocab=None, total_steps: int = 1):
         self.options = options
@@ -53,10 +54,12 @@ class Method:
                     )
 
     @classmethod
-    def build_student(cls, vocab, config, init_from: str | None, init_teacher: str | None, caches: list[Cache]):
+    def build_student(cls, vocab, config, init_from: str | None, init_teacher: str | None, caches: list[Cache],
+                      options: dict | None = None):
         """The student model this method trains. Default: a masked LM over the union vocab,
         random or initialised from a checkpoint through the union-vocab embedding rule.
-        Methods that train classifiers or multi-branch students override this."""
+        Methods that train classifiers or multi-branch students override this; `options` are
+        the method's options (the same dict its __init__ receives), e.g. xd's target."""
         from ..models import build_student
 
         if init_from:

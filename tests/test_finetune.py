@@ -1,0 +1,151 @@
+"""finetune-teacher and the labeled corpus it shares with cache-teachers: a tiny real BERT
+learns the bundled toy task, the result loads as a Hugging Face classifier with its labels,
+labels parse as names or ids, and bad input is one clear error with exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, VOCABS, build_tiny_bert
+from typer.testing import CliRunner
+
+from xkd.cli import app
+from xkd.errors import BadInput
+from xkd.finetune import read_labeled, split_held_out
+from xkd.names import parse_corpus
+from xkd.pipeline.corpus import Cleaning, plan_corpus
+
+TOY = ROOT / "xkd" / "data"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Two shared cores: one torch thread is ~10x faster here than two contending ones.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    return build_tiny_bert(tmp_path_factory.mktemp("base") / "tiny", VOCABS / "bert-base-uncased.vocab.txt",
+                           lowercase=True, kind="mlm", seed=5, hidden=64)
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def toy_lines(name):
+    return [line.split("\t") for line in (TOY / name).read_text(encoding="utf-8").splitlines()]
+
+
+def test_the_toy_task_is_three_balanced_topics_in_three_languages():
+    en, hi, fr = toy_lines("toy-en.tsv"), toy_lines("toy-hi.tsv"), toy_lines("toy-fr.tsv")
+    assert (len(en), len(hi), len(fr)) == (90, 60, 30)
+    for lines in (en, hi, fr):
+        labels = [label for _, label in lines]
+        assert {label: labels.count(label) for label in set(labels)} == {k: len(lines) // 3 for k in ("sports", "food", "weather")}
+    pairs = toy_lines("toy-en-hi.tsv")
+    # The parallel file pairs each Hindi sentence with the English one it translates.
+    en_of = {text: label for text, label in en}
+    assert [en_of[e] for e, _ in pairs] == [label for _, label in hi]
+    assert [h for _, h in pairs] == [text for text, _ in hi]
+
+
+def test_finetune_teacher_learns_the_toy_task_and_saves_a_loadable_classifier(tiny_base, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path / "clf"
+    r = invoke("finetune-teacher", "--base", tiny_base, "--data", f"{TOY}/toy-en.tsv@en", "--out", out,
+               "--epochs", 15, "--lr", 2e-3, "--batch-size", 8, "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["labels"] == ["food", "sports", "weather"]
+    assert (summary["train_examples"], summary["held_out_examples"]) == (72, 18)
+    assert summary["epoch_losses"][-1] < 0.3 * summary["epoch_losses"][0]
+    assert summary["accuracy"] > 0.4  # above chance (1/3) on sentences it never saw
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.id2label == {0: "food", 1: "sports", 2: "weather"}
+    assert model.config.label2id == {"food": 0, "sports": 1, "weather": 2}
+    lines = toy_lines("toy-en.tsv")
+    held = split_held_out(["en"] * len(lines), 0.2, 0)
+    with torch.no_grad():
+        enc = tokenizer([t for t, _ in lines], padding=True, return_tensors="pt")
+        predicted = model(**enc).logits.argmax(-1).numpy()
+    gold = np.array([model.config.label2id[label] for _, label in lines])
+    assert (predicted[~held] == gold[~held]).mean() > 0.9  # it fits its training set
+    assert (predicted[held] == gold[held]).mean() == pytest.approx(summary["accuracy"], abs=1e-4)
+    saved = json.loads((out / "finetune_summary.json").read_text())
+    assert saved["accuracy"] == summary["accuracy"]
+
+
+def test_labels_are_names_or_ids_and_several_files_share_one_class_list(tmp_path):
+    data = read_labeled([f"{TOY}/toy-en.tsv@en", f"{TOY}/toy-hi.tsv@hi"])
+    assert data.label_names == ["food", "sports", "weather"]
+    assert len(data.texts) == 150 and data.langs.count("hi") == 60
+    assert data.labels[:3] == [1, 0, 2] and data.labels[90:93] == [1, 0, 2]  # sports, food, weather
+    # A file missing a class still maps its names into the union of all files' classes.
+    partial = tmp_path / "partial.tsv"
+    partial.write_text("rain today\tweather\nfresh bread\tfood\n", encoding="utf-8")
+    both = read_labeled([f"{TOY}/toy-en.tsv@en", f"{partial}@en"])
+    assert both.labels[-2:] == [2, 0]
+    ids = tmp_path / "ids.tsv"
+    ids.write_text("a\t0\nb\t2\nc\t1\n", encoding="utf-8")
+    numbered = read_labeled([f"{ids}@en"])
+    assert numbered.label_names == ["0", "1", "2"] and numbered.labels == [0, 2, 1]
+    with pytest.raises(BadInput, match="by name but .* by id"):
+        read_labeled([f"{TOY}/toy-en.tsv@en", f"{ids}@en"])
+    held = split_held_out(["en"] * 10 + ["hi"] * 5, 0.2, seed=4)
+    assert held[:10].sum() == 2 and held[10:].sum() == 1
+    assert np.array_equal(held, split_held_out(["en"] * 10 + ["hi"] * 5, 0.2, seed=4))
+
+
+def test_a_labeled_corpus_caches_gold_class_ids_and_names_them_in_the_manifest(tmp_path):
+    plan = plan_corpus(parse_corpus(f"labeled:{TOY}/toy-hi.tsv@hi"), Cleaning(), shard_size=25)
+    examples = [ex for shard in plan.shards for ex in shard.examples()]
+    assert [s.size for s in plan.shards] == [25, 25, 10]
+    names = plan.to_json()["labels"]
+    assert names == ["food", "sports", "weather"] and plan.langs == ("hi",)
+    assert [(ex.texts[0], names[ex.label]) for ex in examples] == [tuple(x) for x in toy_lines("toy-hi.tsv")]
+    text_plan = plan_corpus(parse_corpus(f"text:{TOY}/sample.en-hi.tsv@en"), Cleaning(), shard_size=100)
+    assert "labels" not in text_plan.to_json()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("just text without a label\n", r"line 1: expected 2 tab-separated fields \(text<TAB>label\), found 1"),
+    ("good\tfood\nsoup\t\n", "line 2: the label .* is empty"),
+    ("good\tfood\nsoup\t0.5\n", "line 2: label '0.5' is a number but not a class id"),
+    ("good\t-1\n", "label '-1' is a number but not a class id"),
+    ("good\tfood\nsoup\t1\n", "mixes class ids .* and class names"),
+    ("good\tfood\nsoup\tfood\n", "one class only"),
+])
+def test_bad_labeled_files_are_one_clear_error_with_exit_code_2(tiny_base, tmp_path, content, message):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text(content, encoding="utf-8")
+    r = invoke("finetune-teacher", "--base", tiny_base, "--data", f"{bad}@en", "--out", tmp_path / "o")
+    assert r.exit_code == 2, r.output
+    assert "finetune-teacher: error:" in r.output and "Traceback" not in r.output
+    import re
+
+    assert re.search(message, r.output), r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_files_and_bad_options_are_exit_code_2(tiny_base, tmp_path):
+    r = invoke("finetune-teacher", "--base", tiny_base, "--data", f"{tmp_path}/nope.tsv@en", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "nope.tsv does not exist" in r.output
+    r = invoke("finetune-teacher", "--base", tiny_base, "--data", f"{TOY}/toy-en.tsv", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "must be PATH@LANG" in r.output
+    r = invoke("finetune-teacher", "--base", tmp_path / "no-model", "--data", f"{TOY}/toy-en.tsv@en", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "no-model" in r.output
+    r = invoke("finetune-teacher", "--base", tiny_base, "--data", f"{TOY}/toy-en.tsv@en", "--out", tmp_path / "o",
+               "--held-out", 1.5)
+    assert r.exit_code == 2 and "--held-out" in r.output
+    with pytest.raises(BadInput, match="labeled:.*missing.tsv.*does not exist"):
+        parse_corpus(f"labeled:{tmp_path}/missing.tsv@en")

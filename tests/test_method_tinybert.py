@@ -1,0 +1,288 @@
+"""tinybert: stage-1 loss from the cache == the same loss from the teacher run now, the
+paper's layer map, clear errors, the attention loss on tensors, and short train-student runs
+of both stages. Caches are made by the real pipeline (the stage-1 one through the documented
+cache-teachers invocation) from tiny 4-layer teachers; the students have 2 layers and a
+different width, so the learned projections are exercised."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import pytest
+import torch
+from conftest import PARALLEL, VOCABS, build_tiny_bert
+from typer.testing import CliRunner
+
+from xkd import load_vocab, open_cache
+from xkd.cli import app
+from xkd.errors import BadInput
+from xkd.pipeline import CacheTeachersOptions, cache_teachers
+from xkd.storage import Ragged
+from xkd.student.data import StreamConfig, StreamingDataset
+from xkd.student.methods import get_method
+from xkd.student.methods.tinybert import attention_mse, layer_map, unpack_attention
+from xkd.student.models import Student, StudentConfig
+from xkd.vocab import build_vocab
+
+TATOEBA = f"parallel:{PARALLEL}/tatoeba/tatoeba.hin-eng.eng@en,{PARALLEL}/tatoeba/tatoeba.hin-eng.hin@hi"
+STUDENT = StudentConfig(hidden=24, layers=2, heads=2, dropout=0.0)  # teacher: 4 layers, width 32
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(host="127.0.0.1", n_workers=1, threads_per_worker=1, processes=True,
+                           dashboard_address=None, silence_logs=logging.ERROR)
+    with Client(cluster) as c:
+        yield c
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def setup(client, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tinybert")
+    uncased = VOCABS / "bert-base-uncased.vocab.txt"
+    teacher = build_tiny_bert(root / "teacher", uncased, lowercase=True, layers=4, seed=21, init_range=1.0)
+    classifier = build_tiny_bert(root / "classifier", uncased, lowercase=True, kind="classifier", layers=4, seed=22)
+    # The documented stage-1 invocation (docs/methods.md), for a 4-layer teacher and a 2-layer student.
+    r = invoke("cache-teachers", "--teacher", teacher, "--corpus", TATOEBA, "--sides", "src", "--max-pairs", 12,
+               "--topk", 8, "--hidden-layers", "0,2,4", "--hidden-positions", "all", "--out", root / "stage1",
+               "--scheduler", client.scheduler.address)
+    assert r.exit_code == 0, r.output
+    [stage1] = [p for p in (root / "stage1").iterdir() if p.is_dir()]
+    stage2 = cache_teachers(CacheTeachersOptions(teachers=[str(classifier)], corpus=TATOEBA, out=str(root / "stage2"),
+                                                 sides="src", max_pairs=12, class_logits=True, hidden_layers=(0, 2, 4)),
+                            client=client, log=io.StringIO())["caches"][0]["path"]
+    # One union vocab serves both: the classifier shares the teacher's tokenizer.
+    build_vocab([str(teacher)], root / "vocab", {"en": str(teacher)})
+    return {"root": root, "teacher": teacher, "stage1": str(stage1), "stage2": stage2, "vocab": str(root / "vocab")}
+
+
+def prepared(setup, cache_key, **options):
+    vocab = load_vocab(setup["vocab"])
+    options = {k: str(v) for k, v in options.items()}
+    caches = [open_cache(setup[cache_key])]
+    method_cls = get_method("tinybert")
+    torch.manual_seed(0)
+    model = method_cls.build_student(vocab, STUDENT, None, None, caches, options).eval()
+    method = method_cls(options, vocab=vocab)
+    method.setup(model, caches)
+    ds = StreamingDataset(caches, StreamConfig(batch_size=5, columns=method.columns, dense=method.dense),
+                          remap_tables=[vocab.map_for(caches[0].manifest)], collate=method.collate)
+    batch = next(iter(ds))
+    batch.pop("loader_state")
+    return vocab, caches[0], method, Student(model), batch
+
+
+def test_the_documented_cache_holds_token_aligned_hidden_states(setup):
+    c = open_cache(setup["stage1"])
+    assert {n: (s.align, s.dim) for n, s in c.dense_specs.items()} == {f"hidden.{i}": ("token", 32) for i in (0, 2, 4)}
+    row = next(c.iter_examples())
+    assert c.topk_k == 8 and len(row["hidden.2"]) == len(row["input_ids"])
+
+
+def test_the_layer_map_is_the_papers():
+    assert layer_map("uniform", 4, 12) == {1: 3, 2: 6, 3: 9, 4: 12}
+    assert layer_map("uniform", 2, 4) == {1: 2, 2: 4}
+    assert layer_map("2:4,1:1", 2, 4) == {1: 1, 2: 4}
+    with pytest.raises(BadInput, match="out of range"):
+        layer_map("3:4", 2, 4)
+    with pytest.raises(BadInput, match="student:teacher pairs"):
+        layer_map("every third", 2, 4)
+
+
+def test_stage1_loss_from_the_cache_equals_the_teacher_run_online(setup):
+    from transformers import BertForMaskedLM
+
+    vocab, cache, method, student, batch = prepared(setup, "stage1")
+    assert method.map == {1: 2, 2: 4} and method.dense == ("hidden.0", "hidden.2", "hidden.4")
+    assert set(method.modules) == {"embedding_projection", "hidden_projection"}  # 24 -> 32
+    assert "attention distillation is off" in method.attention_note
+    with torch.no_grad():
+        parts = method.losses(batch, student, step=0)
+    table = torch.from_numpy(vocab.map_for(cache.manifest).astype(np.int64))
+    teacher = BertForMaskedLM.from_pretrained(setup["teacher"]).eval()
+    w_e, w_h = method.modules["embedding_projection"], method.modules["hidden_projection"]
+    pred, embedding, hidden, n_masked, n_tokens = 0.0, 0.0, 0.0, 0, 0
+    with torch.no_grad():
+        for i, example_id in enumerate(batch["example_id"].tolist()):
+            n = int(batch["attention_mask"][i].sum())
+            [row] = [r for r in cache.examples_by_id(example_id)
+                     if np.array_equal(table[r["input_ids"].astype(np.int64)].numpy(), batch["input_ids"][i, :n].numpy())]
+            ids = torch.from_numpy(row["input_ids"].astype(np.int64))[None]
+            t = teacher(input_ids=ids, output_hidden_states=True)
+            s = student(input_ids=batch["input_ids"][i:i + 1, :n], attention_mask=torch.ones(1, n, dtype=torch.long),
+                        masked_flat=torch.from_numpy(row["masked_positions"].astype(np.int64)), output_hidden_states=True)
+            values, top = t.logits[0, row["masked_positions"].astype(np.int64)].topk(8, dim=-1)
+            logp = torch.log_softmax(s.logits, -1)
+            pred -= float((torch.softmax(values, -1) * logp.gather(1, table[top])).sum())
+            n_masked += len(row["masked_positions"])
+            embedding += float(((w_e(s.hidden_states[0][0]) - t.hidden_states[0][0]) ** 2).sum())
+            hidden += sum(float(((w_h(s.hidden_states[m][0]) - t.hidden_states[g][0]) ** 2).sum()) for m, g in ((1, 2), (2, 4)))
+            n_tokens += n
+    assert n_masked > 0
+    assert float(parts["pred"]) == pytest.approx(pred / n_masked, rel=2e-3)
+    assert float(parts["embedding"]) == pytest.approx(embedding / (n_tokens * 32), rel=2e-3)
+    assert float(parts["hidden"]) == pytest.approx(hidden / (n_tokens * 32), rel=2e-3)
+    assert float(parts["loss"]) == pytest.approx(float(parts["pred"] + parts["embedding"] + parts["hidden"]), rel=1e-6)
+
+
+def test_weights_and_the_gold_mlm_term(setup):
+    _, _, method, student, batch = prepared(setup, "stage1", hidden_weight=0.5, embedding_weight=0, mlm_weight=1)
+    assert method.dense == ("hidden.2", "hidden.4")
+    with torch.no_grad():
+        parts = method.losses(batch, student, step=0)
+    assert set(parts) == {"loss", "pred", "hidden", "mlm"}
+    assert float(parts["loss"]) == pytest.approx(float(parts["pred"] + 0.5 * parts["hidden"] + parts["mlm"]), rel=1e-6)
+
+
+def test_a_missing_hidden_layer_names_the_cache_teachers_option(setup):
+    with pytest.raises(BadInput, match=r"--hidden-layers 0,1,3 --hidden-positions all"):
+        prepared(setup, "stage1", layer_map="1:1,2:3")
+    with pytest.raises(BadInput, match="not an option of tinybert"):
+        prepared(setup, "stage1", hidden_wieght=1)
+    with pytest.raises(BadInput, match="stage=3"):
+        prepared(setup, "stage1", stage=3)
+
+
+def test_attention_loss_on_cached_layout_equals_a_direct_computation():
+    """A teacher's attention packed as the cache would hold it (per query token: heads x
+    max_length, head-major, zero-padded keys) unpacks to its maps, and the loss is
+    1/h Σ_heads mean over real (query, key) pairs of the squared difference."""
+    torch.manual_seed(0)
+    heads, max_length, lengths = 2, 8, [5, 3]
+    width = max(lengths)
+    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+    teacher = torch.softmax(torch.randn(2, heads, width, width).masked_fill(mask[:, None, None] == 0, -1e9), -1)
+    student = torch.softmax(torch.randn(2, heads, width, width).masked_fill(mask[:, None, None] == 0, -1e9), -1)
+    rows = []
+    for b, n in enumerate(lengths):
+        packed = torch.zeros(n, heads, max_length)
+        packed[:, :, :n] = teacher[b, :, :n, :n].permute(1, 0, 2)
+        rows.append(packed.reshape(n, heads * max_length).numpy().astype(np.float16))
+    ragged = Ragged(np.concatenate(rows), np.array([0, lengths[0], sum(lengths)], dtype=np.int64))
+    unpacked = unpack_attention(ragged, width, heads, max_length)
+    for b, n in enumerate(lengths):
+        assert torch.allclose(unpacked[b, :, :n, :n], teacher[b, :, :n, :n], atol=1e-3)
+    squared = sum(float(((student[b, h, :n, :n] - teacher[b, h, :n, :n]) ** 2).sum())
+                  for b, n in enumerate(lengths) for h in range(heads))
+    direct = squared / (heads * sum(n * n for n in lengths))
+    assert float(attention_mse(student, unpacked, mask)) == pytest.approx(direct, rel=2e-3)
+    assert float(attention_mse(teacher, teacher, mask)) == 0.0
+
+
+def test_train_student_tinybert_stage1_saves_a_loadable_masked_lm(setup, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    r = invoke("train-student", "--method", "tinybert", "--caches", setup["stage1"], "--vocab", setup["vocab"],
+               "--out", tmp_path / "s1", "--steps", 3, "--batch-size", 4, "--hidden", 24, "--layers", 2, "--heads", 2,
+               "--log-every", 1, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert "hidden" in r.output and "embedding" in r.output
+    model = AutoModelForMaskedLM.from_pretrained(tmp_path / "s1")
+    assert model.config.num_hidden_layers == 2 and model.config.vocab_size == load_vocab(setup["vocab"]).size
+
+
+def test_train_student_tinybert_stage2_distils_class_logits(setup, tmp_path):
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    vocab, cache, method, student, batch = prepared(setup, "stage2", stage=2, temperature=2)
+    with torch.no_grad():
+        parts = method.losses(batch, student, step=0)
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    target = torch.softmax(batch["teacher_logits"] / 2, -1)
+    assert float(parts["pred"]) == pytest.approx(float(-(target * torch.log_softmax(logits / 2, -1)).sum(-1).mean()), rel=1e-5)
+    assert {"pred", "embedding", "hidden"} <= set(parts)
+    common = ("--vocab", setup["vocab"], "--batch-size", 4, "--hidden", 24, "--layers", 2, "--heads", 2, "--device", "cpu")
+    r = invoke("train-student", "--method", "tinybert", "--caches", setup["stage1"], "--out", tmp_path / "s1",
+               "--steps", 1, *common)
+    assert r.exit_code == 0, r.output
+    # Stage 2 starts from the stage-1 student: its union-vocab encoder under a new head.
+    start = get_method("tinybert").build_student(vocab, STUDENT, str(tmp_path / "s1"), None, [open_cache(setup["stage2"])],
+                                                 {"stage": "2"})
+    stage1 = AutoModelForMaskedLM.from_pretrained(tmp_path / "s1")
+    assert torch.equal(start.bert.encoder.layer[1].output.dense.weight, stage1.bert.encoder.layer[1].output.dense.weight)
+    assert torch.equal(start.bert.embeddings.word_embeddings.weight, stage1.bert.embeddings.word_embeddings.weight)
+    r = invoke("train-student", "--method", "tinybert", "--option", "stage=2", "--caches", setup["stage2"],
+               "--init-from", tmp_path / "s1", "--out", tmp_path / "s2", "--steps", 3, *common)
+    assert r.exit_code == 0, r.output
+    assert "pred" in r.output and "hidden" in r.output
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "s2")
+    assert model.config.num_labels == 3
+    r = invoke("train-student", "--method", "tinybert", "--option", "stage=2", "--caches", setup["stage1"],
+               "--vocab", setup["vocab"], "--out", tmp_path / "bad", "--steps", 1, "--batch-size", 4)
+    assert r.exit_code == 2 and "--class-logits" in r.output
+
+
+def attention_cache(setup, layers=(2, 4)) -> tuple[str, int]:
+    """The stage-1 cache plus `attn.<layer>` outputs in the layout docs/methods.md asks the
+    pipeline to store, computed now from the teacher on each row's input ids."""
+    from transformers import BertForMaskedLM
+
+    from xkd.storage import CacheWriter, DenseSpec, outputs_json, write_shard_files
+
+    source = open_cache(setup["stage1"])
+    max_length = source.manifest["view"]["max_length"]
+    teacher = BertForMaskedLM.from_pretrained(setup["teacher"], attn_implementation="eager").eval()
+    heads = teacher.config.num_attention_heads
+    examples = list(source.iter_examples())
+    specs = dict(source.dense_specs)
+    specs.update({f"attn.{g}": DenseSpec(f"attn.{g}", "token", heads * max_length) for g in layers})
+    dense = {name: np.concatenate([r[name] for r in examples]) for name in source.dense_specs}
+    packed = {g: [] for g in layers}
+    with torch.no_grad():
+        for r in examples:
+            n = len(r["input_ids"])
+            attentions = teacher(input_ids=torch.from_numpy(r["input_ids"].astype(np.int64))[None], output_attentions=True).attentions
+            for g in layers:
+                rows = torch.zeros(n, heads, max_length)
+                rows[:, :, :n] = attentions[g - 1][0].permute(1, 0, 2)
+                packed[g].append(rows.reshape(n, -1).half().numpy())
+    dense.update({f"attn.{g}": np.concatenate(packed[g]) for g in layers})
+    skip = set(source.dense_specs) | {"token_offset", "word_offset"}
+    columns = {name: [np.asarray(r[name]).reshape(-1) for r in examples] if isinstance(value, np.ndarray)
+               else np.array([r[name] for r in examples])
+               for name, value in examples[0].items() if name not in skip}
+    root = setup["root"] / "attention-cache"
+    meta = {k: source.manifest[k] for k in ("teacher", "corpus", "view")}
+    meta["outputs"] = outputs_json(8, specs, text=True)
+    with CacheWriter(root, "attention-test", meta, planned_shards=1) as writer:
+        writer.commit(write_shard_files(root, 0, columns, dense, specs, has_topk=True, has_text=True))
+        writer.finish()
+    return str(root), heads
+
+
+def test_attention_distillation_from_a_cache_holding_attention(setup):
+    """With attn.<layer> cached, the attention term is on, and equals the direct computation
+    from the teacher's attention run now and the student's, over the mapped layers."""
+    from transformers import BertForMaskedLM
+
+    setup["attention"], heads = attention_cache(setup)
+    vocab, cache, method, student, batch = prepared(setup, "attention")
+    assert method.use_attention and not method.attention_note
+    assert set(method.dense) == {"hidden.0", "hidden.2", "hidden.4", "attn.2", "attn.4"}
+    with torch.no_grad():
+        parts = method.losses(batch, student, step=0)
+    table = torch.from_numpy(vocab.map_for(cache.manifest).astype(np.int64))
+    teacher = BertForMaskedLM.from_pretrained(setup["teacher"], attn_implementation="eager").eval()
+    squared, pairs = 0.0, 0
+    with torch.no_grad():
+        for i, example_id in enumerate(batch["example_id"].tolist()):
+            n = int(batch["attention_mask"][i].sum())
+            [row] = [r for r in cache.examples_by_id(example_id)
+                     if np.array_equal(table[r["input_ids"].astype(np.int64)].numpy(), batch["input_ids"][i, :n].numpy())]
+            t = teacher(input_ids=torch.from_numpy(row["input_ids"].astype(np.int64))[None], output_attentions=True).attentions
+            s = student(input_ids=batch["input_ids"][i:i + 1, :n], attention_mask=torch.ones(1, n, dtype=torch.long),
+                        masked_flat=torch.zeros(0, dtype=torch.long), output_attentions=True).attentions
+            squared += sum(float(((s[m - 1][0] - t[g - 1][0]) ** 2).sum()) for m, g in ((1, 2), (2, 4)))
+            pairs += n * n
+    assert float(parts["attention"]) == pytest.approx(squared / (pairs * heads), rel=2e-3)
+    assert float(parts["loss"]) == pytest.approx(float(sum(parts[k] for k in ("pred", "embedding", "hidden", "attention"))),
+                                                 rel=1e-6)

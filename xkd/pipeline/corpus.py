@@ -1,0 +1,438 @@
+"""Corpus readers, cleaning and sharding (DESIGN.md, "Stage one", step 1).
+
+A corpus is read as a sequence of records in file order. Record i has position i (its
+0-based line number, or its row index in a `datasets` dataset), and its example id IS that
+position: stable across runs, cleaning options and teachers, so caches of one corpus made by
+different teachers join on it.
+
+Planning reads the whole corpus once, lazily (one record at a time), to fingerprint it,
+apply the cleaning rules, count what is skipped and why, and remember where each shard
+starts (a byte offset per file). A shard task then seeks straight to its start and reads only
+its own records, so no process ever holds the corpus, and shard i always holds the same
+examples whichever worker reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import BadInput
+from ..names import CorpusSpec
+from ..storage.shard import sha256_file
+
+SAMPLE_FILE = "sample.en-hi.tsv"
+SAMPLE_LANGS = ("en", "hi")
+
+# Why a record was not used; each is counted in the plan and the run's summary.
+SKIP_REASONS = ("empty", "invalid_utf8", "malformed", "length", "cap")
+_HF_CHUNK = 1000
+
+
+@dataclass(frozen=True)
+class Cleaning:
+    """Which records become examples. Lengths count whitespace-separated tokens on every side
+    of a record, so the same examples survive whatever the teacher's tokenizer (MMKD keeps
+    pairs of 10-128 tokens: min_tokens=10, max_tokens=128). max_pairs caps the examples of the
+    corpus (one language pair per corpus): the first max_pairs kept records are used."""
+
+    min_tokens: int = 0
+    max_tokens: int = 0  # 0: no upper bound
+    max_pairs: int = 0  # 0: no cap
+    skip_bad_lines: bool = False  # invalid UTF-8 / malformed TSV lines: skip and count, or fail
+
+    def __post_init__(self):
+        for name in ("min_tokens", "max_tokens", "max_pairs"):
+            if getattr(self, name) < 0:
+                raise BadInput(f"--{name.replace('_', '-')} must be >= 0, not {getattr(self, name)}.")
+        if self.max_tokens and self.min_tokens > self.max_tokens:
+            raise BadInput(f"--min-tokens {self.min_tokens} is above --max-tokens {self.max_tokens}: nothing would be kept.")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Example:
+    example_id: int
+    texts: tuple[str, ...]  # (text,) for monolingual corpora, (src, tgt) for parallel ones
+    label: int = -1
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a record starts: its position, and its byte offset in each file (files only)."""
+
+    position: int = 0
+    offsets: tuple[int, ...] = ()
+
+
+@dataclass
+class Record:
+    position: int
+    cursor: Cursor
+    texts: tuple[str, ...] | None
+    reason: str = ""  # a SKIP_REASONS entry found while reading ("" if readable)
+    detail: str = ""  # for the error message when bad lines are not skipped
+    label: int = -1
+
+
+# Sources -------------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """A readable corpus: files (text, labeled, parallel, tsv, sample) or a `datasets` dataset.
+    Picklable and small: shard tasks receive it and open the files themselves."""
+
+    kind: str
+    langs: tuple[str, ...]
+    paths: tuple[str, ...] = ()
+    dataset: str = ""
+    config: str = ""
+    split: str = "train"
+    spec: str = ""
+    label_names: tuple[str, ...] = ()  # labeled files with class names: class id i is label_names[i]
+
+    @property
+    def parallel(self) -> bool:
+        return len(self.langs) == 2
+
+    def fingerprint(self) -> str:
+        """sha256 of the files' bytes (names and places do not count), or the dataset's own
+        fingerprint (the `datasets` library's hash of its data and processing)."""
+        h = hashlib.sha256(f"{self.kind}\0".encode())
+        if self.kind == "hf":
+            h.update(f"{self._dataset._fingerprint}\0{self.split}".encode())
+            return h.hexdigest()
+        for path in self.paths:
+            h.update(sha256_file(Path(path)).encode() + b"\0")
+        return h.hexdigest()
+
+    def records(self, start: Cursor = Cursor()) -> Iterator[Record]:
+        if self.kind == "hf":
+            return self._hf_records(start)
+        return self._file_records(start)
+
+    # Files ------------------------------------------------------------------------------
+    def _file_records(self, start: Cursor) -> Iterator[Record]:
+        split_tab = self.kind in ("tsv", "sample", "labeled")
+        offsets = list(start.offsets or (0,) * len(self.paths))
+        files = [open(p, "rb", buffering=1 << 20) for p in self.paths]
+        try:
+            for f, off in zip(files, offsets):
+                f.seek(off)
+            position = start.position
+            while True:
+                lines = [f.readline() for f in files]
+                ended = [not line for line in lines]
+                if all(ended):
+                    return
+                if any(ended):
+                    short, long_ = (0, 1) if ended[0] else (1, 0)
+                    raise BadInput(
+                        f"parallel corpus {self.spec!r}: {self.paths[short]} has {position} lines but "
+                        f"{self.paths[long_]} has more (line {position + 1} has no partner). The two files "
+                        "must be line-aligned: line i of one is the translation of line i of the other."
+                    )
+                cursor = Cursor(position, tuple(offsets))
+                for i, line in enumerate(lines):
+                    offsets[i] += len(line)
+                yield self._decode(position, cursor, lines, split_tab)
+                position += 1
+        finally:
+            for f in files:
+                f.close()
+
+    def _decode(self, position: int, cursor: Cursor, lines: list[bytes], split_tab: bool) -> Record:
+        texts = []
+        for path, raw in zip(self.paths, lines):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                detail = (
+                    f"{path}, line {position + 1}: not valid UTF-8 (byte {e.start} of the line is "
+                    f"0x{raw[e.start]:02x})"
+                )
+                return Record(position, cursor, None, "invalid_utf8", detail)
+            if position == 0:
+                text = text.removeprefix("\ufeff")
+            texts.append(text.rstrip("\r\n"))
+        if split_tab:
+            fields = texts[0].split("\t")
+            if len(fields) != 2:
+                what = "text<TAB>label" if self.kind == "labeled" else "source<TAB>target"
+                detail = (
+                    f"{self.paths[0]}, line {position + 1}: expected 2 tab-separated fields "
+                    f"({what}), found {len(fields)}"
+                )
+                return Record(position, cursor, None, "malformed", detail)
+            if self.kind == "labeled":
+                label = class_id(fields[1].strip(), self.label_names, f"{self.paths[0]}, line {position + 1}")
+                return Record(position, cursor, (fields[0].strip(),), label=label)
+            texts = fields
+        return Record(position, cursor, tuple(t.strip() for t in texts))
+
+    # datasets ---------------------------------------------------------------------------
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for cached in ("_dataset", "_columns"):
+            state.pop(cached, None)  # workers re-open the dataset (memory-mapped, cheap)
+        return state
+
+    @cached_property
+    def _dataset(self):
+        return load_hf_dataset(self.dataset, self.config, self.split, self.spec)
+
+    @cached_property
+    def _columns(self) -> tuple[str, tuple[str, ...]]:
+        """('translation', langs) | ('columns', names) | ('text', ('text',))."""
+        ds = self._dataset
+        names = ds.column_names
+        if "translation" in names:
+            first = ds[0]["translation"] if len(ds) else {}
+            langs = self.langs or tuple(first)
+            if len(langs) != 2 or any(lang not in first for lang in langs):
+                raise BadInput(
+                    f"--corpus {self.spec!r}: its 'translation' column holds languages {sorted(first)}; "
+                    "name the pair in the spec, e.g. hf:DATASET:en-hi."
+                )
+            return "translation", langs
+        if self.langs and len(self.langs) == 2 and all(lang in names for lang in self.langs):
+            return "columns", self.langs
+        if "text" in names:
+            return "text", ("text",)
+        raise BadInput(
+            f"--corpus {self.spec!r}: the dataset's columns are {names}; xkd reads a 'translation' "
+            "column ({lang: text}), two columns named by the languages of the spec, or a 'text' column."
+        )
+
+    def resolve_hf_langs(self) -> tuple[str, ...]:
+        mode, langs = self._columns
+        if mode == "text":
+            return self.langs[:1] or (self.config if self.config.isalpha() and len(self.config) <= 3 else "und",)
+        return tuple(langs)
+
+    def _hf_records(self, start: Cursor) -> Iterator[Record]:
+        ds = self._dataset
+        mode, cols = self._columns
+        has_label = "label" in ds.column_names
+        for chunk_start in range(start.position, len(ds), _HF_CHUNK):
+            batch = ds[chunk_start : chunk_start + _HF_CHUNK]
+            n = len(next(iter(batch.values())))
+            for j in range(n):
+                position = chunk_start + j
+                if mode == "translation":
+                    pair = batch["translation"][j] or {}
+                    texts = tuple((pair.get(lang) or "").strip() for lang in cols)
+                else:
+                    texts = tuple((batch[c][j] or "").strip() for c in cols)
+                label = batch["label"][j] if has_label else -1
+                yield Record(position, Cursor(position), texts, label=-1 if label is None else int(label))
+
+
+def load_hf_dataset(dataset: str, config: str, split: str, spec: str):
+    """A local file (json, jsonl, csv, parquet), a directory written by save_to_disk, or a hub
+    dataset (online, or already in the datasets cache)."""
+    import datasets
+
+    path = Path(dataset).expanduser()
+    try:
+        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise BadInput(f"--corpus {spec!r}: no split {split!r}; it has {sorted(ds)} (use --split).")
+                ds = ds[split]
+            return ds
+        if path.is_file():
+            builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(path.suffix.lstrip("."))
+            if builder is None:
+                raise BadInput(f"--corpus {spec!r}: {path} is not a .json, .jsonl, .csv or .parquet file.")
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        return datasets.load_dataset(dataset, config or None, split=split)
+    except BadInput:
+        raise
+    except Exception as e:  # the datasets library raises many types; all mean "cannot load"
+        raise BadInput(f"--corpus {spec!r}: the dataset cannot be loaded ({type(e).__name__}: {e}).") from None
+
+
+# Labeled files -------------------------------------------------------------------------
+
+
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
+def check_label(label: str, where: str) -> str:
+    """A label as written in a labeled file: a class name, or a class id (an integer >= 0)."""
+    if not label:
+        raise BadInput(f"{where}: the label (after the tab) is empty. Each line is text<TAB>label, the label "
+                       "a class name (e.g. sports) or a class id (0, 1, ...).")
+    if label.isdigit():
+        return str(int(label))
+    if _NUMBER.fullmatch(label):
+        raise BadInput(f"{where}: label {label!r} is a number but not a class id (an integer >= 0). Labels are "
+                       "class names (e.g. sports) or class ids 0, 1, ...; regression targets are not supported.")
+    return label
+
+
+def label_names_of(path: str, spec: str) -> tuple[str, ...]:
+    """The class names of a labeled file, sorted: class id i is names[i]. Empty when the
+    labels are class ids already. One streaming pass; lines the reader will reject (bad UTF-8,
+    no tab) are left to it, so its message names them."""
+    names: set[str] = set()
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                fields = raw.decode("utf-8").rstrip("\r\n").split("\t")
+            except UnicodeDecodeError:
+                continue
+            if len(fields) == 2:
+                names.add(check_label(fields[1].strip(), f"{path}, line {number}"))
+    ids = {n for n in names if n.isdigit()}
+    if ids and ids != names:
+        raise BadInput(
+            f"--corpus {spec!r}: {path} mixes class ids ({', '.join(sorted(ids, key=int)[:3])}) and class names "
+            f"({', '.join(sorted(names - ids)[:3])}) as labels. Use one kind: names (sports, food, ...; class id = "
+            "position in sorted order) or ids 0, 1, ...."
+        )
+    return () if ids else tuple(sorted(names))
+
+
+def class_id(label: str, label_names: tuple[str, ...], where: str) -> int:
+    label = check_label(label, where)
+    if not label_names:
+        return int(label)
+    try:
+        return label_names.index(label)
+    except ValueError:
+        raise BadInput(f"{where}: label {label!r} was not in the file when it was planned "
+                       f"({', '.join(label_names)}); the file changed. Re-run the command.") from None
+
+
+def source_for(spec: CorpusSpec, split: str = "train") -> Source:
+    if spec.kind == "sample":
+        path = resources.files("xkd") / "data" / SAMPLE_FILE
+        return Source("sample", SAMPLE_LANGS, (str(path),), spec=spec.spec)
+    if spec.kind == "hf":
+        source = Source("hf", spec.langs, dataset=spec.dataset, config=spec.config, split=split, spec=spec.spec)
+        source.langs = source.resolve_hf_langs()
+        return source
+    if spec.kind == "labeled":
+        return Source("labeled", spec.langs, spec.paths, spec=spec.spec,
+                      label_names=label_names_of(spec.paths[0], spec.spec))
+    return Source(spec.kind, spec.langs, spec.paths, spec=spec.spec)
+
+
+# Cleaning, planning, shard reading ------------------------------------------------------
+
+
+def judge(record: Record, cleaning: Cleaning) -> str:
+    """'' to keep the record, else the reason it is skipped. Bad lines raise unless skipped."""
+    if record.reason:
+        if not cleaning.skip_bad_lines:
+            raise BadInput(
+                f"{record.detail}. Fix the file, or pass --skip-bad-lines to skip such lines (they are "
+                "counted in the summary)."
+            )
+        return record.reason
+    if any(not t for t in record.texts):
+        return "empty"
+    if cleaning.min_tokens or cleaning.max_tokens:
+        for text in record.texts:
+            n = len(text.split())
+            if n < cleaning.min_tokens or (cleaning.max_tokens and n > cleaning.max_tokens):
+                return "length"
+    return ""
+
+
+@dataclass(frozen=True)
+class ShardSlice:
+    """What a shard task needs to read its examples: where they start and how many."""
+
+    shard_id: int
+    source: Source
+    cleaning: Cleaning
+    start: Cursor
+    size: int
+
+    def examples(self) -> list[Example]:
+        out = []
+        for record in self.source.records(self.start):
+            if len(out) == self.size:
+                break
+            if not judge(record, self.cleaning):
+                out.append(Example(record.position, record.texts, record.label))
+        if len(out) != self.size:
+            raise BadInput(
+                f"corpus {self.source.spec!r} changed while it was being cached: shard {self.shard_id} "
+                f"should hold {self.size} examples but only {len(out)} were read. Re-run the command."
+            )
+        return out
+
+
+@dataclass
+class CorpusPlan:
+    source: Source
+    cleaning: Cleaning
+    shard_size: int
+    fingerprint: str
+    examples: int
+    records: int
+    skipped: dict[str, int]
+    shards: list[ShardSlice] = field(default_factory=list)
+
+    @property
+    def langs(self) -> tuple[str, ...]:
+        return self.source.langs
+
+    def to_json(self) -> dict:
+        """The manifest's corpus block (identity and what was kept)."""
+        return {
+            "spec": self.source.spec,
+            "kind": self.source.kind,
+            "langs": list(self.langs),
+            "split": self.source.split if self.source.kind == "hf" else None,
+            "fingerprint": self.fingerprint,
+            "records": self.records,
+            "examples": self.examples,
+            "skipped": dict(self.skipped),
+            **({"labels": list(self.source.label_names)} if self.source.kind == "labeled" else {}),
+        }
+
+
+def plan_corpus(spec: CorpusSpec, cleaning: Cleaning, shard_size: int, split: str = "train") -> CorpusPlan:
+    """One lazy pass: fingerprint, clean, count, and cut into shards of `shard_size` examples."""
+    if shard_size < 1:
+        raise BadInput(f"--shard-size must be at least 1, not {shard_size}.")
+    source = source_for(spec, split)
+    fingerprint = source.fingerprint()
+    skipped = {reason: 0 for reason in SKIP_REASONS}
+    starts: list[Cursor] = []
+    kept = records = 0
+    for record in source.records():
+        records += 1
+        reason = judge(record, cleaning)
+        if not reason and cleaning.max_pairs and kept >= cleaning.max_pairs:
+            reason = "cap"
+        if reason:
+            skipped[reason] += 1
+            continue
+        if kept % shard_size == 0:
+            starts.append(record.cursor)
+        kept += 1
+    if kept == 0:
+        where = ", ".join(source.paths) or f"dataset {source.dataset}"
+        counts = ", ".join(f"{n} {r}" for r, n in skipped.items() if n) or "it has no lines"
+        raise BadInput(
+            f"corpus {spec.spec!r} ({where}) yields no examples: {records} records read ({counts}). "
+            "Check the files, or loosen --min-tokens/--max-tokens."
+        )
+    sizes = [min(shard_size, kept - i * shard_size) for i in range(len(starts))]
+    shards = [ShardSlice(i, source, cleaning, start, size) for i, (start, size) in enumerate(zip(starts, sizes))]
+    return CorpusPlan(source, cleaning, shard_size, fingerprint, kept, records, skipped, shards)

@@ -1,0 +1,418 @@
+"""`xkd cache-teachers`: plan, then run one dask task per (teacher, shard), commit as they finish.
+
+The client (this process) validates everything first (teachers resolve and can produce what
+is asked, the corpus reads cleanly), so bad input fails before any work starts. It then opens
+one CacheWriter per teacher (the single manifest owner; it holds the cache's lock), submits
+the shards the manifest does not list as done, and commits each record as its task finishes.
+Workers read their own slice of the corpus and load each teacher once per process.
+
+Cache directory: OUT/<teacher slug>-<key>, where key = cache_key(teacher identity, corpus
+identity, view). The same command therefore finds and resumes its cache, and any setting
+that changes the bytes gives another directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+import uuid
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from ..errors import BadInput, XkdError
+from ..names import parse_corpus, resolve_teacher
+from ..storage import CacheWriter, cache_key, outputs_json
+from .corpus import Cleaning, CorpusPlan, plan_corpus
+from .masking import MaskConfig
+from .teachers import HIDDEN_POSITIONS, SENTENCE_VECTORS, Outputs, TeacherSpec, describe_teacher, resolve_compute
+from .work import ShardTask, View, process_shard
+
+DEFAULT_TOPK = 8
+DEFAULT_MASK_PROB = 0.15
+TASK_RETRIES = 2
+
+
+@dataclass
+class CacheTeachersOptions:
+    """The command's options. None means "by teacher kind": masked LMs get top-k (k=8) and
+    15% masking; encoders get [CLS] and pooled vectors and no masking; classifiers get class
+    logits and no masking."""
+
+    teachers: list[str]
+    corpus: str
+    out: str = "caches"
+    corpus_files: str | None = None
+    split: str = "train"
+    topk: int | None = None
+    mask_prob: float | None = None
+    whole_word: bool = False
+    mask_epochs: int = 1
+    seed: int = 0
+    max_length: int = 128
+    hidden_layers: tuple[int, ...] = ()
+    hidden_positions: str = "all"
+    sentence: tuple[str, ...] | None = None
+    class_logits: bool | None = None
+    sides: str = "both"
+    text: bool = True
+    min_tokens: int = 0
+    max_tokens: int = 0
+    max_pairs: int = 0
+    skip_bad_lines: bool = False
+    shard_size: int = 2048
+    token_budget: int = 16384
+    dtype: str = "auto"
+    scheduler: str = "local"
+    workers: int | None = None
+    cpu_threads: int | None = None  # torch threads per worker on CPU (None: cores / local workers)
+
+
+@dataclass
+class Job:
+    """One teacher's cache in this run."""
+
+    teacher: TeacherSpec
+    view: View
+    root: Path
+    key: str
+    meta: dict
+    writer: CacheWriter | None = None
+    todo: list[int] | None = None
+
+
+def teacher_slug(name: str) -> str:
+    base = Path(name).name if name.startswith((".", "/", "~")) or Path(name).exists() else name.replace("/", "--")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.") or "teacher"
+
+
+def parse_list(value: str | None, option: str, allowed=None, cast=str) -> tuple:
+    if value is None or value == "":
+        return ()
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    try:
+        items = [cast(v) for v in items]
+    except ValueError:
+        raise BadInput(f"{option} {value!r}: give a comma-separated list, e.g. {option} 0,6,12.") from None
+    if allowed is not None and (bad := [v for v in items if v not in allowed]):
+        raise BadInput(f"{option}: {bad} not allowed; choose from {', '.join(allowed)}.")
+    return tuple(dict.fromkeys(items))
+
+
+def outputs_for(spec: TeacherSpec, opts: CacheTeachersOptions) -> Outputs:
+    topk = DEFAULT_TOPK if opts.topk is None and spec.kind == "mlm" else (opts.topk or 0)
+    if topk < 0:
+        raise BadInput(f"--topk must be >= 0, not {topk}.")
+    sentence = opts.sentence if opts.sentence is not None else (SENTENCE_VECTORS if spec.kind == "encoder" else ())
+    class_logits = opts.class_logits if opts.class_logits is not None else spec.kind == "classifier"
+    if opts.hidden_positions not in HIDDEN_POSITIONS:
+        raise BadInput(f"--hidden-positions must be one of {', '.join(HIDDEN_POSITIONS)}, not {opts.hidden_positions!r}.")
+    outputs = Outputs(topk, tuple(sorted(opts.hidden_layers)), opts.hidden_positions, tuple(sentence), class_logits)
+    spec.check_outputs(outputs, opts.max_length)
+    return outputs
+
+
+def mask_for(spec: TeacherSpec, opts: CacheTeachersOptions) -> MaskConfig:
+    prob = opts.mask_prob if opts.mask_prob is not None else (DEFAULT_MASK_PROB if spec.kind == "mlm" else 0.0)
+    if prob > 0 and spec.special_ids.get("mask") is None:
+        raise BadInput(f"teacher {spec.name!r} has no mask token; give --mask-prob 0 for it.")
+    config = MaskConfig(prob, opts.whole_word, opts.mask_epochs, opts.seed)
+    if not config.active and config.epochs > 1:
+        raise BadInput(f"--mask-epochs {config.epochs} needs masking: without it every epoch would be the same row.")
+    return config
+
+
+def plan_job(spec: TeacherSpec, plan: CorpusPlan, opts: CacheTeachersOptions, compute_dtype: str) -> Job:
+    outputs = outputs_for(spec, opts)
+    view = View(opts.max_length, mask_for(spec, opts), opts.sides, outputs, opts.text, compute_dtype)
+    parallel = plan.source.parallel
+    view_json = {**view.to_json(parallel), "cleaning": plan.cleaning.to_json(), "shard_size": plan.shard_size}
+    corpus_identity = {"fingerprint": plan.fingerprint, "langs": list(plan.langs), "split": plan.to_json()["split"]}
+    key = cache_key(spec.identity(), corpus_identity, view_json)
+    dense = outputs.dense_specs(spec.hidden_size, spec.num_labels)
+    meta = {
+        "teacher": spec.to_json(),
+        "corpus": {**plan.to_json(), "paths": list(plan.source.paths)},
+        "view": view_json,
+        "outputs": outputs_json(outputs.topk or None, dense, text=opts.text),
+    }
+    root = Path(opts.out) / f"{teacher_slug(spec.name)}-{key}"
+    return Job(spec, view, root, key, meta)
+
+
+# The cluster -----------------------------------------------------------------------------
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class Cluster:
+    """A dask client: a LocalCluster we start (and stop), or an existing scheduler."""
+
+    def __init__(self, scheduler: str, workers: int | None, client=None, cpu_threads: int | None = None):
+        self.client = client
+        self.cpu_threads = cpu_threads
+        self.own_client = client is None
+        self.cluster = None
+        self.scheduler = scheduler
+        self.workers = workers
+        self.local = client is None and scheduler == "local"
+
+    def device_type(self) -> str:
+        if self.local:
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        return "cuda" if any("GPU" in (w.get("resources") or {}) for w in info.values()) else "cpu"
+
+    def connect(self) -> None:
+        """An existing scheduler is reached first (to learn its devices); a local cluster is
+        started only once there is work."""
+        if self.client is not None or self.local:
+            return
+        from distributed import Client
+
+        try:
+            self.client = Client(self.scheduler, timeout=15)
+        except (OSError, TimeoutError) as e:
+            raise BadInput(f"--scheduler {self.scheduler}: no dask scheduler answers there ({e}).") from None
+        try:
+            self.client.wait_for_workers(1, timeout=60)
+        except TimeoutError:
+            raise XkdError(f"--scheduler {self.scheduler}: the scheduler has no workers (waited 60 s).") from None
+
+    def start(self, device_type: str) -> None:
+        if self.client is not None:
+            return
+        from distributed import Client, LocalCluster
+
+        gpus = 0
+        if device_type == "cuda":
+            import torch
+
+            gpus = torch.cuda.device_count()
+        n = self.workers or max(gpus, 1)
+        if n < 1:
+            raise BadInput(f"--workers must be at least 1, not {n}.")
+        self.cluster = LocalCluster(
+            host="127.0.0.1", n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+            silence_logs=logging.ERROR, resources={"GPU": 1} if gpus else None,
+            # No dashboard, and the scheduler's HTTP endpoint on a free port: 8787 may be taken.
+            scheduler_kwargs={"dashboard_address": ":0"},
+        )
+        self.client = Client(self.cluster)
+
+    def torch_threads(self) -> int | None:
+        """Torch threads per worker: dask starts workers with OMP_NUM_THREADS=1, which would
+        leave a CPU teacher on one core. A local cluster shares the cores among its workers;
+        on other clusters only an explicit --cpu-threads changes the workers' setting."""
+        if self.cpu_threads:
+            return self.cpu_threads
+        if not self.local:
+            return None
+        return max(1, usable_cpus() // (self.workers or 1))
+
+    def close(self) -> None:
+        if self.own_client and self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None
+
+
+def run_on_worker(task: ShardTask, local_gpus: bool) -> dict:
+    """The dask task: on a local GPU cluster, worker i uses GPU i (worker names are 0..n-1 and
+    survive a restart by the nanny)."""
+    if local_gpus:
+        from distributed import get_worker
+
+        os.environ["XKD_CUDA_DEVICE"] = str(int(get_worker().name))
+    return process_shard(task)
+
+
+# Progress ------------------------------------------------------------------------------
+
+
+class Progress:
+    def __init__(self, log: TextIO, shards: int, examples: int, every_s: float = 1.0):
+        self.log, self.shards, self.examples, self.every_s = log, shards, examples, every_s
+        self.done_shards = self.done_examples = self.tokens = 0
+        self.start = time.perf_counter()
+        self.last = 0.0
+
+    def update(self, examples: int, tokens: int) -> None:
+        self.done_shards += 1
+        self.done_examples += examples
+        self.tokens += tokens
+        now = time.perf_counter()
+        if now - self.last >= self.every_s or self.done_shards == self.shards:
+            self.last = now
+            self.log.write(self.line(now) + "\n")
+            self.log.flush()
+
+    def line(self, now: float) -> str:
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done_examples / elapsed
+        left = (self.examples - self.done_examples) / rate if rate else float("nan")
+        eta = time.strftime("%H:%M:%S", time.gmtime(left)) if left == left else "?"
+        return (
+            f"cache-teachers: shards {self.done_shards}/{self.shards}  examples {self.done_examples:,}/"
+            f"{self.examples:,}  {self.tokens / elapsed:,.0f} tokens/s  ETA {eta}"
+        )
+
+
+# The command -----------------------------------------------------------------------------
+
+
+def cache_teachers(opts: CacheTeachersOptions, client=None, log: TextIO | None = None) -> dict:
+    """Cache every teacher's outputs over the corpus; returns what was written (the --json
+    object). `client`: an existing dask Client to run on (else opts.scheduler decides).
+    Progress goes to `log` (default: stderr)."""
+    log = log or sys.stderr
+    t_start = time.perf_counter()
+    if not opts.teachers:
+        raise BadInput("give at least one --teacher (an alias, a model id or a model directory).")
+    corpus_spec = parse_corpus(opts.corpus, opts.corpus_files)
+    cleaning = Cleaning(opts.min_tokens, opts.max_tokens, opts.max_pairs, opts.skip_bad_lines)
+    specs = [describe_teacher(resolve_teacher(name)) for name in dict.fromkeys(opts.teachers)]
+    cluster = Cluster(opts.scheduler, opts.workers, client, opts.cpu_threads)
+    try:
+        cluster.connect()
+        device_type = cluster.device_type()
+        compute_dtype = resolve_compute(opts.dtype, device_type)
+        for spec in specs:  # refuse impossible outputs before reading the corpus
+            outputs_for(spec, opts)
+            mask_for(spec, opts)
+        log.write(f"cache-teachers: reading corpus {opts.corpus!r} ...\n")
+        plan = plan_corpus(corpus_spec, cleaning, opts.shard_size, opts.split)
+        skipped = ", ".join(f"{n:,} {r}" for r, n in plan.skipped.items() if n) or "none"
+        log.write(f"cache-teachers: {plan.examples:,} examples in {len(plan.shards)} shards (skipped: {skipped})\n")
+        jobs = [plan_job(spec, plan, opts, compute_dtype) for spec in specs]
+        with ExitStack() as stack:
+            for job in jobs:
+                job.writer = stack.enter_context(CacheWriter(job.root, job.key, job.meta, len(plan.shards)))
+                for shard_id, problems in sorted(job.writer.damaged.items()):
+                    log.write(f"cache-teachers: {job.root}: shard {shard_id} is damaged ({'; '.join(problems)}); rewriting it\n")
+                done = job.writer.done_shards()
+                job.todo = [s.shard_id for s in plan.shards if s.shard_id not in done]
+                if len(done):
+                    log.write(f"cache-teachers: {job.root}: resuming, {len(done)} of {len(plan.shards)} shards already done\n")
+            if any(job.todo for job in jobs):
+                cluster.start(device_type)
+                failures = run_tasks(cluster, jobs, plan, opts, device_type, log)
+                if failures:
+                    raise failures
+            for job in jobs:
+                job.writer.finish()
+    finally:
+        cluster.close()
+    return summarize(jobs, plan, time.perf_counter() - t_start)
+
+
+def run_tasks(cluster: Cluster, jobs: list[Job], plan: CorpusPlan, opts, device_type: str, log) -> XkdError | None:
+    """Submit every shard still to do; commit each as it finishes. Returns the error to raise
+    if some shards failed (after committing all that succeeded)."""
+    from distributed import as_completed
+
+    client = cluster.client
+    run_id = uuid.uuid4().hex[:8]
+    local_gpus = cluster.local and device_type == "cuda"
+    origin, tasks, every_future = {}, {}, []
+
+    def submit(job: Job, shard_id: int, attempt: int = 0):
+        task = tasks.setdefault((job.key, shard_id), ShardTask(
+            str(job.root), job.teacher, job.view, plan.shards[shard_id], device_type, opts.token_budget,
+            cluster.torch_threads()))
+        future = client.submit(
+            run_on_worker, task, local_gpus, key=f"xkd-{job.key}-{shard_id:05d}-{run_id}-{attempt}", pure=False,
+            retries=TASK_RETRIES, priority=len(jobs) - jobs.index(job),  # one teacher at a time, mostly
+            resources={"GPU": 1} if device_type == "cuda" else None,
+        )
+        origin[future.key] = (job, shard_id, attempt)
+        every_future.append(future)
+        return future
+
+    submitted = [submit(job, shard_id) for job in jobs for shard_id in job.todo]
+    progress = Progress(log, len(submitted), sum(plan.shards[s].size for job in jobs for s in job.todo))
+    failed = []
+    pending = as_completed(submitted)
+    try:
+        for future in pending:
+            job, shard_id, attempt = origin[future.key]
+            error = future.exception() if future.status == "error" else None
+            if error is None:
+                try:
+                    result = future.result()
+                except Exception as e:  # the result was lost with its worker before we fetched it
+                    error = e
+                else:
+                    job.writer.commit(result["record"])
+                    progress.update(result["examples"], result["record"]["tokens"])
+                    continue
+                # The shard's files are a pure function of the task: running it again is safe.
+                if attempt < TASK_RETRIES:
+                    pending.add(submit(job, shard_id, attempt + 1))
+                    continue
+            failed.append((job, shard_id, error))
+    except KeyboardInterrupt:
+        client.cancel(every_future)
+        raise
+    if not failed:
+        return None
+    job, shard_id, error = failed[0]
+    cls = BadInput if isinstance(error, BadInput) else XkdError
+    what = str(error) if isinstance(error, XkdError) else f"{type(error).__name__}: {error}"
+    return cls(
+        f"{len(failed)} shard(s) failed; finished shards are kept and re-running the command resumes. "
+        f"First failure: teacher {job.teacher.name!r}, shard {shard_id}: {what}"
+    )
+
+
+def summarize(jobs: list[Job], plan: CorpusPlan, seconds: float) -> dict:
+    caches = []
+    for job in jobs:
+        manifest = job.writer.manifest
+        totals = manifest["totals"]
+        caches.append({
+            "path": str(job.root),
+            "teacher": job.teacher.name,
+            "kind": job.teacher.kind,
+            "key": job.key,
+            "complete": bool(manifest["complete"]),
+            "shards": len(manifest["shards"]),
+            "shards_run": len(job.todo),
+            "rows": totals["rows"],
+            "tokens": totals["tokens"],
+            "masked": totals["masked"],
+            "bytes": totals["bytes"],
+            "bytes_per_masked_position": round(totals["bytes"] / totals["masked"], 2) if totals["masked"] else None,
+            "bytes_per_token": round(totals["bytes"] / totals["tokens"], 2) if totals["tokens"] else None,
+        })
+    return {
+        "caches": caches,
+        "corpus": {"spec": plan.source.spec, "records": plan.records, "examples": plan.examples,
+                   "skipped": dict(plan.skipped)},
+        "seconds": round(seconds, 2),
+    }
+
+
+def format_summary(result: dict) -> str:
+    corpus = result["corpus"]
+    skipped = ", ".join(f"{n:,} {r}" for r, n in corpus["skipped"].items() if n) or "none"
+    lines = [f"corpus {corpus['spec']}: {corpus['examples']:,} examples of {corpus['records']:,} records "
+             f"(skipped: {skipped}); {result['seconds']:.1f} s"]
+    for c in result["caches"]:
+        per_masked = f"{c['bytes_per_masked_position']} bytes per masked position, " if c["masked"] else ""
+        lines.append(
+            f"{c['teacher']} ({c['kind']}): {c['rows']:,} rows, {c['tokens']:,} tokens, {c['masked']:,} masked "
+            f"positions, {c['bytes']:,} bytes ({per_masked}{c['bytes_per_token']} per token); "
+            f"{c['shards_run']} of {c['shards']} shards run this time\n  cache: {c['path']}"
+        )
+    return "\n".join(lines)

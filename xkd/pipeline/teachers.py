@@ -1,0 +1,377 @@
+"""Teachers: identity, kinds, loading (once per worker process) and batched inference.
+
+Three kinds, read from the checkpoint's config.json `architectures`:
+- mlm: a masked LM (…ForMaskedLM / …ForPreTraining); top-k at masked positions;
+- classifier: a sequence classifier (…ForSequenceClassification); class logits;
+- encoder: anything else (e.g. a sentence-transformers BertModel); hidden states and
+  sentence vectors only.
+Every kind can store hidden states, [CLS] and pooled sentence vectors.
+
+Inference reduces on the device (DESIGN.md, "Stage one", step 3): the encoder runs once;
+the masked positions' final hidden states are gathered and only they go through the MLM head
+(full-vocabulary logits exist for masked positions only); logsumexp, top-k and the loss are
+computed there in fp32; hidden states are gathered at the requested positions and cast to
+fp16 before they leave the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BadInput
+from ..names import ResolvedTeacher
+from ..storage import DenseSpec
+from ..storage.shard import sha256_file
+from .batching import PaddedBatch
+from .masking import Vocabulary
+from .tokenize import load_tokenizer, special_ids, tokenizer_sha256
+
+KINDS = ("mlm", "encoder", "classifier")
+DTYPES = ("auto", "fp16", "bf16", "fp32")
+HIDDEN_POSITIONS = {"all": "token", "word": "word", "cls": "row"}  # -> DenseSpec align
+SENTENCE_VECTORS = ("cls", "pooled")
+WEIGHT_PATTERNS = ("config.json", "*.safetensors", "pytorch_model*.bin", "*.index.json")
+MAX_LOADED_TEACHERS = 2  # per worker process; more would crowd GPU memory
+LOGIT_CHUNK_ELEMENTS = 1 << 26  # fp32 logits alive at once: 256 MiB
+
+
+def kind_of(config: dict) -> str:
+    archs = config.get("architectures") or []
+    if any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in archs):
+        return "mlm"
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "classifier"
+    return "encoder"
+
+
+def weights_sha256(path: Path) -> str:
+    """One hash over the config and weight files: a teacher's identity, revision included."""
+    files = sorted({f for pattern in WEIGHT_PATTERNS for f in path.glob(pattern) if f.is_file()})
+    if not any(f.name != "config.json" for f in files):
+        raise BadInput(f"teacher {path}: no weight files (*.safetensors or pytorch_model*.bin) in the directory.")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _weight_names(path: Path) -> list[str]:
+    names: list[str] = []
+    for f in sorted(path.glob("*.safetensors")):
+        from safetensors import safe_open
+
+        with safe_open(str(f), "np") as st:
+            names += list(st.keys())
+    if not names:
+        import torch
+
+        for f in sorted(path.glob("pytorch_model*.bin")):
+            names += list(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
+    return names
+
+
+def pooling_config(path: Path, kind: str) -> dict:
+    """How the model itself pools a sentence: a sentence-transformers directory says so in
+    modules.json (Pooling, then Normalize if listed); otherwise BERT's pooler output where
+    the loaded model has one, else the mean over the tokens."""
+    modules_file = path / "modules.json"
+    if modules_file.is_file():
+        modules = json.loads(modules_file.read_text())
+        pooling = next((m for m in modules if m.get("type", "").endswith(".Pooling")), None)
+        if pooling is not None:
+            cfg = json.loads((path / pooling["path"] / "config.json").read_text())
+            for mode in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens"):
+                if cfg.get(f"pooling_mode_{mode}"):
+                    normalize = any(m.get("type", "").endswith(".Normalize") for m in modules)
+                    return {"mode": mode.removesuffix("_tokens").removesuffix("_token"), "normalize": normalize,
+                            "from": f"{pooling['path']}/config.json"}
+    # A masked LM loads without its pooler even when the checkpoint has one.
+    if kind != "mlm" and any(n.endswith("pooler.dense.weight") for n in _weight_names(path)):
+        return {"mode": "pooler", "normalize": False, "from": "the model's pooler"}
+    return {"mode": "mean", "normalize": False, "from": "default (mean over tokens)"}
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What to compute and store for a teacher (the outputs part of the cache's view)."""
+
+    topk: int = 0
+    hidden_layers: tuple[int, ...] = ()
+    hidden_positions: str = "all"
+    sentence: tuple[str, ...] = ()
+    class_logits: bool = False
+
+    def dense_specs(self, hidden_size: int, num_labels: int) -> dict[str, DenseSpec]:
+        specs = {
+            f"hidden.{layer}": DenseSpec(f"hidden.{layer}", HIDDEN_POSITIONS[self.hidden_positions], hidden_size)
+            for layer in self.hidden_layers
+        }
+        for name in self.sentence:
+            specs[name] = DenseSpec(name, "row", hidden_size)
+        if self.class_logits:
+            specs["class_logits"] = DenseSpec("class_logits", "row", num_labels)
+        return specs
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["hidden_layers"] = list(self.hidden_layers)
+        d["sentence"] = list(self.sentence)
+        if not self.hidden_layers:
+            d["hidden_positions"] = None
+        return d
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """Everything a worker needs to load a teacher, and the manifest's teacher block."""
+
+    name: str
+    model_id: str
+    source: str
+    path: str
+    kind: str
+    weights_sha256: str
+    tokenizer_sha256: str
+    vocab_size: int  # the tokenizer's
+    model_vocab_size: int  # width of the MLM logits (top-k ids range over it)
+    special_ids: dict
+    hidden_size: int
+    num_layers: int
+    num_labels: int
+    max_positions: int
+    lowercase: bool
+    pooling: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def identity(self) -> dict:
+        """The part of the teacher that changes cached bytes (names and places do not)."""
+        return {"kind": self.kind, "weights_sha256": self.weights_sha256,
+                "tokenizer_sha256": self.tokenizer_sha256, "pooling": self.pooling}
+
+    def check_outputs(self, outputs: Outputs, max_length: int) -> None:
+        """Refuse what this teacher cannot produce, naming the option to change."""
+        if outputs.topk and self.kind != "mlm":
+            raise BadInput(
+                f"teacher {self.name!r} is {'an encoder' if self.kind == 'encoder' else 'a sequence classifier'} "
+                f"with no masked-LM head (architectures in config.json: not …ForMaskedLM), so it has no "
+                "top-k to cache. Drop --topk (or give --topk 0) for it, or use a masked-LM checkpoint."
+            )
+        if outputs.topk > self.model_vocab_size:
+            raise BadInput(f"--topk {outputs.topk} is larger than teacher {self.name!r}'s vocabulary ({self.model_vocab_size}).")
+        if outputs.class_logits and self.kind != "classifier":
+            raise BadInput(
+                f"teacher {self.name!r} is not a sequence classifier (no …ForSequenceClassification in its "
+                "config.json), so it has no class logits. Drop --class-logits for it."
+            )
+        bad = [layer for layer in outputs.hidden_layers if not 0 <= layer <= self.num_layers]
+        if bad:
+            raise BadInput(
+                f"--hidden-layers {bad}: teacher {self.name!r} has layers 0 (embeddings) to {self.num_layers}."
+            )
+        if max_length > self.max_positions:
+            raise BadInput(f"--max-length {max_length} exceeds teacher {self.name!r}'s {self.max_positions} positions.")
+
+
+def describe_teacher(resolved: ResolvedTeacher) -> TeacherSpec:
+    """Hash and describe a teacher without loading its weights (the client does this)."""
+    path = resolved.path
+    if path is None:  # online: fetch once into the HF cache so workers read local files
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(resolved.model_id))
+        except Exception as e:  # network, auth, missing repo: all mean "cannot get it"
+            raise BadInput(f"teacher {resolved.name!r}: downloading {resolved.model_id} failed ({e}).") from None
+    config = json.loads((path / "config.json").read_text())
+    kind = kind_of(config)
+    tokenizer = load_tokenizer(path)
+    max_positions = int(config.get("max_position_embeddings", 512))
+    if config.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
+        max_positions -= 2  # positions start after the padding index
+    return TeacherSpec(
+        name=resolved.name, model_id=resolved.model_id, source=resolved.source, path=str(path), kind=kind,
+        weights_sha256=weights_sha256(path), tokenizer_sha256=tokenizer_sha256(path),
+        vocab_size=len(tokenizer), model_vocab_size=int(config.get("vocab_size", len(tokenizer))),
+        special_ids=special_ids(tokenizer), hidden_size=int(config["hidden_size"]),
+        num_layers=int(config["num_hidden_layers"]), num_labels=int(len(config.get("id2label") or {}) or 0),
+        max_positions=max_positions, lowercase=bool(getattr(tokenizer, "do_lower_case", False)),
+        pooling=pooling_config(path, kind),
+    )
+
+
+def resolve_compute(dtype: str, device_type: str) -> str:
+    if dtype not in DTYPES:
+        raise BadInput(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
+    if dtype == "auto":
+        return "fp16" if device_type == "cuda" else "fp32"
+    return dtype
+
+
+# Loaded teachers (worker side) --------------------------------------------------------
+
+
+class LoadedTeacher:
+    def __init__(self, spec: TeacherSpec, device: str, dtype: str):
+        import torch
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        self.spec = spec
+        self.device = torch.device(device)
+        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+        auto = {"mlm": transformers.AutoModelForMaskedLM, "classifier": transformers.AutoModelForSequenceClassification,
+                "encoder": transformers.AutoModel}[spec.kind]
+        self.model = auto.from_pretrained(spec.path, dtype=self.dtype).to(self.device).eval()
+        self.base = self.model.base_model
+        self.head = None
+        if spec.kind == "mlm":
+            others = [m for name, m in self.model.named_children() if name != self.model.base_model_prefix]
+            # The head alone (applied to masked positions only) where the model is base + one
+            # head module, as BERT and XLM-R are; otherwise full logits, then a gather.
+            self.head = others[0] if len(others) == 1 else None
+        self.tokenizer = load_tokenizer(spec.path)
+        specials = np.array(sorted(self.tokenizer.all_special_ids), dtype=np.int64)
+        self.vocab = Vocabulary(spec.special_ids["mask"] if spec.special_ids["mask"] is not None else -1,
+                                len(self.tokenizer), specials)
+        self.pad_id = spec.special_ids["pad"] if spec.special_ids["pad"] is not None else 0
+
+    def infer(self, batch: PaddedBatch, outputs: Outputs) -> dict[str, np.ndarray]:
+        """One padded batch -> host arrays: topk_ids (M,k) uint32, topk_logits (M,k) fp16,
+        lognorm (M,) fp32 and teacher_loss (B,) fp32 for the M masked positions in row-major
+        order; hidden.<l> at the requested positions, cls, pooled, class_logits (fp16)."""
+        import torch
+
+        dev = self.device
+        with torch.inference_mode():
+            input_ids = torch.from_numpy(batch.input_ids).to(dev, non_blocking=True)
+            attention = torch.from_numpy(batch.attention_mask).to(dev, non_blocking=True)
+            want_hidden = bool(outputs.hidden_layers)
+            if self.spec.kind == "classifier":
+                captured = {}
+                hook = self.base.register_forward_hook(lambda _m, _a, out: captured.__setitem__("base", out))
+                try:
+                    logits = self.model(input_ids=input_ids, attention_mask=attention,
+                                        output_hidden_states=want_hidden).logits
+                finally:
+                    hook.remove()
+                base = captured["base"]
+            else:
+                logits = None
+                base = self.base(input_ids=input_ids, attention_mask=attention, output_hidden_states=want_hidden)
+            sequence = base.last_hidden_state
+            out: dict[str, np.ndarray] = {}
+            n_rows = input_ids.shape[0]
+            loss = torch.full((n_rows,), float("nan"), dtype=torch.float32, device=dev)
+            if self.spec.kind == "mlm" and batch.masked_rows.size:
+                rows = torch.from_numpy(batch.masked_rows).to(dev)
+                cols = torch.from_numpy(batch.masked_cols).to(dev)
+                labels = torch.from_numpy(batch.labels).to(dev)
+                full = None
+                if self.head is None:
+                    full = self.model(input_ids=input_ids, attention_mask=attention).logits
+                picked = sequence[rows, cols] if full is None else None
+                # Full-vocabulary logits exist for one chunk of masked positions at a time, so
+                # memory stays bounded whatever the batch (mBERT: 0.5 GB per 1,000 positions).
+                chunk = max(1, LOGIT_CHUNK_ELEMENTS // self.spec.model_vocab_size)
+                parts = {"lognorm": [], "label": [], "values": [], "ids": []}
+                for start in range(0, rows.numel(), chunk):
+                    span = slice(start, start + chunk)
+                    if full is None:
+                        mlm_logits = self.head(picked[span]).float()
+                    else:
+                        mlm_logits = full[rows[span], cols[span]].float()
+                    parts["lognorm"].append(torch.logsumexp(mlm_logits, dim=-1))
+                    parts["label"].append(mlm_logits.gather(1, labels[span, None]).squeeze(1))
+                    if outputs.topk:
+                        values, ids = mlm_logits.topk(outputs.topk, dim=-1)
+                        parts["values"].append(values)
+                        parts["ids"].append(ids)
+                    del mlm_logits
+                lognorm = torch.cat(parts["lognorm"])
+                per_position = lognorm - torch.cat(parts["label"])
+                counts = torch.zeros(n_rows, dtype=torch.float32, device=dev).index_add_(0, rows, torch.ones_like(per_position))
+                sums = torch.zeros(n_rows, dtype=torch.float32, device=dev).index_add_(0, rows, per_position)
+                loss = torch.where(counts > 0, sums / counts.clamp(min=1), loss)
+                if outputs.topk:
+                    out["topk_ids"] = torch.cat(parts["ids"]).to(torch.int32).cpu().numpy().view(np.uint32)
+                    out["topk_logits"] = torch.cat(parts["values"]).to(torch.float16).cpu().numpy()
+                    out["lognorm"] = lognorm.cpu().numpy()
+            elif outputs.topk:
+                out["topk_ids"] = np.zeros((0, outputs.topk), np.uint32)
+                out["topk_logits"] = np.zeros((0, outputs.topk), np.float16)
+                out["lognorm"] = np.zeros(0, np.float32)
+            out["teacher_loss"] = loss.cpu().numpy()
+            if want_hidden:
+                where = {"all": attention.bool(), "word": torch.from_numpy(batch.word_start).to(dev)}
+                for layer in outputs.hidden_layers:
+                    states = base.hidden_states[layer]
+                    picked = states[:, 0] if outputs.hidden_positions == "cls" else states[where[outputs.hidden_positions]]
+                    out[f"hidden.{layer}"] = picked.to(torch.float16).cpu().numpy()
+            if "cls" in outputs.sentence:
+                out["cls"] = sequence[:, 0].to(torch.float16).cpu().numpy()
+            if "pooled" in outputs.sentence:
+                out["pooled"] = self.pool(base, attention).to(torch.float16).cpu().numpy()
+            if outputs.class_logits:
+                out["class_logits"] = logits.to(torch.float16).cpu().numpy()
+        return out
+
+    def pool(self, base, attention):
+        import torch
+
+        mode = self.spec.pooling["mode"]
+        sequence = base.last_hidden_state.float()
+        mask = attention.to(torch.float32)[:, :, None]
+        if mode == "pooler":
+            pooled = base.pooler_output.float()
+        elif mode == "cls":
+            pooled = sequence[:, 0]
+        elif mode == "max":
+            pooled = sequence.masked_fill(mask == 0, float("-inf")).amax(dim=1)
+        else:
+            summed = (sequence * mask).sum(dim=1)
+            count = mask.sum(dim=1).clamp(min=1e-9)
+            pooled = summed / (count.sqrt() if mode == "mean_sqrt_len" else count)
+        if self.spec.pooling.get("normalize"):
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        return pooled
+
+
+_LOADED: "OrderedDict[tuple, LoadedTeacher]" = OrderedDict()
+_LOAD_LOCK = threading.Lock()
+
+
+def worker_device(device_type: str) -> str:
+    """This process's device. Local GPU clusters tell each worker its GPU in XKD_CUDA_DEVICE;
+    workers of an existing cluster see theirs as cuda:0 (CUDA_VISIBLE_DEVICES)."""
+    if device_type == "cuda":
+        return f"cuda:{int(os.environ.get('XKD_CUDA_DEVICE', '0'))}"
+    return "cpu"
+
+
+def get_teacher(spec: TeacherSpec, device: str, dtype: str) -> LoadedTeacher:
+    """The process-wide loaded copy of a teacher: loaded on first use, then reused."""
+    key = (spec.path, spec.weights_sha256, spec.kind, device, dtype)
+    with _LOAD_LOCK:
+        teacher = _LOADED.get(key)
+        if teacher is None:
+            while len(_LOADED) >= MAX_LOADED_TEACHERS:
+                _LOADED.popitem(last=False)
+                if device.startswith("cuda"):
+                    import torch
+
+                    torch.cuda.empty_cache()
+            teacher = _LOADED[key] = LoadedTeacher(spec, device, dtype)
+        _LOADED.move_to_end(key)
+        return teacher
+

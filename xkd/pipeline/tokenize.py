@@ -1,0 +1,80 @@
+"""Each teacher tokenizes its own copy of every example (DESIGN.md, "Stage one", step 2).
+
+Besides the ids, a row keeps its words: `word_index` gives the word of each token (-1 for
+special tokens), from the fast tokenizer's word_ids. It drives whole-word masking and the
+stored word-start flags, which align words (not tokens) across vocabularies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BadInput
+from ..storage.shard import sha256_file
+
+# Files that define a tokenizer's behaviour, whichever of them a model directory has.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model",
+)
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # any failure here means the directory holds no usable tokenizer
+        raise BadInput(f"teacher {path}: its tokenizer cannot be loaded ({type(e).__name__}: {e}).") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise BadInput(
+            f"teacher {path}: xkd needs a fast (Rust) tokenizer for word boundaries, but this one is "
+            f"{type(tokenizer).__name__}. Save the model with a tokenizer.json."
+        )
+    return tokenizer
+
+
+def tokenizer_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        if (Path(path) / name).is_file():
+            h.update(f"{name}\0{sha256_file(Path(path) / name)}\n".encode())
+    return h.hexdigest()
+
+
+def special_ids(tokenizer) -> dict[str, int | None]:
+    return {
+        "pad": tokenizer.pad_token_id,
+        "unk": tokenizer.unk_token_id,
+        "cls": tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id,
+        "sep": tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id,
+        "mask": tokenizer.mask_token_id,
+    }
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, word_index) per text, truncated to max_length tokens with specials included."""
+    if not texts:
+        return []
+    encoded = tokenizer(
+        texts, truncation=True, max_length=max_length, return_attention_mask=False,
+        return_token_type_ids=False,
+    )
+    specials = np.array(sorted(tokenizer.all_special_ids), dtype=np.int64)
+    out = []
+    for encoding in encoded.encodings:
+        ids = np.asarray(encoding.ids, dtype=np.int64)
+        word_index = np.array([-1 if w is None else w for w in encoding.word_ids], dtype=np.int64)
+        word_index[np.isin(ids, specials)] = -1
+        out.append((ids, word_index))
+    return out
+
+
+def word_starts(word_index: np.ndarray) -> np.ndarray:
+    """True at the first token of each word; False at specials and continuation tokens."""
+    starts = word_index >= 0
+    starts[1:] &= word_index[1:] != word_index[:-1]
+    return starts
