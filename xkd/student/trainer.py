@@ -106,9 +106,11 @@ class Trainer:
         params = [p for p in list(model.parameters()) + list(method.modules.parameters()) if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
+        # The fused kernel: on CPU, torch's default AdamW takes ~14x longer over a 290k-row
+        # union embedding (bench/train.py), as long as the student's forward and backward.
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr,
+            lr=config.lr, fused=self.device.type in ("cpu", "cuda"),
         )
         warmup = int(config.warmup * config.steps) if config.warmup < 1 else int(config.warmup)
         self.scheduler = _schedule(self.optimizer, max(1, warmup), config.steps)
