@@ -35,7 +35,7 @@ from . import register
 from .base import Method, Need
 from .tlm import (
     PURPOSE_XWCL, TEXT_COLUMNS, TEXT_NEED, choose_words, concat_pair, corrupt, epochs_of, flat_positions, mask_pairs,
-    padded_ids, pair_languages, row_rng, tokenize_pairs,
+    one_side_pairs, padded_ids, row_rng, tokenize_pairs,
 )
 
 OBJECTIVES = ("tlm", "xwcl", "senta", "struca")
@@ -151,16 +151,7 @@ class MMKD(Method):
     def setup(self, student, caches):
         # The base check reads only `needs` and `name`: here, the needs of this configuration.
         Method.check_caches.__func__(self, caches)
-        self.pairs = pair_languages(caches)
-        for cache, pair in zip(caches, self.pairs):
-            sides = list((cache.manifest.get("view") or {}).get("sides") or [])
-            if pair is None or len(sides) != 1 or sides[0] not in ("src", "tgt"):
-                raise BadInput(
-                    f"--method mmkd needs a parallel corpus cached on the English side only, but {cache.path} holds "
-                    f"{'a monolingual corpus' if pair is None else 'sides ' + ', '.join(sides)}. Re-run cache-teachers "
-                    "with --corpus parallel:EN@en,X@x --sides src (the teacher sees the English side; the student "
-                    "reads the translation from pair_text)."
-                )
+        self.pairs = one_side_pairs(caches, "mmkd")
         dense = []
         if self.enabled["xwcl"]:
             self.hidden_name = self._word_layer(caches)

@@ -161,6 +161,22 @@ def pair_languages(caches) -> list[tuple[str, str] | None]:
     return out
 
 
+def one_side_pairs(caches, method: str) -> list[tuple[str, str]]:
+    """pair_languages, for methods whose teacher ran on one side of a parallel corpus (the
+    English source) and whose student reads the other side from pair_text."""
+    pairs = pair_languages(caches)
+    for cache, pair in zip(caches, pairs):
+        sides = list((cache.manifest.get("view") or {}).get("sides") or [])
+        if pair is None or len(sides) != 1 or sides[0] not in ("src", "tgt"):
+            raise BadInput(
+                f"--method {method} needs a parallel corpus cached on the English side only, but {cache.path} holds "
+                f"{'a monolingual corpus' if pair is None else 'sides ' + ', '.join(sides)}. Re-run cache-teachers "
+                "with --corpus parallel:EN@en,X@x --sides src (the teacher sees the English side; the student "
+                "reads the translation from pair_text)."
+            )
+    return pairs
+
+
 def partner_languages(rows: dict, pairs: list[tuple[str, str] | None]) -> list[str | None]:
     """Per row, the language of its pair_text: the other side of its cache's corpus."""
     out = []

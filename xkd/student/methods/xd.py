@@ -42,7 +42,7 @@ from torch import nn
 from ...errors import BadInput
 from . import register
 from .base import Method, Need
-from .tlm import padded_ids, pair_languages, partner_languages
+from .tlm import one_side_pairs, padded_ids, partner_languages
 
 TARGETS = ("class_logits", "pooled")
 TARGET_NEEDS = {"class_logits": "--class-logits", "pooled": "--sentence pooled"}
@@ -252,16 +252,7 @@ class XD(Method):
             if not need.present_in(cache):
                 raise BadInput(f"--method xd --option target={self.target} needs the cached output '{self.target}', which "
                                f"{cache.path} lacks. Re-run cache-teachers with {need.option}.")
-        self.pairs = pair_languages(caches)
-        for cache, pair in zip(caches, self.pairs):
-            sides = list((cache.manifest.get("view") or {}).get("sides") or [])
-            if pair is None or len(sides) != 1 or sides[0] not in ("src", "tgt"):
-                raise BadInput(
-                    f"--method xd needs a parallel corpus cached on the source (English) side only, but {cache.path} "
-                    f"holds {'a monolingual corpus' if pair is None else 'sides ' + ', '.join(sides)}. Re-run "
-                    "cache-teachers with --corpus parallel:EN@en,X@x --sides src (the teacher sees English; the "
-                    "student reads the translation from pair_text)."
-                )
+        self.pairs = one_side_pairs(caches, "xd")
         self.dense = (self.target,)
         width = dense_dim(caches, self.target, self.name)
         if self.target == "class_logits":
