@@ -78,7 +78,7 @@ def student_stage(cache: str, out: str, steps: int) -> int:
     from .student.evaluate import evaluate_bitext
     from .student.models import StudentConfig, build_student
     from .student.run import train_student
-    from .student.trainer import TrainConfig
+    from .student.trainer import TrainConfig, seed_everything
     from .vocab import build_vocab, load_vocab
 
     root = Path(out)
@@ -97,6 +97,7 @@ def student_stage(cache: str, out: str, steps: int) -> int:
 
     student = StudentConfig(hidden=128, layers=2, heads=2)
     untrained = root / "student-untrained"
+    seed_everything(0)  # the same untrained student, and so the same "before" numbers, every run
     build_student(student, vocab.size, vocab.pad_id).save_pretrained(untrained)
     before = evaluate_bitext(str(untrained), str(vocab_dir), src, tgt)
 
