@@ -6,6 +6,7 @@ teachers really do disagree about vocabularies, as mBERT and bert-base do.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -67,3 +68,16 @@ def minilm_dir():
     from xkd.names import resolve_teacher
 
     return resolve_teacher("minilm").path
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A one-worker dask LocalCluster per test module (modules needing another shape define
+    their own `client`)."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(host="127.0.0.1", n_workers=1, threads_per_worker=1, processes=True,
+                           dashboard_address=None, silence_logs=logging.ERROR)
+    with Client(cluster) as c:
+        yield c
+    cluster.close()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -37,17 +36,6 @@ TEACHER_WIDTH, STUDENT_WIDTH = 384, 48  # unequal: XWCL needs its projection
 # to run it on the module's cluster instead of starting one per call.
 MMKD_CACHE = ("--sides", "src", "--mask-prob", 0, "--hidden-layers", LAST_LAYER, "--hidden-positions", "word",
               "--sentence", "cls")
-
-
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    cluster = LocalCluster(host="127.0.0.1", n_workers=1, threads_per_worker=1, processes=True,
-                           dashboard_address=None, silence_logs=logging.ERROR)
-    with Client(cluster) as c:
-        yield c
-    cluster.close()
 
 
 def invoke(*args):

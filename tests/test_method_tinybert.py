@@ -7,7 +7,6 @@ different width, so the learned projections are exercised."""
 from __future__ import annotations
 
 import io
-import logging
 
 import numpy as np
 import pytest
@@ -32,17 +31,6 @@ STUDENT = StudentConfig(hidden=24, layers=2, heads=2, dropout=0.0)  # teacher: 4
 
 def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    cluster = LocalCluster(host="127.0.0.1", n_workers=1, threads_per_worker=1, processes=True,
-                           dashboard_address=None, silence_logs=logging.ERROR)
-    with Client(cluster) as c:
-        yield c
-    cluster.close()
 
 
 @pytest.fixture(scope="module")

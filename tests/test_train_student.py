@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import socket
 import subprocess
@@ -32,17 +31,6 @@ from xkd.vocab import build_vocab
 TATOEBA = f"parallel:{PARALLEL}/tatoeba/tatoeba.hin-eng.eng@en,{PARALLEL}/tatoeba/tatoeba.hin-eng.hin@hi"
 IITB_VAL = f"parallel:{PARALLEL}/iitb-en-hi/val.en@en,{PARALLEL}/iitb-en-hi/val.hi@hi"
 TINY = StudentConfig(hidden=32, layers=2, heads=2, dropout=0.0)
-
-
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    cluster = LocalCluster(host="127.0.0.1", n_workers=1, threads_per_worker=1, processes=True,
-                           dashboard_address=None, silence_logs=logging.ERROR)
-    with Client(cluster) as c:
-        yield c
-    cluster.close()
 
 
 def cache(client, out, teacher, corpus, **kw) -> str:

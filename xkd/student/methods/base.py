@@ -78,6 +78,16 @@ class Method:
         raise NotImplementedError
 
 
+def parse_bool(value, name: str) -> bool:
+    """A boolean --option value."""
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise BadInput(f"--option {name}={value}: give true or false.")
+
+
 def lambda_at(schedule: str, start: float, end: float, step: int, total: int) -> float:
     """Weight of the distillation term at `step`. "anneal" moves linearly from start to end
     over training (teacher annealing, Clark et al. 2019, as MergeDistill does);

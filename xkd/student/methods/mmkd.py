@@ -32,7 +32,7 @@ from torch import nn
 
 from ...errors import BadInput
 from . import register
-from .base import Method, Need
+from .base import Method, Need, parse_bool
 from .tlm import (
     PURPOSE_XWCL, TEXT_COLUMNS, TEXT_NEED, choose_words, concat_pair, corrupt, epochs_of, flat_positions, mask_pairs,
     one_side_pairs, padded_ids, row_rng, tokenize_pairs,
@@ -54,15 +54,6 @@ DEFAULTS = {
 WORD_NEED = "--hidden-layers L --hidden-positions word"
 WORD_HIDDEN_NEED = Need("hidden.*", WORD_NEED)
 CLS_NEED = Need("cls", "--sentence cls")
-
-
-def parse_bool(value, name: str) -> bool:
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise BadInput(f"--option {name}={value}: give true or false.")
 
 
 def mlp(d_in: int, hidden: int, out: int) -> nn.Sequential:

@@ -41,7 +41,7 @@ from torch import nn
 
 from ...errors import BadInput
 from . import register
-from .base import Method, Need
+from .base import Method, Need, parse_bool
 from .tlm import one_side_pairs, padded_ids, partner_languages
 
 TARGETS = ("class_logits", "pooled")
@@ -51,15 +51,6 @@ TEXT_NEED = Need("text", "--text (on by default; drop --no-text)")
 # Options every method receives from train-student, whatever it is.
 COMMON_OPTIONS = {"lambda_schedule", "lambda_start", "lambda_end", "temperature", "kd_target"}
 DEFAULTS = {"target": None, "keep_source": "true", "max_length": 128, "pooling": None, "normalize": None}
-
-
-def parse_bool(value, name: str) -> bool:
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise BadInput(f"--option {name}={value}: give true or false.")
 
 
 def check_options(method: str, options: dict, defaults: dict) -> dict:
