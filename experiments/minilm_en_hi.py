@@ -36,10 +36,10 @@ def run(cmd: list[str], log: list) -> tuple[dict | None, float]:
     shown = "xkd " + " ".join(shlex.quote(str(c)) for c in cmd)
     print(f"\n$ {shown}", flush=True)
     start = time.perf_counter()
-    done = subprocess.run([XKD, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True,
+    # stderr (each command's progress lines) goes straight to the terminal; stdout is the JSON.
+    done = subprocess.run([XKD, *map(str, cmd)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     seconds = time.perf_counter() - start
-    sys.stderr.write(done.stderr[-2000:])
     if done.returncode:
         print(done.stdout[-3000:])
         raise SystemExit(f"failed ({done.returncode}): {shown}")

@@ -81,3 +81,28 @@ def client():
     with Client(cluster) as c:
         yield c
     cluster.close()
+
+
+@pytest.fixture(scope="module")
+def thread_client():
+    """A one-thread dask worker inside the test process, for modules that cache many tiny
+    corpora: a worker process would import torch and transformers again (~20 s here)."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
+                           silence_logs=logging.ERROR)
+    with Client(cluster) as c:
+        yield c
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Two shared cores: one torch thread is far faster here than two contending ones.
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,13 +21,7 @@ from xkd.pipeline.corpus import Cleaning, plan_corpus
 TOY = ROOT / "xkd" / "data"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two shared cores: one torch thread is ~10x faster here than two contending ones.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -40,30 +39,13 @@ LABELS = {0: "food", 1: "sports", 2: "weather"}
 #   xkd cache-teachers --teacher TEACHER_L --corpus labeled:xkd/data/toy-L.tsv@L --class-logits
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores: one thread is far faster than two contending
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    # A thread worker: a worker process would import torch and transformers again (~20 s here).
-    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
-                           silence_logs=logging.ERROR)
-    with Client(cluster) as c:
-        yield c
-    cluster.close()
-
-
-def cache(client, out, teacher, corpus) -> str:
+def cache(thread_client, out, teacher, corpus) -> str:
     """The documented cache-teachers invocation, run through the CLI on the test's cluster."""
     r = CliRunner().invoke(app, ["cache-teachers", "--teacher", str(teacher), "--corpus", corpus, "--class-logits",
-                                 "--out", str(out), "--scheduler", client.scheduler.address, "--json"])
+                                 "--out", str(out), "--scheduler", thread_client.scheduler.address, "--json"])
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout.strip().splitlines()[-1])["caches"][0]["path"]
 
@@ -77,7 +59,7 @@ def teacher_for(root, lang, vocab_file, lowercase, seed):
 
 
 @pytest.fixture(scope="module")
-def setup(client, tmp_path_factory):
+def setup(thread_client, tmp_path_factory):
     from xkd.vocab import build_vocab
 
     root = tmp_path_factory.mktemp("multikd")
@@ -90,10 +72,10 @@ def setup(client, tmp_path_factory):
     two_classes.write_text("The match starts soon.\tsports\nIt will rain soon.\tweather\n")
     return {
         "root": root, "teachers": {"en": en, "hi": hi}, "vocab": str(root / "vocab"),
-        "en": cache(client, root / "caches", en, f"labeled:{TOY}/toy-en.tsv@en"),
-        "hi": cache(client, root / "caches", hi, f"labeled:{TOY}/toy-hi.tsv@hi"),
-        "unlabeled": cache(client, root / "caches", en, f"text:{unlabeled}@en"),
-        "two_classes": cache(client, root / "caches", en, f"labeled:{two_classes}@en"),
+        "en": cache(thread_client, root / "caches", en, f"labeled:{TOY}/toy-en.tsv@en"),
+        "hi": cache(thread_client, root / "caches", hi, f"labeled:{TOY}/toy-hi.tsv@hi"),
+        "unlabeled": cache(thread_client, root / "caches", en, f"text:{unlabeled}@en"),
+        "two_classes": cache(thread_client, root / "caches", en, f"labeled:{two_classes}@en"),
     }
 
 
@@ -289,7 +271,7 @@ def test_the_temperature_defaults_to_8_unless_given(setup):
     assert r.exit_code == 2 and "positive temperature" in r.output  # --temperature reaches the method
 
 
-def test_bad_students_options_and_caches_are_clear_errors(setup, client, tmp_path):
+def test_bad_students_options_and_caches_are_clear_errors(setup, thread_client, tmp_path):
     args = ("--vocab", setup["vocab"], "--out", tmp_path / "o", "--steps", 1, "--hidden", 32, "--layers", 1, "--heads", 2)
     r = invoke("train-student", "--method", "multikd", "--caches", setup["en"], "--option", "student=big", *args)
     assert r.exit_code == 2 and "student=big" in r.output and "mblm" in r.output
@@ -302,6 +284,6 @@ def test_bad_students_options_and_caches_are_clear_errors(setup, client, tmp_pat
     assert "Traceback" not in r.output
     no_logits = cache_teachers(CacheTeachersOptions(teachers=[str(setup["teachers"]["en"])], out=str(tmp_path / "c"),
                                                     corpus=f"labeled:{TOY}/toy-en.tsv@en", class_logits=False,
-                                                    sentence=("cls",)), client=client, log=io.StringIO())
+                                                    sentence=("cls",)), client=thread_client, log=io.StringIO())
     r = invoke("train-student", "--method", "multikd", "--caches", no_logits["caches"][0]["path"], *args)
     assert r.exit_code == 2 and "needs the cached output 'class_logits'" in r.output and "--class-logits" in r.output

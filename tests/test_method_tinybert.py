@@ -1,8 +1,9 @@
 """tinybert: stage-1 loss from the cache == the same loss from the teacher run now, the
-paper's layer map, clear errors, the attention loss on tensors, and short train-student runs
-of both stages. Caches are made by the real pipeline (the stage-1 one through the documented
-cache-teachers invocation) from tiny 4-layer teachers; the students have 2 layers and a
-different width, so the learned projections are exercised."""
+paper's layer map, the cached attention == the teacher's, clear errors, the attention loss on
+tensors, and short train-student runs of both stages. Caches are made by the real pipeline
+(the stage-1 one through the documented cache-teachers invocation) from tiny 4-layer
+teachers; the students have 2 layers and a different width, so the learned projections are
+exercised."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from xkd.student.models import Student, StudentConfig
 from xkd.vocab import build_vocab
 
 TATOEBA = f"parallel:{PARALLEL}/tatoeba/tatoeba.hin-eng.eng@en,{PARALLEL}/tatoeba/tatoeba.hin-eng.hin@hi"
-STUDENT = StudentConfig(hidden=24, layers=2, heads=2, dropout=0.0)  # teacher: 4 layers, width 32
+STUDENT = StudentConfig(hidden=24, layers=2, heads=2, dropout=0.0)  # teacher: 4 layers, width 32, 2 heads
+MAX_LENGTH = 32
 
 
 def invoke(*args):
@@ -41,8 +43,8 @@ def setup(client, tmp_path_factory):
     classifier = build_tiny_bert(root / "classifier", uncased, lowercase=True, kind="classifier", layers=4, seed=22)
     # The documented stage-1 invocation (docs/methods.md), for a 4-layer teacher and a 2-layer student.
     r = invoke("cache-teachers", "--teacher", teacher, "--corpus", TATOEBA, "--sides", "src", "--max-pairs", 12,
-               "--topk", 8, "--hidden-layers", "0,2,4", "--hidden-positions", "all", "--out", root / "stage1",
-               "--scheduler", client.scheduler.address)
+               "--topk", 8, "--hidden-layers", "0,2,4", "--hidden-positions", "all", "--attention-layers", "2,4",
+               "--max-length", MAX_LENGTH, "--out", root / "stage1", "--scheduler", client.scheduler.address)
     assert r.exit_code == 0, r.output
     [stage1] = [p for p in (root / "stage1").iterdir() if p.is_dir()]
     stage2 = cache_teachers(CacheTeachersOptions(teachers=[str(classifier)], corpus=TATOEBA, out=str(root / "stage2"),
@@ -69,11 +71,39 @@ def prepared(setup, cache_key, **options):
     return vocab, caches[0], method, Student(model), batch
 
 
-def test_the_documented_cache_holds_token_aligned_hidden_states(setup):
+def test_the_documented_cache_holds_token_aligned_hidden_states_and_attention(setup):
     c = open_cache(setup["stage1"])
-    assert {n: (s.align, s.dim) for n, s in c.dense_specs.items()} == {f"hidden.{i}": ("token", 32) for i in (0, 2, 4)}
+    assert {n: (s.align, s.dim) for n, s in c.dense_specs.items()} == {
+        **{f"hidden.{i}": ("token", 32) for i in (0, 2, 4)}, **{f"attn.{i}": ("token", 2 * MAX_LENGTH) for i in (2, 4)}}
     row = next(c.iter_examples())
-    assert c.topk_k == 8 and len(row["hidden.2"]) == len(row["input_ids"])
+    assert c.topk_k == 8 and len(row["hidden.2"]) == len(row["attn.4"]) == len(row["input_ids"])
+
+
+def test_the_cached_attention_is_the_teachers(setup):
+    """Every row's attn.<L>: per query token, head h's probabilities over the row's keys at
+    [h*max_length, h*max_length + n), zeros after; equal to the teacher's eager attention run
+    now on the row's cached input ids (the cache ran the teacher batched and padded)."""
+    from transformers import BertForMaskedLM
+
+    teacher = BertForMaskedLM.from_pretrained(setup["teacher"], attn_implementation="eager").eval()
+    rows = list(open_cache(setup["stage1"]).iter_examples())
+    assert len({len(r["input_ids"]) for r in rows}) > 1  # padding happened in the cached batches
+    with torch.no_grad():
+        for row in rows:
+            n = len(row["input_ids"])
+            maps = teacher(input_ids=torch.from_numpy(row["input_ids"].astype(np.int64))[None], output_attentions=True).attentions
+            for layer in (2, 4):
+                cached = row[f"attn.{layer}"].astype(np.float32).reshape(n, 2, MAX_LENGTH)
+                assert not cached[:, :, n:].any()
+                expected = maps[layer - 1][0].permute(1, 0, 2).numpy()
+                np.testing.assert_allclose(cached[:, :, :n], expected, atol=1e-3, rtol=1e-3)
+                np.testing.assert_allclose(cached.sum(-1), 1.0, atol=2e-3)
+
+
+def test_attention_layers_out_of_range_name_the_option(setup, tmp_path):
+    r = invoke("cache-teachers", "--teacher", setup["teacher"], "--corpus", TATOEBA, "--attention-layers", "0,5",
+               "--out", tmp_path)
+    assert r.exit_code == 2 and "--attention-layers [0, 5]" in r.output and "layers 1 to 4" in r.output
 
 
 def test_the_layer_map_is_the_papers():
@@ -90,45 +120,55 @@ def test_stage1_loss_from_the_cache_equals_the_teacher_run_online(setup):
     from transformers import BertForMaskedLM
 
     vocab, cache, method, student, batch = prepared(setup, "stage1")
-    assert method.map == {1: 2, 2: 4} and method.dense == ("hidden.0", "hidden.2", "hidden.4")
+    assert method.map == {1: 2, 2: 4} and method.dense == ("hidden.0", "hidden.2", "hidden.4", "attn.2", "attn.4")
     assert set(method.modules) == {"embedding_projection", "hidden_projection"}  # 24 -> 32
-    assert "attention distillation is off" in method.attention_note
+    assert method.use_attention and not method.attention_note
     with torch.no_grad():
         parts = method.losses(batch, student, step=0)
     table = torch.from_numpy(vocab.map_for(cache.manifest).astype(np.int64))
-    teacher = BertForMaskedLM.from_pretrained(setup["teacher"]).eval()
+    teacher = BertForMaskedLM.from_pretrained(setup["teacher"], attn_implementation="eager").eval()
     w_e, w_h = method.modules["embedding_projection"], method.modules["hidden_projection"]
-    pred, embedding, hidden, n_masked, n_tokens = 0.0, 0.0, 0.0, 0, 0
+    pred, embedding, hidden, attention, n_masked, n_tokens, n_pairs = 0.0, 0.0, 0.0, 0.0, 0, 0, 0
     with torch.no_grad():
         for i, example_id in enumerate(batch["example_id"].tolist()):
             n = int(batch["attention_mask"][i].sum())
             [row] = [r for r in cache.examples_by_id(example_id)
                      if np.array_equal(table[r["input_ids"].astype(np.int64)].numpy(), batch["input_ids"][i, :n].numpy())]
             ids = torch.from_numpy(row["input_ids"].astype(np.int64))[None]
-            t = teacher(input_ids=ids, output_hidden_states=True)
+            t = teacher(input_ids=ids, output_hidden_states=True, output_attentions=True)
             s = student(input_ids=batch["input_ids"][i:i + 1, :n], attention_mask=torch.ones(1, n, dtype=torch.long),
-                        masked_flat=torch.from_numpy(row["masked_positions"].astype(np.int64)), output_hidden_states=True)
+                        masked_flat=torch.from_numpy(row["masked_positions"].astype(np.int64)), output_hidden_states=True,
+                        output_attentions=True)
             values, top = t.logits[0, row["masked_positions"].astype(np.int64)].topk(8, dim=-1)
             logp = torch.log_softmax(s.logits, -1)
             pred -= float((torch.softmax(values, -1) * logp.gather(1, table[top])).sum())
             n_masked += len(row["masked_positions"])
             embedding += float(((w_e(s.hidden_states[0][0]) - t.hidden_states[0][0]) ** 2).sum())
             hidden += sum(float(((w_h(s.hidden_states[m][0]) - t.hidden_states[g][0]) ** 2).sum()) for m, g in ((1, 2), (2, 4)))
+            # TinyBERT's 1/h Σ_heads MSE over the real (query, key) pairs; 2 heads.
+            attention += sum(float(((s.attentions[m - 1][0] - t.attentions[g - 1][0]) ** 2).sum()) for m, g in ((1, 2), (2, 4)))
             n_tokens += n
+            n_pairs += n * n
     assert n_masked > 0
     assert float(parts["pred"]) == pytest.approx(pred / n_masked, rel=2e-3)
     assert float(parts["embedding"]) == pytest.approx(embedding / (n_tokens * 32), rel=2e-3)
     assert float(parts["hidden"]) == pytest.approx(hidden / (n_tokens * 32), rel=2e-3)
-    assert float(parts["loss"]) == pytest.approx(float(parts["pred"] + parts["embedding"] + parts["hidden"]), rel=1e-6)
+    assert float(parts["attention"]) == pytest.approx(attention / (n_pairs * 2), rel=2e-3)
+    assert float(parts["loss"]) == pytest.approx(float(sum(parts[k] for k in ("pred", "embedding", "hidden", "attention"))),
+                                                 rel=1e-6)
 
 
 def test_weights_and_the_gold_mlm_term(setup):
-    _, _, method, student, batch = prepared(setup, "stage1", hidden_weight=0.5, embedding_weight=0, mlm_weight=1)
-    assert method.dense == ("hidden.2", "hidden.4")
+    _, _, method, student, batch = prepared(setup, "stage1", hidden_weight=0.5, embedding_weight=0, mlm_weight=1,
+                                            attention_weight=2)
+    assert method.dense == ("hidden.2", "hidden.4", "attn.2", "attn.4")
     with torch.no_grad():
         parts = method.losses(batch, student, step=0)
-    assert set(parts) == {"loss", "pred", "hidden", "mlm"}
-    assert float(parts["loss"]) == pytest.approx(float(parts["pred"] + 0.5 * parts["hidden"] + parts["mlm"]), rel=1e-6)
+    assert set(parts) == {"loss", "pred", "hidden", "attention", "mlm"}
+    expected = parts["pred"] + 0.5 * parts["hidden"] + 2 * parts["attention"] + parts["mlm"]
+    assert float(parts["loss"]) == pytest.approx(float(expected), rel=1e-6)
+    _, _, method, _, _ = prepared(setup, "stage1", attention_weight=0)
+    assert not method.use_attention and "attn.2" not in method.dense
 
 
 def test_a_missing_hidden_layer_names_the_cache_teachers_option(setup):
@@ -182,6 +222,7 @@ def test_train_student_tinybert_stage2_distils_class_logits(setup, tmp_path):
     from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 
     vocab, cache, method, student, batch = prepared(setup, "stage2", stage=2, temperature=2)
+    assert not method.use_attention and "--attention-layers 2,4" in method.attention_note  # hidden only
     with torch.no_grad():
         parts = method.losses(batch, student, step=0)
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -207,70 +248,3 @@ def test_train_student_tinybert_stage2_distils_class_logits(setup, tmp_path):
     r = invoke("train-student", "--method", "tinybert", "--option", "stage=2", "--caches", setup["stage1"],
                "--vocab", setup["vocab"], "--out", tmp_path / "bad", "--steps", 1, "--batch-size", 4)
     assert r.exit_code == 2 and "--class-logits" in r.output
-
-
-def attention_cache(setup, layers=(2, 4)) -> tuple[str, int]:
-    """The stage-1 cache plus `attn.<layer>` outputs in the layout docs/methods.md asks the
-    pipeline to store, computed now from the teacher on each row's input ids."""
-    from transformers import BertForMaskedLM
-
-    from xkd.storage import CacheWriter, DenseSpec, outputs_json, write_shard_files
-
-    source = open_cache(setup["stage1"])
-    max_length = source.manifest["view"]["max_length"]
-    teacher = BertForMaskedLM.from_pretrained(setup["teacher"], attn_implementation="eager").eval()
-    heads = teacher.config.num_attention_heads
-    examples = list(source.iter_examples())
-    specs = dict(source.dense_specs)
-    specs.update({f"attn.{g}": DenseSpec(f"attn.{g}", "token", heads * max_length) for g in layers})
-    dense = {name: np.concatenate([r[name] for r in examples]) for name in source.dense_specs}
-    packed = {g: [] for g in layers}
-    with torch.no_grad():
-        for r in examples:
-            n = len(r["input_ids"])
-            attentions = teacher(input_ids=torch.from_numpy(r["input_ids"].astype(np.int64))[None], output_attentions=True).attentions
-            for g in layers:
-                rows = torch.zeros(n, heads, max_length)
-                rows[:, :, :n] = attentions[g - 1][0].permute(1, 0, 2)
-                packed[g].append(rows.reshape(n, -1).half().numpy())
-    dense.update({f"attn.{g}": np.concatenate(packed[g]) for g in layers})
-    skip = set(source.dense_specs) | {"token_offset", "word_offset"}
-    columns = {name: [np.asarray(r[name]).reshape(-1) for r in examples] if isinstance(value, np.ndarray)
-               else np.array([r[name] for r in examples])
-               for name, value in examples[0].items() if name not in skip}
-    root = setup["root"] / "attention-cache"
-    meta = {k: source.manifest[k] for k in ("teacher", "corpus", "view")}
-    meta["outputs"] = outputs_json(8, specs, text=True)
-    with CacheWriter(root, "attention-test", meta, planned_shards=1) as writer:
-        writer.commit(write_shard_files(root, 0, columns, dense, specs, has_topk=True, has_text=True))
-        writer.finish()
-    return str(root), heads
-
-
-def test_attention_distillation_from_a_cache_holding_attention(setup):
-    """With attn.<layer> cached, the attention term is on, and equals the direct computation
-    from the teacher's attention run now and the student's, over the mapped layers."""
-    from transformers import BertForMaskedLM
-
-    setup["attention"], heads = attention_cache(setup)
-    vocab, cache, method, student, batch = prepared(setup, "attention")
-    assert method.use_attention and not method.attention_note
-    assert set(method.dense) == {"hidden.0", "hidden.2", "hidden.4", "attn.2", "attn.4"}
-    with torch.no_grad():
-        parts = method.losses(batch, student, step=0)
-    table = torch.from_numpy(vocab.map_for(cache.manifest).astype(np.int64))
-    teacher = BertForMaskedLM.from_pretrained(setup["teacher"], attn_implementation="eager").eval()
-    squared, pairs = 0.0, 0
-    with torch.no_grad():
-        for i, example_id in enumerate(batch["example_id"].tolist()):
-            n = int(batch["attention_mask"][i].sum())
-            [row] = [r for r in cache.examples_by_id(example_id)
-                     if np.array_equal(table[r["input_ids"].astype(np.int64)].numpy(), batch["input_ids"][i, :n].numpy())]
-            t = teacher(input_ids=torch.from_numpy(row["input_ids"].astype(np.int64))[None], output_attentions=True).attentions
-            s = student(input_ids=batch["input_ids"][i:i + 1, :n], attention_mask=torch.ones(1, n, dtype=torch.long),
-                        masked_flat=torch.zeros(0, dtype=torch.long), output_attentions=True).attentions
-            squared += sum(float(((s[m - 1][0] - t[g - 1][0]) ** 2).sum()) for m, g in ((1, 2), (2, 4)))
-            pairs += n * n
-    assert float(parts["attention"]) == pytest.approx(squared / (pairs * heads), rel=2e-3)
-    assert float(parts["loss"]) == pytest.approx(float(sum(parts[k] for k in ("pred", "embedding", "hidden", "attention"))),
-                                                 rel=1e-6)

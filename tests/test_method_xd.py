@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -40,36 +39,19 @@ TINY = StudentConfig(hidden=48, layers=2, heads=2, dropout=0.0)
 #   xkd cache-teachers --teacher minilm --corpus tsv:xkd/data/toy-en-hi.tsv@en,hi --sides src --sentence pooled
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores: one thread is far faster than two contending
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    # A thread worker: a worker process would import torch and transformers again (~20 s here).
-    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
-                           silence_logs=logging.ERROR)
-    with Client(cluster) as c:
-        yield c
-    cluster.close()
-
-
-def cache_cli(client, out, *args) -> str:
+def cache_cli(thread_client, out, *args) -> str:
     """A documented cache-teachers invocation, run through the CLI on the test's cluster."""
     r = CliRunner().invoke(app, ["cache-teachers", *map(str, args), "--out", str(out),
-                                 "--scheduler", client.scheduler.address, "--json"])
+                                 "--scheduler", thread_client.scheduler.address, "--json"])
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout.strip().splitlines()[-1])["caches"][0]["path"]
 
 
 @pytest.fixture(scope="module")
-def setup(client, minilm_dir, tmp_path_factory):
+def setup(thread_client, minilm_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("xd")
     base = build_tiny_bert(root / "base", VOCABS / "bert-base-uncased.vocab.txt", lowercase=True, seed=5, hidden=64)
     classifier = root / "teacher-en"
@@ -78,11 +60,11 @@ def setup(client, minilm_dir, tmp_path_factory):
     build_vocab([str(minilm_dir), MBERT_VOCAB], root / "vocab", {"en": str(minilm_dir), "hi": MBERT_VOCAB})
     return {
         "root": root, "classifier": classifier, "minilm": minilm_dir, "vocab": str(root / "vocab"),
-        "class_cache": cache_cli(client, root / "caches", "--teacher", classifier, "--corpus", TOY_PAIRS,
+        "class_cache": cache_cli(thread_client, root / "caches", "--teacher", classifier, "--corpus", TOY_PAIRS,
                                  "--sides", "src", "--class-logits"),
-        "pooled_cache": cache_cli(client, root / "caches", "--teacher", "minilm", "--corpus", TOY_PAIRS,
+        "pooled_cache": cache_cli(thread_client, root / "caches", "--teacher", "minilm", "--corpus", TOY_PAIRS,
                                   "--sides", "src", "--sentence", "pooled"),
-        "labeled_cache": cache_cli(client, root / "caches", "--teacher", classifier, "--corpus",
+        "labeled_cache": cache_cli(thread_client, root / "caches", "--teacher", classifier, "--corpus",
                                    f"labeled:{TOY}/toy-en.tsv@en"),
     }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -101,6 +102,7 @@ def cache_teachers_cmd(
     max_length: int = typer.Option(128, "--max-length", help="Tokens per row, special tokens included."),
     hidden_layers: Optional[str] = typer.Option(None, "--hidden-layers", help="Store hidden states of these layers, e.g. 0,6,12 (0: embeddings)."),
     hidden_positions: str = typer.Option("all", "--hidden-positions", help="all | word (first sub-token of each word) | cls."),
+    attention_layers: Optional[str] = typer.Option(None, "--attention-layers", help="Store the attention probabilities of these layers (1-based), per token: heads x --max-length (TinyBERT; large)."),
     sentence: Optional[str] = typer.Option(None, "--sentence", help="Sentence vectors to store: cls,pooled (pooled follows the model's pooling config; default for encoders; 'none': none)."),
     class_logits: Optional[bool] = typer.Option(None, "--class-logits/--no-class-logits", help="Store class logits (default on for sequence classifiers)."),
     sides: str = typer.Option("both", "--sides", help="Parallel corpora: which sides the teacher runs on: src | tgt | both."),
@@ -125,7 +127,7 @@ def cache_teachers_cmd(
         teachers=list(teacher), corpus=corpus, out=str(out), corpus_files=corpus_files, split=split, topk=topk,
         mask_prob=0.0 if no_mask else mask_prob, whole_word=whole_word, mask_epochs=mask_epochs, seed=seed,
         max_length=max_length, hidden_layers=parse_list(hidden_layers, "--hidden-layers", cast=int),
-        hidden_positions=hidden_positions,
+        hidden_positions=hidden_positions, attention_layers=parse_list(attention_layers, "--attention-layers", cast=int),
         sentence=None if sentence is None else parse_list("" if sentence == "none" else sentence, "--sentence", ("cls", "pooled")),
         class_logits=class_logits, sides=sides, text=text, min_tokens=min_tokens, max_tokens=max_tokens,
         max_pairs=max_pairs, skip_bad_lines=skip_bad_lines, shard_size=shard_size, token_budget=token_budget,
@@ -334,6 +336,9 @@ def finetune_teacher_cmd(
 
 
 def main() -> None:
+    # transformers' load reports and deprecation notices drown xkd's own progress lines;
+    # TRANSFORMERS_VERBOSITY=warning brings them back.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     app()
 
 

@@ -56,6 +56,7 @@ class CacheTeachersOptions:
     max_length: int = 128
     hidden_layers: tuple[int, ...] = ()
     hidden_positions: str = "all"
+    attention_layers: tuple[int, ...] = ()
     sentence: tuple[str, ...] | None = None
     class_logits: bool | None = None
     sides: str = "both"
@@ -111,7 +112,9 @@ def outputs_for(spec: TeacherSpec, opts: CacheTeachersOptions) -> Outputs:
     class_logits = opts.class_logits if opts.class_logits is not None else spec.kind == "classifier"
     if opts.hidden_positions not in HIDDEN_POSITIONS:
         raise BadInput(f"--hidden-positions must be one of {', '.join(HIDDEN_POSITIONS)}, not {opts.hidden_positions!r}.")
-    outputs = Outputs(topk, tuple(sorted(opts.hidden_layers)), opts.hidden_positions, tuple(sentence), class_logits)
+    attention_layers = tuple(sorted(opts.attention_layers))
+    outputs = Outputs(topk, tuple(sorted(opts.hidden_layers)), opts.hidden_positions, tuple(sentence), class_logits,
+                      attention_layers, opts.max_length if attention_layers else 0)
     spec.check_outputs(outputs, opts.max_length)
     return outputs
 
@@ -133,7 +136,7 @@ def plan_job(spec: TeacherSpec, plan: CorpusPlan, opts: CacheTeachersOptions, co
     view_json = {**view.to_json(parallel), "cleaning": plan.cleaning.to_json(), "shard_size": plan.shard_size}
     corpus_identity = {"fingerprint": plan.fingerprint, "langs": list(plan.langs), "split": plan.to_json()["split"]}
     key = cache_key(spec.identity(), corpus_identity, view_json)
-    dense = outputs.dense_specs(spec.hidden_size, spec.num_labels)
+    dense = outputs.dense_specs(spec)
     meta = {
         "teacher": spec.to_json(),
         "corpus": {**plan.to_json(), "paths": list(plan.source.paths)},

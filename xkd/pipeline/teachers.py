@@ -108,16 +108,22 @@ class Outputs:
     hidden_positions: str = "all"
     sentence: tuple[str, ...] = ()
     class_logits: bool = False
+    # attn.<L>: per token, heads x attention_keys probabilities (keys zero-padded to the
+    # view's max length), so rows of any length share one dense width.
+    attention_layers: tuple[int, ...] = ()
+    attention_keys: int = 0
 
-    def dense_specs(self, hidden_size: int, num_labels: int) -> dict[str, DenseSpec]:
+    def dense_specs(self, teacher: "TeacherSpec") -> dict[str, DenseSpec]:
         specs = {
-            f"hidden.{layer}": DenseSpec(f"hidden.{layer}", HIDDEN_POSITIONS[self.hidden_positions], hidden_size)
+            f"hidden.{layer}": DenseSpec(f"hidden.{layer}", HIDDEN_POSITIONS[self.hidden_positions], teacher.hidden_size)
             for layer in self.hidden_layers
         }
+        for layer in self.attention_layers:
+            specs[f"attn.{layer}"] = DenseSpec(f"attn.{layer}", "token", teacher.num_heads * self.attention_keys)
         for name in self.sentence:
-            specs[name] = DenseSpec(name, "row", hidden_size)
+            specs[name] = DenseSpec(name, "row", teacher.hidden_size)
         if self.class_logits:
-            specs["class_logits"] = DenseSpec("class_logits", "row", num_labels)
+            specs["class_logits"] = DenseSpec("class_logits", "row", teacher.num_labels)
         return specs
 
     def to_json(self) -> dict:
@@ -126,6 +132,11 @@ class Outputs:
         d["sentence"] = list(self.sentence)
         if not self.hidden_layers:
             d["hidden_positions"] = None
+        # Absent rather than empty, so caches without attention keep the keys they always had.
+        if self.attention_layers:
+            d["attention_layers"] = list(self.attention_layers)
+        else:
+            del d["attention_layers"], d["attention_keys"]
         return d
 
 
@@ -145,6 +156,7 @@ class TeacherSpec:
     special_ids: dict
     hidden_size: int
     num_layers: int
+    num_heads: int
     num_labels: int
     max_positions: int
     lowercase: bool
@@ -178,6 +190,11 @@ class TeacherSpec:
             raise BadInput(
                 f"--hidden-layers {bad}: teacher {self.name!r} has layers 0 (embeddings) to {self.num_layers}."
             )
+        bad = [layer for layer in outputs.attention_layers if not 1 <= layer <= self.num_layers]
+        if bad:
+            raise BadInput(
+                f"--attention-layers {bad}: teacher {self.name!r} has attention in layers 1 to {self.num_layers}."
+            )
         if max_length > self.max_positions:
             raise BadInput(f"--max-length {max_length} exceeds teacher {self.name!r}'s {self.max_positions} positions.")
 
@@ -203,7 +220,8 @@ def describe_teacher(resolved: ResolvedTeacher) -> TeacherSpec:
         weights_sha256=weights_sha256(path), tokenizer_sha256=tokenizer_sha256(path),
         vocab_size=len(tokenizer), model_vocab_size=int(config.get("vocab_size", len(tokenizer))),
         special_ids=special_ids(tokenizer), hidden_size=int(config["hidden_size"]),
-        num_layers=int(config["num_hidden_layers"]), num_labels=int(len(config.get("id2label") or {}) or 0),
+        num_layers=int(config["num_hidden_layers"]), num_heads=int(config.get("num_attention_heads", 0)),
+        num_labels=int(len(config.get("id2label") or {}) or 0),
         max_positions=max_positions, lowercase=bool(getattr(tokenizer, "do_lower_case", False)),
         pooling=pooling_config(path, kind),
     )
@@ -257,18 +275,22 @@ class LoadedTeacher:
             input_ids = torch.from_numpy(batch.input_ids).to(dev, non_blocking=True)
             attention = torch.from_numpy(batch.attention_mask).to(dev, non_blocking=True)
             want_hidden = bool(outputs.hidden_layers)
+            want_attention = bool(outputs.attention_layers)
+            if want_attention:
+                self.use_eager_attention()
             if self.spec.kind == "classifier":
                 captured = {}
                 hook = self.base.register_forward_hook(lambda _m, _a, out: captured.__setitem__("base", out))
                 try:
                     logits = self.model(input_ids=input_ids, attention_mask=attention,
-                                        output_hidden_states=want_hidden).logits
+                                        output_hidden_states=want_hidden, output_attentions=want_attention).logits
                 finally:
                     hook.remove()
                 base = captured["base"]
             else:
                 logits = None
-                base = self.base(input_ids=input_ids, attention_mask=attention, output_hidden_states=want_hidden)
+                base = self.base(input_ids=input_ids, attention_mask=attention, output_hidden_states=want_hidden,
+                                 output_attentions=want_attention)
             sequence = base.last_hidden_state
             out: dict[str, np.ndarray] = {}
             n_rows = input_ids.shape[0]
@@ -318,6 +340,13 @@ class LoadedTeacher:
                     states = base.hidden_states[layer]
                     picked = states[:, 0] if outputs.hidden_positions == "cls" else states[where[outputs.hidden_positions]]
                     out[f"hidden.{layer}"] = picked.to(torch.float16).cpu().numpy()
+            if want_attention:
+                real = attention.bool()
+                for layer in outputs.attention_layers:
+                    maps = base.attentions[layer - 1]  # (batch, heads, query, key)
+                    keys = torch.nn.functional.pad(maps, (0, outputs.attention_keys - maps.shape[-1]))
+                    per_query = keys.permute(0, 2, 1, 3).reshape(n_rows, maps.shape[2], -1)
+                    out[f"attn.{layer}"] = per_query[real].to(torch.float16).cpu().numpy()
             if "cls" in outputs.sentence:
                 out["cls"] = sequence[:, 0].to(torch.float16).cpu().numpy()
             if "pooled" in outputs.sentence:
@@ -325,6 +354,11 @@ class LoadedTeacher:
             if outputs.class_logits:
                 out["class_logits"] = logits.to(torch.float16).cpu().numpy()
         return out
+
+    def use_eager_attention(self) -> None:
+        # Fused attention kernels (sdpa, flash) never materialise the probabilities.
+        if self.model.config._attn_implementation != "eager":
+            self.model.set_attn_implementation("eager")
 
     def pool(self, base, attention):
         import torch

@@ -117,7 +117,7 @@ def process_shard(task: ShardTask) -> dict:
 
     t0 = time.perf_counter()
     columns = assemble_columns(rows, outputs, view)
-    specs = view.outputs.dense_specs(task.teacher.hidden_size, task.teacher.num_labels)
+    specs = view.outputs.dense_specs(task.teacher)
     record = write_shard_files(
         task.cache_root, task.slice.shard_id, columns, dense, specs,
         has_topk=bool(view.outputs.topk), has_text=view.text,
@@ -206,8 +206,7 @@ def run_teacher(teacher, rows: Rows, outputs: Outputs, token_budget: int) -> tup
     n_masked = np.array([len(p) for p in rows.positions], dtype=np.int64)
     n_words = np.array([int(ws.sum()) for ws in rows.word_start], dtype=np.int64)
     token_starts, masked_starts, word_starts_ = _starts(lengths), _starts(n_masked), _starts(n_words)
-    spec = teacher.spec
-    specs = outputs.dense_specs(spec.hidden_size, spec.num_labels)
+    specs = outputs.dense_specs(teacher.spec)
     extent = {"row": n, "token": int(lengths.sum()), "word": int(n_words.sum())}
     dense = {name: np.zeros((extent[s.align], s.dim), dtype=np.float16) for name, s in specs.items()}
     total_masked = int(n_masked.sum())

@@ -127,6 +127,18 @@ class MBLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, BertOnlyMLMHead):
             init.zeros_(module.predictions.bias)
 
+    def _head_output(self, output_class, head, loss_fn, labels, inputs: dict, return_dict: bool | None):
+        """The encoder, then `head` on its output, as `output_class` (or a tuple): the part
+        every MBLM task model shares."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.mblm(**inputs, return_dict=True)
+        logits = head(outputs)
+        loss = loss_fn(labels, logits) if labels is not None else None
+        if not return_dict:
+            rest = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            return ((loss,) + rest) if loss is not None else rest
+        return output_class(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
     @classmethod
     def from_bert(cls, bert: PreTrainedModel | str | Path, branch_languages: Sequence[str], branch_layers: int = 4,
                   **config_overrides):
@@ -345,16 +357,12 @@ class MBLMForSequenceClassification(MBLMPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> SequenceClassifierOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.mblm(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                            position_ids=position_ids, inputs_embeds=inputs_embeds, lang=lang,
-                            output_hidden_states=output_hidden_states, return_dict=True)
-        logits = self.classifier(self.dropout(outputs.pooler_output))
-        loss = ForSequenceClassificationLoss(labels, logits, self.config) if labels is not None else None
-        if not return_dict:
-            rest = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + rest) if loss is not None else rest
-        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                      position_ids=position_ids, inputs_embeds=inputs_embeds, lang=lang,
+                      output_hidden_states=output_hidden_states)
+        return self._head_output(SequenceClassifierOutput, lambda out: self.classifier(self.dropout(out.pooler_output)),
+                                 lambda y, logits: ForSequenceClassificationLoss(y, logits, self.config),
+                                 labels, inputs, return_dict)
 
     def _copy_head_from_bert(self, source: PreTrainedModel) -> None:
         if isinstance(source, BertForSequenceClassification) and source.config.num_labels == self.num_labels:
@@ -395,18 +403,12 @@ class MBLMForMaskedLM(MBLMPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> MaskedLMOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.mblm(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                            position_ids=position_ids, inputs_embeds=inputs_embeds, lang=lang,
-                            output_hidden_states=output_hidden_states, return_dict=True)
-        logits = self.cls(outputs.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(logits.view(-1, self.config.vocab_size), labels.view(-1))
-        if not return_dict:
-            rest = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + rest) if loss is not None else rest
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                      position_ids=position_ids, inputs_embeds=inputs_embeds, lang=lang,
+                      output_hidden_states=output_hidden_states)
+        return self._head_output(MaskedLMOutput, lambda out: self.cls(out.last_hidden_state),
+                                 lambda y, logits: nn.functional.cross_entropy(logits.view(-1, self.config.vocab_size), y.view(-1)),
+                                 labels, inputs, return_dict)
 
     def _copy_head_from_bert(self, source: PreTrainedModel) -> None:
         if isinstance(source, BertForMaskedLM):

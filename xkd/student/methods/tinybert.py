@@ -213,8 +213,9 @@ class TinyBERT(Method):
         cached_attn = all(all(a in c.dense_specs for a in attn) for c in caches) and bool(attn)
         self.use_attention = intermediate and self.weights["attention"] > 0 and cached_attn
         if intermediate and self.weights["attention"] > 0 and not cached_attn:
-            self.attention_note = ("attention distillation is off: the caches hold no attn.<layer> outputs "
-                                   "(see docs/methods.md, tinybert)")
+            layers = ",".join(str(g) for g in dict.fromkeys(self.map.values()))
+            self.attention_note = ("attention distillation is off: the caches hold no attn.<layer> outputs; "
+                                   f"re-run cache-teachers with --attention-layers {layers} to turn it on")
             warnings.warn(f"--method tinybert: {self.attention_note}.", stacklevel=2)
         if self.use_attention:
             self._setup_attention(student, caches, attn)
