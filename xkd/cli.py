@@ -336,9 +336,10 @@ def finetune_teacher_cmd(
 
 
 def main() -> None:
-    # transformers' load reports and deprecation notices drown xkd's own progress lines;
-    # TRANSFORMERS_VERBOSITY=warning brings them back.
+    # transformers' load reports, notices and weight-loading bars drown xkd's own progress
+    # lines; TRANSFORMERS_VERBOSITY=warning / HF_HUB_DISABLE_PROGRESS_BARS=0 bring them back.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     app()
 
 
