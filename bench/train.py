@@ -115,6 +115,15 @@ def dataset(caches, vocab, method, *, batch_size: int, remap: bool, collate: boo
     )
 
 
+# What a rejected optimisation measured, kept in the report so it is not tried again blindly.
+PREFETCH_TRIED = (
+    " Reading the next shuffle window in a background thread while the current one's batches are"
+    " gathered was tried (2026-11-21, quiet machine, same passes): the train-student loader went from"
+    " 0.45x to 0.41x of the raw scan and the bare one from 0.68x to 0.54x, because on two cores the"
+    " thread competes with pyarrow's own decoding threads; it was not kept."
+)
+
+
 # (a) Loader throughput ------------------------------------------------------------------
 
 
@@ -479,7 +488,7 @@ def report(loader: dict, steps: dict, rss: dict, seconds: float, load: tuple[flo
             "windows (numba, one copy), remapping ids, padding into int64 tensors (numba), the collate's "
             "conversions to torch, and, where a language crosses into its next epoch near the end of a pass, a "
             "whole window read for a few rows. It is Python-level work per batch and per window on one core, "
-            "where pyarrow decodes a row group's columns on both.",
+            "where pyarrow decodes a row group's columns on both." + PREFETCH_TRIED,
         ]
     lines += [
         "",
