@@ -100,6 +100,24 @@ def test_the_cached_attention_is_the_teachers(setup):
                 np.testing.assert_allclose(cached.sum(-1), 1.0, atol=2e-3)
 
 
+def test_a_classifier_teachers_cached_attention_is_its_own(setup, client, tmp_path):
+    """Classifiers run through their task model (the base's output is captured by a hook);
+    their attention must come from that same forward."""
+    from transformers import BertForSequenceClassification
+
+    cache = cache_teachers(CacheTeachersOptions(teachers=[str(setup["root"] / "classifier")], corpus=TATOEBA,
+                                                out=str(tmp_path), sides="src", max_pairs=4, attention_layers=(4,),
+                                                max_length=MAX_LENGTH), client=client, log=io.StringIO())
+    model = BertForSequenceClassification.from_pretrained(setup["root"] / "classifier", attn_implementation="eager").eval()
+    with torch.no_grad():
+        for row in open_cache(cache["caches"][0]["path"]).iter_examples():
+            n = len(row["input_ids"])
+            out = model(input_ids=torch.from_numpy(row["input_ids"].astype(np.int64))[None], output_attentions=True)
+            cached = row["attn.4"].astype(np.float32).reshape(n, 2, MAX_LENGTH)[:, :, :n]
+            np.testing.assert_allclose(cached, out.attentions[3][0].permute(1, 0, 2).numpy(), atol=1e-3, rtol=1e-3)
+            np.testing.assert_allclose(row["class_logits"].astype(np.float32), out.logits[0].numpy(), atol=1e-2)
+
+
 def test_attention_layers_out_of_range_name_the_option(setup, tmp_path):
     r = invoke("cache-teachers", "--teacher", setup["teacher"], "--corpus", TATOEBA, "--attention-layers", "0,5",
                "--out", tmp_path)
