@@ -25,8 +25,8 @@ class Need:
             return cache.topk_k is not None
         if self.output == "text":
             return cache.has_text
-        if self.output == "hidden.*":
-            return any(n.startswith("hidden.") for n in cache.dense_specs)
+        if self.output.endswith(".*"):
+            return any(n.startswith(self.output[:-1]) for n in cache.dense_specs)
         return self.output in cache.dense_specs
 
 

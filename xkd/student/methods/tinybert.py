@@ -133,6 +133,7 @@ class TinyBERT(Method):
     name = "tinybert"
     # What `xkd methods` shows; stage-specific checks happen in setup.
     needs = (Need("topk", "--topk 8 (stage 1)"), Need("hidden.*", HIDDEN_OPTION),
+             Need("attn.*", "--attention-layers 3,6,9,12 (optional: turns on L_attn)"),
              Need("class_logits", "--class-logits (stage 2)"))
 
     @classmethod
