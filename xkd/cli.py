@@ -335,11 +335,16 @@ def finetune_teacher_cmd(
         emit_json(summary)
 
 
-def main() -> None:
+def quiet_transformers() -> None:
     # transformers' load reports, notices and weight-loading bars drown xkd's own progress
     # lines; TRANSFORMERS_VERBOSITY=warning / HF_HUB_DISABLE_PROGRESS_BARS=0 bring them back.
+    # Environment defaults, so they also reach dask workers started from here.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def main() -> None:
+    quiet_transformers()
     app()
 
 

@@ -21,9 +21,12 @@ import argparse
 import os
 import sys
 
+from .cli import quiet_transformers
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+quiet_transformers()
 
 
 def main(argv: list[str] | None = None) -> int:
