@@ -335,7 +335,7 @@ def finetune_teacher_cmd(
         emit_json(summary)
 
 
-def quiet_transformers() -> None:
+def quiet_transformers_by_default() -> None:
     # transformers' load reports, notices and weight-loading bars drown xkd's own progress
     # lines; TRANSFORMERS_VERBOSITY=warning / HF_HUB_DISABLE_PROGRESS_BARS=0 bring them back.
     # Environment defaults, so they also reach dask workers started from here.
@@ -344,7 +344,7 @@ def quiet_transformers() -> None:
 
 
 def main() -> None:
-    quiet_transformers()
+    quiet_transformers_by_default()
     app()
 
 

@@ -21,12 +21,12 @@ import argparse
 import os
 import sys
 
-from .cli import quiet_transformers
+from .cli import quiet_transformers_by_default
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-quiet_transformers()
+quiet_transformers_by_default()
 
 
 def main(argv: list[str] | None = None) -> int:

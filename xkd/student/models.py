@@ -3,7 +3,11 @@ transformers does (AutoModelForMaskedLM + AutoTokenizer on the output directory)
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -82,3 +86,81 @@ class Student(torch.nn.Module):
             hidden_states=getattr(out, "hidden_states", None),
             attentions=getattr(out, "attentions", None),
         )
+
+
+# Sequence-classifier students (xd, multikd, tinybert stage 2) ------------------------
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Loading an encoder under a new head reports every unused and new weight; here that is
+    the intent, not news."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def classifier_student(vocab, config, init_from: str | None, init_teacher: str | None, num_labels: int,
+                       label_names: list[str] | None = None):
+    """A sequence classifier over the union vocab: the encoder of the default masked-LM
+    student (random, or `init_from` through the union-vocab embedding initialisation) under
+    a classification head. When `init_from` has a pooler (a BERT encoder such as MiniLM, or a
+    classifier) it is copied; when it is a sequence classifier with the same number of
+    classes, its classifier is copied too, so the student starts as the teacher."""
+    from transformers import AutoModelForSequenceClassification
+
+    if init_from:
+        from ..vocab import student_from_teacher
+
+        with quiet_transformers():
+            masked_lm = student_from_teacher(init_from, vocab, init_teacher)[0]
+    else:
+        masked_lm = build_student(config, vocab.size, vocab.pad_id)
+    cfg = copy.deepcopy(masked_lm.config)
+    cfg.architectures = None
+    cfg.num_labels = num_labels
+    if label_names and len(label_names) == num_labels:
+        cfg.id2label = dict(enumerate(label_names))
+        cfg.label2id = {name: i for i, name in enumerate(label_names)}
+    model = AutoModelForSequenceClassification.from_config(cfg)
+    missing, unexpected = model.base_model.load_state_dict(masked_lm.base_model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("pooler.") for k in missing):
+        raise BadInput(f"the student's encoder does not fit a {type(model).__name__} (missing {missing[:3]}, "
+                       f"unexpected {unexpected[:3]}).")
+    if init_from:
+        with quiet_transformers():
+            _copy_head(model, init_from, num_labels)
+    return model.eval()
+
+
+def _copy_head(model, init_from: str, num_labels: int) -> None:
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from ..names import resolve_teacher
+
+    path = resolve_teacher(init_from).path
+    config = json.loads((Path(path) / "config.json").read_text())
+    is_classifier = any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+    if is_classifier and len(config.get("id2label") or {}) == num_labels:
+        source = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
+        model.classifier.load_state_dict(source.classifier.state_dict())
+        model.config.id2label, model.config.label2id = dict(source.config.id2label), dict(source.config.label2id)
+        encoder = source.base_model
+    else:
+        encoder = AutoModel.from_pretrained(str(path), dtype=torch.float32)
+    ours = getattr(model.base_model, "pooler", None)
+    theirs = getattr(encoder, "pooler", None)
+    if ours is not None and theirs is not None:
+        ours.load_state_dict(theirs.state_dict())
+
+
+def is_classifier(model) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")

@@ -133,3 +133,31 @@ def masked_log_probs(student, batch: dict) -> torch.Tensor:
     logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      masked_flat=batch["masked_flat"]).logits
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+TEXT_NEED = Need("text", "--text (on by default; drop --no-text)")
+# Options every method receives from train-student, whatever it is.
+COMMON_OPTIONS = {"lambda_schedule", "lambda_start", "lambda_end", "temperature", "kd_target"}
+
+
+def check_options(method: str, options: dict, defaults: dict) -> dict:
+    unknown = sorted(set(options) - set(defaults) - COMMON_OPTIONS)
+    if unknown:
+        raise BadInput(f"--option {', '.join(unknown)}: not an option of {method}. Its options: {', '.join(defaults)}.")
+    return {**defaults, **{k: v for k, v in options.items() if k in defaults}}
+
+
+def dense_dim(caches, name: str, method: str) -> int:
+    dims = {c.dense_specs[name].dim for c in caches if name in c.dense_specs}
+    if len(dims) != 1:
+        raise BadInput(f"--method {method}: the caches' '{name}' outputs differ in width ({sorted(dims)}); "
+                       "give caches whose teachers agree (the same classes, the same vector size).")
+    return dims.pop()
+
+
+def row_vectors(rows: dict, name: str) -> torch.Tensor:
+    """A row-aligned dense output (one vector per row) as an fp32 (rows, dim) tensor."""
+    ragged = rows[name]
+    if not np.all(ragged.lengths() == 1):
+        raise BadInput(f"the cached '{name}' output is not one vector per row; re-run cache-teachers.")
+    return torch.from_numpy(np.asarray(ragged.values, dtype=np.float32).reshape(len(ragged.lengths()), -1))

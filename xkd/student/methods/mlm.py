@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from ...errors import BadInput
 from . import register
-from .base import Method, collate_masked_lm, masked_log_probs
-from .tlm import TEXT_COLUMNS, TEXT_NEED, collate_tlm, pair_languages
+from .base import TEXT_NEED, Method, collate_masked_lm, masked_log_probs
+from .tlm import TEXT_COLUMNS, collate_tlm, pair_languages
 
 
 @register

@@ -32,9 +32,9 @@ from torch import nn
 
 from ...errors import BadInput
 from . import register
-from .base import Method, Need, parse_bool
+from .base import TEXT_NEED, Method, Need, parse_bool
 from .tlm import (
-    PURPOSE_XWCL, TEXT_COLUMNS, TEXT_NEED, choose_words, concat_pair, corrupt, epochs_of, flat_positions, mask_pairs,
+    PURPOSE_XWCL, TEXT_COLUMNS, choose_words, concat_pair, corrupt, epochs_of, flat_positions, mask_pairs,
     one_side_pairs, padded_ids, row_rng, tokenize_pairs,
 )
 

@@ -40,10 +40,9 @@ import torch.nn.functional as F
 
 from ...errors import BadInput
 from . import register
-from .base import Method, Need
-from .tlm import padded_ids
-from .xd import TEXT_NEED, check_options, classifier_student, dense_dim, is_classifier, parse_bool, row_vectors, \
-    tokenize_by_language
+from ..models import classifier_student, is_classifier
+from .base import TEXT_NEED, Method, Need, check_options, dense_dim, parse_bool, row_vectors
+from .tlm import padded_ids, tokenize_by_language
 
 STUDENTS = ("plain", "mblm")
 DEFAULTS = {

@@ -47,10 +47,10 @@ from torch import nn
 from ...errors import BadInput
 from ..data import padded
 from . import register
-from .base import Method, Need, collate_masked_lm
+from ..models import classifier_student, is_classifier, quiet_transformers
+from .base import Method, Need, check_options, collate_masked_lm, dense_dim, row_vectors
 from .mergedistill import kd_tail, kd_topk
 from .multikd import kd_cross_entropy
-from .xd import check_options, classifier_student, dense_dim, is_classifier, quiet_transformers, row_vectors
 
 DEFAULTS = {
     "stage": "1", "layer_map": "uniform", "pred_weight": 1.0, "embedding_weight": 1.0, "hidden_weight": 1.0,

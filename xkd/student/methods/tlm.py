@@ -30,7 +30,6 @@ import torch
 from ...errors import BadInput
 from ...storage import Ragged
 from ..data import padded
-from .base import Need
 
 # One random stream per use, so that TLM and XWCL masks of one example are independent.
 PURPOSE_TLM = 1
@@ -246,4 +245,14 @@ def collate_tlm(vocab, rows: dict, pairs, *, seed: int, prob: float, max_length:
 
 # The cache columns these inputs are built from, and the cache-teachers option storing them.
 TEXT_COLUMNS = ("example_id", "lang", "side", "mask_epoch", "text", "pair_text")
-TEXT_NEED = Need("text", "--text")
+
+
+def tokenize_by_language(vocab, texts: list[str], langs: list[str], max_length: int) -> list[np.ndarray]:
+    """Union ids of each text as the student sees its language (one tokenizer call per language)."""
+    out: list[np.ndarray | None] = [None] * len(texts)
+    langs_arr = np.asarray(langs, dtype=object)
+    for lang in dict.fromkeys(langs):
+        rows = np.flatnonzero(langs_arr == lang)
+        for r, ids in zip(rows, vocab.tokenize([texts[r] for r in rows], lang, max_length=max_length)):
+            out[r] = ids.astype(np.int64)
+    return out

@@ -29,10 +29,7 @@ each as the union vocab routes its language (`Vocab.tokenize`). See docs/methods
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,50 +38,14 @@ from torch import nn
 
 from ...errors import BadInput
 from . import register
-from .base import Method, Need, parse_bool
-from .tlm import one_side_pairs, padded_ids, partner_languages
+from ..models import classifier_student, is_classifier
+from .base import TEXT_NEED, Method, Need, check_options, dense_dim, parse_bool, row_vectors
+from .tlm import one_side_pairs, padded_ids, partner_languages, tokenize_by_language
 
 TARGETS = ("class_logits", "pooled")
 TARGET_NEEDS = {"class_logits": "--class-logits", "pooled": "--sentence pooled"}
 POOLINGS = ("mean", "cls", "max", "mean_sqrt_len")
-TEXT_NEED = Need("text", "--text (on by default; drop --no-text)")
-# Options every method receives from train-student, whatever it is.
-COMMON_OPTIONS = {"lambda_schedule", "lambda_start", "lambda_end", "temperature", "kd_target"}
 DEFAULTS = {"target": None, "keep_source": "true", "max_length": 128, "pooling": None, "normalize": None}
-
-
-def check_options(method: str, options: dict, defaults: dict) -> dict:
-    unknown = sorted(set(options) - set(defaults) - COMMON_OPTIONS)
-    if unknown:
-        raise BadInput(f"--option {', '.join(unknown)}: not an option of {method}. Its options: {', '.join(defaults)}.")
-    return {**defaults, **{k: v for k, v in options.items() if k in defaults}}
-
-
-def dense_dim(caches, name: str, method: str) -> int:
-    dims = {c.dense_specs[name].dim for c in caches if name in c.dense_specs}
-    if len(dims) != 1:
-        raise BadInput(f"--method {method}: the caches' '{name}' outputs differ in width ({sorted(dims)}); "
-                       "give caches whose teachers agree (the same classes, the same vector size).")
-    return dims.pop()
-
-
-def tokenize_by_language(vocab, texts: list[str], langs: list[str], max_length: int) -> list[np.ndarray]:
-    """Union ids of each text as the student sees its language (one tokenizer call per language)."""
-    out: list[np.ndarray | None] = [None] * len(texts)
-    langs_arr = np.asarray(langs, dtype=object)
-    for lang in dict.fromkeys(langs):
-        rows = np.flatnonzero(langs_arr == lang)
-        for r, ids in zip(rows, vocab.tokenize([texts[r] for r in rows], lang, max_length=max_length)):
-            out[r] = ids.astype(np.int64)
-    return out
-
-
-def row_vectors(rows: dict, name: str) -> torch.Tensor:
-    """A row-aligned dense output (one vector per row) as an fp32 (rows, dim) tensor."""
-    ragged = rows[name]
-    if not np.all(ragged.lengths() == 1):
-        raise BadInput(f"the cached '{name}' output is not one vector per row; re-run cache-teachers.")
-    return torch.from_numpy(np.asarray(ragged.values, dtype=np.float32).reshape(len(ragged.lengths()), -1))
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -102,83 +63,6 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch
 def squared_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """|| s - t ||^2 summed over dimensions, averaged over examples."""
     return (student - teacher).pow(2).sum(-1).mean()
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """Loading an encoder under a new head reports every unused and new weight; here that is
-    the intent, not news."""
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def classifier_student(vocab, config, init_from: str | None, init_teacher: str | None, num_labels: int,
-                       label_names: list[str] | None = None):
-    """A sequence classifier over the union vocab: the encoder of the default masked-LM
-    student (random, or `init_from` through the union-vocab embedding initialisation) under
-    a classification head. When `init_from` has a pooler (a BERT encoder such as MiniLM, or a
-    classifier) it is copied; when it is a sequence classifier with the same number of
-    classes, its classifier is copied too, so the student starts as the teacher."""
-    from transformers import AutoModelForSequenceClassification
-
-    from ..models import build_student
-
-    if init_from:
-        from ...vocab import student_from_teacher
-
-        with quiet_transformers():
-            masked_lm = student_from_teacher(init_from, vocab, init_teacher)[0]
-    else:
-        masked_lm = build_student(config, vocab.size, vocab.pad_id)
-    cfg = copy.deepcopy(masked_lm.config)
-    cfg.architectures = None
-    cfg.num_labels = num_labels
-    if label_names and len(label_names) == num_labels:
-        cfg.id2label = dict(enumerate(label_names))
-        cfg.label2id = {name: i for i, name in enumerate(label_names)}
-    model = AutoModelForSequenceClassification.from_config(cfg)
-    missing, unexpected = model.base_model.load_state_dict(masked_lm.base_model.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("pooler.") for k in missing):
-        raise BadInput(f"the student's encoder does not fit a {type(model).__name__} (missing {missing[:3]}, "
-                       f"unexpected {unexpected[:3]}).")
-    if init_from:
-        with quiet_transformers():
-            _copy_head(model, init_from, num_labels)
-    return model.eval()
-
-
-def _copy_head(model, init_from: str, num_labels: int) -> None:
-    from transformers import AutoModel, AutoModelForSequenceClassification
-
-    from ...names import resolve_teacher
-
-    path = resolve_teacher(init_from).path
-    config = json.loads((Path(path) / "config.json").read_text())
-    is_classifier = any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
-    if is_classifier and len(config.get("id2label") or {}) == num_labels:
-        source = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
-        model.classifier.load_state_dict(source.classifier.state_dict())
-        model.config.id2label, model.config.label2id = dict(source.config.id2label), dict(source.config.label2id)
-        encoder = source.base_model
-    else:
-        encoder = AutoModel.from_pretrained(str(path), dtype=torch.float32)
-    ours = getattr(model.base_model, "pooler", None)
-    theirs = getattr(encoder, "pooler", None)
-    if ours is not None and theirs is not None:
-        ours.load_state_dict(theirs.state_dict())
-
-
-def is_classifier(model) -> bool:
-    return type(model).__name__.endswith("ForSequenceClassification")
 
 
 def resolve_target(options: dict | None, caches) -> str:
