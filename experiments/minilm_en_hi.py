@@ -110,7 +110,8 @@ def main() -> None:
     write_report(results, curves, log, total, dir_bytes(Path(cache)), cached["caches"][0], args)
 
 
-def write_report(results, curves, log, total, cache_bytes, cache_info, args) -> None:
+def plot(results: dict, curves: dict) -> None:
+    """docs/results.png: each student's training loss, and retrieval accuracy against chance."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,15 +126,22 @@ def write_report(results, curves, log, total, cache_bytes, cache_info, args) -> 
     ax1.legend()
     names = list(results)
     keys = [k for k in results[names[0]] if k.startswith("accuracy")]
+    pairs = results[names[0]]["pairs"]
     width = 0.8 / len(keys)
     for i, key in enumerate(keys):
         ax2.bar([j + i * width for j in range(len(names))], [results[n][key] for n in names], width, label=key.replace("accuracy_", ""))
+    ax2.axhline(1 / pairs, color="grey", linestyle="--", linewidth=1, label="chance")
     ax2.set_xticks([j + width * (len(keys) - 1) / 2 for j in range(len(names))], names, rotation=15, fontsize=8)
-    ax2.set_ylabel("Tatoeba hin-eng retrieval accuracy")
+    ax2.set_ylabel(f"Tatoeba hin-eng retrieval accuracy ({pairs:,} pairs)")
     ax2.legend()
     fig.tight_layout()
     fig.savefig(ROOT / "docs" / "results.png", dpi=110)
 
+
+def write_report(results, curves, log, total, cache_bytes, cache_info, args) -> None:
+    plot(results, curves)
+    names = list(results)
+    keys = [k for k in results[names[0]] if k.startswith("accuracy")]
     lines = [
         "# Real-teacher experiment: MiniLM -> union-vocab student on English-Hindi",
         "",
@@ -174,7 +182,7 @@ def write_report(results, curves, log, total, cache_bytes, cache_info, args) -> 
     report = ROOT / "docs" / "results.md"
     previous = report.read_text() if report.exists() else ""
     kept = previous[previous.index(HAND_WRITTEN):] if HAND_WRITTEN in previous else ""
-    report.write_text("\n".join(lines) + kept)
+    report.write_text("\n".join(lines) + ("\n" + kept if kept else ""))
     print("\n".join(lines))
 
 
