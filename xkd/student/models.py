@@ -1,5 +1,6 @@
-"""Student models: plain Hugging Face masked LMs, so a trained student loads anywhere
-transformers does (AutoModelForMaskedLM + AutoTokenizer on the output directory)."""
+"""Student models: plain Hugging Face masked LMs (and, for methods that distil class logits,
+sequence classifiers over the same encoder), so a trained student loads anywhere
+transformers does (AutoModelFor... + AutoTokenizer on the output directory)."""
 
 from __future__ import annotations
 
@@ -148,8 +149,8 @@ def _copy_head(model, init_from: str, num_labels: int) -> None:
 
     path = resolve_teacher(init_from).path
     config = json.loads((Path(path) / "config.json").read_text())
-    is_classifier = any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
-    if is_classifier and len(config.get("id2label") or {}) == num_labels:
+    source_is_classifier = any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+    if source_is_classifier and len(config.get("id2label") or {}) == num_labels:
         source = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
         model.classifier.load_state_dict(source.classifier.state_dict())
         model.config.id2label, model.config.label2id = dict(source.config.id2label), dict(source.config.label2id)
