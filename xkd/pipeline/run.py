@@ -98,7 +98,7 @@ def parse_list(value: str | None, option: str, allowed=None, cast=str) -> tuple:
     try:
         items = [cast(v) for v in items]
     except ValueError:
-        raise BadInput(f"{option} {value!r}: give a comma-separated list, e.g. {option} 0,6,12.") from None
+        raise BadInput(f"{option} {value!r}: give a comma-separated list, e.g. {option} 3,6.") from None
     if allowed is not None and (bad := [v for v in items if v not in allowed]):
         raise BadInput(f"{option}: {bad} not allowed; choose from {', '.join(allowed)}.")
     return tuple(dict.fromkeys(items))
