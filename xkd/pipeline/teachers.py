@@ -363,19 +363,13 @@ class LoadedTeacher:
     def pool(self, base, attention):
         import torch
 
+        from ..pooling import pool_tokens
+
         mode = self.spec.pooling["mode"]
-        sequence = base.last_hidden_state.float()
-        mask = attention.to(torch.float32)[:, :, None]
         if mode == "pooler":
             pooled = base.pooler_output.float()
-        elif mode == "cls":
-            pooled = sequence[:, 0]
-        elif mode == "max":
-            pooled = sequence.masked_fill(mask == 0, float("-inf")).amax(dim=1)
         else:
-            summed = (sequence * mask).sum(dim=1)
-            count = mask.sum(dim=1).clamp(min=1e-9)
-            pooled = summed / (count.sqrt() if mode == "mean_sqrt_len" else count)
+            pooled = pool_tokens(base.last_hidden_state.float(), attention, mode)
         if self.spec.pooling.get("normalize"):
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return pooled

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import BadInput
+from ..pooling import pool_tokens
 from .data import _block_rows, _concat_rows, _remap_rows, _take_rows, num_rows
 from .methods.base import collate_masked_lm, masked_log_probs
 from .models import Student
@@ -117,12 +118,7 @@ def sentence_vectors(model, vocab, texts: list[str], lang: str, pooling: str = "
         enc = vocab.encode(texts[start : start + batch_size], lang, max_length=max_length)
         ids, mask = torch.from_numpy(enc["input_ids"]), torch.from_numpy(enc["attention_mask"])
         hidden = student(input_ids=ids, attention_mask=mask, masked_flat=torch.zeros(0, dtype=torch.long)).last_hidden_state
-        if pooling == "cls":
-            vec = hidden[:, 0]
-        else:
-            weights = mask[..., None].to(hidden.dtype)
-            vec = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
-        out.append(torch.nn.functional.normalize(vec.float(), dim=-1))
+        out.append(torch.nn.functional.normalize(pool_tokens(hidden.float(), mask, pooling), dim=-1))
     return torch.cat(out)
 
 

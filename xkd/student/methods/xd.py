@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import BadInput
+from ...pooling import MODES as POOLING_MODES, pool_tokens
 from . import register
 from ..models import classifier_student, is_classifier
 from .base import TEXT_NEED, Method, Need, check_options, dense_dim, parse_bool, row_vectors
@@ -44,20 +45,7 @@ from .tlm import one_side_pairs, padded_ids, partner_languages, tokenize_by_lang
 
 TARGETS = ("class_logits", "pooled")
 TARGET_NEEDS = {"class_logits": "--class-logits", "pooled": "--sentence pooled"}
-POOLINGS = ("mean", "cls", "max", "mean_sqrt_len")
 DEFAULTS = {"target": None, "keep_source": "true", "max_length": 128, "pooling": None, "normalize": None}
-
-
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """A sentence vector from token states, as the pipeline pools a teacher (teachers.py)."""
-    mask = attention_mask.to(hidden.dtype)[:, :, None]
-    if mode == "cls":
-        return hidden[:, 0]
-    if mode == "max":
-        return hidden.masked_fill(mask == 0, float("-inf")).amax(dim=1)
-    summed = (hidden * mask).sum(dim=1)
-    count = mask.sum(dim=1).clamp(min=1e-9)
-    return summed / (count.sqrt() if mode == "mean_sqrt_len" else count)
 
 
 def squared_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -104,8 +92,8 @@ class XD(Method):
         self.target_option = o["target"]
         self.keep_source = parse_bool(o["keep_source"], "keep_source")
         self.max_length = int(o["max_length"])
-        if o["pooling"] is not None and o["pooling"] not in POOLINGS:
-            raise BadInput(f"--option pooling={o['pooling']}: choose {', '.join(POOLINGS)}.")
+        if o["pooling"] is not None and o["pooling"] not in POOLING_MODES:
+            raise BadInput(f"--option pooling={o['pooling']}: choose {', '.join(POOLING_MODES)}.")
         self.pooling_option = o["pooling"]
         self.normalize_option = None if o["normalize"] is None else parse_bool(o["normalize"], "normalize")
         self.target = None
@@ -143,7 +131,7 @@ class XD(Method):
                            "is a sequence classifier; build it with options {'target': 'pooled'}.")
         pooling = _teacher_pooling(caches)
         mode = pooling.get("mode", "mean")
-        self.pooling = self.pooling_option or (mode if mode in POOLINGS else "mean")
+        self.pooling = self.pooling_option or (mode if mode in POOLING_MODES else "mean")
         self.normalize = bool(pooling.get("normalize")) if self.normalize_option is None else self.normalize_option
         student_width = int(student.config.hidden_size)
         if student_width != width:
@@ -177,7 +165,7 @@ class XD(Method):
             return student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       masked_flat=torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device))
-        vectors = pool(out.last_hidden_state.float(), batch["attention_mask"], self.pooling)
+        vectors = pool_tokens(out.last_hidden_state.float(), batch["attention_mask"], self.pooling)
         if "projection" in self.modules:
             vectors = self.modules["projection"](vectors)
         return F.normalize(vectors, p=2, dim=-1) if self.normalize else vectors
