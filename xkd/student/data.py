@@ -381,6 +381,14 @@ def padded(col: Ragged, pad_value, dtype=torch.long) -> torch.Tensor:
     return torch.from_numpy(out.astype(np.int64 if dtype == torch.long else out.dtype, copy=False)).to(dtype)
 
 
+
+def padded_with_mask(ids: Ragged, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids as (input_ids, attention_mask), right-padded to the longest row."""
+    input_ids = padded(ids, pad_id)
+    lengths = torch.from_numpy(ids.lengths())
+    return input_ids, (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
+
+
 @njit(cache=True, nogil=True)
 def _pad_rows(values, offsets, out):
     """Row r's values into out[r, :length], widening to out's dtype as they are copied."""

@@ -10,7 +10,7 @@ import torch
 
 from ...errors import BadInput
 from ...storage import Cache, Ragged
-from ..data import padded
+from ..data import padded_with_mask
 
 
 @dataclass(frozen=True)
@@ -101,13 +101,10 @@ def lambda_at(schedule: str, start: float, end: float, step: int, total: int) ->
 
 def collate_masked_lm(rows: dict, pad_id: int) -> dict:
     """Padded student inputs plus everything at masked positions, flattened in row order."""
-    ids: Ragged = rows["input_ids"]
-    lengths = ids.lengths()
-    input_ids = padded(ids, pad_id)
+    input_ids, attention_mask = padded_with_mask(rows["input_ids"], pad_id)
     width = input_ids.shape[1]
-    attention_mask = (torch.arange(width)[None, :] < torch.from_numpy(lengths)[:, None]).long()
     masked: Ragged = rows["masked_positions"]
-    row_of = np.repeat(np.arange(len(lengths)), masked.lengths())
+    row_of = np.repeat(np.arange(len(input_ids)), masked.lengths())
     batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,

@@ -29,7 +29,7 @@ import torch
 
 from ...errors import BadInput
 from ...storage import Ragged
-from ..data import padded
+from ..data import padded_with_mask
 
 # One random stream per use, so that TLM and XWCL masks of one example are independent.
 PURPOSE_TLM = 1
@@ -144,11 +144,8 @@ def choose_words(rng: np.random.Generator, n_words: int, prob: float) -> np.ndar
 
 
 def padded_ids(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), right-padded to the longest row."""
-    ragged = Ragged.from_rows(rows, np.int64)
-    ids = padded(ragged, pad_id)
-    lengths = torch.from_numpy(ragged.lengths())
-    return ids, (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+    """(input_ids, attention_mask) of token-id rows, right-padded to the longest row."""
+    return padded_with_mask(Ragged.from_rows(rows, np.int64), pad_id)
 
 
 def pair_languages(caches) -> list[tuple[str, str] | None]:
