@@ -98,10 +98,11 @@ def build_union_vocab(out: Path):
 
 
 def mergedistill(vocab, total_steps: int = 1000):
-    from xkd.student.methods import get_method
+    from xkd.student.methods import Plan, get_method
+    from xkd.student.methods.mergedistill import COLUMNS
 
     method = get_method("mergedistill")
-    return method({}, vocab=vocab, total_steps=total_steps)
+    return method(method.Config(), Plan(columns=COLUMNS), vocab=vocab, total_steps=total_steps)
 
 
 def dataset(caches, vocab, method, *, batch_size: int, remap: bool, collate: bool, columns=None, seed: int = 0):
@@ -109,7 +110,7 @@ def dataset(caches, vocab, method, *, batch_size: int, remap: bool, collate: boo
     from xkd.student.run import remap_tables
 
     return StreamingDataset(
-        caches, StreamConfig(batch_size=batch_size, seed=seed, columns=tuple(columns or method.columns)),
+        caches, StreamConfig(batch_size=batch_size, seed=seed, columns=tuple(columns or method.plan.columns)),
         remap_tables=remap_tables(caches, vocab) if remap else None,
         collate=method.collate if collate else None,
     )
@@ -192,7 +193,7 @@ def read_share(caches, vocab, method, n_rows: int) -> float:
 def bench_loader(caches, vocab, repeats: int) -> dict:
     method = mergedistill(vocab)
     files = sorted(p for c in caches for p in (c.path / "shards").glob("*.parquet"))
-    columns = list(method.columns)
+    columns = list(method.plan.columns)
     total = sum(len(c) for c in caches)
     counts = {}
 
@@ -280,7 +281,7 @@ class StepRunner:
         self.trainer = Trainer(self.model, self.method, offline, TrainConfig(out=str(out), steps=1000), device="cpu")
         self.model.train()
         # Online KD reads what a teacher needs to see (its own ids, the masks), not the top-k.
-        online_columns = [c for c in self.method.columns if c not in ("topk_ids", "topk_logits", "lognorm")]
+        online_columns = [c for c in self.method.plan.columns if c not in ("topk_ids", "topk_logits", "lognorm")]
         online = dataset([cache], vocab, self.method, batch_size=batch_size, remap=False, collate=True,
                          columns=online_columns)
         self.batches = {"offline": iter(offline), "online": iter(online)}

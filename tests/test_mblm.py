@@ -1,7 +1,11 @@
 """The MBLM student (xkd/student/mblm.py): equivalence with BERT when branches are copies,
-zero-shot-aware detaching, the mixers, save/load through the Auto classes, from_bert."""
+distinct branches and mixers against an independent implementation of seeds/001 eqs. 7-12
+(values and gradients), zero-shot-aware detaching, the mixers, save/load through the Auto
+classes, from_bert."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -93,7 +97,211 @@ def test_identical_branches_reproduce_bert_masked_lm():
     assert mblm.cls.predictions.decoder.weight is mblm.mblm.embeddings.word_embeddings.weight
 
 
-# (2) zero-shot-aware detaching ------------------------------------------------------------------
+# (2) distinct branches against an independent implementation of seeds/001 eqs. 7-12 --------------
+#
+# The reference below is written from the paper, not from mblm.py. It reuses only plain BERT modules
+# of the model (the embeddings, one BertLayer per branch layer, the shared layers, the pooler's dense
+# layer and the heads) and reads the mixers' trainable vectors; the branch routing, the mixers, the
+# detaching of eq. 8 and the supervised / zero-shot handling are its own.
+
+def distinct_mblm(model_class, languages, branch_layers, seed):
+    """An MBLM from a random BERT whose branches then get distinct random weights and whose mixer
+    submodules get distinct, far-from-uniform vectors. No dropout, so training mode is deterministic."""
+    torch.manual_seed(seed)
+    bert_class = BertForSequenceClassification if model_class is MBLMForSequenceClassification else BertForMaskedLM
+    bert = bert_class(BertConfig(**TINY, **NO_DROPOUT, initializer_range=0.2))
+    model = model_class.from_bert(bert, languages, branch_layers=branch_layers)
+    with torch.no_grad():
+        for branch in model.mblm.branches:
+            for parameter in branch.parameters():
+                parameter.add_(torch.randn_like(parameter), alpha=0.2)
+        randomise_mixers(model.mblm, scale=0.5)
+    # every branch differs from every other in every tensor, and so does every mixer vector
+    mblm = model.mblm
+    for a in range(len(languages)):
+        for b in range(a):
+            assert all(not torch.equal(p, q) for p, q in zip(mblm.branches[a].parameters(),
+                                                            mblm.branches[b].parameters()))
+    for mixer in [*mblm.inner_mixers, mblm.outer_mixer]:
+        v = mixer.position_weights
+        assert all(not torch.equal(v[a], v[b]) for a in range(len(v)) for b in range(a))
+    return model
+
+
+def additive_attention_mask(mask):
+    """BERT's extended attention mask: 0 for real tokens, the most negative float for padding."""
+    return (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+
+
+def paper_mixing_weights(v, branch_outputs, mask):
+    """Eqs. 10-11 for one mixer submodule with trainable vector v. branch_outputs: H~(1..N_sp), each
+    [B, n, d]. h(l) = v . H~(l), a dot product over the n positions giving one score per feature
+    (padding positions left out, the choice docs/mblm.md states); w = softmax over the languages.
+    -> [N_sp, B, d]"""
+    n = mask.shape[1]
+    v_tokens = v[:n].unsqueeze(0) * mask.float()  # [B, n]: v over this batch's real positions
+    scores = torch.stack([(v_tokens.unsqueeze(-1) * H).sum(dim=1) for H in branch_outputs])  # eq. 10
+    return torch.softmax(scores, dim=0)  # eq. 11: along the language dimension, feature by feature
+
+
+def paper_mixer_submodule(v, branch_outputs, mask):
+    """Eq. 12: the submodule's output, sum_l H~(l) (.) w(l)."""
+    weights = paper_mixing_weights(v, branch_outputs, mask)
+    return sum(H * w.unsqueeze(1) for H, w in zip(branch_outputs, weights))
+
+
+def eq8_detach(H, branch, example_branches):
+    """Eq. 8 per example: the output of `branch` is cut from the graph for every example whose
+    language is another supervised language; zero-shot examples (no branch) keep every branch."""
+    return torch.stack([row if k in (branch, ZERO_SHOT) else row.detach() for row, k in zip(H, example_branches)])
+
+
+def paper_forward(model, ids, mask, languages_per_example, training):
+    """(logits, hidden states) of an MBLM computed from eqs. 7-12."""
+    mblm, languages, K = model.mblm, model.config.branch_languages, model.config.branch_layers
+    n_sp = len(languages)
+    example_branches = [languages.index(x) if x in languages else ZERO_SHOT for x in languages_per_example]
+    attention = additive_attention_mask(mask)
+    H0 = mblm.embeddings(input_ids=ids)
+    hidden_states = [H0]
+    branch_inputs = [H0] * n_sp  # H_0^(l) = H_0 for every supervised language l
+    for i in range(K):
+        # eq. 7: H~_i^(l) = Transformer_i^(l)(H_{i-1}^(l)), then eq. 8 while training
+        H_tilde = [mblm.branches[l][i](branch_inputs[l], attention) for l in range(n_sp)]
+        if training:
+            H_tilde = [eq8_detach(H, l, example_branches) for l, H in enumerate(H_tilde)]
+        if i < K - 1:  # eq. 9, inner mixer i: submodule M^(l) gives the input of branch l's next layer
+            v = mblm.inner_mixers[i].position_weights
+            branch_inputs = [paper_mixer_submodule(v[l], H_tilde, mask) for l in range(n_sp)]
+            hidden_states.append(sum(branch_inputs) / n_sp)  # the documented report: mean of the inputs
+        else:  # eq. 9, outer mixer: its one submodule feeds the shared layers
+            H = paper_mixer_submodule(mblm.outer_mixer.position_weights[0], H_tilde, mask)
+            hidden_states.append(H)
+    for layer in mblm.shared_layers:
+        H = layer(H, attention)
+        hidden_states.append(H)
+    if isinstance(model, MBLMForSequenceClassification):
+        logits = model.classifier(torch.tanh(mblm.pooler.dense(H[:, 0])))  # BERT's pooler + classifier
+    else:
+        logits = model.cls(H)
+    return logits, hidden_states
+
+
+def assert_close_at_scale(actual, expected, rtol=1e-5):
+    """Equal up to float32 rounding: rtol relative to each value and to the tensor's magnitude."""
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * float(expected.abs().max()))
+
+
+def per_example(lang, size):
+    return [lang] * size if isinstance(lang, str) else list(lang)
+
+
+def lang_cases(languages):
+    """A supervised batch for every branch, mixed batches (with and without a zero-shot example)
+    and a zero-shot batch ('de' has no branch in any layout here)."""
+    first, last = languages[0], languages[-1]
+    return [*languages, [first, last, last, first], [last, "de", first, last], "de"]
+
+
+DISTINCT_LAYOUTS = [
+    pytest.param(MBLMForSequenceClassification, LANGS, 3, id="cls-3langs-K3"),
+    pytest.param(MBLMForSequenceClassification, ["en", "fr"], 1, id="cls-2langs-K1"),
+    pytest.param(MBLMForMaskedLM, ["en", "zh"], 2, id="mlm-2langs-K2"),
+    pytest.param(MBLMForMaskedLM, LANGS, 4, id="mlm-3langs-K4-no-shared-layers"),
+]
+
+
+@pytest.mark.parametrize("model_class, languages, branch_layers", DISTINCT_LAYOUTS)
+def test_distinct_branches_match_the_paper_equations(model_class, languages, branch_layers):
+    model = distinct_mblm(model_class, languages, branch_layers, seed=20).eval()
+    ids, mask = batch(seed=21)
+    with torch.no_grad():
+        for lang in lang_cases(languages) + [None]:
+            got = model(ids, attention_mask=mask, lang=lang, output_hidden_states=True)
+            logits, hidden = paper_forward(model, ids, mask, per_example(lang or "de", len(ids)), training=False)
+            assert_close_at_scale(got.logits, logits)
+            assert len(got.hidden_states) == len(hidden) == TINY["num_hidden_layers"] + 1
+            for mine, theirs in zip(got.hidden_states, hidden):
+                assert_close_at_scale(mine, theirs)
+
+        # the setting can tell wirings apart: the first mixer's weights are far from uniform, and
+        # (with inner mixers, which are not symmetric in the branches) exchanging two branches moves
+        # the logits by far more than the tolerance above
+        first = model.mblm.inner_mixers[0] if branch_layers > 1 else model.mblm.outer_mixer
+        H0 = model.mblm.embeddings(input_ids=ids)
+        outputs = [branch[0](H0, additive_attention_mask(mask)) for branch in model.mblm.branches]
+        weights = torch.stack([paper_mixing_weights(v, outputs, mask) for v in first.position_weights])
+        assert float(weights.max() - weights.min()) > 0.5
+        if branch_layers > 1:
+            swapped = copy.deepcopy(model)
+            swapped.mblm.branches[0], swapped.mblm.branches[1] = swapped.mblm.branches[1], swapped.mblm.branches[0]
+            reference = model(ids, attention_mask=mask).logits
+            assert float((swapped(ids, attention_mask=mask).logits - reference).abs().max()) > \
+                1e3 * 1e-5 * float(reference.abs().max())
+
+
+def gradients(model):
+    return {name: torch.zeros_like(p) if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("model_class, languages, branch_layers", DISTINCT_LAYOUTS)
+def test_distinct_branches_gradients_follow_eq8(model_class, languages, branch_layers):
+    """In training, every parameter's gradient equals the one through the paper's graph (eq. 8 per
+    example); a branch gets a gradient exactly when the batch holds an example of its language or a
+    zero-shot example."""
+    model = distinct_mblm(model_class, languages, branch_layers, seed=22).train()
+    ids, mask = batch(seed=23)
+    with torch.no_grad():
+        probe = torch.randn(model(ids, attention_mask=mask).logits.shape, generator=torch.Generator().manual_seed(24))
+    for lang in lang_cases(languages):
+        model.zero_grad(set_to_none=True)
+        logits = model(ids, attention_mask=mask, lang=lang).logits
+        (logits * probe).sum().backward()
+        got = gradients(model)
+
+        model.zero_grad(set_to_none=True)
+        expected_logits, _ = paper_forward(model, ids, mask, per_example(lang, len(ids)), training=True)
+        (expected_logits * probe).sum().backward()
+        expected = gradients(model)
+
+        assert_close_at_scale(logits.detach(), expected_logits.detach())
+        assert got.keys() == expected.keys()
+        # float32 rounding relative to each tensor's scale, plus a floor at the scale of the largest
+        # gradient for tensors whose exact gradient is zero (attention key biases: softmax ignores them)
+        largest = max(float(g.abs().max()) for g in expected.values())
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=2e-5,
+                                       atol=2e-5 * float(expected[name].abs().max()) + 1e-6 * largest,
+                                       msg=lambda m, name=name, lang=lang: f"{name}, lang={lang}: {m}")
+        example_langs = per_example(lang, len(ids))
+        for branch_id, language in enumerate(languages):
+            trained = any(x == language or x not in languages for x in example_langs)
+            size = sum(float(got[name].abs().sum()) for name in got if name.startswith(f"mblm.branches.{branch_id}."))
+            assert (size > 0) == trained, f"lang={lang}: branch {language} gradient {size}"
+
+
+def test_detached_branches_still_shape_the_forward_values():
+    """A batch in French trains only the French branch, yet the other branches' outputs are mixed
+    into its forward pass: changing them changes the training-mode logits."""
+    model = distinct_mblm(MBLMForSequenceClassification, LANGS, 2, seed=25).train()
+    ids, mask = batch(seed=26)
+    fr = LANGS.index("fr")
+    model.zero_grad(set_to_none=True)
+    out = model(ids, attention_mask=mask, lang="fr").logits
+    out.sum().backward()
+    logits = out.detach()
+    for branch_id, branch in enumerate(model.mblm.branches):
+        assert (grad_size(branch.parameters()) > 0) == (branch_id == fr)
+    for other in [i for i in range(len(LANGS)) if i != fr]:
+        changed = copy.deepcopy(model)
+        with torch.no_grad():
+            for parameter in changed.mblm.branches[other].parameters():
+                parameter.add_(torch.randn_like(parameter), alpha=0.1)
+            moved = changed(ids, attention_mask=mask, lang="fr").logits
+        assert float((moved - logits).abs().max()) > 1e-3 * float(logits.abs().max())
+
+
+# (3) zero-shot-aware detaching ------------------------------------------------------------------
 
 def backward(model, lang, seed=0):
     model.zero_grad(set_to_none=True)
@@ -171,7 +379,7 @@ def test_mixed_language_batch_detaches_per_example():
     assert all(g is None or float(g.abs().sum()) == 0 for g in mixed[2])  # zh: no example of its own
 
 
-# (3) mixers ---------------------------------------------------------------------------------------
+# (4) mixers ---------------------------------------------------------------------------------------
 
 def test_mixer_weights_follow_the_paper_and_sum_to_one():
     torch.manual_seed(3)
@@ -221,7 +429,7 @@ def test_padding_does_not_change_logits():
     torch.testing.assert_close(short, padded, atol=1e-5, rtol=1e-5)
 
 
-# (4) save / load --------------------------------------------------------------------------------
+# (5) save / load --------------------------------------------------------------------------------
 
 def test_save_and_auto_load_round_trip(tmp_path):
     model = random_mblm(seed=7).eval()
@@ -259,7 +467,7 @@ def test_masked_lm_save_and_auto_load_round_trip(tmp_path):
     assert float(mine.loss) > 0
 
 
-# (5) from_bert ----------------------------------------------------------------------------------
+# (6) from_bert ----------------------------------------------------------------------------------
 
 def assert_copied(mblm: MBLMModel, bert, branch_layers: int):
     def same(a, b):

@@ -23,7 +23,7 @@ from xkd import load_vocab, open_cache
 from xkd.cli import app
 from xkd.errors import BadInput
 from xkd.student.data import StreamConfig, StreamingDataset
-from xkd.student.methods import get_method
+from xkd.student.methods import prepare
 from xkd.student.methods.mmkd import frozen_projector
 from xkd.student.models import Student, StudentConfig, build_student
 from xkd.vocab import build_vocab
@@ -62,8 +62,10 @@ def setup(client, minilm_dir, tmp_path_factory):
     }
 
 
-def method(vocab, **options):
-    return get_method("mmkd")({k: str(v) for k, v in options.items()}, vocab=vocab)
+def method(setup, vocab_key="vocab", cache_key="cache", **options):
+    """The method as train-student prepares it (heads built on the shared student)."""
+    return prepare("mmkd", {k: str(v) for k, v in options.items()}, [open_cache(setup[cache_key])],
+                   vocab_at(setup[vocab_key]), model=student_for(setup[vocab_key])).method
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,7 +82,7 @@ def student_for(path):
 
 def first_batch(cache_path, vocab, m, batch_size=8):
     caches = [open_cache(cache_path)]
-    ds = StreamingDataset(caches, StreamConfig(batch_size=batch_size, columns=m.columns, dense=m.dense),
+    ds = StreamingDataset(caches, StreamConfig(batch_size=batch_size, columns=m.plan.columns, dense=m.plan.dense),
                           remap_tables=[vocab.map_for(caches[0].manifest)], collate=m.collate)
     batch = next(iter(ds))
     batch.pop("loader_state")
@@ -90,11 +92,9 @@ def first_batch(cache_path, vocab, m, batch_size=8):
 def prepared(setup, vocab_key="vocab", batch_size=8, **options):
     """(vocab, method with its heads, student, first batch); heads start alike in every call."""
     vocab = vocab_at(setup[vocab_key])
-    m = method(vocab, **options)
-    model = student_for(setup[vocab_key])
     torch.manual_seed(1)
-    m.setup(model, [open_cache(setup["cache"])])
-    return vocab, m, Student(model), first_batch(setup["cache"], vocab, m, batch_size)
+    m = method(setup, vocab_key, **options)
+    return vocab, m, Student(student_for(setup[vocab_key])), first_batch(setup["cache"], vocab, m, batch_size)
 
 
 def loss_values(m, batch, student) -> dict[str, float]:
@@ -164,9 +164,8 @@ def test_the_documented_cache_holds_what_mmkd_reads(setup):
     assert row["lang"] == "en" and row["text"] and row["pair_text"] and row["masked_positions"].size == 0
     assert row["hidden.6"].shape == (int(row["word_start"].sum()), 384)
     vocab = vocab_at(setup["vocab"])
-    m = method(vocab)
-    m.setup(student_for(setup["vocab"]), [c])
-    assert m.dense == ("hidden.6", "cls")
+    m = method(setup)
+    assert m.plan.dense == ("hidden.6", "cls")
     assert set(m.modules) == {"xwcl_projection", "senta_projector", "senta_predictor", "senta_teacher_projector",
                               "struca_projector", "struca_predictor", "struca_teacher_projector"}
     assert not any(p.requires_grad for p in m.modules["senta_teacher_projector"].parameters())
@@ -234,8 +233,7 @@ def test_masks_are_a_function_of_example_epoch_and_seed(setup):
     c = open_cache(setup["cache"])
     rows_batches = []
     for seed in (0, 0, 1):
-        m = method(vocab, mask_seed=seed)
-        m.setup(student_for(setup["vocab"]), [c])
+        m = method(setup, mask_seed=seed)
         rows_batches.append(first_batch(setup["cache"], vocab, m, batch_size=16))
     a, b, other = rows_batches
     for key in ("input_ids", "tlm_flat", "tlm_labels", "xwcl_flat", "xwcl_word"):
@@ -253,8 +251,7 @@ def test_masks_are_a_function_of_example_epoch_and_seed(setup):
     xwcl_s = small["input_ids"][n_s][small["attention_mask"][n_s].bool()]
     assert torch.equal(xwcl_a, xwcl_s)
     # mlm's text source builds the same TLM inputs.
-    mlm = get_method("mlm")({"source": "text"}, vocab=vocab)
-    mlm.setup(None, [open_cache(setup["cache"])])
+    mlm = prepare("mlm", {"source": "text"}, [c], vocab, model=student_for(setup["vocab"])).method
     text_batch = first_batch(setup["cache"], vocab, mlm, batch_size=16)
     assert torch.equal(text_batch["input_ids"], a["input_ids"][:n_a, : text_batch["input_ids"].shape[1]])
     assert torch.equal(text_batch["labels"], a["tlm_labels"])
@@ -271,8 +268,8 @@ def test_switching_an_objective_off_removes_exactly_its_term(setup):
             if name != "loss":
                 assert parts[name] == pytest.approx(full[name], rel=1e-4, abs=1e-6), (off, name)
         assert parts["loss"] == pytest.approx(sum(v for k, v in parts.items() if k != "loss"), rel=1e-6)
-    assert prepared(setup, xwcl="false")[1].dense == ("cls",)
-    assert prepared(setup, senta="false", struca="false")[1].dense == ("hidden.6",)
+    assert prepared(setup, xwcl="false")[1].plan.dense == ("cls",)
+    assert prepared(setup, senta="false", struca="false")[1].plan.dense == ("hidden.6",)
     vocab, m, student, batch = prepared(setup, struca_weight=0.25)
     parts = loss_values(m, batch, student)
     assert parts["loss"] == pytest.approx(parts["tlm"] + parts["xwcl"] + parts["senta"] + 0.25 * parts["struca"], rel=1e-6)
@@ -357,14 +354,12 @@ def test_caches_without_word_level_states_or_with_both_sides_are_clear_errors(se
     assert "Traceback" not in r.output
     r = invoke("train-student", "--method", "mmkd", "--caches", both, *args)
     assert r.exit_code == 2 and "needs the cached output 'hidden.*'" in r.output and "--hidden-positions word" in r.output
-    vocab = vocab_at(setup["vocab"])
-    m = method(vocab, xwcl="false")  # without XWCL, no word-level states are needed
-    m.setup(student_for(setup["vocab"]), [open_cache(tokens)])
-    assert m.dense == ("cls",)
-    m = method(vocab, xwcl="false")
+    setup = {**setup, "tokens": tokens, "both": both}
+    m = method(setup, cache_key="tokens", xwcl="false")  # without XWCL, no word-level states are needed
+    assert m.plan.dense == ("cls",)
     with pytest.raises(BadInput, match="--sides src"):
-        m.setup(student_for(setup["vocab"]), [open_cache(both)])
+        method(setup, cache_key="both", xwcl="false")
     with pytest.raises(BadInput, match="xwcl_tua"):
-        method(vocab, xwcl_tua=0.2)
+        method(setup, xwcl_tua=0.2)
     with pytest.raises(BadInput, match="every objective is off"):
-        method(vocab, tlm="false", xwcl="no", senta="0", struca="off")
+        method(setup, tlm="false", xwcl="no", senta="0", struca="off")

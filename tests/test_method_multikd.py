@@ -27,8 +27,8 @@ from xkd.errors import BadInput
 from xkd.finetune import FinetuneOptions, finetune_teacher
 from xkd.pipeline import CacheTeachersOptions, cache_teachers
 from xkd.student.data import StreamConfig, StreamingDataset
-from xkd.student.methods import get_method
-from xkd.student.methods.multikd import kd_cross_entropy
+from xkd.student.methods import get_method, prepare
+from xkd.student.losses import soft_cross_entropy
 from xkd.student.models import Student, StudentConfig
 
 TOY = ROOT / "xkd" / "data"
@@ -87,7 +87,8 @@ def vocab_at(path):
 def batches(setup, m, cache_keys, n=1, batch_size=8, mix=None):
     caches = [open_cache(setup[k]) for k in cache_keys]
     vocab = vocab_at(setup["vocab"])
-    ds = StreamingDataset(caches, StreamConfig(batch_size=batch_size, columns=m.columns, dense=m.dense, mix=mix or m.mix),
+    ds = StreamingDataset(caches, StreamConfig(batch_size=batch_size, columns=m.plan.columns, dense=m.plan.dense,
+                                               mix=mix or m.plan.mix),
                           remap_tables=[vocab.map_for(c.manifest) for c in caches], collate=m.collate)
     out = []
     for batch in ds:
@@ -101,12 +102,10 @@ def prepared(setup, cache_keys=("en", "hi"), **options):
     vocab = vocab_at(setup["vocab"])
     options = {k: str(v) for k, v in options.items()}
     caches = [open_cache(setup[k]) for k in cache_keys]
-    method_cls = get_method("multikd")
     torch.manual_seed(0)
-    model = method_cls.build_student(vocab, TINY, None, None, caches, options).eval()
-    m = method_cls(options, vocab=vocab)
-    m.setup(model, caches)
-    return m, model, Student(model)
+    ready = prepare("multikd", options, caches, vocab, student=TINY)
+    model = ready.model.eval()
+    return ready.method, model, Student(model)
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,7 +153,7 @@ def test_the_documented_caches_hold_gold_labels_and_each_teachers_logits(setup):
 
 def test_kd_at_temperature_8_offline_equals_the_batch_languages_teacher_online(setup):
     m, model, student = prepared(setup)
-    assert m.temperature == 8.0 and m.mix == "batch" and not m.t2 and m.label_weight == 0.0
+    assert m.config.temperature == 8.0 and m.plan.mix == "batch" and not m.config.t2 and m.config.label_weight == 0.0
     seen = set()
     for batch in batches(setup, m, ("en", "hi"), n=6):
         lang = batch["lang"][0]
@@ -189,7 +188,7 @@ def test_t2_scaling_and_the_label_weight(setup):
         m2, _, _ = prepared(setup, t2="true", label_weight=0.5, temperature=2)
         scaled = {k: float(v) for k, v in m2.losses(batch, student, 0).items()}
     logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.detach()
-    assert scaled["kd"] == pytest.approx(4 * float(kd_cross_entropy(logits, batch["teacher_logits"], 2.0)), rel=1e-5)
+    assert scaled["kd"] == pytest.approx(4 * float(soft_cross_entropy(logits, batch["teacher_logits"], 2.0)), rel=1e-5)
     assert scaled["label"] == pytest.approx(base["label"], rel=1e-6)
     assert scaled["loss"] == pytest.approx(scaled["kd"] + 0.5 * scaled["label"], rel=1e-6)
 
@@ -261,14 +260,72 @@ def test_train_student_multikd_with_mblm_end_to_end_and_zero_shot_french(setup, 
 
 
 def test_the_temperature_defaults_to_8_unless_given(setup):
-    vocab = vocab_at(setup["vocab"])
-    method_cls = get_method("multikd")
-    assert method_cls({"lambda_schedule": "anneal", "kd_target": "topk"}, vocab=vocab).temperature == 8.0
-    assert method_cls({"temperature": 2.0}, vocab=vocab).temperature == 2.0
+    assert prepared(setup)[0].config.temperature == 8.0
+    assert prepared(setup, temperature=2)[0].config.temperature == 2.0
     r = invoke("train-student", "--method", "multikd", "--caches", setup["en"], "--vocab", setup["vocab"],
                "--out", setup["root"] / "t", "--steps", 1, "--hidden", 32, "--layers", 1, "--heads", 2,
-               "--temperature", -1)
-    assert r.exit_code == 2 and "positive temperature" in r.output  # --temperature reaches the method
+               "--option", "temperature=-1")
+    assert r.exit_code == 2 and "temperature=-1" in r.output and "(0, inf)" in r.output and "Traceback" not in r.output
+
+
+def reordered_teacher(source, out, order):
+    """`source` with its classes renumbered: new class j is old class order[j] (id2label and
+    the classifier's rows permuted together), so it computes the same function."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(source)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    with torch.no_grad():
+        model.classifier.weight.copy_(model.classifier.weight[list(order)])
+        model.classifier.bias.copy_(model.classifier.bias[list(order)])
+    model.config.id2label = {j: names[i] for j, i in enumerate(order)}
+    model.config.label2id = {name: j for j, name in model.config.id2label.items()}
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return out
+
+
+def test_teachers_ordering_classes_differently_are_permuted_by_class_name(setup, thread_client, tmp_path):
+    """A hub fine-tune may number the same classes in another order. The student's targets
+    must still name the same classes: the permuted teacher's logits come back in the first
+    teacher's order, equal to the original teacher's, and gold labels follow the names."""
+    order = (2, 0, 1)
+    hi2 = reordered_teacher(setup["teachers"]["hi"], tmp_path / "hi-reordered", order)
+    permuted = cache(thread_client, tmp_path / "caches", hi2, f"labeled:{TOY}/toy-hi.tsv@hi")
+    assert [open_cache(permuted).manifest["teacher"]["labels"][j] for j in range(3)] == [LABELS[i] for i in order]
+    setup = {**setup, "hi_permuted": permuted}
+    original = {int(r["example_id"]): r["class_logits"][0] for r in open_cache(setup["hi"]).iter_examples()}
+    labels = {int(r["example_id"]): int(r["class_label"]) for r in open_cache(setup["hi"]).iter_examples()}
+    m, _, _ = prepared(setup, cache_keys=("en", "hi_permuted"))
+    assert m.plan.label_names == tuple(LABELS[i] for i in range(3))
+    [batch] = [b for b in batches(setup, m, ("en", "hi_permuted"), n=6) if b["lang"][0] == "hi"][:1]
+    for i, example in enumerate(batch["example_id"].tolist()):
+        assert torch.equal(batch["teacher_logits"][i], torch.from_numpy(original[example].astype(np.float32)))
+        assert int(batch["class_label"][i]) == labels[example]  # the corpus's names, in the student's order
+    # The permuted teacher first: its order is the student's, English logits and labels follow it.
+    m, _, _ = prepared(setup, cache_keys=("hi_permuted", "en"))
+    assert m.plan.label_names == tuple(LABELS[i] for i in order)
+    english = {int(r["example_id"]): r for r in open_cache(setup["en"]).iter_examples()}
+    [batch] = [b for b in batches(setup, m, ("hi_permuted", "en"), n=6) if b["lang"][0] == "en"][:1]
+    for i, example in enumerate(batch["example_id"].tolist()):
+        want = english[example]["class_logits"][0].astype(np.float32)[list(order)]
+        assert torch.equal(batch["teacher_logits"][i], torch.from_numpy(want))
+        assert int(batch["class_label"][i]) == order.index(int(english[example]["class_label"]))
+
+
+def test_teachers_naming_other_classes_are_refused(setup, thread_client, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(setup["teachers"]["hi"])
+    model.config.id2label = {0: "food", 1: "sports", 2: "politics"}
+    model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+    model.save_pretrained(tmp_path / "other")
+    AutoTokenizer.from_pretrained(setup["teachers"]["hi"]).save_pretrained(tmp_path / "other")
+    other = cache(thread_client, tmp_path / "caches", tmp_path / "other", f"text:{TOY}/toy-fr.tsv@fr")
+    r = invoke("train-student", "--method", "multikd", "--caches", setup["en"], "--caches", other, "--vocab",
+               setup["vocab"], "--out", tmp_path / "o", "--steps", 1, "--hidden", 32, "--layers", 1, "--heads", 2)
+    assert r.exit_code == 2 and "classes differ" in r.output and "politics" in r.output and "weather" in r.output
+    assert "Traceback" not in r.output
 
 
 def test_bad_students_options_and_caches_are_clear_errors(setup, thread_client, tmp_path):
@@ -277,11 +334,13 @@ def test_bad_students_options_and_caches_are_clear_errors(setup, thread_client, 
     assert r.exit_code == 2 and "student=big" in r.output and "mblm" in r.output
     r = invoke("train-student", "--method", "multikd", "--caches", setup["en"], "--option", "tau=8", *args)
     assert r.exit_code == 2 and "tau" in r.output and "temperature" in r.output
-    # Classes numbered by the corpus (sorted names: sports 0, weather 1) against the teacher's
-    # (sports 1, weather 2): refused rather than training on permuted labels.
-    r = invoke("train-student", "--method", "multikd", "--caches", setup["two_classes"], *args)
-    assert r.exit_code == 2 and "'sports'" in r.output and "id 1" in r.output
-    assert "Traceback" not in r.output
+    # Classes numbered by the corpus (sorted names: sports 0, weather 1) are the teacher's
+    # sports 1 and weather 2: gold labels are renumbered by name, never taken as they are.
+    m, _, _ = prepared(setup, cache_keys=("two_classes",))
+    batch = batches(setup, m, ("two_classes",), batch_size=2)[0]
+    texts = {int(r["example_id"]): r["text"] for r in open_cache(setup["two_classes"]).iter_examples()}
+    named = {texts[e]: LABELS[int(c)] for e, c in zip(batch["example_id"].tolist(), batch["class_label"].tolist())}
+    assert named == {"The match starts soon.": "sports", "It will rain soon.": "weather"}
     no_logits = cache_teachers(CacheTeachersOptions(teachers=[str(setup["teachers"]["en"])], out=str(tmp_path / "c"),
                                                     corpus=f"labeled:{TOY}/toy-en.tsv@en", class_logits=False,
                                                     sentence=("cls",)), client=thread_client, log=io.StringIO())

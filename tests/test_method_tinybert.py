@@ -21,8 +21,9 @@ from xkd.errors import BadInput
 from xkd.pipeline import CacheTeachersOptions, cache_teachers
 from xkd.storage import Ragged
 from xkd.student.data import StreamConfig, StreamingDataset
-from xkd.student.methods import get_method
-from xkd.student.methods.tinybert import attention_mse, layer_map, unpack_attention
+from xkd.student.methods import prepare
+from xkd.student.losses import attention_mse
+from xkd.student.methods.tinybert import layer_map, unpack_attention
 from xkd.student.models import Student, StudentConfig
 from xkd.vocab import build_vocab
 
@@ -59,12 +60,10 @@ def prepared(setup, cache_key, **options):
     vocab = load_vocab(setup["vocab"])
     options = {k: str(v) for k, v in options.items()}
     caches = [open_cache(setup[cache_key])]
-    method_cls = get_method("tinybert")
     torch.manual_seed(0)
-    model = method_cls.build_student(vocab, STUDENT, None, None, caches, options).eval()
-    method = method_cls(options, vocab=vocab)
-    method.setup(model, caches)
-    ds = StreamingDataset(caches, StreamConfig(batch_size=5, columns=method.columns, dense=method.dense),
+    ready = prepare("tinybert", options, caches, vocab, student=STUDENT)
+    model, method = ready.model.eval(), ready.method
+    ds = StreamingDataset(caches, StreamConfig(batch_size=5, columns=ready.plan.columns, dense=ready.plan.dense),
                           remap_tables=[vocab.map_for(caches[0].manifest)], collate=method.collate)
     batch = next(iter(ds))
     batch.pop("loader_state")
@@ -138,9 +137,9 @@ def test_stage1_loss_from_the_cache_equals_the_teacher_run_online(setup):
     from transformers import BertForMaskedLM
 
     vocab, cache, method, student, batch = prepared(setup, "stage1")
-    assert method.map == {1: 2, 2: 4} and method.dense == ("hidden.0", "hidden.2", "hidden.4", "attn.2", "attn.4")
+    assert dict(method.plan.layer_map) == {1: 2, 2: 4} and method.plan.dense == ("hidden.0", "hidden.2", "hidden.4", "attn.2", "attn.4")
     assert set(method.modules) == {"embedding_projection", "hidden_projection"}  # 24 -> 32
-    assert method.use_attention and not method.attention_note
+    assert method.plan.attention and not method.plan.notes
     with torch.no_grad():
         parts = method.losses(batch, student, step=0)
     table = torch.from_numpy(vocab.map_for(cache.manifest).astype(np.int64))
@@ -172,27 +171,31 @@ def test_stage1_loss_from_the_cache_equals_the_teacher_run_online(setup):
     assert float(parts["embedding"]) == pytest.approx(embedding / (n_tokens * 32), rel=2e-3)
     assert float(parts["hidden"]) == pytest.approx(hidden / (n_tokens * 32), rel=2e-3)
     assert float(parts["attention"]) == pytest.approx(attention / (n_pairs * 2), rel=2e-3)
-    assert float(parts["loss"]) == pytest.approx(float(sum(parts[k] for k in ("pred", "embedding", "hidden", "attention"))),
-                                                 rel=1e-6)
+    assert float(parts["loss"]) == pytest.approx(
+        float(sum(parts[k] for k in ("pred", "embedding", "hidden", "attention", "gold"))), rel=1e-6)
 
 
 def test_weights_and_the_gold_mlm_term(setup):
-    _, _, method, student, batch = prepared(setup, "stage1", hidden_weight=0.5, embedding_weight=0, mlm_weight=1,
+    _, _, method, student, batch = prepared(setup, "stage1", hidden_weight=0.5, embedding_weight=0, gold_weight=0.25,
                                             attention_weight=2)
-    assert method.dense == ("hidden.2", "hidden.4", "attn.2", "attn.4")
+    assert method.plan.dense == ("hidden.2", "hidden.4", "attn.2", "attn.4")
     with torch.no_grad():
         parts = method.losses(batch, student, step=0)
-    assert set(parts) == {"loss", "pred", "hidden", "attention", "mlm"}
-    expected = parts["pred"] + 0.5 * parts["hidden"] + 2 * parts["attention"] + parts["mlm"]
+    assert set(parts) == {"loss", "pred", "hidden", "attention", "gold"}
+    with torch.no_grad():  # L_gold: the gold-label cross-entropy at the masked positions, from the student's logits
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    gold = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1])[batch["masked_flat"]], batch["labels"])
+    assert float(parts["gold"]) == pytest.approx(float(gold), rel=1e-5)
+    expected = parts["pred"] + 0.5 * parts["hidden"] + 2 * parts["attention"] + 0.25 * parts["gold"]
     assert float(parts["loss"]) == pytest.approx(float(expected), rel=1e-6)
     _, _, method, _, _ = prepared(setup, "stage1", attention_weight=0)
-    assert not method.use_attention and "attn.2" not in method.dense
+    assert not method.plan.attention and "attn.2" not in method.plan.dense
 
 
 def test_a_missing_hidden_layer_names_the_cache_teachers_option(setup):
     with pytest.raises(BadInput, match=r"--hidden-layers 0,1,3 --hidden-positions all"):
         prepared(setup, "stage1", layer_map="1:1,2:3")
-    with pytest.raises(BadInput, match="not an option of tinybert"):
+    with pytest.raises(BadInput, match="not an option of --method tinybert"):
         prepared(setup, "stage1", hidden_wieght=1)
     with pytest.raises(BadInput, match="stage=3"):
         prepared(setup, "stage1", stage=3)
@@ -240,7 +243,7 @@ def test_train_student_tinybert_stage2_distils_class_logits(setup, tmp_path):
     from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 
     vocab, cache, method, student, batch = prepared(setup, "stage2", stage=2, temperature=2)
-    assert not method.use_attention and "--attention-layers 2,4" in method.attention_note  # hidden only
+    assert not method.plan.attention and "--attention-layers 2,4" in method.plan.notes[0]  # hidden only
     with torch.no_grad():
         parts = method.losses(batch, student, step=0)
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -252,8 +255,8 @@ def test_train_student_tinybert_stage2_distils_class_logits(setup, tmp_path):
                "--steps", 1, *common)
     assert r.exit_code == 0, r.output
     # Stage 2 starts from the stage-1 student: its union-vocab encoder under a new head.
-    start = get_method("tinybert").build_student(vocab, STUDENT, str(tmp_path / "s1"), None, [open_cache(setup["stage2"])],
-                                                 {"stage": "2"})
+    start = prepare("tinybert", {"stage": "2"}, [open_cache(setup["stage2"])], vocab, student=STUDENT,
+                    init_from=str(tmp_path / "s1")).model
     stage1 = AutoModelForMaskedLM.from_pretrained(tmp_path / "s1")
     assert torch.equal(start.bert.encoder.layer[1].output.dense.weight, stage1.bert.encoder.layer[1].output.dense.weight)
     assert torch.equal(start.bert.embeddings.word_embeddings.weight, stage1.bert.embeddings.word_embeddings.weight)

@@ -25,7 +25,7 @@ from xkd.cli import app
 from xkd.errors import BadInput
 from xkd.finetune import FinetuneOptions, finetune_teacher
 from xkd.student.data import StreamConfig, StreamingDataset
-from xkd.student.methods import get_method
+from xkd.student.methods import prepare
 from xkd.student.models import Student, StudentConfig
 from xkd.vocab import build_vocab
 
@@ -80,8 +80,8 @@ def built_student(vocab_path, cache_path, init_from, target):
     takes seconds); tests only run it."""
     torch.manual_seed(0)
     options = {"target": target} if target else {}
-    return get_method("xd").build_student(vocab_at(vocab_path), TINY, init_from, None, [open_cache(cache_path)],
-                                          options).eval()
+    return prepare("xd", options, [open_cache(cache_path)], vocab_at(vocab_path), student=TINY,
+                   init_from=init_from).model.eval()
 
 
 def prepared(setup, cache_key, init_from=None, batch_size=8, **options):
@@ -89,11 +89,9 @@ def prepared(setup, cache_key, init_from=None, batch_size=8, **options):
     vocab = vocab_at(setup["vocab"])
     options = {k: str(v) for k, v in options.items()}
     caches = [open_cache(setup[cache_key])]
-    method_cls = get_method("xd")
     model = built_student(setup["vocab"], setup[cache_key], init_from and str(init_from), options.get("target"))
-    m = method_cls(options, vocab=vocab)
-    m.setup(model, caches)
-    ds = StreamingDataset(caches, StreamConfig(batch_size=batch_size, columns=m.columns, dense=m.dense),
+    m = prepare("xd", options, caches, vocab, student=TINY, init_from=init_from and str(init_from), model=model).method
+    ds = StreamingDataset(caches, StreamConfig(batch_size=batch_size, columns=m.plan.columns, dense=m.plan.dense),
                           remap_tables=[vocab.map_for(caches[0].manifest)], collate=m.collate)
     batch = next(iter(ds))
     batch.pop("loader_state")
@@ -169,7 +167,7 @@ def test_sentence_vectors_offline_equal_minilm_run_online_through_a_projection(s
 
     m, model, student, batch = prepared(setup, "pooled_cache")
     assert type(model).__name__ == "BertForMaskedLM"
-    assert m.pooling == "mean" and m.normalize and m.modules["projection"].weight.shape == (384, 48)
+    assert m.plan.pooling == "mean" and m.plan.normalize and m.modules["projection"].weight.shape == (384, 48)
     with torch.no_grad():
         offline = {k: float(v) for k, v in m.losses(batch, student, 0).items()}
     english, hindi = pairs_of(setup, "pooled_cache", batch)
@@ -261,8 +259,3 @@ def test_caches_xd_cannot_use_and_bad_options_are_clear_errors(setup, tmp_path):
     r = invoke("train-student", "--method", "xd", "--caches", setup["labeled_cache"], *args)
     assert r.exit_code == 2 and "--sides src" in r.output and "monolingual" in r.output
     assert "Traceback" not in r.output
-    vocab = vocab_at(setup["vocab"])
-    with pytest.raises(BadInput, match="target=class_logits trains a sequence classifier"):
-        get_method("xd")({"target": "class_logits"}, vocab=vocab).setup(
-            get_method("xd").build_student(vocab, TINY, None, None, [open_cache(setup["pooled_cache"])], {}),
-            [open_cache(setup["class_cache"])])

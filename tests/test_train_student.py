@@ -23,7 +23,7 @@ from xkd.pipeline import CacheTeachersOptions, cache_teachers
 from xkd.storage import CacheWriter, outputs_json, write_shard_files
 from xkd.storage.synthetic import synthetic_rows
 from xkd.student.data import StreamConfig, StreamingDataset
-from xkd.student.methods import get_method
+from xkd.student.methods import prepare
 from xkd.student.models import Student, StudentConfig, build_student
 from xkd.vocab import build_vocab
 
@@ -59,9 +59,15 @@ def setup(client, tmp_path_factory):
     return {"caches": caches, "vocab": str(vocab_dir), "root": root, "teachers": {"en": en, "multi": multi}}
 
 
+def mergedistill(vocab, cache_path, **options):
+    """The method as train-student prepares it over one cache."""
+    return prepare("mergedistill", {k: str(v) for k, v in options.items()}, [open_cache(cache_path)], vocab,
+                   student=TINY).method
+
+
 def first_batch(cache_path, vocab, method, batch_size=6):
     caches = [open_cache(cache_path)]
-    ds = StreamingDataset(caches, StreamConfig(batch_size=batch_size, columns=method.columns),
+    ds = StreamingDataset(caches, StreamConfig(batch_size=batch_size, columns=method.plan.columns),
                           remap_tables=[vocab.map_for(caches[0].manifest)], collate=method.collate)
     batch = next(iter(ds))
     batch.pop("loader_state")
@@ -119,7 +125,7 @@ def test_offline_equals_online_with_the_whole_vocabulary_as_k(setup, lam):
     """k = the teacher's whole vocabulary: the cached loss IS the full-softmax loss (up to
     the fp16 storage of logits; exactly equal once the online logits are rounded alike)."""
     vocab = load_vocab(setup["vocab"])
-    method = get_method("mergedistill")({"lambda_schedule": "constant", "lambda_start": lam}, vocab=vocab)
+    method = mergedistill(vocab, setup["caches"]["en_full"], lambda_schedule="constant", lambda_start=lam)
     cache, batch = first_batch(setup["caches"]["en_full"], vocab, method)
     assert batch["topk_ids"].shape[1] == 30522
     torch.manual_seed(0)
@@ -138,7 +144,7 @@ def test_offline_equals_online_with_the_whole_vocabulary_as_k(setup, lam):
 
 def test_offline_top8_equals_the_top8_formula_on_online_logits(setup):
     vocab = load_vocab(setup["vocab"])
-    method = get_method("mergedistill")({"lambda_schedule": "constant", "lambda_start": 0.5}, vocab=vocab)
+    method = mergedistill(vocab, setup["caches"]["en"], lambda_schedule="constant", lambda_start=0.5)
     for name, teacher in (("en", "en"), ("hi", "multi")):
         cache, batch = first_batch(setup["caches"][name], vocab, method, batch_size=8)
         torch.manual_seed(1)
@@ -153,7 +159,7 @@ def test_offline_top8_equals_the_top8_formula_on_online_logits(setup):
 def test_tail_target_equals_the_coarsened_online_distribution(setup):
     """kd_target=tail: −Σ_top p log q − p_tail log q_tail with p from the online full softmax."""
     vocab = load_vocab(setup["vocab"])
-    method = get_method("mergedistill")({"lambda_schedule": "constant", "lambda_start": 1.0, "kd_target": "tail"}, vocab=vocab)
+    method = mergedistill(vocab, setup["caches"]["en"], lambda_schedule="constant", lambda_start=1.0, kd_target="tail")
     cache, batch = first_batch(setup["caches"]["en"], vocab, method, batch_size=8)
     torch.manual_seed(2)
     student = Student(build_student(TINY, vocab.size, vocab.pad_id).eval())
@@ -196,7 +202,7 @@ def test_training_lowers_kl_to_both_teachers_and_saves_a_hf_student(setup, tmp_p
     vocab = load_vocab(setup["vocab"])
     build_student(StudentConfig(hidden=32, layers=2, heads=2), vocab.size, vocab.pad_id).save_pretrained(before)
     out = tmp_path / "student"
-    r = invoke(*train_args(setup, out, 120, "--lambda-schedule", "constant", "--lambda-start", 0.9, "--json"))
+    r = invoke(*train_args(setup, out, 120, "--option", "lambda_schedule=constant", "--option", "lambda_start=0.9", "--json"))
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 120 and set(summary["final"]) >= {"loss", "kd", "mlm"}

@@ -206,12 +206,7 @@ def train_student_cmd(
     dropout: float = typer.Option(0.1, "--dropout"),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from this checkpoint (teacher alias or dir) through the union-vocab embedding initialisation."),
     init_teacher: Optional[str] = typer.Option(None, "--init-teacher", help="Which vocab teacher --init-from is (default: the same name)."),
-    lambda_schedule: str = typer.Option("anneal", "--lambda-schedule", help="anneal (linear start->end) | constant."),
-    lambda_start: float = typer.Option(1.0, "--lambda-start"),
-    lambda_end: float = typer.Option(0.0, "--lambda-end"),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Distillation temperature (default: the method's own; mergedistill 1, multikd 8)."),
-    kd_target: str = typer.Option("topk", "--kd-target", help="topk (renormalised, the paper) | tail (top-k plus exact tail mass)."),
-    option: List[str] = typer.Option([], "--option", "-o", help="Method-specific KEY=VALUE (repeatable)."),
+    option: List[str] = typer.Option([], "--option", "-o", help="The method's own options, KEY=VALUE (repeatable; `xkd methods` lists them, e.g. -o lambda_start=0.9 -o temperature=2)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda if available)."),
     as_json: bool = JsonOpt,
 ):
@@ -220,11 +215,7 @@ def train_student_cmd(
     from .student.run import train_student
     from .student.trainer import TrainConfig
 
-    method_options = {
-        "lambda_schedule": lambda_schedule, "lambda_start": lambda_start, "lambda_end": lambda_end,
-        "kd_target": kd_target, **({"temperature": temperature} if temperature is not None else {}),
-        **parse_key_values(option),
-    }
+    method_options = parse_key_values(option)
     result = train_student(
         method=method, caches=[str(c) for c in caches], vocab_dir=str(vocab), out=str(out),
         train=TrainConfig(out=str(out), steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay,
@@ -250,18 +241,30 @@ def parse_key_values(items: List[str]) -> dict:
             from .errors import BadInput
 
             raise BadInput(f"--option {item!r} must be KEY=VALUE, e.g. --option xwcl=false")
-        out[key.replace("-", "_")] = value
+        key = key.strip().replace("-", "_")
+        if key in out:
+            from .errors import BadInput
+
+            raise BadInput(f"--option {key} is given twice ({out[key]!r} and {value!r}); give it once.")
+        out[key] = value
     return out
 
 
 @app.command("methods")
-def methods_cmd():
-    """List the registered distillation methods and what each needs from a cache."""
-    from .student.methods import METHODS, available
+@user_errors
+def methods_cmd(
+    name: Optional[str] = typer.Argument(None, help="One method (default: all)."),
+    markdown: bool = typer.Option(False, "--markdown", help="The options tables of docs/methods.md, as Markdown."),
+):
+    """List the registered distillation methods: what each needs from a cache, and its options."""
+    from .student.methods import available, get_method
+    from .student.methods.catalog import describe, markdown as as_markdown
 
-    for name in available():
-        needs = ", ".join(f"{n.output} ({n.option})" for n in METHODS[name].needs) or "token ids and labels only"
-        typer.echo(f"{name:<14}needs: {needs}")
+    if markdown:
+        typer.echo(as_markdown())
+        return
+    names = [get_method(name).name] if name else available()
+    typer.echo("\n\n".join(describe(n) for n in names))
 
 
 @app.command("evaluate")

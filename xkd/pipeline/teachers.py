@@ -161,6 +161,7 @@ class TeacherSpec:
     max_positions: int
     lowercase: bool
     pooling: dict = field(default_factory=dict)
+    labels: list = field(default_factory=list)  # a classifier's class names in id order (id2label)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -224,6 +225,8 @@ def describe_teacher(resolved: ResolvedTeacher) -> TeacherSpec:
         num_labels=int(len(config.get("id2label") or {}) or 0),
         max_positions=max_positions, lowercase=bool(getattr(tokenizer, "do_lower_case", False)),
         pooling=pooling_config(path, kind),
+        labels=[str(name) for _, name in sorted((config.get("id2label") or {}).items(), key=lambda kv: int(kv[0]))]
+        if kind == "classifier" else [],
     )
 
 

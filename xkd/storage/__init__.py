@@ -6,10 +6,11 @@ from .reader import Block, Cache, open_cache
 from .schema import SCHEMA_VERSION, DenseSpec, Ragged
 from .shard import write_shard_files
 from .verify import format_problems, verify_cache
+from .view import CacheView, view_of
 from .writer import CacheWriter, outputs_json
 
 __all__ = [
-    "SCHEMA_VERSION", "Block", "Cache", "CacheWriter", "DenseSpec", "Ragged", "cache_key",
+    "SCHEMA_VERSION", "Block", "Cache", "CacheView", "CacheWriter", "DenseSpec", "Ragged", "cache_key",
     "format_inspect", "format_problems", "inspect_cache", "open_cache", "outputs_json",
-    "read_manifest", "verify_cache", "write_shard_files",
+    "read_manifest", "verify_cache", "view_of", "write_shard_files",
 ]

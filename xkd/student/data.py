@@ -10,23 +10,29 @@ computed from counters, never from state accumulated while reading. So:
 
 Order within a language: each epoch permutes the language's row groups, cuts the permuted
 list into windows of `shuffle_window` row groups (the shuffle buffer), and permutes rows
-within each window. Languages are mixed by temperature sampling, q_l ∝ p_l^alpha.
+within each window. Languages are mixed by temperature sampling, q_l ∝ p_l^alpha, with p_l
+the language's share of distinct examples (copies of one example by several teachers count
+once), so --copies all and --copies best draw the same language mix.
+
+Several teachers' copies of one example share a key (corpus identity, example id, side, mask
+epoch); example ids restart at 0 in every corpus, so caches of different corpora never share
+keys. --copies best keeps, per key, the copy with the lowest teacher loss.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from numba import njit
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import BadInput
 from ..storage import Cache, Ragged
-
-SIDE_CODES = {"mono": 0, "src": 1, "tgt": 2}
-
 
 @dataclass(frozen=True)
 class StreamConfig:
@@ -59,36 +65,73 @@ class LanguageIndex:
     refs: np.ndarray  # (n, 3) int64: cache index, shard id, row group
     counts: np.ndarray  # (n,) rows of this language (after copy selection) per row group
     keep: list = field(default_factory=list)  # per ref: bool mask over the row group's rows, or None
+    examples: int = 0  # distinct (corpus, example, side, mask epoch) keys: the language's share p_l
 
     @property
     def total(self) -> int:
+        """Rows in one epoch of this language's stream (every copy under --copies all)."""
         return int(self.counts.sum())
 
 
+def corpus_identity(manifest: dict) -> str:
+    """Which corpus numbers a cache's example ids: its manifest's corpus fingerprint, split and
+    languages (what the cache key hashes of the corpus). Caches of one corpus made by
+    different teachers share it, whatever else their corpus blocks record (counts, paths);
+    example ids of different corpora are unrelated, so copies are only ever matched within
+    one identity. Caches whose manifest names no corpus (written by hand) share one."""
+    corpus = manifest.get("corpus") or {}
+    return json.dumps([corpus.get("fingerprint"), corpus.get("split"), corpus.get("langs")], sort_keys=True)
+
+
+def _codes(tables, name: str) -> tuple[np.ndarray, list]:
+    """A string column over several tables as integer codes, and the names they stand for."""
+    col = pa.chunked_array([c for t in tables for c in t[name].chunks], type=tables[0].schema.field(name).type).combine_chunks()
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    encoded = pc.dictionary_encode(col)
+    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), encoded.dictionary.to_pylist()
+
+
 def _scan(caches: list[Cache], copies: str, languages: tuple[str, ...]) -> dict[str, LanguageIndex]:
-    """Per language, the row groups holding it. Reads only small columns (lang, and for the
-    best-copy selection example_id, side, mask_epoch, teacher_loss)."""
-    cols = ["lang"] + (["example_id", "side", "mask_epoch", "teacher_loss"] if copies == "best" else [])
-    groups = []  # (cache, shard, rg, lang array, key arrays)
+    """Per language, the row groups holding it, and its distinct examples. Reads only small
+    columns: lang, example_id, side, mask_epoch (and teacher_loss for the best copy).
+
+    A copy key is (corpus, example id, side, mask epoch): example ids restart at 0 in every
+    corpus, so copies compete only within one corpus identity (see `corpus_identity`)."""
+    cols = ["lang", "example_id", "side", "mask_epoch"] + (["teacher_loss"] if copies == "best" else [])
+    corpora: dict[str, list[int]] = {}
     for ci, cache in enumerate(caches):
-        for shard in cache.shard_ids:
-            for rg in range(len(cache.row_groups(shard))):
-                t = cache.read_table(shard, rg, cols)
-                groups.append((ci, shard, rg, t))
-    keep_masks: list[np.ndarray | None] = [None] * len(groups)
-    if copies == "best" and groups:
-        keep_masks = _best_copies([g[3] for g in groups])
+        corpora.setdefault(corpus_identity(cache.manifest), []).append(ci)
     by_lang: dict[str, list] = {}
-    for (ci, shard, rg, t), keep in zip(groups, keep_masks):
-        lang = np.asarray(t["lang"].to_numpy(zero_copy_only=False), dtype=object)
-        for name in np.unique(lang):
-            if languages and name not in languages:
-                continue
-            mask = lang == name
-            if keep is not None:
-                mask &= keep
-            if mask.any():
-                by_lang.setdefault(str(name), []).append(((ci, shard, rg), int(mask.sum()), mask))
+    examples: dict[str, int] = {}
+    for members in corpora.values():  # keys never cross corpora: one corpus in memory at a time
+        groups = []  # (cache, shard, row group, table), caches in the order given
+        for ci in members:
+            cache = caches[ci]
+            for shard in cache.shard_ids:
+                for rg in range(len(cache.row_groups(shard))):
+                    groups.append((ci, shard, rg, cache.read_table(shard, rg, cols)))
+        tables = [g[3] for g in groups]
+        if not tables or not sum(t.num_rows for t in tables):
+            continue
+        first = _one_per_key(tables, best=copies == "best")
+        lang, names = _codes(tables, "lang")
+        for code, n in enumerate(np.bincount(lang[first], minlength=len(names)).tolist()):
+            if n and (not languages or names[code] in languages):
+                examples[str(names[code])] = examples.get(str(names[code]), 0) + n
+        sizes = [t.num_rows for t in tables]
+        bounds = np.cumsum([0, *sizes])
+        for (ci, shard, rg, _), lo, hi in zip(groups, bounds[:-1], bounds[1:]):
+            here = lang[lo:hi]
+            for code in np.unique(here):
+                name = str(names[code])
+                if languages and name not in languages:
+                    continue
+                mask = here == code
+                if copies == "best":
+                    mask &= first[lo:hi]
+                if mask.any():
+                    by_lang.setdefault(name, []).append(((ci, shard, rg), int(mask.sum()), mask))
     index = {}
     for name, entries in sorted(by_lang.items()):
         index[name] = LanguageIndex(
@@ -96,29 +139,36 @@ def _scan(caches: list[Cache], copies: str, languages: tuple[str, ...]) -> dict[
             refs=np.array([e[0] for e in entries], dtype=np.int64).reshape(-1, 3),
             counts=np.array([e[1] for e in entries], dtype=np.int64),
             keep=[e[2] for e in entries],
+            examples=examples.get(name, 0),
         )
     return index
 
 
-def _best_copies(tables) -> list[np.ndarray]:
-    """For each (example, side, mask epoch) key, keep only the copy with the lowest teacher
-    loss (ties: the earlier cache). Returns one keep-mask per row group."""
-    sizes = [t.num_rows for t in tables]
+def _one_per_key(tables, best: bool) -> np.ndarray:
+    """Over the rows of one corpus's row groups (concatenated, caches in the order given),
+    True at one row per (example, side, mask epoch) key: with `best`, the copy with the
+    lowest teacher loss (NaN counts as worst; ties: the earlier cache), else the first."""
     ex = np.concatenate([t["example_id"].to_numpy() for t in tables]).astype(np.uint64)
-    side = np.concatenate([np.vectorize(SIDE_CODES.get)(t["side"].to_numpy(zero_copy_only=False)) for t in tables])
+    side = _codes(tables, "side")[0]
     epoch = np.concatenate([t["mask_epoch"].to_numpy() for t in tables]).astype(np.int64)
-    loss = np.concatenate([t["teacher_loss"].to_numpy() for t in tables]).astype(np.float64)
-    loss = np.where(np.isnan(loss), np.inf, loss)
-    order = np.lexsort((np.arange(len(ex)), loss, epoch, side, ex))  # last key sorts first
+    keys = (epoch, side, ex)  # np.lexsort: the last key sorts first
+    if best:
+        loss = np.concatenate([t["teacher_loss"].to_numpy() for t in tables]).astype(np.float64)
+        keys = (np.where(np.isnan(loss), np.inf, loss), *keys)
+    order = np.lexsort((np.arange(len(ex)), *keys))  # stable: the earlier row wins ties
     first = np.ones(len(order), dtype=bool)
-    first[1:] = (np.diff(ex[order].astype(np.int64)) != 0) | (np.diff(side[order]) != 0) | (np.diff(epoch[order]) != 0)
+    first[1:] = (np.diff(ex[order]) != 0) | (np.diff(side[order]) != 0) | (np.diff(epoch[order]) != 0)
     keep = np.zeros(len(ex), dtype=bool)
     keep[order[first]] = True
-    return np.split(keep, np.cumsum(sizes)[:-1])
+    return keep
 
 
 def language_probabilities(totals: dict[str, int], alpha: float) -> dict[str, float]:
-    """q_l ∝ p_l^alpha with p_l the language's share of rows (MergeDistill uses 0.7)."""
+    """q_l ∝ p_l^alpha with p_l the language's share of examples (MergeDistill uses 0.7).
+
+    The dataset counts a language's distinct examples, not its rows: with --copies all, an
+    example cached by two teachers is two rows but one example, so "all" and "best" train
+    on the same language mix (only the rows streamed for a language differ)."""
     langs = sorted(totals)
     p = np.array([totals[l] for l in langs], dtype=np.float64)
     p /= p.sum()
@@ -152,7 +202,9 @@ class StreamingDataset(IterableDataset):
             wanted = f" in languages {', '.join(config.languages)}" if config.languages else ""
             raise BadInput(f"the caches hold no rows{wanted}: {where}")
         self.langs = sorted(self.index)
-        self.probs = language_probabilities({l: self.index[l].total for l in self.langs}, config.alpha)
+        self.examples = {l: self.index[l].examples for l in self.langs}  # p_l counts these
+        self.rows = {l: self.index[l].total for l in self.langs}  # rows per epoch of each stream
+        self.probs = language_probabilities(self.examples, config.alpha)
         self._q = np.array([self.probs[l] for l in self.langs])
         self._start = {"batch": 0, "consumed": {l: 0 for l in self.langs}}
         self._windows: dict[str, tuple[tuple[int, int], _Window]] = {}
@@ -231,12 +283,14 @@ class StreamingDataset(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         world, rank = self.config.world_size, self.config.rank
-        batch = self._start["batch"]
+        start = batch = self._start["batch"]
         consumed = np.array([self._start["consumed"][l] for l in self.langs], dtype=np.int64)
         self._windows, self._layouts = {}, {}
         while True:
-            # A group is one batch per rank; DataLoader workers take groups round-robin.
-            mine = (batch // world) % workers == worker
+            # A group is one batch per rank; DataLoader workers take groups round-robin,
+            # counted from this iterator's first batch: the DataLoader asks worker 0 first
+            # whatever batch a resumed run starts at (start is a multiple of world).
+            mine = ((batch - start) // world) % workers == worker
             rows = None
             for r in range(world):
                 langs = self._languages_of(batch)

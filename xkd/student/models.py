@@ -30,6 +30,29 @@ class StudentConfig:
             raise BadInput(f"--hidden {self.hidden} must be a multiple of --heads {self.heads}")
 
 
+@dataclass(frozen=True)
+class StudentShape:
+    """What a method's plan may ask of the student before it is built."""
+
+    layers: int
+    hidden: int
+    heads: int
+
+
+def student_shape(config: StudentConfig, init_from: str | None = None) -> StudentShape:
+    """The shape of the student train-student will build: from --init-from's config.json
+    (a teacher, or a student directory), else from the student options."""
+    if init_from:
+        path = Path(init_from)
+        if not (path / "config.json").is_file():
+            from ..names import resolve_teacher
+
+            path = Path(resolve_teacher(init_from).path)
+        cfg = json.loads((path / "config.json").read_text())
+        return StudentShape(int(cfg["num_hidden_layers"]), int(cfg["hidden_size"]), int(cfg["num_attention_heads"]))
+    return StudentShape(config.layers, config.hidden, config.heads)
+
+
 def build_student(config: StudentConfig, vocab_size: int, pad_id: int):
     """A randomly initialised student over the union vocabulary.
 
@@ -51,6 +74,31 @@ def build_student(config: StudentConfig, vocab_size: int, pad_id: int):
         return AlbertForMaskedLM(albert)
     return BertForMaskedLM(BertConfig(**common))
 
+
+def _pre_dropout_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention that returns the attention probabilities BEFORE dropout: the output is
+    the same as transformers' eager attention (dropout applied to the probabilities that
+    weight the values), but the maps handed back are the softmax itself, the quantity
+    TinyBERT's L_attn compares with the teacher's (cached in inference mode, no dropout)."""
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = torch.softmax(scores, dim=-1)
+    dropped = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(dropped, value).transpose(1, 2).contiguous(), probs
+
+
+PRE_DROPOUT_ATTENTION = "xkd_pre_dropout_eager"
+
+
+def use_pre_dropout_attention(model) -> None:
+    """Make `model` return pre-dropout attention maps (output_attentions=True)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PRE_DROPOUT_ATTENTION, _pre_dropout_attention)
+    model.set_attn_implementation(PRE_DROPOUT_ATTENTION)
 
 _MLM_HEADS = ("cls", "predictions", "lm_head")  # BERT / ALBERT / RoBERTa-style attribute names
 

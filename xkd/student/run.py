@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import BadInput
 from ..storage import open_cache
 from .data import StreamConfig, StreamingDataset
-from .methods import get_method
+from .methods import method_config, prepare
 from .models import StudentConfig
 from .trainer import Trainer, TrainConfig, distributed_context, seed_everything
 
@@ -46,21 +46,20 @@ def train_student(
 ) -> dict:
     from ..vocab import load_vocab
 
+    config = method_config(method, method_options or {})  # bad options fail before anything is opened
     rank, world = distributed_context()
-    method_cls = get_method(method)
     opened = open_caches(caches)
-    method_cls.check_caches(opened)
     vocab = load_vocab(vocab_dir)
-    tables = remap_tables(opened, vocab)
     seed_everything(train.seed)
-    model = method_cls.build_student(vocab, student, init_from, init_teacher, opened, options=dict(method_options or {}))
-    impl = method_cls(dict(method_options or {}), vocab=vocab, total_steps=train.steps)
-    impl.setup(model, opened)
+    prepared = prepare(method, config, opened, vocab, student=student, init_from=init_from,
+                       init_teacher=init_teacher, total_steps=train.steps)
+    model, impl, plan = prepared.model, prepared.method, prepared.plan
+    tables = remap_tables(opened, vocab)
     dataset = StreamingDataset(
         opened,
         StreamConfig(
             batch_size=batch_size, seed=train.seed, alpha=alpha, copies=copies,
-            columns=impl.columns, dense=impl.dense, mix=impl.mix, world_size=world, rank=rank,
+            columns=plan.columns, dense=plan.dense, mix=plan.mix, world_size=world, rank=rank,
         ),
         remap_tables=tables,
         collate=impl.collate,

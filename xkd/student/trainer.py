@@ -4,11 +4,17 @@ Exact resume: a checkpoint holds the model, the method's heads, optimiser, sched
 RNG, and the loader's position (a tiny dict, see data.py). Restoring them all makes the
 remaining steps see the same batches, dropout masks and learning rates, so a stopped and
 resumed run ends with the same weights as an uninterrupted one.
+
+Several processes (torchrun, DDP): rank r trains on batches r, r + world, ... and DDP
+averages the gradients of the student AND the method's heads (wrapped together as one
+module), so a step equals one process accumulating the world's batches (--grad-accum). On
+CUDA each rank trains on its own GPU, cuda:LOCAL_RANK.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -49,12 +55,37 @@ class TrainConfig:
             raise BadInput(f"--amp must be auto, off, bf16 or fp16, not {self.amp!r}")
 
 
+def local_rank() -> int:
+    """This process's index on its machine (torchrun's LOCAL_RANK; 0 outside torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def distributed_context() -> tuple[int, int]:
-    """(rank, world size) under torchrun, (0, 1) otherwise; initialises the process group."""
+    """(rank, world size) under torchrun, (0, 1) otherwise; initialises the process group.
+
+    On a GPU machine each rank first binds its own GPU, cuda:LOCAL_RANK: without that every
+    rank of a node would allocate on cuda:0. The group then has NCCL for CUDA tensors and gloo
+    for CPU ones (a run with --device cpu on a GPU machine still works); on CPU, gloo alone."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            if local_rank() >= torch.cuda.device_count():
+                raise BadInput(f"LOCAL_RANK {local_rank()} has no GPU: this machine has {torch.cuda.device_count()}. "
+                               "Start at most one process per GPU (torchrun --nproc_per_node).")
+            torch.cuda.set_device(local_rank())
+            dist.init_process_group("cpu:gloo,cuda:nccl")
+        else:
+            dist.init_process_group("gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def resolve_device(device: str | None, world: int) -> torch.device:
+    """The device to train on: `device` if given, else CUDA when present, else CPU. A CUDA
+    device without an index means this rank's own GPU (cuda:LOCAL_RANK) under DDP."""
+    chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if chosen.type == "cuda" and chosen.index is None:
+        chosen = torch.device("cuda", local_rank() if world > 1 else torch.cuda.current_device())
+    return chosen
 
 
 def seed_everything(seed: int) -> None:
@@ -78,6 +109,17 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def state_sha256(state: dict) -> str:
+    """sha256 over a state dict's names, dtypes, shapes and bytes: two states have the same
+    digest exactly when they are bitwise equal."""
+    digest = hashlib.sha256()
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def _schedule(optimizer, warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -92,18 +134,47 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+class DistillationModule(torch.nn.Module):
+    """The student and the method's heads as ONE module: what DDP wraps.
+
+    DDP all-reduces the gradients of the parameters of the module it wraps, and only of
+    those, and only when the forward goes through it. Wrapping the student alone left the
+    heads' gradients rank-local (the ranks' heads drifted apart); here the method's losses are
+    the module's forward, so the student and every head are synchronised.
+
+    `heads` is the method's own ModuleDict (`method.modules`), not a copy: the method keeps
+    calling `self.modules[...]` inside `losses()` and trains the same parameters.
+    """
+
+    def __init__(self, student: Student, method):
+        super().__init__()
+        self.student = student
+        self.heads = method.modules
+        self.method = method  # a plain object (not a Module): holds no parameters of its own
+
+    def forward(self, batch: dict, step: int) -> dict:
+        losses = self.method.losses(batch, self.student, step)
+        # Only "loss" is optimised, so only it leaves with its graph: DDP looks for unused
+        # parameters from the forward's outputs, and a logged-only term that touched a
+        # parameter the loss does not use would make DDP wait for a gradient that never comes.
+        return {name: value if name == "loss" else value.detach() for name, value in losses.items()}
+
+
 class Trainer:
     def __init__(self, model, method, dataset, config: TrainConfig, device: str | None = None, rank=0, world=1):
         self.config = config
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.rank, self.world = rank, world
+        self.device = resolve_device(device, world)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # tensors made without a device go to this rank's GPU
         self.model = model.to(self.device)
         self.student = Student(self.model)
         self.method = method
-        method.modules.to(self.device)
+        self.module = DistillationModule(self.student, method).to(self.device)
         self.dataset = dataset
         self.out = Path(config.out)
-        params = [p for p in list(model.parameters()) + list(method.modules.parameters()) if p.requires_grad]
+        # The student's parameters, then the heads' (the order optimiser checkpoints rely on).
+        params = [p for p in self.module.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         # The fused kernel: on CPU, torch's default AdamW takes ~14x longer over a 290k-row
@@ -119,9 +190,16 @@ class Trainer:
         self.step = 0
         if world > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = torch.nn.parallel.DistributedDataParallel(self.student, device_ids=device_ids)
+            # find_unused_parameters: a step need not use every parameter (xd never runs the
+            # masked-LM head, an MBLM batch in one language freezes the other branches, a
+            # method's head may serve one objective only), and which ones it skips can change
+            # from step to step and differ between ranks. DDP then all-reduces zeros for a
+            # parameter this rank did not use and leaves one no rank used without a gradient,
+            # exactly as one process accumulating the same batches would.
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.module, device_ids=device_ids,
+                                                                 find_unused_parameters=True)
         else:
-            self.ddp = self.student
+            self.ddp = self.module
 
     def _amp_dtype(self):
         amp = self.config.amp
@@ -215,8 +293,7 @@ class Trainer:
         batches = iter(loader)
         tensorboard = self._open_tensorboard()
         metrics_file = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None
-        self.model.train()
-        self.method.modules.train()
+        self.module.train()
         start_step, start_time = self.step, time.time()
         last = {}
         loader_state = self.dataset.state_dict()
@@ -232,7 +309,7 @@ class Trainer:
                     sync = micro == config.grad_accum - 1 or self.world == 1
                     ctx = self.ddp.no_sync() if not sync else contextlib.nullcontext()
                     with ctx, torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                        losses = self.method.losses(batch, self.ddp, self.step)
+                        losses = self.ddp(batch, self.step)
                         loss = losses["loss"] / config.grad_accum
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
                     for name, value in losses.items():
@@ -249,7 +326,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
                 self.step += 1
-                last = {**totals, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+                last = {**self._sum_over_ranks(totals), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
                 if metrics_file and (self.step % config.log_every == 0 or self.step == config.steps):
                     record = {"step": self.step, **{k: round(v, 6) for k, v in last.items()}}
                     metrics_file.write(json.dumps(record) + "\n")
@@ -268,7 +345,27 @@ class Trainer:
                 tensorboard.close()
         if self.rank == 0:
             sys.stderr.write("\n")
-        return {"steps": self.step, "final": {k: round(v, 6) for k, v in last.items()}, "seconds": round(time.time() - start_time, 2)}
+        return {"steps": self.step, "final": {k: round(v, 6) for k, v in last.items()},
+                "seconds": round(time.time() - start_time, 2), "weights_sha256": self.weights_sha256()}
+
+    def weights_sha256(self) -> dict:
+        """This rank's final weights as digests, under the checkpoint's keys: "model" (the
+        student) and "method" (the method's heads). Under DDP every rank must report the same
+        digests; comparing them is how a run (or a test) shows that no rank drifted."""
+        return {"model": state_sha256(self.model.state_dict()), "method": state_sha256(self.method.modules.state_dict())}
+
+    def _sum_over_ranks(self, totals: dict) -> dict:
+        """A step's logged losses over the batches of every rank, as one process accumulating
+        those batches logs them (each rank's share already divided by --grad-accum, so the
+        sum over ranks is divided by the world size). Rank 0 alone would log a 1/world
+        sample of the step. Ranks may report different terms (e.g. a gold-label term only
+        for batches that have labels), hence objects rather than one tensor."""
+        if self.world == 1:
+            return totals
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, totals)
+        names = dict.fromkeys(name for rank_totals in gathered for name in rank_totals)
+        return {name: sum(t.get(name, 0.0) for t in gathered) / self.world for name in names}
 
     def _progress(self, start_step: int, start_time: float, last: dict) -> None:
         done = self.step - start_step

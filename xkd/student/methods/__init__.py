@@ -1,21 +1,24 @@
-"""The method registry.
+"""The method registry, and `prepare`: the one sequence that turns (method name, options,
+caches, vocab) into a method ready to train and its student. train-student, the tests and
+the benchmarks all go through it, so nothing reads a method's needs twice.
 
-A method is a class registered under a name. It declares what it needs from a cache (each
-need names the cache-teachers option that produces it), builds its batches from cached
-rows (`collate`), and computes named losses from a batch and the student (`losses`, whose
-"loss" entry is optimised). The trainer knows nothing of any particular method, and no
-method can load a teacher: it sees only what the cache holds.
+The contract a method fulfils is in base.py; docs/adding-a-method.md walks through it.
 """
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
+
 from ...errors import BadInput
-from .base import Method, Need
+from ...storage import view_of
+from .base import Method, Need, OptionSpec, Plan, option_specs, parse_options
 
 METHODS: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
+    option_specs(cls.Config)  # every field declared with option(...), or fail at import
     METHODS[cls.name] = cls
     return cls
 
@@ -33,11 +36,42 @@ def available() -> list[str]:
 
 
 def _load_builtin() -> None:
-    # Importing a method module registers it; new methods add one line here.
-    from . import mergedistill, mlm  # noqa: F401
-    from . import mmkd  # noqa: F401
-    from . import multikd, xd  # noqa: F401
-    from . import tinybert  # noqa: F401
+    # Importing a method module registers it; a new method adds one name here.
+    from . import mergedistill, mlm, mmkd, multikd, tinybert, xd  # noqa: F401
 
 
-__all__ = ["METHODS", "Method", "Need", "available", "get_method", "register"]
+@dataclass
+class Prepared:
+    method: Method
+    model: object  # the student: a transformers model
+    plan: Plan
+
+
+def method_config(name: str, options: dict):
+    """The method's typed config from `--option` pairs (or a config already parsed)."""
+    cls = get_method(name)
+    return options if isinstance(options, cls.Config) else parse_options(name, cls.Config, dict(options or {}))
+
+
+def prepare(name: str, options, caches: list, vocab, *, student=None, init_from: str | None = None,
+            init_teacher: str | None = None, total_steps: int = 1, model=None) -> Prepared:
+    """Parse the options (a dict, or the config method_config made), plan from the caches (storage.Cache objects), build the student
+    (or take `model`, one built_student made earlier for the same plan) and the method's
+    heads. Raises BadInput for anything the user must change."""
+    from ..models import StudentConfig, student_shape
+
+    cls = get_method(name)
+    config = method_config(name, options)
+    student = student or StudentConfig()
+    plan = cls.plan_for(config, [view_of(c) for c in caches], student_shape(student, init_from))
+    for note in plan.notes:
+        warnings.warn(f"--method {name}: {note}.", stacklevel=2)
+    if model is None:
+        model = cls.build_student(config, plan, vocab, student, init_from, init_teacher)
+    method = cls(config, plan, vocab=vocab, total_steps=total_steps)
+    method.build_heads(model)
+    return Prepared(method, model, plan)
+
+
+__all__ = ["METHODS", "Method", "Need", "OptionSpec", "Plan", "Prepared", "available", "get_method", "method_config",
+           "prepare", "register"]

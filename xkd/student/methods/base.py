@@ -1,75 +1,270 @@
-"""What every method shares: declaring needs, checking caches against them, and the
-student-side conveniences (masked-position logits, λ schedules)."""
+"""The method contract (docs/adding-a-method.md walks through it).
+
+A method is a class registered under a name. It declares:
+- `Config`: a frozen dataclass of its options. Every field is made with `option(...)`: a
+  type, a default, one line of help and, where the paper gives one, the paper's value.
+  `--option k=v` is parsed into it once (`parse_options`); an unknown name, a wrong type or
+  a value out of range is a one-paragraph error listing the valid options.
+- `plan_for(config, caches, student) -> Plan`: ONE pure function of the config, the caches'
+  typed views and the student's shape. It checks the caches and says what the loader reads (columns, dense outputs, how
+  languages mix) plus anything the method derives from the caches. Nothing changes it later.
+- `build_student(...)`: the student model (default: a masked LM over the union vocab).
+- `__init__(config, plan, vocab, total_steps)` and `build_heads(student)`: trainable heads
+  the method owns (in `self.modules`, trained and all-reduced with the student).
+- `collate(rows) -> batch` and `losses(batch, student, step) -> {"loss": ..., parts...}`,
+  built from the leaf modules `student/losses.py` and `student/text.py`. Methods never
+  import other methods.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from ...errors import BadInput
-from ...storage import Cache, Ragged
+from ...storage import CacheView, Ragged
 from ..data import padded_with_mask
+
+# Options -----------------------------------------------------------------------------
+
+
+def option(default, help: str, *, paper=None, choices: tuple | None = None, low: float | None = None,
+           high: float | None = None, low_open: bool = False, high_open: bool = False):
+    """A config field: its default, one line of help, the paper's value (if the paper gives
+    one) and the values allowed (choices, or a range [low, high]; *_open excludes the end)."""
+    return field(default=default, metadata={"help": help, "paper": paper, "choices": choices, "low": low,
+                                            "high": high, "low_open": low_open, "high_open": high_open})
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option as `xkd methods` and docs/methods.md show it."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+    paper: Any = None
+    choices: tuple | None = None
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    @property
+    def optional(self) -> bool:
+        return _base_type(self.type)[1]
+
+    @property
+    def type_name(self) -> str:
+        base, optional = _base_type(self.type)
+        name = {bool: "bool", int: "int", float: "float", str: "str"}[base]
+        return f"{name} or none" if optional else name
+
+    @property
+    def allowed(self) -> str:
+        if self.choices:
+            return " | ".join(str(c) for c in self.choices)
+        if self.low is None and self.high is None:
+            return ""
+        left = "(" if self.low_open or self.low is None else "["
+        right = ")" if self.high_open or self.high is None else "]"
+        low = _num(self.low) if self.low is not None else "-inf"
+        high = _num(self.high) if self.high is not None else "inf"
+        return f"{left}{low}, {high}{right}"
+
+
+def _num(x) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def show(value) -> str:
+    """An option value as a user would type it."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return _num(value)
+
+
+def _base_type(tp) -> tuple[type, bool]:
+    """(bool/int/float/str, whether None is allowed) of a field's annotation."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return tp, False
+
+
+def option_specs(config_cls) -> list[OptionSpec]:
+    hints = typing.get_type_hints(config_cls)
+    out = []
+    for f in fields(config_cls):
+        meta = dict(f.metadata)
+        if "help" not in meta:
+            raise TypeError(f"{config_cls.__name__}.{f.name}: make every config field with option(...)")
+        out.append(OptionSpec(name=f.name, type=hints[f.name], default=None if f.default is MISSING else f.default, **meta))
+    return out
+
+
+def parse_bool(value, name: str) -> bool:
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("give true or false")
+
+
+def _convert(spec: OptionSpec, value):
+    base, optional = _base_type(spec.type)
+    if optional and (value is None or str(value).strip().lower() in ("none", "")):
+        return None
+    if isinstance(value, base) and not (base is int and isinstance(value, bool)):
+        out = value
+    elif base is bool:
+        out = parse_bool(value, spec.name)
+    elif base is int:
+        text = str(value).strip()
+        if isinstance(value, float) and value.is_integer():
+            out = int(value)
+        else:
+            out = int(text)  # ValueError for "1.5", "abc"
+    elif base is float:
+        out = float(str(value).strip())
+    else:
+        out = str(value).strip()
+    if isinstance(out, float) and not math.isfinite(out):
+        raise ValueError("give a finite number")
+    if spec.choices and out not in spec.choices:
+        raise ValueError(f"choose {' or '.join(str(c) for c in spec.choices)}")
+    if spec.low is not None and (out < spec.low or (spec.low_open and out == spec.low)):
+        raise ValueError(f"give a value in {spec.allowed}")
+    if spec.high is not None and (out > spec.high or (spec.high_open and out == spec.high)):
+        raise ValueError(f"give a value in {spec.allowed}")
+    return out
+
+
+def describe_options(specs: list[OptionSpec]) -> str:
+    return "; ".join(f"{s.name} ({s.type_name}, default {show(s.default)}{', ' + s.allowed if s.allowed else ''})"
+                     for s in specs) or "none"
+
+
+def parse_options(method: str, config_cls, given: dict) -> Any:
+    """`--option k=v` pairs (strings, or typed values from Python) into the method's config.
+    Every problem is one paragraph naming the option and listing the valid ones."""
+    specs = {s.name: s for s in option_specs(config_cls)}
+    unknown = sorted(set(given) - set(specs))
+    if unknown:
+        raise BadInput(f"--option {', '.join(unknown)}: not an option of --method {method}. Its options: "
+                       f"{describe_options(list(specs.values()))}.")
+    values = {}
+    for name, value in given.items():
+        try:
+            values[name] = _convert(specs[name], value)
+        except ValueError as e:
+            reason = str(e) if not str(e).startswith(("invalid literal", "could not convert")) else \
+                f"give a{'n' if specs[name].type_name[0] in 'aeiou' else ''} {specs[name].type_name}"
+            raise BadInput(f"--option {name}={value} for --method {method}: {reason} ({specs[name].help}; "
+                           f"default {show(specs[name].default)}). Its options: {describe_options(list(specs.values()))}.") from None
+    return config_cls(**values)
+
+
+# Cache needs and the loader's plan ---------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Need:
     """A cache output a method needs, and the cache-teachers option that produces it."""
 
-    output: str  # "topk", "text", or a dense name ("cls", "pooled", "class_logits", "hidden.6")
+    output: str  # "topk", "text", or a dense name ("cls", "pooled", "class_logits", "hidden.6", "hidden.*")
     option: str
 
-    def present_in(self, cache: Cache) -> bool:
+    def present_in(self, cache: CacheView) -> bool:
         if self.output == "topk":
             return cache.topk_k is not None
         if self.output == "text":
             return cache.has_text
         if self.output.endswith(".*"):
-            return any(n.startswith(self.output[:-1]) for n in cache.dense_specs)
-        return self.output in cache.dense_specs
+            return any(n.startswith(self.output[:-1]) for n in cache.dense)
+        return self.output in cache.dense
+
+
+TEXT_NEED = Need("text", "--text (on by default; drop --no-text)")
+
+
+def require(method: str, caches: list[CacheView], needs, why: str = "") -> None:
+    """Every cache holds every need, or a one-paragraph error naming the missing output and
+    the cache-teachers option that produces it."""
+    for cache in caches:
+        for need in needs:
+            if not need.present_in(cache):
+                raise BadInput(f"--method {method}{why} needs the cached output '{need.output}', which {cache.path} "
+                               f"lacks. Re-run cache-teachers with {need.option} to produce it.")
+
+
+def same_width(method: str, caches: list[CacheView], name: str) -> int:
+    """The width of a dense output that every cache holding it must agree on."""
+    dims = {c.dense[name].dim for c in caches if name in c.dense}
+    if len(dims) != 1:
+        raise BadInput(f"--method {method}: the caches' '{name}' outputs differ in width ({sorted(dims)}); give caches "
+                       "whose teachers agree (the same classes, the same vector size).")
+    return dims.pop()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the loader reads for a method, decided once from (config, caches). Methods that
+    derive more from the caches subclass it with their own (frozen) fields."""
+
+    columns: tuple[str, ...] | None = None  # Parquet columns (None: all)
+    dense: tuple[str, ...] = ()  # dense outputs
+    mix: str = "example"  # "example": languages mixed within a batch | "batch": one language per batch
+    pairs: tuple = ()  # per cache: (src, tgt) languages of its parallel corpus, or None (methods reading text)
+    notes: tuple[str, ...] = ()  # what the user should know (printed once)
+
+
+# Methods -----------------------------------------------------------------------------
 
 
 class Method:
-    name: str = ""
-    needs: tuple[Need, ...] = ()
-    columns: tuple[str, ...] | None = None  # Parquet columns to read (None: all)
-    dense: tuple[str, ...] = ()  # dense outputs to read
-    mix: str = "example"  # "example": languages mixed within a batch; "batch": one language per batch
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""  # the seed paper, for `xkd methods` and the docs
+    Config: ClassVar[type]
+    needs: ClassVar[tuple[Need, ...]] = ()  # every output it may need (what `xkd methods` lists)
 
-    def __init__(self, options: dict, vocab=None, total_steps: int = 1):
-        self.options = options
+    def __init__(self, config, plan: Plan, vocab=None, total_steps: int = 1):
+        self.config = config
+        self.plan = plan
         self.vocab = vocab
         self.total_steps = max(1, total_steps)
         self.modules = torch.nn.ModuleDict()  # method-owned trainable heads, trained with the student
 
     @classmethod
-    def check_caches(cls, caches: list[Cache]) -> None:
-        for cache in caches:
-            for need in cls.needs:
-                if not need.present_in(cache):
-                    raise BadInput(
-                        f"--method {cls.name} needs the cached output '{need.output}', which {cache.path} lacks. "
-                        f"Re-run cache-teachers with {need.option} to produce it."
-                    )
+    def plan_for(cls, config, caches: list[CacheView], student) -> Plan:
+        """Check the caches and decide what the loader reads. `student` is the student's
+        shape (models.StudentShape: layers, hidden, heads), for methods that map layers."""
+        raise NotImplementedError
 
     @classmethod
-    def build_student(cls, vocab, config, init_from: str | None, init_teacher: str | None, caches: list[Cache],
-                      options: dict | None = None):
-        """The student model this method trains. Default: a masked LM over the union vocab,
-        random or initialised from a checkpoint through the union-vocab embedding rule.
-        Methods that train classifiers or multi-branch students override this; `options` are
-        the method's options (the same dict its __init__ receives), e.g. xd's target."""
+    def build_student(cls, config, plan: Plan, vocab, student, init_from: str | None, init_teacher: str | None):
+        """The student model. Default: a masked LM over the union vocab, random or initialised
+        from a checkpoint through the union-vocab embedding rule."""
         from ..models import build_student
 
         if init_from:
             from ...vocab import student_from_teacher
 
             return student_from_teacher(init_from, vocab, init_teacher)[0]
-        return build_student(config, vocab.size, vocab.pad_id)
+        return build_student(student, vocab.size, vocab.pad_id)
 
-    def setup(self, student, caches: list[Cache]) -> None:
-        """Build method-owned heads once the student and caches are known (default: none)."""
+    def build_heads(self, student) -> None:
+        """Create method-owned heads once the student is known (default: none)."""
 
     def collate(self, rows: dict) -> dict:
         raise NotImplementedError
@@ -78,25 +273,16 @@ class Method:
         raise NotImplementedError
 
 
-def parse_bool(value, name: str) -> bool:
-    """A boolean --option value."""
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise BadInput(f"--option {name}={value}: give true or false.")
+# Shared student-side conveniences ----------------------------------------------------
 
 
 def lambda_at(schedule: str, start: float, end: float, step: int, total: int) -> float:
-    """Weight of the distillation term at `step`. "anneal" moves linearly from start to end
-    over training (teacher annealing, Clark et al. 2019, as MergeDistill does);
-    "constant" keeps start."""
+    """Weight of the distillation term at optimiser step `step` (0-based) of `total`.
+    "anneal" moves linearly from start (first step) to end (last step): teacher annealing
+    (Clark et al. 2019), as MergeDistill does; "constant" keeps start."""
     if schedule == "constant":
         return start
-    if schedule == "anneal":
-        return start + (end - start) * min(1.0, step / max(1, total - 1))
-    raise BadInput(f"--lambda-schedule must be 'anneal' or 'constant', not {schedule!r}")
+    return start + (end - start) * min(1.0, step / max(1, total - 1))
 
 
 def collate_masked_lm(rows: dict, pad_id: int) -> dict:
@@ -124,32 +310,16 @@ def collate_masked_lm(rows: dict, pad_id: int) -> dict:
     return batch
 
 
+def masked_logits(student, batch: dict) -> torch.Tensor:
+    """Student logits over its whole vocabulary at the batch's masked positions, (M, V) fp32.
+    `student` is a models.Student (or DDP around one)."""
+    return student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   masked_flat=batch["masked_flat"]).logits.float()
+
+
 def masked_log_probs(student, batch: dict) -> torch.Tensor:
-    """Student log-probabilities over its whole vocabulary at the batch's masked positions,
-    (M, V). `student` is a models.Student (or DDP around one)."""
-    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     masked_flat=batch["masked_flat"]).logits
-    return torch.log_softmax(logits.float(), dim=-1)
-
-
-TEXT_NEED = Need("text", "--text (on by default; drop --no-text)")
-# Options every method receives from train-student, whatever it is.
-COMMON_OPTIONS = {"lambda_schedule", "lambda_start", "lambda_end", "temperature", "kd_target"}
-
-
-def check_options(method: str, options: dict, defaults: dict) -> dict:
-    unknown = sorted(set(options) - set(defaults) - COMMON_OPTIONS)
-    if unknown:
-        raise BadInput(f"--option {', '.join(unknown)}: not an option of {method}. Its options: {', '.join(defaults)}.")
-    return {**defaults, **{k: v for k, v in options.items() if k in defaults}}
-
-
-def dense_dim(caches, name: str, method: str) -> int:
-    dims = {c.dense_specs[name].dim for c in caches if name in c.dense_specs}
-    if len(dims) != 1:
-        raise BadInput(f"--method {method}: the caches' '{name}' outputs differ in width ({sorted(dims)}); "
-                       "give caches whose teachers agree (the same classes, the same vector size).")
-    return dims.pop()
+    """log softmax of masked_logits, (M, V)."""
+    return torch.log_softmax(masked_logits(student, batch), dim=-1)
 
 
 def row_vectors(rows: dict, name: str) -> torch.Tensor:

@@ -1,73 +1,78 @@
 """mergedistill (Khanuja et al., seeds/004): L = λ·L_KD + (1−λ)·L_MLM, λ annealed.
 
 L_KD is the cross-entropy between the teacher's distribution and the student's softmax over
-the whole union vocabulary at each masked position. The teacher's distribution comes from
-the cached top-k, in one of two forms:
-- "topk" (the paper): softmax over the k stored logits (at temperature τ), i.e. the top-k
-  renormalised; the rest of the vocabulary gets no mass.
+the whole union vocabulary at each masked position (sec. 3, eq. 2). The teacher's
+distribution comes from the cached top-k, in one of two forms (`kd_target`):
+- "topk" (the paper, k = 8): softmax over the k stored logits (at temperature τ), i.e. the
+  top-k renormalised; the rest of the vocabulary gets no mass. With τ != 1 the term is
+  multiplied by τ² (Hinton et al.) so gradient sizes stay comparable across τ.
 - "tail": the exact top-k probabilities exp(logit − lognorm) plus the tail mass
-  1 − Σ top-k, matched against the student's mass outside those k tokens. This is the exact
-  cross-entropy between the two distributions coarsened to {top-k tokens, everything else},
-  and needs τ = 1 (the log-normaliser is for τ = 1).
+  1 − Σ top-k, matched against the student's mass outside those k tokens: the exact
+  cross-entropy between the two distributions coarsened to {top-k tokens, everything else}.
+  Needs τ = 1 (the log-normaliser is for τ = 1).
 With k equal to the teacher's vocabulary both forms equal the full-softmax cross-entropy.
+
+λ follows teacher annealing (Clark et al. 2019, as the paper does): linear from
+`lambda_start` at the first step to `lambda_end` at the last. Languages mix within a batch;
+the loader's `--alpha 0.7` smooths them (sec. 4) and `--copies all|best` chooses between
+every teacher's copy of an example and the lowest-loss one (Table 4's Student_Both.all/.best).
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from dataclasses import dataclass
 
 from ...errors import BadInput
-from ..targets import tail_cross_entropy
+from .. import losses as L
 from . import register
-from .base import Method, Need, collate_masked_lm, lambda_at, masked_log_probs
+from .base import Method, Need, Plan, collate_masked_lm, lambda_at, masked_logits, option, require
+
+NEED = Need("topk", "--topk 8")
+COLUMNS = ("example_id", "lang", "side", "mask_epoch", "teacher_loss",
+           "input_ids", "masked_positions", "labels", "topk_ids", "topk_logits", "lognorm")
 
 
-def kd_topk(student_logp: torch.Tensor, topk_ids, topk_logits, temperature: float = 1.0) -> torch.Tensor:
-    """Cross-entropy from the renormalised top-k (student_logp: (M, V) at τ)."""
-    target = torch.softmax(topk_logits / temperature, dim=-1)
-    return -(target * student_logp.gather(1, topk_ids)).sum(-1).mean()
+@dataclass(frozen=True)
+class Config:
+    kd_target: str = option("topk", "teacher distribution: the renormalised top-k, or top-k plus the exact tail mass",
+                            paper="topk", choices=("topk", "tail"))
+    temperature: float = option(1.0, "distillation temperature τ (topk target only; the term is scaled by τ²)",
+                                paper=1.0, low=0.0, low_open=True)
+    lambda_schedule: str = option("anneal", "λ over training: linear from lambda_start to lambda_end, or constant",
+                                  paper="anneal", choices=("anneal", "constant"))
+    lambda_start: float = option(1.0, "λ (weight of L_KD) at the first step", paper=1.0, low=0.0, high=1.0)
+    lambda_end: float = option(0.0, "λ at the last step (anneal only)", paper=0.0, low=0.0, high=1.0)
 
-
-def kd_tail(student_logp: torch.Tensor, topk_ids, topk_logits, lognorm) -> torch.Tensor:
-    """Cross-entropy over {top-k tokens, the rest}, with the teacher's exact tail mass."""
-    return tail_cross_entropy(student_logp, topk_ids, topk_logits, lognorm).mean()
+    def __post_init__(self):
+        if self.kd_target == "tail" and self.temperature != 1.0:
+            raise BadInput("--option kd_target=tail needs temperature=1: the cached log-normaliser is for τ = 1.")
 
 
 @register
 class MergeDistill(Method):
     name = "mergedistill"
-    needs = (Need("topk", "--topk 8"),)
-    columns = (
-        "example_id", "lang", "side", "mask_epoch", "teacher_loss",
-        "input_ids", "masked_positions", "labels", "topk_ids", "topk_logits", "lognorm",
-    )
+    paper = "MergeDistill (Khanuja et al. 2021), seeds/004"
+    Config = Config
+    needs = (NEED,)
 
-    def __init__(self, options, vocab=None, total_steps=1):
-        super().__init__(options, vocab, total_steps)
-        self.target = options.get("kd_target", "topk")
-        self.temperature = float(options.get("temperature", 1.0))
-        if self.target not in ("topk", "tail"):
-            raise BadInput(f"--kd-target must be 'topk' or 'tail', not {self.target!r}")
-        if self.target == "tail" and self.temperature != 1.0:
-            raise BadInput("--kd-target tail needs --temperature 1: the cached log-normaliser is for τ = 1.")
-        self.schedule = options.get("lambda_schedule", "anneal")
-        self.lambda_start = float(options.get("lambda_start", 1.0))
-        self.lambda_end = float(options.get("lambda_end", 0.0))
+    @classmethod
+    def plan_for(cls, config, caches, student):
+        require(cls.name, caches, [NEED])
+        return Plan(columns=COLUMNS)
 
     def collate(self, rows):
         return collate_masked_lm(rows, self.vocab.pad_id)
 
-    def kd(self, logp: torch.Tensor, batch: dict) -> torch.Tensor:
-        if self.target == "tail":
-            return kd_tail(logp, batch["topk_ids"], batch["topk_logits"], batch["lognorm"])
-        if self.temperature != 1.0:
-            logp = torch.log_softmax(logp / self.temperature, dim=-1)  # logp is logits up to a constant
-        return kd_topk(logp, batch["topk_ids"], batch["topk_logits"], self.temperature) * self.temperature**2
+    def kd(self, logits, batch):
+        c = self.config
+        if c.kd_target == "tail":
+            return L.tail_topk_cross_entropy(logits, batch["topk_ids"], batch["topk_logits"], batch["lognorm"])
+        return L.topk_cross_entropy(logits, batch["topk_ids"], batch["topk_logits"], c.temperature) * c.temperature**2
 
     def losses(self, batch, student, step):
-        logp = masked_log_probs(student, batch)
-        mlm = F.nll_loss(logp, batch["labels"])
-        kd = self.kd(logp, batch)
-        lam = lambda_at(self.schedule, self.lambda_start, self.lambda_end, step, self.total_steps)
-        return {"loss": lam * kd + (1 - lam) * mlm, "kd": kd, "mlm": mlm, "lambda": torch.tensor(lam)}
+        c = self.config
+        logits = masked_logits(student, batch)
+        parts = {"kd": self.kd(logits, batch), "mlm": L.gold_cross_entropy(logits, batch["labels"])}
+        lam = lambda_at(c.lambda_schedule, c.lambda_start, c.lambda_end, step, self.total_steps)
+        return {"loss": L.weighted_sum(parts, {"kd": lam, "mlm": 1 - lam}), **parts,
+                "lambda": logits.new_tensor(lam)}

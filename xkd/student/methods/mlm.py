@@ -1,52 +1,55 @@
 """mlm: the student on gold labels only (MergeDistill's SM2 baseline), same data and vocab.
 
-Two sources of masked inputs (`--option source=...`):
+Two sources of masked inputs (`source`):
 - "cache" (default): the teacher's cached masked inputs and gold labels;
 - "text": masks drawn on the student side from the rows' raw text, as TLM does
   ([CLS] text [SEP] pair_text [SEP] when the row has a translation, both sides masked; see
-  tlm.py). For caches of encoder teachers, which store text but no masked positions: the
-  "mlm only" baseline of an mmkd or xd comparison on the same cache.
+  student/text.py). For caches of encoder teachers, which store text but no masked
+  positions: the "mlm only" baseline of an mmkd or xd comparison on the same cache.
 """
 
 from __future__ import annotations
 
-import torch.nn.functional as F
+from dataclasses import dataclass
 
-from ...errors import BadInput
+from .. import losses as L
+from ..text import TEXT_COLUMNS, collate_tlm, pair_languages
 from . import register
-from .base import TEXT_NEED, Method, collate_masked_lm, masked_log_probs
-from .tlm import TEXT_COLUMNS, collate_tlm, pair_languages
+from .base import TEXT_NEED, Method, Plan, collate_masked_lm, masked_logits, option, require
+
+CACHE_COLUMNS = ("example_id", "lang", "input_ids", "masked_positions", "labels")
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str = option("cache", "masked inputs: the cache's own masks, or masks drawn from the rows' text",
+                         choices=("cache", "text"))
+    mask_prob: float = option(0.15, "source=text: share of tokens masked (80/10/10)", paper=0.15, low=0.0, high=1.0,
+                              low_open=True, high_open=True)
+    mask_seed: int = option(0, "source=text: seed of the masks", low=0)
+    max_length: int = option(128, "source=text: tokens per side", low=2)
 
 
 @register
 class MaskedLM(Method):
     name = "mlm"
-    columns = ("example_id", "lang", "input_ids", "masked_positions", "labels")
+    paper = "MergeDistill's SM2 baseline (seeds/004)"
+    Config = Config
+    needs = ()
 
-    def __init__(self, options, vocab=None, total_steps=1):
-        super().__init__(options, vocab, total_steps)
-        self.source = options.get("source", "cache")
-        if self.source not in ("cache", "text"):
-            raise BadInput(f"--option source={self.source} for mlm: choose cache (the cached masks) or text (masks drawn from the rows' text).")
-        if self.source == "text":
-            self.needs = (TEXT_NEED,)
-            self.columns = TEXT_COLUMNS
-            self.mask_prob = float(options.get("mask_prob", 0.15))
-            self.mask_seed = int(options.get("mask_seed", 0))
-            self.max_length = int(options.get("max_length", 128))
-        self.pairs: list = []
-
-    def setup(self, student, caches):
-        if self.source == "text":
-            Method.check_caches.__func__(self, caches)  # reads `needs` and `name`: here, the text
-            self.pairs = pair_languages(caches)
+    @classmethod
+    def plan_for(cls, config, caches, student):
+        if config.source == "text":
+            require(cls.name, caches, [TEXT_NEED], " --option source=text")
+            return Plan(columns=TEXT_COLUMNS, pairs=pair_languages(caches))
+        return Plan(columns=CACHE_COLUMNS)
 
     def collate(self, rows):
-        if self.source == "text":
-            return collate_tlm(self.vocab, rows, self.pairs, seed=self.mask_seed, prob=self.mask_prob,
-                               max_length=self.max_length)
+        c = self.config
+        if c.source == "text":
+            return collate_tlm(self.vocab, rows, self.plan.pairs, seed=c.mask_seed, prob=c.mask_prob, max_length=c.max_length)
         return collate_masked_lm(rows, self.vocab.pad_id)
 
     def losses(self, batch, student, step):
-        mlm = F.nll_loss(masked_log_probs(student, batch), batch["labels"])
+        mlm = L.gold_cross_entropy(masked_logits(student, batch), batch["labels"])
         return {"loss": mlm, "mlm": mlm}

@@ -25,35 +25,61 @@ words) are matched in order with the cache's word-aligned rows. See docs/methods
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...errors import BadInput
-from . import register
-from .base import TEXT_NEED, Method, Need, parse_bool
-from .tlm import (
+from .. import losses as L
+from ..text import (
     PURPOSE_XWCL, TEXT_COLUMNS, choose_words, concat_pair, corrupt, epochs_of, flat_positions, mask_pairs,
     one_side_pairs, padded_ids, row_rng, tokenize_pairs,
 )
+from . import register
+from .base import TEXT_NEED, Method, Need, Plan, option, require, same_width
 
-OBJECTIVES = ("tlm", "xwcl", "senta", "struca")
-# Options every method receives from train-student, whatever it is.
-COMMON_OPTIONS = {"lambda_schedule", "lambda_start", "lambda_end", "temperature", "kd_target"}
-DEFAULTS = {
-    "tlm": "true", "xwcl": "true", "senta": "true", "struca": "true",
-    "struca_weight": 1.0,  # alpha in eq. 6
-    "xwcl_tau": 0.1, "struca_tau": 0.1,  # the paper gives no values
-    "xwcl_similarity": "dot",  # the paper's; "cosine" normalises both vectors first
-    "xwcl_layer": None,  # teacher layer of the word vectors; default: the highest word-aligned one cached
-    "mask_prob": 0.15, "mask_seed": 0, "max_length": 128,
-    "head_hidden": 768, "head_out": 128,  # the paper's projector/predictor sizes
-    "projector_seed": 0,  # seeds the frozen teacher projectors
-}
 WORD_NEED = "--hidden-layers L --hidden-positions word"
 WORD_HIDDEN_NEED = Need("hidden.*", WORD_NEED)
 CLS_NEED = Need("cls", "--sentence cls")
+
+
+@dataclass(frozen=True)
+class Config:
+    tlm: bool = option(True, "L_TLM: masked LM over [CLS] en [SEP] x [SEP]", paper=True)
+    xwcl: bool = option(True, "L_XWCL: word-level InfoNCE to the teacher's word vectors", paper=True)
+    senta: bool = option(True, "L_SentA: sentence alignment of projected [CLS] vectors", paper=True)
+    struca: bool = option(True, "L_StrucA: structure alignment within the batch", paper=True)
+    struca_weight: float = option(1.0, "α, the weight of L_StrucA (eq. 6)", low=0.0)
+    xwcl_tau: float = option(0.1, "τ of XWCL's InfoNCE (the paper gives no value)", low=0.0, low_open=True)
+    struca_tau: float = option(0.1, "τ of StrucA's softmax (the paper gives no value)", low=0.0, low_open=True)
+    xwcl_similarity: str = option("dot", "XWCL similarity: dot product (the paper) or cosine", paper="dot",
+                                  choices=("dot", "cosine"))
+    xwcl_layer: int | None = option(None, "teacher layer of the word vectors; none: the highest word-aligned one cached",
+                                    low=0)
+    mask_prob: float = option(0.15, "share of tokens (TLM) and of English words (XWCL) masked", paper=0.15, low=0.0,
+                              high=1.0, low_open=True, high_open=True)
+    mask_seed: int = option(0, "seed of the student-side masks", low=0)
+    max_length: int = option(128, "student tokens per side", paper=128, low=2)
+    head_hidden: int = option(768, "hidden width of the projector and predictor MLPs", paper=768, low=1)
+    head_out: int = option(128, "output width of the projector and predictor MLPs", paper=128, low=1)
+    projector_seed: int = option(0, "seed of the frozen teacher projectors", low=0)
+
+    def __post_init__(self):
+        if not (self.tlm or self.xwcl or self.senta or self.struca):
+            raise BadInput("--method mmkd: every objective is off (tlm, xwcl, senta, struca); leave at least one on.")
+
+
+@dataclass(frozen=True)
+class MMKDPlan(Plan):
+    word_layer: str | None = None  # the cached word-aligned hidden states XWCL reads
+    word_width: int = 0
+    cls_width: int = 0
+
+    @property
+    def sentence(self) -> bool:
+        return self.cls_width > 0
 
 
 def mlp(d_in: int, hidden: int, out: int) -> nn.Sequential:
@@ -73,83 +99,26 @@ def frozen_projector(d_in: int, hidden: int, out: int, seed: int) -> nn.Sequenti
     return head
 
 
-def xwcl_loss(student_vectors, teacher_words, word_mask, query_row, query_word, tau: float,
-              similarity: str = "dot") -> torch.Tensor:
-    """InfoNCE (eq. 1): each query (a masked word's student vector, in the teacher's width)
-    against the teacher vectors of every word of its own sentence; mean over queries."""
-    if query_row.numel() == 0:
-        return student_vectors.sum() * 0.0
-    candidates = teacher_words[query_row]  # (Q, W, D)
-    if similarity == "cosine":
-        student_vectors, candidates = F.normalize(student_vectors, dim=-1), F.normalize(candidates, dim=-1)
-    scores = torch.einsum("qd,qwd->qw", student_vectors, candidates) / tau
-    scores = scores.masked_fill(~word_mask[query_row], float("-inf"))
-    return F.cross_entropy(scores, query_word)
-
-
-def senta_loss(student_prediction, teacher_projection) -> torch.Tensor:
-    """Eq. 2: squared distance of the L2-normalised vectors, summed over dimensions, mean
-    over the batch."""
-    diff = F.normalize(student_prediction, dim=-1) - F.normalize(teacher_projection, dim=-1)
-    return diff.pow(2).sum(-1).mean()
-
-
-def struca_loss(student_prediction, teacher_projection, tau: float) -> torch.Tensor:
-    """Eqs. 3-5: KL between row-softmaxed similarity matrices of normalised vectors."""
-    z = F.normalize(teacher_projection, dim=-1)
-    z_student = F.normalize(student_prediction, dim=-1)
-    target = torch.softmax(z @ z.T / tau, dim=-1)
-    log_q = torch.log_softmax(z_student @ z_student.T / tau, dim=-1)
-    return F.kl_div(log_q, target, reduction="batchmean")
-
-
 @register
 class MMKD(Method):
     name = "mmkd"
-    needs = (TEXT_NEED, WORD_HIDDEN_NEED, CLS_NEED)  # with every objective on (`xkd methods` lists them)
-    columns = TEXT_COLUMNS
+    paper = "Multi-level Multilingual Knowledge Distillation, seeds/000"
+    Config = Config
+    needs = (TEXT_NEED, WORD_HIDDEN_NEED, CLS_NEED)  # with every objective on
 
     @classmethod
-    def check_caches(cls, caches) -> None:
-        """Nothing yet: what a cache must hold depends on the objectives switched on, which
-        only an instance knows; setup() checks exactly those."""
+    def plan_for(cls, config, caches, student):
+        sentence = config.senta or config.struca
+        require(cls.name, caches, [TEXT_NEED] + ([WORD_HIDDEN_NEED] if config.xwcl else []) + ([CLS_NEED] if sentence else []))
+        pairs = one_side_pairs(caches, cls.name)
+        word_layer = _word_layer(config, caches) if config.xwcl else None
+        dense = ((word_layer,) if word_layer else ()) + (("cls",) if sentence else ())
+        return MMKDPlan(columns=TEXT_COLUMNS, dense=dense, pairs=pairs, word_layer=word_layer,
+                        word_width=same_width(cls.name, caches, word_layer) if word_layer else 0,
+                        cls_width=same_width(cls.name, caches, "cls") if sentence else 0)
 
-    def __init__(self, options, vocab=None, total_steps=1):
-        super().__init__(options, vocab, total_steps)
-        unknown = sorted(set(options) - set(DEFAULTS) - COMMON_OPTIONS)
-        if unknown:
-            raise BadInput(f"--option {', '.join(unknown)}: not an mmkd option. Its options: {', '.join(DEFAULTS)}.")
-        o = {**DEFAULTS, **options}
-        self.enabled = {name: parse_bool(o[name], name) for name in OBJECTIVES}
-        if not any(self.enabled.values()):
-            raise BadInput("mmkd: every objective is off (tlm, xwcl, senta, struca); leave at least one on.")
-        self.struca_weight = float(o["struca_weight"])
-        self.xwcl_tau, self.struca_tau = float(o["xwcl_tau"]), float(o["struca_tau"])
-        self.xwcl_layer = None if o["xwcl_layer"] is None else int(o["xwcl_layer"])
-        self.xwcl_similarity = str(o["xwcl_similarity"])
-        if self.xwcl_similarity not in ("dot", "cosine"):
-            raise BadInput(f"--option xwcl_similarity={self.xwcl_similarity}: choose dot (the paper) or cosine.")
-        self.mask_prob, self.mask_seed, self.max_length = float(o["mask_prob"]), int(o["mask_seed"]), int(o["max_length"])
-        self.head_hidden, self.head_out, self.projector_seed = int(o["head_hidden"]), int(o["head_out"]), int(o["projector_seed"])
-        if self.xwcl_tau <= 0 or self.struca_tau <= 0:
-            raise BadInput("mmkd: xwcl_tau and struca_tau must be positive.")
-        self.needs = (TEXT_NEED,) + ((WORD_HIDDEN_NEED,) if self.enabled["xwcl"] else ()) + (
-            (CLS_NEED,) if self.enabled["senta"] or self.enabled["struca"] else ())
-        self.hidden_name: str | None = None
-        self.pairs: list = []
-
-    # Setup: what the caches hold, and the heads ---------------------------------------
-    def setup(self, student, caches):
-        # The base check reads only `needs` and `name`: here, the needs of this configuration.
-        Method.check_caches.__func__(self, caches)
-        self.pairs = one_side_pairs(caches, "mmkd")
-        dense = []
-        if self.enabled["xwcl"]:
-            self.hidden_name = self._word_layer(caches)
-            dense.append(self.hidden_name)
-        if self.enabled["senta"] or self.enabled["struca"]:
-            dense.append("cls")
-        self.dense = tuple(dense)
+    def build_heads(self, student):
+        c, plan = self.config, self.plan
         width = int(student.config.hidden_size)
         # One draw from the global RNG seeds every trainable head, each by its own offset, so
         # that a head starts the same whichever other objectives are switched on.
@@ -160,43 +129,14 @@ class MMKD(Method):
                 torch.manual_seed(base_seed + offset)
                 return build()
 
-        if self.enabled["xwcl"]:
-            teacher_width = caches[0].dense_specs[self.hidden_name].dim
-            if teacher_width != width:  # the paper's widths are equal; a learned map bridges them
-                self.modules["xwcl_projection"] = seeded(0, lambda: nn.Linear(width, teacher_width))
-        if self.enabled["senta"] or self.enabled["struca"]:
-            cls_width = self._same_dim(caches, "cls")
-            for offset, name in enumerate(("senta", "struca")):
-                if self.enabled[name]:
-                    self.modules[f"{name}_projector"] = seeded(1 + 2 * offset, lambda: mlp(width, self.head_hidden, self.head_out))
-                    self.modules[f"{name}_predictor"] = seeded(2 + 2 * offset, lambda: mlp(self.head_out, self.head_hidden, self.head_out))
-                    self.modules[f"{name}_teacher_projector"] = frozen_projector(
-                        cls_width, self.head_hidden, self.head_out, self.projector_seed + offset)
-
-    def _word_layer(self, caches) -> str:
-        def word_layers(cache):
-            return {int(n.split(".", 1)[1]) for n, s in cache.dense_specs.items() if n.startswith("hidden.") and s.align == "word"}
-
-        for cache in caches:
-            layers = word_layers(cache)
-            if not layers or (self.xwcl_layer is not None and self.xwcl_layer not in layers):
-                what = f"hidden.{self.xwcl_layer}" if self.xwcl_layer is not None else "hidden.<layer>"
-                raise BadInput(
-                    f"--method mmkd (XWCL) needs the cached output '{what}' aligned to words, which {cache.path} lacks "
-                    f"(it has: {', '.join(sorted(cache.dense_specs)) or 'no dense outputs'}). Re-run cache-teachers with "
-                    f"{WORD_NEED} (L = the teacher's last layer), or turn XWCL off with --option xwcl=false."
-                )
-        layer = self.xwcl_layer if self.xwcl_layer is not None else max(word_layers(caches[0]))
-        name = f"hidden.{layer}"
-        self._same_dim(caches, name)
-        return name
-
-    @staticmethod
-    def _same_dim(caches, name: str) -> int:
-        dims = {c.dense_specs[name].dim for c in caches if name in c.dense_specs}
-        if len(dims) != 1:
-            raise BadInput(f"--method mmkd: the caches' '{name}' outputs differ in width ({sorted(dims)}); use caches of one teacher.")
-        return dims.pop()
+        if c.xwcl and plan.word_width != width:  # the paper's widths are equal; a learned map bridges them
+            self.modules["xwcl_projection"] = seeded(0, lambda: nn.Linear(width, plan.word_width))
+        for offset, name in enumerate(("senta", "struca")):
+            if getattr(c, name):
+                self.modules[f"{name}_projector"] = seeded(1 + 2 * offset, lambda: mlp(width, c.head_hidden, c.head_out))
+                self.modules[f"{name}_predictor"] = seeded(2 + 2 * offset, lambda: mlp(c.head_out, c.head_hidden, c.head_out))
+                self.modules[f"{name}_teacher_projector"] = frozen_projector(plan.cls_width, c.head_hidden, c.head_out,
+                                                                             c.projector_seed + offset)
 
     # Batches ---------------------------------------------------------------------------
     def collate(self, rows):
@@ -204,26 +144,26 @@ class MMKD(Method):
         and the translations alone ([CLS] x [SEP]); each block has one row per example."""
         vocab = self.vocab
         n = len(rows["example_id"])
-        src, tgt = tokenize_pairs(vocab, rows, self.pairs, self.max_length)
+        src, tgt = tokenize_pairs(vocab, rows, self.plan.pairs, self.config.max_length)
         if any(t is None for t in tgt):
             raise BadInput("mmkd: a cached row has no translation (empty pair_text); cache a parallel corpus with --sides src.")
         epochs = epochs_of(rows)
         blocks: list[list[np.ndarray]] = []
         batch: dict = {"example_id": torch.from_numpy(np.asarray(rows["example_id"]).astype(np.int64)), "lang": list(rows["lang"])}
         tlm_positions = []
-        if self.enabled["tlm"]:
-            built = mask_pairs(vocab, src, tgt, rows["example_id"], epochs, seed=self.mask_seed, prob=self.mask_prob)
+        if self.config.tlm:
+            built = mask_pairs(vocab, src, tgt, rows["example_id"], epochs, seed=self.config.mask_seed, prob=self.config.mask_prob)
             blocks.append([b[0] for b in built])
             tlm_positions = [b[1] for b in built]
             batch["tlm_labels"] = torch.from_numpy(np.concatenate([b[2] for b in built]).astype(np.int64))
-        if self.enabled["xwcl"]:
-            teacher = rows[self.hidden_name]
+        if self.config.xwcl:
+            teacher = rows[self.plan.word_layer]
             inputs, queries, query_words, aligned = self._xwcl_rows(src, tgt, teacher.lengths(), rows["example_id"], epochs)
             xwcl_block = len(blocks)
             blocks.append(inputs)
             batch["teacher_words"], batch["teacher_word_mask"] = self._teacher_words(teacher, aligned)
             batch["xwcl_word"] = torch.from_numpy(np.concatenate(query_words).astype(np.int64))
-        if self.enabled["senta"] or self.enabled["struca"]:
+        if self.plan.sentence:
             trans_block = len(blocks)
             blocks.append([t.ids for t in tgt])
             batch["teacher_cls"] = torch.from_numpy(np.asarray(rows["cls"].values, dtype=np.float32))
@@ -232,11 +172,11 @@ class MMKD(Method):
         batch["input_ids"], batch["attention_mask"] = input_ids, attention_mask
         empty = [np.zeros(0, np.int64)] * n
         batch["tlm_flat"] = torch.from_numpy(flat_positions(tlm_positions or empty, width)[0])
-        if self.enabled["xwcl"]:
+        if self.config.xwcl:
             flat, row_of = flat_positions(queries, width)
             batch["xwcl_flat"] = torch.from_numpy(flat + xwcl_block * n * width)
             batch["xwcl_row"] = torch.from_numpy(row_of)
-        if self.enabled["senta"] or self.enabled["struca"]:
+        if self.plan.sentence:
             batch["translation_flat"] = torch.from_numpy((trans_block * n + np.arange(n, dtype=np.int64)) * width)
         return batch
 
@@ -248,8 +188,8 @@ class MMKD(Method):
         for i in range(len(src)):
             pair = concat_pair(src[i], tgt[i], self.vocab.cls_id)
             n_aligned = min(src[i].n_words, int(teacher_words[i]))
-            rng = row_rng(self.mask_seed, example_ids[i], epochs[i], PURPOSE_XWCL)
-            words = choose_words(rng, n_aligned, self.mask_prob)
+            rng = row_rng(self.config.mask_seed, example_ids[i], epochs[i], PURPOSE_XWCL)
+            words = choose_words(rng, n_aligned, self.config.mask_prob)
             positions = np.flatnonzero(np.isin(pair.word, words))  # every token of each chosen word (src only)
             inputs.append(corrupt(rng, pair.ids, positions, self.vocab))
             queries.append(_first_tokens(pair.word, words))
@@ -273,31 +213,47 @@ class MMKD(Method):
 
     # Losses ----------------------------------------------------------------------------
     def losses(self, batch, student, step):
+        c = self.config
         out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], masked_flat=batch["tlm_flat"])
         hidden = out.last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1])
         parts: dict[str, torch.Tensor] = {}
-        if self.enabled["tlm"]:
-            parts["tlm"] = F.cross_entropy(out.logits.float(), batch["tlm_labels"])
-        if self.enabled["xwcl"]:
+        if c.tlm:
+            parts["tlm"] = L.gold_cross_entropy(out.logits, batch["tlm_labels"])
+        if c.xwcl:
             vectors = flat[batch["xwcl_flat"]].float()
             if "xwcl_projection" in self.modules:
                 vectors = self.modules["xwcl_projection"](vectors)
-            parts["xwcl"] = xwcl_loss(vectors, batch["teacher_words"], batch["teacher_word_mask"], batch["xwcl_row"],
-                                      batch["xwcl_word"], self.xwcl_tau, self.xwcl_similarity)
-        if self.enabled["senta"] or self.enabled["struca"]:
+            parts["xwcl"] = L.word_infonce(vectors, batch["teacher_words"], batch["teacher_word_mask"], batch["xwcl_row"],
+                                           batch["xwcl_word"], c.xwcl_tau, c.xwcl_similarity)
+        if self.plan.sentence:
             cls = flat[batch["translation_flat"]].float()
-            teacher_cls = batch["teacher_cls"]
             for name in ("senta", "struca"):
-                if not self.enabled[name]:
+                if not getattr(c, name):
                     continue
                 prediction = self.modules[f"{name}_predictor"](self.modules[f"{name}_projector"](cls))
-                projection = self.modules[f"{name}_teacher_projector"](teacher_cls)
-                parts[name] = senta_loss(prediction, projection) if name == "senta" else struca_loss(prediction, projection, self.struca_tau)
-        total = sum(parts.get(name, 0.0) for name in ("tlm", "xwcl", "senta"))
-        if "struca" in parts:
-            total = total + self.struca_weight * parts["struca"]
-        return {"loss": total, **parts}
+                projection = self.modules[f"{name}_teacher_projector"](batch["teacher_cls"])
+                parts[name] = (L.normalized_squared_distance(prediction, projection) if name == "senta"
+                               else L.structure_kl(prediction, projection, c.struca_tau))
+        weights = {"tlm": 1.0, "xwcl": 1.0, "senta": 1.0, "struca": c.struca_weight}  # eq. 6
+        return {"loss": L.weighted_sum(parts, weights), **parts}
+
+
+def _word_layer(config, caches) -> str:
+    def word_layers(cache):
+        return {int(n.split(".", 1)[1]) for n, s in cache.dense.items() if n.startswith("hidden.") and s.align == "word"}
+
+    for cache in caches:
+        layers = word_layers(cache)
+        if not layers or (config.xwcl_layer is not None and config.xwcl_layer not in layers):
+            what = f"hidden.{config.xwcl_layer}" if config.xwcl_layer is not None else "hidden.<layer>"
+            raise BadInput(
+                f"--method mmkd (XWCL) needs the cached output '{what}' aligned to words, which {cache.path} lacks "
+                f"(it has: {', '.join(sorted(cache.dense)) or 'no dense outputs'}). Re-run cache-teachers with "
+                f"{WORD_NEED} (L = the teacher's last layer), or turn XWCL off with --option xwcl=false."
+            )
+    layer = config.xwcl_layer if config.xwcl_layer is not None else max(word_layers(caches[0]))
+    return f"hidden.{layer}"
 
 
 def _first_tokens(word: np.ndarray, words: np.ndarray) -> np.ndarray:

@@ -25,154 +25,166 @@ language (the languages of the caches, in the order the caches are given) over t
 detaches the other branches in training; a zero-shot language goes through all branches at
 inference.
 
+Class order: each teacher numbers its classes as its config's id2label does, and hub
+fine-tunes of one task do not always agree. The plan compares the teachers' class names:
+where they name the same classes in another order, each cache's logits (and a labeled
+corpus's gold ids) are permuted into the first cache's order; where the names differ, it is
+an error. Teachers whose classes are unnamed (LABEL_0, ...) are taken to agree.
+
 The student tokenizes each row's text itself, as the union vocab routes its language
 (`Vocab.tokenize`), i.e. exactly as it will see that language at inference.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ...errors import BadInput
+from .. import losses as L
+from ..models import classifier_student
+from ..text import padded_ids, tokenize_by_language
 from . import register
-from ..models import classifier_student, is_classifier
-from .base import TEXT_NEED, Method, Need, check_options, dense_dim, parse_bool, row_vectors
-from .tlm import padded_ids, tokenize_by_language
+from .base import TEXT_NEED, Method, Need, Plan, option, require, row_vectors, same_width
 
-STUDENTS = ("plain", "mblm")
-DEFAULTS = {
-    "student": "plain", "branch_layers": 4,  # K, the paper's depth of the language branches
-    "temperature": 8.0, "t2": "false", "label_weight": 0.0, "max_length": 128,
-}
+NEEDS = (Need("class_logits", "--class-logits (on by default for sequence classifiers)"), TEXT_NEED)
+COLUMNS = ("example_id", "lang", "class_label", "text")
 
 
-def cache_languages(cache) -> list[str]:
-    """The languages of a cache's rows: a monolingual corpus's language, or the languages of
-    the sides a parallel corpus was cached on."""
-    langs = list((cache.manifest.get("corpus") or {}).get("langs") or [])
-    sides = list((cache.manifest.get("view") or {}).get("sides") or ["mono"])
-    return [langs[1] if side == "tgt" else langs[0] for side in sides if langs]
+@dataclass(frozen=True)
+class Config:
+    student: str = option("plain", "plain: a sequence classifier; mblm: multi-branch, one branch per supervised language",
+                          choices=("plain", "mblm"))
+    branch_layers: int = option(4, "student=mblm: K, the bottom layers replicated per language", paper=4, low=1)
+    temperature: float = option(8.0, "τ of the soft cross-entropy (eq. 3)", paper=8.0, low=0.0, low_open=True)
+    t2: bool = option(False, "multiply the KD term by τ² (Hinton et al.); eq. 3 has no such factor", paper=False)
+    label_weight: float = option(0.0, "weight of the gold-label cross-entropy where rows carry labels (0: eq. 3 alone)",
+                                 paper=0.0, low=0.0)
+    max_length: int = option(128, "student tokens per text", low=2)
 
 
-def supervised_languages(caches) -> list[str]:
-    """Every language the caches hold, in the order of the caches (MBLM's branch order)."""
-    return list(dict.fromkeys(lang for cache in caches for lang in cache_languages(cache)))
-
-
-def check_label_ids(caches) -> None:
-    """A labeled corpus numbers its classes by sorted name; the teacher numbers them as its
-    config's id2label does. Where both are known they must agree, or gold labels and teacher
-    logits would name different classes."""
-    for cache in caches:
-        names = (cache.manifest.get("corpus") or {}).get("labels")
-        config_file = Path(str((cache.manifest.get("teacher") or {}).get("path") or "")) / "config.json"
-        if not names or not config_file.is_file():
-            continue
-        label2id = {str(name): int(i) for i, name in (json.loads(config_file.read_text()).get("id2label") or {}).items()}
-        if not set(names) & set(label2id):
-            continue  # the teacher's classes are unnamed (LABEL_0, ...): nothing to compare
-        wrong = [(i, name, label2id.get(name)) for i, name in enumerate(names) if label2id.get(name) != i]
-        if wrong:
-            i, name, theirs = wrong[0]
-            raise BadInput(
-                f"--method multikd: in {cache.path} the corpus labels class {i} {name!r} (its classes, sorted: "
-                f"{', '.join(names)}) but the teacher's config gives {name!r} the id {theirs}. Label the file with "
-                "the teacher's class ids (0, 1, ...), or with names covering all of the teacher's classes."
-            )
+@dataclass(frozen=True)
+class MultiKDPlan(Plan):
+    languages: tuple = ()  # the supervised languages, in cache order (MBLM's branch order)
+    width: int = 0  # classes
+    label_names: tuple | None = None  # class names in the student's (the first cache's) order
+    logit_order: tuple = ()  # per cache: the teacher's class index for each student class, or None (same order)
+    gold_order: tuple = ()  # per cache: the student's class id for each of the corpus's label ids, or None
 
 
 @register
 class MultiKD(Method):
     name = "multikd"
-    needs = (Need("class_logits", "--class-logits (on by default for sequence classifiers)"), TEXT_NEED)
-    columns = ("example_id", "lang", "class_label", "text")
-    dense = ("class_logits",)
-    mix = "batch"  # each step: one language, one teacher
-
-    def __init__(self, options, vocab=None, total_steps=1):
-        super().__init__(options, vocab, total_steps)
-        o = check_options(self.name, options, DEFAULTS)
-        self.student_kind = _student_kind(o)
-        self.temperature = float(o["temperature"])
-        if self.temperature <= 0:
-            raise BadInput(f"--temperature {self.temperature}: give a positive temperature (the paper's is 8).")
-        self.t2 = parse_bool(o["t2"], "t2")
-        self.label_weight = float(o["label_weight"])
-        self.max_length = int(o["max_length"])
-        self.pass_lang = False
+    paper = "MultiKD with the MBLM student (Yang et al. AAAI 2022), seeds/001"
+    Config = Config
+    needs = NEEDS
 
     @classmethod
-    def build_student(cls, vocab, config, init_from, init_teacher, caches, options=None):
-        o = check_options(cls.name, dict(options or {}), DEFAULTS)
-        num_labels = dense_dim(caches, "class_logits", cls.name)
-        names = next((list(n) for c in caches if (n := (c.manifest.get("corpus") or {}).get("labels"))), None)
-        model = classifier_student(vocab, config, init_from, init_teacher, num_labels, names)
-        if _student_kind(o) == "plain":
+    def plan_for(cls, config, caches, student):
+        require(cls.name, caches, NEEDS)
+        width = same_width(cls.name, caches, "class_logits")
+        names, logit_order = class_orders(caches)
+        gold_order = tuple(_gold_order(cache, names) for cache in caches)
+        languages = tuple(dict.fromkeys(lang for cache in caches for lang in cache.languages))
+        return MultiKDPlan(columns=COLUMNS, dense=("class_logits",), mix="batch", languages=languages, width=width,
+                           label_names=names, logit_order=logit_order, gold_order=gold_order)
+
+    @classmethod
+    def build_student(cls, config, plan, vocab, student, init_from, init_teacher):
+        names = list(plan.label_names) if plan.label_names and len(plan.label_names) == plan.width else None
+        model = classifier_student(vocab, student, init_from, init_teacher, plan.width, names)
+        if config.student == "plain":
             return model
         from ..mblm import MBLMForSequenceClassification
 
         if model.config.model_type != "bert":
             raise BadInput(f"--option student=mblm: MBLM branches are BERT layers, but the student is a "
                            f"{model.config.model_type}; use a BERT student (no --embedding-dim) or student=plain.")
-        layers = int(o["branch_layers"])
-        if layers > model.config.num_hidden_layers:
-            raise BadInput(f"--option branch_layers={layers}: the student has {model.config.num_hidden_layers} layers; "
-                           f"give branch_layers between 1 and {model.config.num_hidden_layers} (the paper: 4 of 12).")
-        return MBLMForSequenceClassification.from_bert(model, supervised_languages(caches), branch_layers=layers)
+        if config.branch_layers > model.config.num_hidden_layers:
+            raise BadInput(f"--option branch_layers={config.branch_layers}: the student has "
+                           f"{model.config.num_hidden_layers} layers; give branch_layers between 1 and "
+                           f"{model.config.num_hidden_layers} (the paper: 4 of 12).")
+        return MBLMForSequenceClassification.from_bert(model, list(plan.languages), branch_layers=config.branch_layers)
 
-    def setup(self, student, caches):
-        dense_dim(caches, "class_logits", self.name)
-        check_label_ids(caches)
-        if not is_classifier(student):
-            raise BadInput(f"--method multikd trains a sequence classifier, but the student is a {type(student).__name__}; "
-                           "build it with MultiKD.build_student (train-student does).")
-        self.pass_lang = student.config.model_type == "xkd-mblm"
+    def __init__(self, config, plan, vocab=None, total_steps=1):
+        super().__init__(config, plan, vocab, total_steps)
+        self.pass_lang = config.student == "mblm"
 
     def collate(self, rows):
         texts, langs = list(rows["text"]), list(rows["lang"])
-        input_ids, attention_mask = padded_ids(tokenize_by_language(self.vocab, texts, langs, self.max_length),
+        input_ids, attention_mask = padded_ids(tokenize_by_language(self.vocab, texts, langs, self.config.max_length),
                                                self.vocab.pad_id)
+        logits = row_vectors(rows, "class_logits")
+        gold = np.asarray(rows["class_label"], dtype=np.int64).copy()
+        for source in np.unique(rows["source"]):
+            here = np.flatnonzero(rows["source"] == source)
+            order, gold_order = self.plan.logit_order[source], self.plan.gold_order[source]
+            if order is not None:
+                logits[here] = logits[here][:, list(order)]
+            if gold_order is not None:
+                labelled = here[gold[here] >= 0]
+                gold[labelled] = np.asarray(gold_order)[gold[labelled]]
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "teacher_logits": row_vectors(rows, "class_logits"),
-            "class_label": torch.from_numpy(np.asarray(rows["class_label"], dtype=np.int64)),
+            "teacher_logits": logits,
+            "class_label": torch.from_numpy(gold),
             "example_id": torch.from_numpy(np.asarray(rows["example_id"]).astype(np.int64)),
             "lang": langs,
         }
 
     def losses(self, batch, student, step):
+        c = self.config
         langs = batch["lang"]
         extra = {"lang": langs[0] if len(set(langs)) == 1 else list(langs)} if self.pass_lang else {}
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits.float()
-        parts = {"kd": kd_cross_entropy(logits, batch["teacher_logits"], self.temperature, self.t2)}
+        parts = {"kd": L.soft_cross_entropy(logits, batch["teacher_logits"], c.temperature)}
+        weights = {"kd": c.temperature**2 if c.t2 else 1.0}
         labelled = batch["class_label"] >= 0
-        total = parts["kd"]
         if bool(labelled.any()):
-            parts["label"] = F.cross_entropy(logits[labelled], batch["class_label"][labelled])
-            if self.label_weight:
-                total = total + self.label_weight * parts["label"]
-        return {"loss": total, **parts}
+            parts["label"] = L.gold_cross_entropy(logits[labelled], batch["class_label"][labelled])
+            weights["label"] = c.label_weight
+        return {"loss": L.weighted_sum(parts, weights), **parts}
 
 
-def kd_cross_entropy(student_logits, teacher_logits, tau: float, t2: bool = False) -> torch.Tensor:
-    """Eq. 3: -1/N sum_i softmax(z_T/tau) . log softmax(z_S/tau) (times tau^2 with t2)."""
-    target = torch.softmax(teacher_logits.float() / tau, dim=-1)
-    loss = -(target * torch.log_softmax(student_logits.float() / tau, dim=-1)).sum(-1).mean()
-    return loss * tau**2 if t2 else loss
+def _unnamed(names) -> bool:
+    return names is None or all(n == f"LABEL_{i}" for i, n in enumerate(names))
 
 
-def _student_kind(options: dict) -> str:
-    kind = str(options["student"])
-    if kind not in STUDENTS:
-        raise BadInput(f"--option student={kind}: choose plain (a sequence classifier) or mblm (multi-branch, "
-                       "one branch per supervised language).")
-    layers = int(options["branch_layers"])
-    if layers < 1:
-        raise BadInput(f"--option branch_layers={layers}: give at least 1 (the paper uses 4).")
-    return kind
+def class_orders(caches) -> tuple[tuple | None, tuple]:
+    """(the student's class names, per cache the teacher's index of each student class or
+    None): the first named teacher's order is the student's; another teacher naming the
+    same classes in another order is permuted into it; other names are an error."""
+    named = [c for c in caches if not _unnamed(c.teacher_labels)]
+    if not named:
+        return None, (None,) * len(caches)
+    reference = named[0].teacher_labels
+    orders = []
+    for cache in caches:
+        names = cache.teacher_labels
+        if _unnamed(names) or sorted(names) != sorted(reference):
+            raise BadInput(
+                f"--method multikd: the teachers' classes differ. {named[0].path} names its classes "
+                f"{', '.join(reference)}; {cache.path} names "
+                f"{', '.join(names) if not _unnamed(names) else 'none (LABEL_0, ...)'}. Distil from teachers "
+                "fine-tuned on the same classes (their config.json id2label name them; any order is fine)."
+            )
+        orders.append(None if tuple(names) == tuple(reference) else tuple(names.index(n) for n in reference))
+    return tuple(reference), tuple(orders)
+
+
+def _gold_order(cache, names) -> tuple | None:
+    """A labeled corpus numbers its classes by sorted name: map those ids to the student's.
+    None where the corpus is unlabeled, or its names are the class ids themselves."""
+    if not cache.corpus_labels or names is None or not set(cache.corpus_labels) & set(names):
+        return None
+    unknown = [n for n in cache.corpus_labels if n not in names]
+    if unknown:
+        raise BadInput(
+            f"--method multikd: {cache.path} labels rows {unknown[0]!r}, which is not a class of the teachers "
+            f"({', '.join(names)}). Label the corpus with the teachers' class names (or their ids 0, 1, ...)."
+        )
+    order = tuple(names.index(n) for n in cache.corpus_labels)
+    return None if order == tuple(range(len(order))) else order

@@ -1,5 +1,5 @@
-"""Student-side masked inputs built from the raw text a cache stores (the `text` and
-`pair_text` columns), for methods whose teacher never saw the student's input: TLM
+"""Student inputs built from the raw text a cache stores (the `text` and `pair_text`
+columns), for methods whose teacher never saw the student's input: TLM
 (translation language modelling, Lample & Conneau 2019; MMKD's L_TLM) and the mlm baseline
 over encoder caches (`mlm --option source=text`), and the whole-word masks of MMKD's XWCL.
 
@@ -10,11 +10,8 @@ pipeline numbers them for word-aligned hidden states: runs of tokens with the sa
 specials excluded. A pair becomes [CLS] src [SEP] tgt [SEP] (the translation's own [CLS] is
 dropped); each side is truncated to `max_length` tokens before concatenation.
 
-Masking follows BERT (as the pipeline's masking does, but over union ids, and drawn here:
-a method cannot import the pipeline): round(prob x candidates) positions, at least one, and
-each chosen position becomes [MASK] with probability 0.8, a random non-special union token
-with 0.1, and stays with 0.1. Whole-word masking chooses round(prob x words) whole words.
-Masks are a pure function of (seed, example id, mask epoch, purpose) and the tokens, never of
+Masking is BERT's (xkd/masking.py, the same code the pipeline masks with), over union ids.
+Whole-word masking chooses round(prob x words) whole words. Masks are a pure function of (seed, example id, mask epoch, purpose) and the tokens, never of
 the batch, the step or the worker, so a resumed run masks exactly as an uninterrupted one.
 The same example is masked the same way on every pass over the data (static masking, as the
 cache's own masking is).
@@ -27,9 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ...errors import BadInput
-from ...storage import Ragged
-from ..data import padded_with_mask
+from ..errors import BadInput
+from ..masking import choose_positions, choose_words, corrupt as bert_corrupt
+from ..storage import Ragged
+from .data import padded_with_mask
 
 # One random stream per use, so that TLM and XWCL masks of one example are independent.
 PURPOSE_TLM = 1
@@ -61,7 +59,7 @@ def word_numbers(word_ids: np.ndarray) -> np.ndarray:
 def tokenize_words(vocab, texts: list[str], lang: str | None, max_length: int) -> list[Tokens]:
     """`texts` tokenized by the teacher tokenizer routed for `lang`, remapped into the union,
     with word numbers."""
-    from ...vocab import remap
+    from ..vocab import remap
 
     if not texts:
         return []
@@ -112,35 +110,10 @@ def row_rng(seed: int, example_id: int, epoch: int, purpose: int) -> np.random.G
     return np.random.default_rng([int(seed), int(example_id), int(epoch), int(purpose)])
 
 
-def random_tokens(rng: np.random.Generator, n: int, vocab) -> np.ndarray:
-    specials = np.array(sorted(vocab.special_ids.values()), dtype=np.int64)
-    out = rng.integers(0, vocab.size, size=n)
-    while (bad := np.isin(out, specials)).any():
-        out[bad] = rng.integers(0, vocab.size, size=int(bad.sum()))
-    return out
-
-
 def corrupt(rng: np.random.Generator, ids: np.ndarray, positions: np.ndarray, vocab) -> np.ndarray:
-    """BERT's 80/10/10 at `positions`: [MASK], a random token, or unchanged."""
-    out = ids.copy()
-    action = rng.random(positions.size)
-    out[positions[action < 0.8]] = vocab.mask_id
-    to_random = positions[(action >= 0.8) & (action < 0.9)]
-    out[to_random] = random_tokens(rng, to_random.size, vocab)
-    return out
-
-
-def choose_tokens(rng: np.random.Generator, candidates: np.ndarray, prob: float) -> np.ndarray:
-    """Sorted positions: round(prob x candidates), at least one, of `candidates`."""
-    if candidates.size == 0 or prob <= 0:
-        return np.zeros(0, dtype=np.int64)
-    n = min(candidates.size, max(1, int(round(candidates.size * prob))))
-    return np.sort(rng.choice(candidates, size=n, replace=False))
-
-
-def choose_words(rng: np.random.Generator, n_words: int, prob: float) -> np.ndarray:
-    """Sorted word numbers: round(prob x n_words), at least one, of words 0..n_words-1."""
-    return choose_tokens(rng, np.arange(n_words), prob)
+    """BERT's 80/10/10 at `positions`, over the union vocabulary."""
+    specials = np.array(sorted(vocab.special_ids.values()), dtype=np.int64)
+    return bert_corrupt(rng, ids, positions, vocab.mask_id, vocab.size, specials)
 
 
 def padded_ids(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,29 +121,23 @@ def padded_ids(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch
     return padded_with_mask(Ragged.from_rows(rows, np.int64), pad_id)
 
 
-def pair_languages(caches) -> list[tuple[str, str] | None]:
-    """Per cache, the (src, tgt) languages of a parallel corpus, else None."""
-    out = []
-    for cache in caches:
-        langs = (cache.manifest.get("corpus") or {}).get("langs") or []
-        out.append((str(langs[0]), str(langs[1])) if len(langs) == 2 else None)
-    return out
+def pair_languages(caches) -> tuple:
+    """Per cache (a storage.CacheView), the (src, tgt) languages of a parallel corpus, else None."""
+    return tuple(cache.pair for cache in caches)
 
 
-def one_side_pairs(caches, method: str) -> list[tuple[str, str]]:
+def one_side_pairs(caches, method: str) -> tuple:
     """pair_languages, for methods whose teacher ran on one side of a parallel corpus (the
     English source) and whose student reads the other side from pair_text."""
-    pairs = pair_languages(caches)
-    for cache, pair in zip(caches, pairs):
-        sides = list((cache.manifest.get("view") or {}).get("sides") or [])
-        if pair is None or len(sides) != 1 or sides[0] not in ("src", "tgt"):
+    for cache in caches:
+        if cache.pair is None or len(cache.sides) != 1 or cache.sides[0] not in ("src", "tgt"):
             raise BadInput(
                 f"--method {method} needs a parallel corpus cached on the English side only, but {cache.path} holds "
-                f"{'a monolingual corpus' if pair is None else 'sides ' + ', '.join(sides)}. Re-run cache-teachers "
-                "with --corpus parallel:EN@en,X@x --sides src (the teacher sees the English side; the student "
-                "reads the translation from pair_text)."
+                f"{'a monolingual corpus' if cache.pair is None else 'sides ' + ', '.join(cache.sides)}. Re-run "
+                "cache-teachers with --corpus parallel:EN@en,X@x --sides src (the teacher sees the English side; the "
+                "student reads the translation from pair_text)."
             )
-    return pairs
+    return pair_languages(caches)
 
 
 def partner_languages(rows: dict, pairs: list[tuple[str, str] | None]) -> list[str | None]:
@@ -205,7 +172,7 @@ def mask_pairs(vocab, src: list[Tokens], tgt: list[Tokens | None], example_ids, 
     for i in range(len(src)):
         pair = concat_pair(src[i], tgt[i], vocab.cls_id)
         rng = row_rng(seed, example_ids[i], epochs[i], PURPOSE_TLM)
-        positions = choose_tokens(rng, np.flatnonzero(pair.word >= 0), prob)
+        positions = choose_positions(rng, pair.word, prob)
         out.append((corrupt(rng, pair.ids, positions, vocab), positions, pair.ids[positions]))
     return out
 

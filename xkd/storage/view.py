@@ -1,0 +1,80 @@
+"""A typed view of a cache's manifest: what methods and the loader ask of a cache (its
+languages, sides, classes, teacher shape, pooling, what it stores), read once, so that no
+caller walks raw manifest dicts with chains of .get()."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .schema import DenseSpec
+
+
+@dataclass(frozen=True)
+class CacheView:
+    path: Path
+    teacher: str  # the alias or path the teacher was given as
+    teacher_path: str
+    teacher_layers: int
+    teacher_heads: int
+    teacher_width: int
+    teacher_labels: tuple[str, ...] | None  # class names in the teacher's own id order (classifiers)
+    pooling: dict = field(hash=False)  # the teacher's sentence pooling: {"mode": ..., "normalize": ...}
+    corpus: str  # the corpus fingerprint: caches of one corpus share it, whatever the teacher
+    corpus_langs: tuple[str, ...]  # (lang,) for a monolingual corpus, (src, tgt) for a parallel one
+    corpus_labels: tuple[str, ...] | None  # a labeled corpus's class names, in class-id order
+    sides: tuple[str, ...]  # "mono", or the sides of a parallel corpus the teacher saw
+    max_length: int
+    topk_k: int | None
+    has_text: bool
+    dense: dict[str, DenseSpec] = field(hash=False)
+
+    @property
+    def pair(self) -> tuple[str, str] | None:
+        """(src, tgt) languages of a parallel corpus; None for a monolingual one."""
+        return (self.corpus_langs[0], self.corpus_langs[1]) if len(self.corpus_langs) == 2 else None
+
+    @property
+    def languages(self) -> tuple[str, ...]:
+        """The languages of the cache's rows: the corpus language, or those of the cached sides."""
+        if not self.corpus_langs:
+            return ()
+        return tuple(self.corpus_langs[1] if side == "tgt" else self.corpus_langs[0] for side in self.sides)
+
+
+def view_of(cache) -> CacheView:
+    """The typed view of an open cache (storage.Cache)."""
+    m = cache.manifest
+    teacher, corpus, view = m.get("teacher") or {}, m.get("corpus") or {}, m.get("view") or {}
+    labels = corpus.get("labels")
+    return CacheView(
+        path=Path(cache.path),
+        teacher=str(teacher.get("name") or ""),
+        teacher_path=str(teacher.get("path") or ""),
+        teacher_layers=int(teacher.get("num_layers") or 0),
+        teacher_heads=int(teacher.get("num_heads") or 0),
+        teacher_width=int(teacher.get("hidden_size") or 0),
+        teacher_labels=_teacher_labels(teacher),
+        pooling=dict(teacher.get("pooling") or {}),
+        corpus=str(corpus.get("fingerprint") or cache.path),
+        corpus_langs=tuple(str(x) for x in corpus.get("langs") or ()),
+        corpus_labels=tuple(str(x) for x in labels) if labels else None,
+        sides=tuple(view.get("sides") or ("mono",)),
+        max_length=int(view.get("max_length") or 0),
+        topk_k=cache.topk_k,
+        has_text=cache.has_text,
+        dense=dict(cache.dense_specs),
+    )
+
+
+def _teacher_labels(teacher: dict) -> tuple[str, ...] | None:
+    """Class names in id order: recorded in the manifest by cache-teachers, or (caches made
+    before it recorded them) read from the teacher's config.json when it is still there."""
+    labels = teacher.get("labels")
+    if labels is None and teacher.get("kind") == "classifier":
+        config = Path(str(teacher.get("path") or "")) / "config.json"
+        if config.is_file():
+            id2label = json.loads(config.read_text()).get("id2label") or {}
+            labels = [id2label[k] for k in sorted(id2label, key=int)]
+    return tuple(str(x) for x in labels) if labels else None

@@ -1,0 +1,111 @@
+"""Every loss a method trains with, one function each, with its shapes and the paper's
+equation. A leaf: methods import these; these import no method. Each returns a scalar
+(mean over what its docstring says), in fp32 whatever the autocast dtype of its inputs.
+
+Notation: M masked positions, V the union vocabulary, k the cached top-k, B rows, C classes,
+D vector width, T tokens (padded), H heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .targets import tail_cross_entropy
+
+
+def weighted_sum(parts: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """Σ_name weights[name] · parts[name] over the parts present (a weight of 0 still keeps
+    the part in the graph, so its parameters take part in every step: DDP needs that)."""
+    return sum(float(weights[name]) * value for name, value in parts.items() if name in weights)
+
+
+def gold_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The standard cross-entropy with gold labels: logits (N, C) or (M, V), labels (N,) /
+    (M,); mean over rows. -1/N Σ_i log softmax(z_i)[y_i]."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+def topk_cross_entropy(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logits: torch.Tensor,
+                       tau: float = 1.0) -> torch.Tensor:
+    """MergeDistill's L_KD (seeds/004 sec. 3, top-k renormalised; TinyBERT's L_pred of eq. 2
+    with the teacher at its top k): student_logits (M, V) over the union vocab, topk_ids (M, k)
+    union ids, topk_logits (M, k). Mean over positions of
+        -Σ_{j in top-k} softmax(z_T / τ)_j · log softmax(z_S / τ)_j."""
+    target = torch.softmax(topk_logits.float() / tau, dim=-1)
+    logq = torch.log_softmax(student_logits.float() / tau, dim=-1).gather(1, topk_ids)
+    return -(target * logq).sum(-1).mean()
+
+
+def tail_topk_cross_entropy(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logits: torch.Tensor,
+                            lognorm: torch.Tensor) -> torch.Tensor:
+    """The exact cross-entropy over {the k tokens, everything else} (τ = 1): the teacher's
+    p_j = exp(z_j - log Z) for its top k and 1 - Σ p_j for the rest, against the student's
+    softmax; student_logits (M, V), topk_* (M, k), lognorm (M,). Mean over positions."""
+    logp = torch.log_softmax(student_logits.float(), dim=-1)
+    return tail_cross_entropy(logp, topk_ids, topk_logits.float(), lognorm.float()).mean()
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """MultiKD eq. 3 (seeds/001; TinyBERT's prediction loss on class logits): logits (B, C).
+        -1/B Σ_i softmax(z_T,i / τ) · log softmax(z_S,i / τ)."""
+    target = torch.softmax(teacher_logits.float() / tau, dim=-1)
+    return -(target * torch.log_softmax(student_logits.float() / tau, dim=-1)).sum(-1).mean()
+
+
+def squared_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """XD's L2 (seeds/002 sec. 2.3): (B, D) each; 1/B Σ_i ||s_i - t_i||²."""
+    return (student.float() - teacher.float()).pow(2).sum(-1).mean()
+
+
+def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor,
+               projection: nn.Module | None = None) -> torch.Tensor:
+    """TinyBERT's L_embd / L_hidn: student (B, T, D_S), teacher (B, T, D_T), mask (B, T).
+        Σ_real tokens ||W·h_S - h_T||² / (n_tokens · D_T)   (W: a learned map when D_S != D_T)."""
+    if projection is not None:
+        student = projection(student.float())
+    mask = attention_mask.to(torch.float32)[:, :, None]
+    return ((student.float() - teacher.float()) ** 2 * mask).sum() / (mask.sum() * teacher.shape[-1]).clamp(min=1)
+
+
+def attention_mse(student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """TinyBERT's L_attn: maps (B, H, T, T) of pre-dropout attention probabilities; mask (B, T).
+        1/H Σ_heads MSE over real query x key pairs."""
+    mask = attention_mask.to(torch.float32)
+    pairs = (mask[:, :, None] * mask[:, None, :])[:, None]
+    return ((student.float() - teacher.float()) ** 2 * pairs).sum() / (pairs.sum() * teacher.shape[1]).clamp(min=1)
+
+
+def word_infonce(student_vectors: torch.Tensor, teacher_words: torch.Tensor, word_mask: torch.Tensor,
+                 query_row: torch.Tensor, query_word: torch.Tensor, tau: float, similarity: str = "dot") -> torch.Tensor:
+    """MMKD's L_XWCL (seeds/000 eq. 1): each query q (Q, D), a masked word's student vector,
+    against the teacher vectors of every word of its own sentence, teacher_words (B, W, D)
+    with word_mask (B, W); query_row (Q,) its sentence, query_word (Q,) its word. Mean over
+    queries of  -log exp(s(q, t_w)/τ) / Σ_w' exp(s(q, t_w')/τ),  s = dot (or cosine)."""
+    if query_row.numel() == 0:
+        return student_vectors.sum() * 0.0
+    candidates = teacher_words[query_row].float()  # (Q, W, D)
+    student_vectors = student_vectors.float()
+    if similarity == "cosine":
+        student_vectors, candidates = F.normalize(student_vectors, dim=-1), F.normalize(candidates, dim=-1)
+    scores = torch.einsum("qd,qwd->qw", student_vectors, candidates) / tau
+    scores = scores.masked_fill(~word_mask[query_row], float("-inf"))
+    return F.cross_entropy(scores, query_word)
+
+
+def normalized_squared_distance(student_prediction: torch.Tensor, teacher_projection: torch.Tensor) -> torch.Tensor:
+    """MMKD's L_SentA (seeds/000 eq. 2): (B, D) each; 1/B Σ_i ||q_i/|q_i| - z_i/|z_i|||²."""
+    diff = F.normalize(student_prediction.float(), dim=-1) - F.normalize(teacher_projection.float(), dim=-1)
+    return diff.pow(2).sum(-1).mean()
+
+
+def structure_kl(student_prediction: torch.Tensor, teacher_projection: torch.Tensor, tau: float) -> torch.Tensor:
+    """MMKD's L_StrucA (seeds/000 eqs. 3-5): (B, D) each. With A = z zᵀ of the normalised
+    teacher projections and Ã likewise of the student predictions,
+        1/B Σ_i KL(softmax(A_i / τ) || softmax(Ã_i / τ))."""
+    z = F.normalize(teacher_projection.float(), dim=-1)
+    z_student = F.normalize(student_prediction.float(), dim=-1)
+    target = torch.softmax(z @ z.T / tau, dim=-1)
+    log_q = torch.log_softmax(z_student @ z_student.T / tau, dim=-1)
+    return F.kl_div(log_q, target, reduction="batchmean")
