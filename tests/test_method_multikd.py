@@ -294,7 +294,7 @@ def test_teachers_ordering_classes_differently_are_permuted_by_class_name(setup,
     permuted = cache(thread_client, tmp_path / "caches", hi2, f"labeled:{TOY}/toy-hi.tsv@hi")
     assert [open_cache(permuted).manifest["teacher"]["labels"][j] for j in range(3)] == [LABELS[i] for i in order]
     setup = {**setup, "hi_permuted": permuted}
-    original = {int(r["example_id"]): r["class_logits"][0] for r in open_cache(setup["hi"]).iter_examples()}
+    original = {int(r["example_id"]): np.asarray(r["class_logits"]).reshape(-1) for r in open_cache(setup["hi"]).iter_examples()}
     labels = {int(r["example_id"]): int(r["class_label"]) for r in open_cache(setup["hi"]).iter_examples()}
     m, _, _ = prepared(setup, cache_keys=("en", "hi_permuted"))
     assert m.plan.label_names == tuple(LABELS[i] for i in range(3))
@@ -308,7 +308,7 @@ def test_teachers_ordering_classes_differently_are_permuted_by_class_name(setup,
     english = {int(r["example_id"]): r for r in open_cache(setup["en"]).iter_examples()}
     [batch] = [b for b in batches(setup, m, ("hi_permuted", "en"), n=6) if b["lang"][0] == "en"][:1]
     for i, example in enumerate(batch["example_id"].tolist()):
-        want = english[example]["class_logits"][0].astype(np.float32)[list(order)]
+        want = np.asarray(english[example]["class_logits"], dtype=np.float32).reshape(-1)[list(order)]
         assert torch.equal(batch["teacher_logits"][i], torch.from_numpy(want))
         assert int(batch["class_label"][i]) == order.index(int(english[example]["class_label"]))
 

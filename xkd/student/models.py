@@ -96,8 +96,11 @@ PRE_DROPOUT_ATTENTION = "xkd_pre_dropout_eager"
 def use_pre_dropout_attention(model) -> None:
     """Make `model` return pre-dropout attention maps (output_attentions=True)."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
     AttentionInterface.register(PRE_DROPOUT_ATTENTION, _pre_dropout_attention)
+    # The same additive float mask eager attention gets (padding keys at -inf).
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PRE_DROPOUT_ATTENTION, eager_mask)
     model.set_attn_implementation(PRE_DROPOUT_ATTENTION)
 
 _MLM_HEADS = ("cls", "predictions", "lm_head")  # BERT / ALBERT / RoBERTa-style attribute names

@@ -140,8 +140,8 @@ class MultiKD(Method):
         langs = batch["lang"]
         extra = {"lang": langs[0] if len(set(langs)) == 1 else list(langs)} if self.pass_lang else {}
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits.float()
-        parts = {"kd": L.soft_cross_entropy(logits, batch["teacher_logits"], c.temperature)}
-        weights = {"kd": c.temperature**2 if c.t2 else 1.0}
+        parts = {"kd": L.soft_cross_entropy(logits, batch["teacher_logits"], c.temperature) * (c.temperature**2 if c.t2 else 1.0)}
+        weights = {"kd": 1.0}
         labelled = batch["class_label"] >= 0
         if bool(labelled.any()):
             parts["label"] = L.gold_cross_entropy(logits[labelled], batch["class_label"][labelled])
