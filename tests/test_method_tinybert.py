@@ -12,7 +12,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import PARALLEL, VOCABS, build_tiny_bert
+from conftest import PARALLEL, ROOT, VOCABS, build_tiny_bert
 from typer.testing import CliRunner
 
 from xkd import load_vocab, open_cache
@@ -30,6 +30,7 @@ from xkd.vocab import build_vocab
 TATOEBA = f"parallel:{PARALLEL}/tatoeba/tatoeba.hin-eng.eng@en,{PARALLEL}/tatoeba/tatoeba.hin-eng.hin@hi"
 STUDENT = StudentConfig(hidden=24, layers=2, heads=2, dropout=0.0)  # teacher: 4 layers, width 32, 2 heads
 MAX_LENGTH = 32
+TOY = ROOT / "xkd" / "data"
 
 
 def invoke(*args):
@@ -269,3 +270,73 @@ def test_train_student_tinybert_stage2_distils_class_logits(setup, tmp_path):
     r = invoke("train-student", "--method", "tinybert", "--option", "stage=2", "--caches", setup["stage1"],
                "--vocab", setup["vocab"], "--out", tmp_path / "bad", "--steps", 1, "--batch-size", 4)
     assert r.exit_code == 2 and "--class-logits" in r.output
+
+
+def recomputed_attention(model, hidden_in: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
+    """softmax(Q Kᵀ / sqrt(d) + mask) of one BERT layer, from its input states and its own
+    query/key weights: the pre-dropout attention probabilities, computed without xkd."""
+    attn = model.bert.encoder.layer[layer - 1].attention.self
+    b, t, _ = hidden_in.shape
+    q = attn.query(hidden_in).view(b, t, attn.num_attention_heads, -1).transpose(1, 2)
+    k = attn.key(hidden_in).view(b, t, attn.num_attention_heads, -1).transpose(1, 2)
+    scores = q @ k.transpose(2, 3) / attn.attention_head_size ** 0.5
+    scores = scores.masked_fill(attention_mask[:, None, None, :] == 0, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def test_attention_loss_uses_pre_dropout_maps_with_dropout_on(setup):
+    """In training mode Hugging Face returns attention maps after dropout (rows summing to
+    0.7-1.1, a tenth of them zeroed). L_attn must compare the probabilities themselves."""
+    vocab = load_vocab(setup["vocab"])
+    caches = [open_cache(setup["stage1"])]
+    torch.manual_seed(0)
+    ready = prepare("tinybert", {"layer_map": "1:2"}, caches, vocab,
+                    student=StudentConfig(hidden=24, layers=2, heads=2, dropout=0.3))
+    model, method = ready.model, ready.method
+    ds = StreamingDataset(caches, StreamConfig(batch_size=5, columns=ready.plan.columns, dense=ready.plan.dense),
+                          remap_tables=[vocab.map_for(caches[0].manifest)], collate=method.collate)
+    batch = next(iter(ds))
+    # Dropout everywhere but in attention: layer 1's input is then the same in train and eval
+    # mode, so its pre-dropout maps are exactly its eval-mode maps.
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and not name.endswith("attention.self.dropout"):
+            module.p = 0.0
+    student = Student(model)
+    mask = batch["attention_mask"]
+    model.eval()
+    with torch.no_grad():
+        eval_maps = student(input_ids=batch["input_ids"], attention_mask=mask, output_attentions=True).attentions[0]
+    model.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        out = student(input_ids=batch["input_ids"], attention_mask=mask, output_attentions=True, output_hidden_states=True)
+        expected = recomputed_attention(model, out.hidden_states[0], mask, 1)
+        real = (mask.bool()[:, None, :, None] & mask.bool()[:, None, None, :]).expand(-1, 2, -1, -1)
+        torch.testing.assert_close(out.attentions[0][real], expected[real], rtol=1e-5, atol=1e-6)
+        rows = out.attentions[0].sum(-1)[mask.bool()[:, None, :].expand(-1, 2, -1)]
+        torch.testing.assert_close(rows, torch.ones_like(rows), rtol=0, atol=1e-5)
+        # The student's own eval-mode maps as the teacher's: L_attn is 0 with dropout on.
+        parts = method.losses({**batch, "attn.2": eval_maps}, student, step=0)
+    assert float(parts["attention"]) < 1e-10
+
+
+def test_stage2_adds_the_gold_class_cross_entropy(setup, client, tmp_path):
+    """seeds/003 trains both stages with the standard cross-entropy on gold labels besides the
+    distillation losses: in stage 2 on the task's class labels (rows without one skipped)."""
+    labeled = cache_teachers(CacheTeachersOptions(teachers=[str(setup["root"] / "classifier")], out=str(tmp_path),
+                                                  corpus=f"labeled:{TOY}/toy-en.tsv@en", class_logits=True,
+                                                  hidden_layers=(0, 2, 4)), client=client, log=io.StringIO())
+    setup = {**setup, "labeled": labeled["caches"][0]["path"]}
+    _, cache, method, student, batch = prepared(setup, "labeled", stage=2, gold_weight=0.5, hidden_weight=0,
+                                                embedding_weight=0)
+    assert (batch["class_label"] >= 0).all()
+    with torch.no_grad():
+        parts = method.losses(batch, student, step=0)
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    gold = -torch.log_softmax(logits, -1).gather(1, batch["class_label"][:, None]).mean()
+    soft = -(torch.softmax(batch["teacher_logits"], -1) * torch.log_softmax(logits, -1)).sum(-1).mean()
+    assert float(parts["gold"]) == pytest.approx(float(gold), rel=1e-5)
+    assert float(parts["loss"]) == pytest.approx(float(soft + 0.5 * gold), rel=1e-5)
+    # The labels the batch carries are the corpus's, row by row.
+    labels = {int(r["example_id"]): int(r["class_label"]) for r in cache.iter_examples()}
+    assert batch["class_label"].tolist() == [labels[e] for e in batch["example_id"].tolist()]
