@@ -5,7 +5,7 @@ intermediate representations.
 Stage 1 (`stage=1`, pre-training distillation on the MLM task):
 
     L = pred_weight·L_pred + embedding_weight·L_embd + hidden_weight·Σ_m L_hidn(m)
-        + attention_weight·Σ_m L_attn(m) [+ mlm_weight·L_mlm]
+        + attention_weight·Σ_m L_attn(m) + gold_weight·L_gold
 
 - L_pred: cross-entropy between the teacher's distribution at each masked position (from the
   cached top-k, as mergedistill reads it: `kd_target` topk or tail, `temperature`) and the
