@@ -190,10 +190,10 @@ class Trainer:
         self.step = 0
         if world > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            # find_unused_parameters: a step need not use every parameter (xd never runs the
-            # masked-LM head, an MBLM batch in one language freezes the other branches, a
-            # method's head may serve one objective only), and which ones it skips can change
-            # from step to step and differ between ranks. DDP then all-reduces zeros for a
+            # find_unused_parameters: a step's loss need not use every parameter (xd's loss
+            # never uses the masked-LM head, an MBLM batch in one language freezes the other
+            # branches, a method's head may serve one objective only), and which ones it skips
+            # can change from step to step and differ between ranks. DDP then all-reduces zeros for a
             # parameter this rank did not use and leaves one no rank used without a gradient,
             # exactly as one process accumulating the same batches would.
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.module, device_ids=device_ids,
@@ -326,7 +326,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
                 self.step += 1
-                last = {**self._sum_over_ranks(totals), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+                last = {**self._sum_over_ranks(totals), "lr": self.scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm}
                 if metrics_file and (self.step % config.log_every == 0 or self.step == config.steps):
                     record = {"step": self.step, **{k: round(v, 6) for k, v in last.items()}}
                     metrics_file.write(json.dumps(record) + "\n")
@@ -352,7 +353,8 @@ class Trainer:
         """This rank's final weights as digests, under the checkpoint's keys: "model" (the
         student) and "method" (the method's heads). Under DDP every rank must report the same
         digests; comparing them is how a run (or a test) shows that no rank drifted."""
-        return {"model": state_sha256(self.model.state_dict()), "method": state_sha256(self.method.modules.state_dict())}
+        return {"model": state_sha256(self.model.state_dict()),
+                "method": state_sha256(self.method.modules.state_dict())}
 
     def _sum_over_ranks(self, totals: dict) -> dict:
         """A step's logged losses over the batches of every rank, as one process accumulating
