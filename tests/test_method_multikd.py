@@ -28,7 +28,6 @@ from xkd.finetune import FinetuneOptions, finetune_teacher
 from xkd.pipeline import CacheTeachersOptions, cache_teachers
 from xkd.student.data import StreamConfig, StreamingDataset
 from xkd.student.methods import get_method, prepare
-from xkd.student.losses import soft_cross_entropy
 from xkd.student.models import Student, StudentConfig
 
 TOY = ROOT / "xkd" / "data"
@@ -188,7 +187,8 @@ def test_t2_scaling_and_the_label_weight(setup):
         m2, _, _ = prepared(setup, t2="true", label_weight=0.5, temperature=2)
         scaled = {k: float(v) for k, v in m2.losses(batch, student, 0).items()}
     logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.detach()
-    assert scaled["kd"] == pytest.approx(4 * float(soft_cross_entropy(logits, batch["teacher_logits"], 2.0)), rel=1e-5)
+    eq3 = -(torch.softmax(batch["teacher_logits"] / 2, -1) * torch.log_softmax(logits / 2, -1)).sum(-1).mean()
+    assert scaled["kd"] == pytest.approx(4 * float(eq3), rel=1e-5)  # τ² · eq. 3 at τ = 2
     assert scaled["label"] == pytest.approx(base["label"], rel=1e-6)
     assert scaled["loss"] == pytest.approx(scaled["kd"] + 0.5 * scaled["label"], rel=1e-6)
 
