@@ -163,7 +163,6 @@ def test_the_documented_cache_holds_what_mmkd_reads(setup):
     row = next(c.iter_examples())
     assert row["lang"] == "en" and row["text"] and row["pair_text"] and row["masked_positions"].size == 0
     assert row["hidden.6"].shape == (int(row["word_start"].sum()), 384)
-    vocab = vocab_at(setup["vocab"])
     m = method(setup)
     assert m.plan.dense == ("hidden.6", "cls")
     assert set(m.modules) == {"xwcl_projection", "senta_projector", "senta_predictor", "senta_teacher_projector",

@@ -27,7 +27,7 @@ from xkd.errors import BadInput
 from xkd.finetune import FinetuneOptions, finetune_teacher
 from xkd.pipeline import CacheTeachersOptions, cache_teachers
 from xkd.student.data import StreamConfig, StreamingDataset
-from xkd.student.methods import get_method, prepare
+from xkd.student.methods import prepare
 from xkd.student.models import Student, StudentConfig
 
 TOY = ROOT / "xkd" / "data"

@@ -22,7 +22,6 @@ from typer.testing import CliRunner
 
 from xkd import load_vocab, open_cache
 from xkd.cli import app
-from xkd.errors import BadInput
 from xkd.finetune import FinetuneOptions, finetune_teacher
 from xkd.student.data import StreamConfig, StreamingDataset
 from xkd.student.methods import prepare

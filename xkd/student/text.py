@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import BadInput
-from ..masking import choose_positions, choose_words, corrupt as bert_corrupt
+from ..masking import choose_positions, corrupt as bert_corrupt
 from ..storage import Ragged
 from .data import padded_with_mask
 

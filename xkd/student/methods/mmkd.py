@@ -32,9 +32,10 @@ import torch
 from torch import nn
 
 from ...errors import BadInput
+from ...masking import choose_words
 from .. import losses as L
 from ..text import (
-    PURPOSE_XWCL, TEXT_COLUMNS, choose_words, concat_pair, corrupt, epochs_of, flat_positions, mask_pairs,
+    PURPOSE_XWCL, TEXT_COLUMNS, concat_pair, corrupt, epochs_of, flat_positions, mask_pairs,
     one_side_pairs, padded_ids, row_rng, tokenize_pairs,
 )
 from . import register
