@@ -101,7 +101,7 @@ def main() -> None:
     curves = {}
     for name, method in students.items():
         out = work / name.split()[0]
-        run(["train-student", *method, *common, "--out", out], log)
+        run(["train-student", *method, *common, "--out", out, "--overwrite"], log)  # a re-run trains again
         curves[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         after, _ = run(["evaluate", out, "--mode", "bitext", "--vocab", vocab, "--src", src, "--tgt", tgt, "--json"], log)
         results[name] = after

@@ -205,7 +205,9 @@ def test_reading_a_shard_that_was_never_committed_is_refused(tmp_path):
     assert cache.examples_by_id(1000) == []
     with pytest.raises(XkdError, match=r"has no finished shard 1; its finished shards are \[0\]"):
         cache.read_block(1, 0)
-    assert verify_cache(root)["ok"]
+    # The finished shard is sound; the cache is incomplete, not ok (shard 1 was never committed).
+    report = verify_cache(root)
+    assert report["problems"] == {} and report["status"] == "incomplete" and report["missing_shards"] == [1]
 
 
 def test_exact_topk_probabilities_and_tail_mass(tmp_path):
@@ -324,7 +326,8 @@ def test_resumed_writer_skips_done_shards_and_forgets_damaged_ones(tmp_path):
                                         row_group_size=ROW_GROUP))
         assert writer.done_shards() == {0, 1} and not writer.manifest["complete"]
     assert parquet.stat().st_size == size
-    assert verify_cache(root)["ok"]
+    report = verify_cache(root)  # the finished shards are sound; shard 2 is still to do
+    assert report["problems"] == {} and report["status"] == "incomplete" and report["missing_shards"] == [2]
 
 
 def test_inspect_json_matches_the_data_written(cache_dir):
@@ -366,8 +369,9 @@ def test_verify_passes_on_a_sound_cache(cache_dir):
     assert result.exit_code == 0 and result.stderr == ""
     assert "ok (2 shards, checksums, schema and offsets verified)" in result.stdout
     report = json.loads(CliRunner().invoke(app, ["verify", str(root), "--json"]).stdout.splitlines()[-1])
-    assert report == {"cache": str(root), "ok": True, "shards_checked": 2, "problems": {},
-                      "missing_shards": [], "complete": True}
+    assert report == {"cache": str(root), "ok": True, "status": "ok", "shards_checked": 2, "problems": {},
+                      "missing_shards": [], "missing_rows": 0, "planned_shards": 2, "complete": True,
+                      "marked_complete": True, "finish": report["finish"]}
 
 
 def test_same_inputs_give_the_same_bytes(cache_dir, tmp_path):

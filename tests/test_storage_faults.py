@@ -152,7 +152,7 @@ def test_manifest_from_a_future_schema_version_is_refused(cache):
 def test_damaged_manifest_json_is_named(cache):
     (cache / "manifest.json").write_text('{"schema_version": 1, "shards": [')
     result = cli("inspect", cache)
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a damaged cache is bad input
     assert f"{cache / 'manifest.json'} is not valid JSON" in result.stderr
     assert "Delete the cache directory and re-run the command that made it." in result.stderr
 

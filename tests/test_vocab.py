@@ -377,7 +377,7 @@ def test_a_failed_build_leaves_the_previous_vocab_untouched(tmp_path):
         build_vocab([str(BETO_UNCASED), str(tmp_path / "missing.txt")], tmp_path / "v")
     assert (tmp_path / "v" / "vocab.txt").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["v"]
-    build_vocab([str(BETO_CASED)], tmp_path / "v")  # a successful build replaces it
+    build_vocab([str(BETO_CASED)], tmp_path / "v", overwrite=True)  # a successful build with overwrite replaces it
     assert load_vocab(tmp_path / "v").teacher_names == ["beto-base-cased"]
     assert not (tmp_path / "v" / "maps" / "beto-base-uncased.npy").exists()
 

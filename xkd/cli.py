@@ -7,6 +7,7 @@ failed) or 2 (bad usage or input); anything else is a bug and keeps its tracebac
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -31,22 +32,64 @@ def emit_json(obj: dict) -> None:
     sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
 
 
+# Operating-system errors are a class: a path that cannot be used (exit 2) or a disk that is
+# full (exit 1), whichever command and whichever line met them. One paragraph, no traceback.
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_BAD_PATH = {
+    errno.EACCES: "give a path this user may write to, or change its permissions",
+    errno.EPERM: "give a path this user may write to, or change its permissions",
+    errno.EROFS: "give a path on a writable file system",
+    errno.EEXIST: "a file stands where a directory is needed: give another path or move the file",
+    errno.ENOTDIR: "a file stands where a directory is needed: give another path or move the file",
+    errno.EISDIR: "a directory stands where a file is needed: give another path",
+    errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "give a shorter path",
+    errno.ELOOP: "a symbolic link loops: give another path",
+    errno.ENOTEMPTY: "give an empty or a new directory",
+}
+
+
+def os_error_paragraph(e: OSError) -> tuple[str, int]:
+    """(one paragraph, exit code) for an OSError: the path, the problem, what to do."""
+    path = e.filename
+    if path is not None and e.filename2 is not None:
+        path = f"{path} -> {e.filename2}"
+    reason = e.strerror or str(e) or type(e).__name__
+    if e.errno in _FULL:
+        advice, code = "the disk, a quota or a file-size limit is full: free space or write elsewhere, then run it again", 1
+    elif e.errno in _BAD_PATH:
+        advice, code = _BAD_PATH[e.errno], 2
+    else:
+        advice, code = "check the disk and the path, then run it again", 1
+    where = f"{path}: " if path is not None else ""
+    return f"{where}{reason} ({advice}). What was written before this error is kept.", code
+
+
 def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        name = fn.__name__.replace('_cmd', '').replace('_', '-')
         try:
             return fn(*args, **kwargs)
         except XkdError as e:
-            typer.echo(f"xkd {fn.__name__.replace('_cmd', '').replace('_', '-')}: error: {e}", err=True)
+            typer.echo(f"xkd {name}: error: {e}", err=True)
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:
+            message, code = os_error_paragraph(e)
+            typer.echo(f"xkd {name}: error: {message}", err=True)
+            raise typer.Exit(code) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted; finished shards are kept and a re-run resumes.", err=True)
+            typer.echo("interrupted; what was finished is kept (cache shards, checkpoints) and a re-run resumes "
+                       "(train-student: with --resume).", err=True)
             raise typer.Exit(130) from None
 
     return wrapper
 
 
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object as the last line of stdout.")
+AllowIncompleteOpt = typer.Option(
+    False, "--allow-incomplete",
+    help="Use caches whose cache-teachers run has not finished (only their finished shards); says what is missing.")
 
 
 @app.command("inspect")
@@ -55,11 +98,15 @@ def inspect_cmd(
     cache: Path = typer.Argument(..., help="A cache directory (holds manifest.json)."),
     as_json: bool = JsonOpt,
 ):
-    """What a cache holds: rows, tokens, masked positions, outputs, bytes per position, languages."""
+    """What a cache holds: rows, tokens, masked positions, outputs, bytes per position, languages,
+    complete or not. Exits 1 if the checks every reader makes on open find damage."""
     from .storage import format_inspect, inspect_cache
 
     info = inspect_cache(cache)
     emit_json(info) if as_json else typer.echo(format_inspect(info))
+    if info["damaged"]:
+        typer.echo(f"xkd inspect: {info['damaged']}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command("verify")
@@ -68,8 +115,9 @@ def verify_cmd(
     cache: Path = typer.Argument(..., help="A cache directory (holds manifest.json)."),
     as_json: bool = JsonOpt,
 ):
-    """Check every shard's checksums, schema and offsets. Exits 1 naming each bad shard."""
-    from .storage import format_problems, verify_cache
+    """Check every shard's checksums, schema and offsets, and that no planned shard is missing.
+    Exits 1 naming each bad shard, 3 if the finished shards are sound but the cache is incomplete."""
+    from .storage import format_verdict, verify_cache
 
     report = verify_cache(cache)
     if as_json:
@@ -77,12 +125,8 @@ def verify_cmd(
     elif report["ok"]:
         typer.echo(f"{cache}: ok ({report['shards_checked']} shards, checksums, schema and offsets verified)")
     if not report["ok"]:
-        typer.echo(
-            f"xkd verify: {cache} is damaged.\n{format_problems(report)}\nRe-run the command that made the "
-            "cache: it rewrites only the damaged or missing shards.",
-            err=True,
-        )
-        raise typer.Exit(1)
+        typer.echo(f"xkd verify: {format_verdict(report)}", err=True)
+        raise typer.Exit(1 if report["status"] == "damaged" else 3)
 
 
 @app.command("cache-teachers")
@@ -121,7 +165,7 @@ def cache_teachers_cmd(
 ):
     """Run teachers over a corpus once and cache what students learn from (resumable)."""
     from .pipeline import CacheTeachersOptions, cache_teachers, format_summary
-    from .pipeline.run import parse_list
+    from .pipeline.run import Interrupted, parse_list
 
     opts = CacheTeachersOptions(
         teachers=list(teacher), corpus=corpus, out=str(out), corpus_files=corpus_files, split=split, topk=topk,
@@ -133,7 +177,11 @@ def cache_teachers_cmd(
         max_pairs=max_pairs, skip_bad_lines=skip_bad_lines, shard_size=shard_size, token_budget=token_budget,
         dtype=dtype, scheduler=scheduler, workers=workers, cpu_threads=cpu_threads,
     )
-    result = cache_teachers(opts)
+    try:
+        result = cache_teachers(opts)
+    except Interrupted as e:  # Ctrl-C: one line saying what was kept, not an error
+        typer.echo(f"xkd cache-teachers: {e}", err=True)
+        raise typer.Exit(e.exit_code) from None
     typer.echo(format_summary(result))
     if as_json:
         emit_json(result)
@@ -146,13 +194,14 @@ def build_vocab_cmd(
     more: Optional[List[str]] = typer.Argument(None, help="More teachers (after --teachers A B ...).", show_default=False),
     out: Path = typer.Option(..., "--out", help="The vocab directory to write."),
     lang_teacher: List[str] = typer.Option([], "--lang-teacher", help="Tokenize language LANG with TEACHER's tokenizer: LANG=TEACHER (repeatable)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different vocab already in --out (an identical one is kept without it)."),
     as_json: bool = JsonOpt,
 ):
     """The union of the teachers' vocabularies, teacher->student id maps, and a student tokenizer."""
     from .vocab.build import build_vocab, format_summary, parse_lang_teacher
 
     summary = build_vocab([*teachers, *(more or [])], out, parse_lang_teacher(lang_teacher),
-                          progress=lambda msg: typer.echo(f"build-vocab: {msg}", err=True))
+                          progress=lambda msg: typer.echo(f"build-vocab: {msg}", err=True), overwrite=overwrite)
     emit_json(summary) if as_json else typer.echo(format_summary(summary))
 
 
@@ -182,7 +231,7 @@ def train_student_cmd(
     method: str = typer.Option(..., "--method", help="Distillation method (see `xkd methods`)."),
     caches: List[Path] = typer.Option(..., "--caches", help="Cache directories to learn from (repeat for several)."),
     vocab: Path = typer.Option(..., "--vocab", help="Vocab dir from `xkd build-vocab` over the caches' teachers."),
-    out: Path = typer.Option(..., "--out", help="Output dir: the student (HF format), checkpoints, metrics."),
+    out: Path = typer.Option(..., "--out", help="Output dir: the student (HF format), checkpoints, metrics. New or empty, unless --resume or --overwrite."),
     steps: int = typer.Option(1000, "--steps"),
     batch_size: int = typer.Option(32, "--batch-size", help="Examples per batch (per rank)."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Batches per optimiser step."),
@@ -195,7 +244,9 @@ def train_student_cmd(
     log_every: int = typer.Option(10, "--log-every"),
     amp: str = typer.Option("auto", "--amp", help="auto | off | bf16 | fp16 (auto: autocast on CUDA only)."),
     workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out (made with the same options; only --workers, --stop-after, --save-every, --log-every, --keep-checkpoints and --device may change)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in a non-empty --out: its checkpoints and metrics are removed first."),
+    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Keep the newest N checkpoints (resume falls back past a damaged one)."),
     stop_after: int = typer.Option(0, "--stop-after", help="Leave after N steps of this run, with a checkpoint (time-limited jobs; continue with --resume)."),
     alpha: float = typer.Option(0.7, "--alpha", help="Language smoothing: sample language l with q ∝ p_l^alpha."),
     copies: str = typer.Option("all", "--copies", help="Several teachers per example: all | best (lowest teacher loss)."),
@@ -208,6 +259,7 @@ def train_student_cmd(
     init_teacher: Optional[str] = typer.Option(None, "--init-teacher", help="Which vocab teacher --init-from is (default: the same name)."),
     option: List[str] = typer.Option([], "--option", "-o", help="The method's own options, KEY=VALUE (repeatable; `xkd methods` lists them, e.g. -o lambda_start=0.9 -o temperature=2)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda if available)."),
+    allow_incomplete: bool = AllowIncompleteOpt,
     as_json: bool = JsonOpt,
 ):
     """Train a student from cached teacher outputs, with any registered method."""
@@ -220,16 +272,18 @@ def train_student_cmd(
         method=method, caches=[str(c) for c in caches], vocab_dir=str(vocab), out=str(out),
         train=TrainConfig(out=str(out), steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay,
                           grad_accum=grad_accum, clip=clip, save_every=save_every, log_every=log_every,
-                          seed=seed, amp=amp, num_workers=workers, stop_after=stop_after),
+                          seed=seed, amp=amp, num_workers=workers, stop_after=stop_after,
+                          keep_checkpoints=keep_checkpoints),
         batch_size=batch_size,
         student=StudentConfig(hidden=hidden, layers=layers, heads=heads, embedding_dim=embedding_dim, dropout=dropout),
         init_from=init_from, init_teacher=init_teacher, alpha=alpha, copies=copies,
-        method_options=method_options, resume=resume, device=device,
+        method_options=method_options, resume=resume, overwrite=overwrite, device=device, allow_incomplete=allow_incomplete,
     )
     if as_json:
         emit_json(result)
     else:
-        typer.echo(f"trained {method} for {result['steps']} steps in {result['seconds']}s; final "
+        done = f"{result['steps']} of {result['steps_total']}" if result["partial"] else str(result["steps"])
+        typer.echo(f"trained {method} for {done} steps in {result['seconds']}s; final "
                    + ", ".join(f"{k} {v:.4g}" for k, v in result["final"].items()) + f"\nstudent: {out}")
 
 
@@ -280,6 +334,7 @@ def evaluate_cmd(
     pooling: str = typer.Option("mean", "--pooling", help="bitext mode: mean | cls sentence vectors."),
     batch_size: int = typer.Option(32, "--batch-size"),
     max_rows: Optional[int] = typer.Option(None, "--max-rows", help="Evaluate on at most this many rows (lines) per cache (file)."),
+    allow_incomplete: bool = AllowIncompleteOpt,
     as_json: bool = JsonOpt,
 ):
     """Evaluate a student: masked-LM quality against held-out caches, or bitext retrieval."""
@@ -290,7 +345,8 @@ def evaluate_cmd(
 
         if not src or not tgt:
             raise BadInput("--mode bitext needs --src PATH@LANG and --tgt PATH@LANG.")
-        result = evaluate_bitext(str(model) if model else None, str(vocab), src, tgt, init_from, pooling, max_rows)
+        result = evaluate_bitext(str(model) if model else None, str(vocab), src, tgt, init_from, pooling, max_rows,
+                                 batch_size=batch_size)
         emit_json(result) if as_json else typer.echo(
             "  ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("accuracy")) + f"  ({result['pairs']} pairs)")
         return
@@ -300,7 +356,7 @@ def evaluate_cmd(
         raise BadInput("--mode mlm needs MODEL and at least one --caches.")
     from .student.evaluate import evaluate_mlm
 
-    result = evaluate_mlm(str(model), [str(c) for c in caches], str(vocab), batch_size, max_rows)
+    result = evaluate_mlm(str(model), [str(c) for c in caches], str(vocab), batch_size, max_rows, allow_incomplete)
     if as_json:
         emit_json(result)
         return

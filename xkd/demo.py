@@ -22,6 +22,7 @@ import os
 import sys
 
 from .cli import quiet_transformers_by_default
+from .lines import read_lines
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -93,7 +94,7 @@ def student_stage(cache: str, out: str, steps: int) -> int:
     print(f"{vocab.size:,} tokens")
 
     # The sample's two sides as line files, the form `xkd evaluate --mode bitext` reads.
-    pairs = [line.split("\t") for line in Path(__file__).with_name("data").joinpath("sample.en-hi.tsv").read_text(encoding="utf-8").splitlines()]
+    pairs = [line.split("\t") for line in read_lines(Path(__file__).with_name("data") / "sample.en-hi.tsv")]
     (root / "sample.en").write_text("\n".join(p[0] for p in pairs) + "\n", encoding="utf-8")
     (root / "sample.hi").write_text("\n".join(p[1] for p in pairs) + "\n", encoding="utf-8")
     src, tgt = f"{root / 'sample.en'}@en", f"{root / 'sample.hi'}@hi"
@@ -106,11 +107,12 @@ def student_stage(cache: str, out: str, steps: int) -> int:
 
     out_dir = root / "student"
     print(f"\n$ xkd train-student --method xd --option target=pooled --caches {cache} --vocab {vocab_dir} "
-          f"--out {out_dir} --steps {steps} --batch-size 16 --hidden 128 --layers 2 --heads 2 --lr 1e-3")
+          f"--out {out_dir} --steps {steps} --batch-size 16 --hidden 128 --layers 2 --heads 2 --lr 1e-3 --overwrite")
     result = train_student(
         method="xd", caches=[cache], vocab_dir=str(vocab_dir), out=str(out_dir),
         train=TrainConfig(out=str(out_dir), steps=steps, lr=1e-3, log_every=10), batch_size=16,
         student=student, method_options={"target": "pooled"},
+        overwrite=True,  # a re-run of the demo trains its student again
     )
     print(f"trained {result['steps']} steps in {result['seconds']} s; final loss {result['final']['loss']:.4f}")
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInput
+from .names import language_code
 
 
 @dataclass
@@ -70,7 +71,7 @@ def _path_lang(item: str) -> tuple[str, str]:
         raise BadInput(f"--data {item!r} must be PATH@LANG, e.g. xkd/data/toy-en.tsv@en (a text<TAB>label a line).")
     if not Path(path).is_file():
         raise BadInput(f"--data {item!r}: file {path} does not exist (or is not a file).")
-    return path, lang
+    return path, language_code(lang, f"--data {item!r}")
 
 
 def read_labeled(items: list[str]) -> LabeledSet:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,11 +145,80 @@ SPEC_HELP = (
 )
 
 
+# Language codes ------------------------------------------------------------------------
+
+_ALPHA = re.compile(r"[A-Za-z]+")
+_ALNUM = re.compile(r"[A-Za-z0-9]+")
+
+
+def normalize_language(code: str) -> str | None:
+    """A BCP-47 language tag in its conventional case (language and extlang lower-case,
+    script title-case, region upper-case, the rest lower-case: "EN" -> "en", "zh_hant_tw"
+    -> "zh-Hant-TW"), or None when `code` is not a well-formed tag. Codes are compared
+    after this, so "@EN" and "@en" name one language, and nothing that is not a code (a
+    path, spaces) ever becomes a row's language."""
+    parts = code.strip().replace("_", "-").split("-")
+    out: list[str] = []
+    i = 0
+
+    def take(ok) -> str | None:
+        nonlocal i
+        if i < len(parts) and ok(parts[i]):
+            i += 1
+            return parts[i - 1]
+        return None
+
+    def alpha(n: tuple[int, ...]):
+        return lambda p: len(p) in n and bool(_ALPHA.fullmatch(p))
+
+    language = take(alpha((2, 3, 5, 6, 7, 8)))
+    if language is None:
+        return None
+    out.append(language.lower())
+    if len(language) <= 3:
+        for _ in range(3):  # extended language subtags (zh-yue)
+            if (ext := take(alpha((3,)))) is None:
+                break
+            out.append(ext.lower())
+    if (script := take(alpha((4,)))) is not None:
+        out.append(script.title())
+    if (region := take(lambda p: bool(alpha((2,))(p) or (len(p) == 3 and p.isdigit() and p.isascii())))) is not None:
+        out.append(region.upper())
+    while (variant := take(lambda p: bool(_ALNUM.fullmatch(p)) and (5 <= len(p) <= 8 or (len(p) == 4 and p[0].isdigit())))) is not None:
+        out.append(variant.lower())
+    while i < len(parts) and len(parts[i]) == 1 and _ALNUM.fullmatch(parts[i]):
+        singleton = parts[i].lower()
+        i += 1
+        # An extension (one letter or digit, not x) takes subtags of 2-8; private use (x) of 1-8.
+        low = 1 if singleton == "x" else 2
+        body = []
+        while (sub := take(lambda p: low <= len(p) <= 8 and bool(_ALNUM.fullmatch(p)))) is not None:
+            body.append(sub.lower())
+        if not body:
+            return None
+        out += [singleton, *body]
+        if singleton == "x":
+            break
+    return "-".join(out) if i == len(parts) else None
+
+
+LANGUAGE_HELP = ("A language is a BCP-47 code: a language subtag (en, hi, fil), optionally with a script and a "
+                 "region (zh-Hant-TW, pt-BR, sr-Latn).")
+
+
+def language_code(code: str, where: str) -> str:
+    """`code` in BCP-47 case, or a clear error naming `where` it was given."""
+    normal = normalize_language(code)
+    if normal is None:
+        raise BadInput(f"{where}: {code!r} is not a language code. {LANGUAGE_HELP}")
+    return normal
+
+
 def _path_lang(item: str, spec: str) -> tuple[str, str]:
     path, sep, lang = item.rpartition("@")
     if not sep or not path or not lang:
         raise BadInput(f"--corpus {spec!r}: {item!r} must be PATH@LANG, e.g. data/train.hi@hi. {SPEC_HELP}")
-    return path, lang
+    return path, language_code(lang, f"--corpus {spec!r}")
 
 
 def _local_files_spec(name: str, files: str) -> str:
@@ -195,12 +265,16 @@ def parse_corpus(spec: str, files: str | None = None) -> CorpusSpec:
         pair = tuple(langs.split(","))
         if not sep or len(pair) != 2 or not all(pair):
             raise BadInput(f"--corpus {original!r}: tsv needs PATH@SRC_LANG,TGT_LANG. {SPEC_HELP}")
-        parsed = CorpusSpec("tsv", (path,), pair, spec=original)
+        parsed = CorpusSpec("tsv", (path,), tuple(language_code(lang, f"--corpus {original!r}") for lang in pair),
+                            spec=original)
     elif kind == "sample":
-        parsed = CorpusSpec("sample", (), tuple(rest.split("-")), spec=original)
+        parsed = CorpusSpec("sample", (), tuple(language_code(lang, f"--corpus {original!r}") for lang in rest.split("-")),
+                            spec=original)
     else:
         dataset, _, config = rest.partition(":")
-        langs = tuple(config.split("-")) if config.count("-") == 1 else ()
+        # A config such as "en-hi" names the pair; other configs ("plain_text") name no languages.
+        pair = tuple(normalize_language(lang) for lang in config.split("-")) if config.count("-") == 1 else ()
+        langs = pair if pair and all(pair) else ()
         parsed = CorpusSpec("hf", (), langs, dataset=dataset, config=config, spec=original)
     for path in parsed.paths:
         if not Path(path).is_file():

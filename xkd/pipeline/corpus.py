@@ -7,14 +7,17 @@ different teachers join on it.
 
 Planning reads the whole corpus once, lazily (one record at a time), to fingerprint it,
 apply the cleaning rules, count what is skipped and why, and remember where each shard
-starts (a byte offset per file). A shard task then seeks straight to its start and reads only
-its own records, so no process ever holds the corpus, and shard i always holds the same
-examples whichever worker reads it.
+starts and ends (a byte offset per file) and the sha256 of those bytes. A shard task then
+reads only its own byte range and checks it against that sha256 before it parses a line, so
+no process ever holds the corpus, shard i always holds the same examples whichever worker
+reads it, and a file that changed after planning (its cache key names the old bytes) fails
+the shard naming the file instead of caching other text under the old key.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -23,7 +26,8 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import BadInput
-from ..names import CorpusSpec
+from ..lines import strip_line_end
+from ..names import CorpusSpec, language_code, normalize_language
 from ..storage.shard import sha256_file
 
 SAMPLE_FILE = "sample.en-hi.tsv"
@@ -80,6 +84,8 @@ class Record:
     reason: str = ""  # a SKIP_REASONS entry found while reading ("" if readable)
     detail: str = ""  # for the error message when bad lines are not skipped
     label: int = -1
+    end: tuple[int, ...] = ()  # byte offset after the record, per file (files only)
+    raw: tuple[bytes, ...] = ()  # the record's lines as read, per file (files only)
 
 
 # Sources -------------------------------------------------------------------------------
@@ -98,20 +104,22 @@ class Source:
     split: str = "train"
     spec: str = ""
     label_names: tuple[str, ...] = ()  # labeled files with class names: class id i is label_names[i]
+    labels_sha256: str = ""  # sha256 of the labeled file the class names were read from
 
     @property
     def parallel(self) -> bool:
         return len(self.langs) == 2
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, file_sha256: list[str] | None = None) -> str:
         """sha256 of the files' bytes (names and places do not count), or the dataset's own
-        fingerprint (the `datasets` library's hash of its data and processing)."""
+        fingerprint (the `datasets` library's hash of its data and processing).
+        `file_sha256`: the files' sha256 as planning read them (else the files are read)."""
         h = hashlib.sha256(f"{self.kind}\0".encode())
         if self.kind == "hf":
             h.update(f"{self._dataset._fingerprint}\0{self.split}".encode())
             return h.hexdigest()
-        for path in self.paths:
-            h.update(sha256_file(Path(path)).encode() + b"\0")
+        for digest in file_sha256 or [sha256_file(Path(p)) for p in self.paths]:
+            h.update(digest.encode() + b"\0")
         return h.hexdigest()
 
     def records(self, start: Cursor = Cursor()) -> Iterator[Record]:
@@ -121,33 +129,41 @@ class Source:
 
     # Files ------------------------------------------------------------------------------
     def _file_records(self, start: Cursor) -> Iterator[Record]:
-        split_tab = self.kind in ("tsv", "sample", "labeled")
-        offsets = list(start.offsets or (0,) * len(self.paths))
+        offsets = start.offsets or (0,) * len(self.paths)
         files = [open(p, "rb", buffering=1 << 20) for p in self.paths]
         try:
             for f, off in zip(files, offsets):
                 f.seek(off)
-            position = start.position
-            while True:
-                lines = [f.readline() for f in files]
-                ended = [not line for line in lines]
-                if all(ended):
-                    return
-                if any(ended):
-                    short, long_ = (0, 1) if ended[0] else (1, 0)
-                    raise BadInput(
-                        f"parallel corpus {self.spec!r}: {self.paths[short]} has {position} lines but "
-                        f"{self.paths[long_]} has more (line {position + 1} has no partner). The two files "
-                        "must be line-aligned: line i of one is the translation of line i of the other."
-                    )
-                cursor = Cursor(position, tuple(offsets))
-                for i, line in enumerate(lines):
-                    offsets[i] += len(line)
-                yield self._decode(position, cursor, lines, split_tab)
-                position += 1
+            yield from self.records_from(files, start)
         finally:
             for f in files:
                 f.close()
+
+    def records_from(self, files: list, start: Cursor) -> Iterator[Record]:
+        """Records from binary file objects positioned at `start` (open files, or a shard's
+        checked bytes). Lines end at b"\\n" only (xkd.lines)."""
+        split_tab = self.kind in ("tsv", "sample", "labeled")
+        offsets = list(start.offsets or (0,) * len(self.paths))
+        position = start.position
+        while True:
+            lines = [f.readline() for f in files]
+            ended = [not line for line in lines]
+            if all(ended):
+                return
+            if any(ended):
+                short, long_ = (0, 1) if ended[0] else (1, 0)
+                raise BadInput(
+                    f"parallel corpus {self.spec!r}: {self.paths[short]} has {position} lines but "
+                    f"{self.paths[long_]} has more (line {position + 1} has no partner). The two files "
+                    "must be line-aligned: line i of one is the translation of line i of the other."
+                )
+            cursor = Cursor(position, tuple(offsets))
+            for i, line in enumerate(lines):
+                offsets[i] += len(line)
+            record = self._decode(position, cursor, lines, split_tab)
+            record.end, record.raw = tuple(offsets), tuple(lines)
+            yield record
+            position += 1
 
     def _decode(self, position: int, cursor: Cursor, lines: list[bytes], split_tab: bool) -> Record:
         texts = []
@@ -162,7 +178,7 @@ class Source:
                 return Record(position, cursor, None, "invalid_utf8", detail)
             if position == 0:
                 text = text.removeprefix("\ufeff")
-            texts.append(text.rstrip("\r\n"))
+            texts.append(strip_line_end(text))
         if split_tab:
             fields = texts[0].split("\t")
             if len(fields) != 2:
@@ -191,20 +207,21 @@ class Source:
 
     @cached_property
     def _columns(self) -> tuple[str, tuple[str, ...]]:
-        """('translation', langs) | ('columns', names) | ('text', ('text',))."""
+        """('translation', keys) | ('columns', names) | ('text', ('text',)): the dataset's own
+        spelling of each language, which may differ in case from the normalised code."""
         ds = self._dataset
         names = ds.column_names
         if "translation" in names:
             first = ds[0]["translation"] if len(ds) else {}
-            langs = self.langs or tuple(first)
-            if len(langs) != 2 or any(lang not in first for lang in langs):
+            keys = _keys_for(self.langs or tuple(first), first)
+            if keys is None or len(keys) != 2:
                 raise BadInput(
                     f"--corpus {self.spec!r}: its 'translation' column holds languages {sorted(first)}; "
                     "name the pair in the spec, e.g. hf:DATASET:en-hi."
                 )
-            return "translation", langs
-        if self.langs and len(self.langs) == 2 and all(lang in names for lang in self.langs):
-            return "columns", self.langs
+            return "translation", keys
+        if self.langs and len(self.langs) == 2 and (keys := _keys_for(self.langs, names)) is not None:
+            return "columns", keys
         if "text" in names:
             return "text", ("text",)
         raise BadInput(
@@ -213,10 +230,10 @@ class Source:
         )
 
     def resolve_hf_langs(self) -> tuple[str, ...]:
-        mode, langs = self._columns
+        mode, keys = self._columns
         if mode == "text":
-            return self.langs[:1] or (self.config if self.config.isalpha() and len(self.config) <= 3 else "und",)
-        return tuple(langs)
+            return self.langs[:1] or (normalize_language(self.config) or "und" if len(self.config) <= 3 else "und",)
+        return tuple(language_code(key, f"--corpus {self.spec!r}: the dataset's language") for key in keys)
 
     def _hf_records(self, start: Cursor) -> Iterator[Record]:
         ds = self._dataset
@@ -234,6 +251,14 @@ class Source:
                     texts = tuple((batch[c][j] or "").strip() for c in cols)
                 label = batch["label"][j] if has_label else -1
                 yield Record(position, Cursor(position), texts, label=-1 if label is None else int(label))
+
+
+def _keys_for(langs: tuple[str, ...], available) -> tuple[str, ...] | None:
+    """Each language's key among `available` (dataset columns or translation keys), compared
+    as normalised codes ("EN" finds "en"); None if one is missing."""
+    by_code = {normalize_language(str(k)) or str(k): k for k in available}
+    keys = tuple(by_code.get(normalize_language(lang) or lang) for lang in langs)
+    return None if any(k is None for k in keys) else keys
 
 
 def load_hf_dataset(dataset: str, config: str, split: str, spec: str):
@@ -281,15 +306,18 @@ def check_label(label: str, where: str) -> str:
     return label
 
 
-def label_names_of(path: str, spec: str) -> tuple[str, ...]:
-    """The class names of a labeled file, sorted: class id i is names[i]. Empty when the
-    labels are class ids already. One streaming pass; lines the reader will reject (bad UTF-8,
-    no tab) are left to it, so its message names them."""
+def label_names_of(path: str, spec: str) -> tuple[tuple[str, ...], str]:
+    """(the class names of a labeled file, sorted: class id i is names[i]; the sha256 of the
+    bytes they were read from). Names are empty when the labels are class ids already. One
+    streaming pass; lines the reader will reject (bad UTF-8, no tab) are left to it, so its
+    message names them."""
     names: set[str] = set()
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
+        for number, raw in enumerate(f, 1):  # binary lines end at b"\n" only, as xkd.lines reads
+            digest.update(raw)
             try:
-                fields = raw.decode("utf-8").rstrip("\r\n").split("\t")
+                fields = strip_line_end(raw.decode("utf-8")).split("\t")
             except UnicodeDecodeError:
                 continue
             if len(fields) == 2:
@@ -301,7 +329,7 @@ def label_names_of(path: str, spec: str) -> tuple[str, ...]:
             f"({', '.join(sorted(names - ids)[:3])}) as labels. Use one kind: names (sports, food, ...; class id = "
             "position in sorted order) or ids 0, 1, ...."
         )
-    return () if ids else tuple(sorted(names))
+    return (() if ids else tuple(sorted(names))), digest.hexdigest()
 
 
 def class_id(label: str, label_names: tuple[str, ...], where: str) -> int:
@@ -324,8 +352,8 @@ def source_for(spec: CorpusSpec, split: str = "train") -> Source:
         source.langs = source.resolve_hf_langs()
         return source
     if spec.kind == "labeled":
-        return Source("labeled", spec.langs, spec.paths, spec=spec.spec,
-                      label_names=label_names_of(spec.paths[0], spec.spec))
+        names, digest = label_names_of(spec.paths[0], spec.spec)
+        return Source("labeled", spec.langs, spec.paths, spec=spec.spec, label_names=names, labels_sha256=digest)
     return Source(spec.kind, spec.langs, spec.paths, spec=spec.spec)
 
 
@@ -353,17 +381,29 @@ def judge(record: Record, cleaning: Cleaning) -> str:
 
 @dataclass(frozen=True)
 class ShardSlice:
-    """What a shard task needs to read its examples: where they start and how many."""
+    """What a shard task needs to read its examples: where they start and end, how many
+    there are, and proof of what the plan read there: the sha256 of each file's bytes from
+    `start` to `end` (files), or the dataset's fingerprint (`datasets`)."""
 
     shard_id: int
     source: Source
     cleaning: Cleaning
     start: Cursor
     size: int
+    end: Cursor = Cursor()  # just after the shard's last example
+    sha256: tuple[str, ...] = ()  # per file, of the bytes start.offsets[i]:end.offsets[i]
+    fingerprint: str = ""  # the corpus fingerprint the plan (and so the cache key) was made from
 
     def examples(self) -> list[Example]:
+        """The shard's examples, parsed from bytes checked against the plan before anything
+        else happens, so a changed file can never put other text under this cache's key."""
+        if self.source.kind == "hf":
+            self._check_dataset()
+            records = self.source.records(self.start)
+        else:
+            records = self.source.records_from([io.BytesIO(b) for b in self.checked_bytes()], self.start)
         out = []
-        for record in self.source.records(self.start):
+        for record in records:
             if len(out) == self.size:
                 break
             if not judge(record, self.cleaning):
@@ -374,6 +414,38 @@ class ShardSlice:
                 f"should hold {self.size} examples but only {len(out)} were read. Re-run the command."
             )
         return out
+
+    def checked_bytes(self) -> list[bytes]:
+        """Each file's bytes of this shard, read once and checked against the plan's sha256
+        (a shard's bytes, like its examples, are held in memory anyway)."""
+        out = []
+        for path, begin, end, digest in zip(self.source.paths, self.start.offsets, self.end.offsets, self.sha256):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(begin)
+                    data = f.read(end - begin)
+            except OSError as e:
+                raise BadInput(f"{path} cannot be read any more ({e.strerror}); {self._advice()}") from None
+            if len(data) != end - begin or hashlib.sha256(data).hexdigest() != digest:
+                raise BadInput(
+                    f"{path} changed after the run read it: lines {self.start.position + 1}-{self.end.position} "
+                    f"(bytes {begin}-{end}), which shard {self.shard_id} holds, are not the bytes the cache key "
+                    f"was made from. Nothing was cached for this shard; {self._advice()}"
+                )
+            out.append(data)
+        return out
+
+    def _check_dataset(self) -> None:
+        if self.fingerprint and self.source.fingerprint() != self.fingerprint:
+            raise BadInput(
+                f"dataset {self.source.dataset} changed after the run read it (its fingerprint differs), so shard "
+                f"{self.shard_id} would not hold what the cache key was made from. Nothing was cached for this "
+                f"shard; {self._advice()}"
+            )
+
+    def _advice(self) -> str:
+        return ("restore the corpus and re-run the same command to resume this cache, or re-run it with the corpus "
+                "as it is now to cache that (a new cache; shards cached so far stay where they are).")
 
 
 @dataclass
@@ -386,6 +458,7 @@ class CorpusPlan:
     records: int
     skipped: dict[str, int]
     shards: list[ShardSlice] = field(default_factory=list)
+    label_count: int = 0  # classes the kept examples' labels range over (0: unlabelled)
 
     @property
     def langs(self) -> tuple[str, ...]:
@@ -407,24 +480,50 @@ class CorpusPlan:
 
 
 def plan_corpus(spec: CorpusSpec, cleaning: Cleaning, shard_size: int, split: str = "train") -> CorpusPlan:
-    """One lazy pass: fingerprint, clean, count, and cut into shards of `shard_size` examples."""
+    """One lazy pass: fingerprint, clean, count, and cut into shards of `shard_size` examples.
+
+    The fingerprint (hence the cache key) and each shard's sha256 come from the bytes this
+    pass reads, so they describe one version of the files, whatever happens to them later."""
     if shard_size < 1:
         raise BadInput(f"--shard-size must be at least 1, not {shard_size}.")
     source = source_for(spec, split)
-    fingerprint = source.fingerprint()
+    files = [hashlib.sha256() for _ in source.paths]  # whole files
     skipped = {reason: 0 for reason in SKIP_REASONS}
     starts: list[Cursor] = []
+    ends: list[Cursor] = []
+    digests: list[tuple[str, ...]] = []
+    shard = gap = None  # hashes of the current shard's bytes, through its last example / beyond it
     kept = records = 0
+    max_label = -1
     for record in source.records():
         records += 1
+        for h, line in zip(files, record.raw):
+            h.update(line)
         reason = judge(record, cleaning)
         if not reason and cleaning.max_pairs and kept >= cleaning.max_pairs:
             reason = "cap"
         if reason:
             skipped[reason] += 1
+            # Skipped lines between two examples of a shard are part of its bytes; after its
+            # last example they are not, and the shard does not know yet which this is.
+            if shard is not None:
+                gap = gap or [h.copy() for h in shard]
+                for h, line in zip(gap, record.raw):
+                    h.update(line)
             continue
         if kept % shard_size == 0:
+            if shard is not None:
+                digests.append(tuple(h.hexdigest() for h in shard))
             starts.append(record.cursor)
+            ends.append(record.cursor)
+            shard = [hashlib.sha256() for _ in source.paths]
+        elif gap is not None:
+            shard = gap
+        gap = None
+        for h, line in zip(shard, record.raw):
+            h.update(line)
+        ends[-1] = Cursor(record.position + 1, record.end)
+        max_label = max(max_label, record.label)
         kept += 1
     if kept == 0:
         where = ", ".join(source.paths) or f"dataset {source.dataset}"
@@ -433,6 +532,14 @@ def plan_corpus(spec: CorpusSpec, cleaning: Cleaning, shard_size: int, split: st
             f"corpus {spec.spec!r} ({where}) yields no examples: {records} records read ({counts}). "
             "Check the files, or loosen --min-tokens/--max-tokens."
         )
+    digests.append(tuple(h.hexdigest() for h in shard))
+    file_sha256 = [h.hexdigest() for h in files]
+    if source.labels_sha256 and file_sha256[0] != source.labels_sha256:
+        raise BadInput(f"{source.paths[0]} changed while it was being read (its class names were read from other "
+                       "bytes). Re-run the command once the file is no longer being written.")
+    fingerprint = source.fingerprint(file_sha256 if source.paths else None)
     sizes = [min(shard_size, kept - i * shard_size) for i in range(len(starts))]
-    shards = [ShardSlice(i, source, cleaning, start, size) for i, (start, size) in enumerate(zip(starts, sizes))]
-    return CorpusPlan(source, cleaning, shard_size, fingerprint, kept, records, skipped, shards)
+    shards = [ShardSlice(i, source, cleaning, start, size, end, digest, fingerprint)
+              for i, (start, size, end, digest) in enumerate(zip(starts, sizes, ends, digests))]
+    label_count = len(source.label_names) if source.label_names else max_label + 1
+    return CorpusPlan(source, cleaning, shard_size, fingerprint, kept, records, skipped, shards, label_count)

@@ -14,9 +14,12 @@ that changes the bytes gives another directory.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import uuid
 from contextlib import ExitStack
@@ -29,8 +32,10 @@ from ..names import parse_corpus, resolve_teacher
 from ..storage import CacheWriter, cache_key, outputs_json
 from .corpus import Cleaning, CorpusPlan, plan_corpus
 from .masking import MaskConfig
-from .teachers import HIDDEN_POSITIONS, SENTENCE_VECTORS, Outputs, TeacherSpec, describe_teacher, resolve_compute
-from .work import ShardTask, View, process_shard
+from .teachers import (
+    DTYPES, HIDDEN_POSITIONS, SENTENCE_VECTORS, Outputs, TeacherSpec, describe_teacher, resolve_compute,
+)
+from .work import SIDES, ShardTask, View, process_shard
 
 DEFAULT_TOPK = 8
 DEFAULT_MASK_PROB = 0.15
@@ -71,6 +76,53 @@ class CacheTeachersOptions:
     scheduler: str = "local"
     workers: int | None = None
     cpu_threads: int | None = None  # torch threads per worker on CPU (None: cores / local workers)
+
+
+class Interrupted(XkdError):
+    """Ctrl-C: the message says what was kept and how to resume (exit code 130, as shells use)."""
+
+    exit_code = 130
+
+
+# Every numeric option: (field, whole number?, accepted?, what to give). Checked on the
+# client before anything is read or started, so a bad value never reaches a worker.
+NUMERIC_OPTIONS = (
+    ("topk", True, lambda v: v >= 0, "a whole number >= 0 (top logits kept per masked position; 0: none)"),
+    ("mask_prob", False, lambda v: 0 <= v < 1, "a number >= 0 and < 1, e.g. 0.15 (0: no masking)"),
+    ("mask_epochs", True, lambda v: v >= 1, "a whole number >= 1"),
+    ("seed", True, lambda v: v >= 0, "a whole number >= 0"),
+    ("max_length", True, lambda v: 3 <= v <= 65535, "a whole number from 3 to 65535 (tokens per row, specials included)"),
+    ("min_tokens", True, lambda v: v >= 0, "a whole number >= 0 (0: no lower bound)"),
+    ("max_tokens", True, lambda v: v >= 0, "a whole number >= 0 (0: no upper bound)"),
+    ("max_pairs", True, lambda v: v >= 0, "a whole number >= 0 (0: no cap)"),
+    ("shard_size", True, lambda v: v >= 1, "a whole number >= 1 (examples per shard)"),
+    ("token_budget", True, lambda v: v >= 1, "a whole number >= 1 (padded tokens per batch)"),
+    ("workers", True, lambda v: v >= 1, "a whole number >= 1 (local worker processes; leave it out for the default)"),
+    ("cpu_threads", True, lambda v: v >= 1, "a whole number >= 1 (torch threads per worker; leave it out for the default)"),
+)
+
+
+def check_options(opts: "CacheTeachersOptions") -> None:
+    """Refuse every unusable option value, naming the option and what to give instead. The
+    CLI's parser already refuses text for a number; the Python API gets the same checks."""
+    for name, whole, accepted, what in NUMERIC_OPTIONS:
+        value = getattr(opts, name)
+        if value is None:
+            continue
+        option = "--" + name.replace("_", "-")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or (whole and not isinstance(value, int)) or not math.isfinite(value) or not accepted(value):
+            raise BadInput(f"{option} {value!r} is not usable here: give {what}.")
+    choices = (("sides", "--sides", SIDES), ("hidden_positions", "--hidden-positions", tuple(HIDDEN_POSITIONS)),
+               ("dtype", "--dtype", DTYPES))
+    for name, option, allowed in choices:
+        if getattr(opts, name) not in allowed:
+            raise BadInput(f"{option} must be one of {', '.join(allowed)}, not {getattr(opts, name)!r}.")
+    # Layer numbers: their range depends on the teacher (TeacherSpec.check_outputs says which).
+    for option, layers in (("--hidden-layers", opts.hidden_layers), ("--attention-layers", opts.attention_layers)):
+        bad = [v for v in layers if not isinstance(v, int) or isinstance(v, bool)]
+        if bad:
+            raise BadInput(f"{option} {bad}: layers are whole numbers, e.g. {option} 3,6.")
 
 
 @dataclass
@@ -203,12 +255,29 @@ class Cluster:
         n = self.workers or max(gpus, 1)
         if n < 1:
             raise BadInput(f"--workers must be at least 1, not {n}.")
-        self.cluster = LocalCluster(
-            host="127.0.0.1", n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-            silence_logs=logging.ERROR, resources={"GPU": 1} if gpus else None,
-            # No dashboard, and the scheduler's HTTP endpoint on a free port: 8787 may be taken.
-            scheduler_kwargs={"dashboard_address": ":0"},
-        )
+        # Ctrl-C at a terminal goes to the whole process group, and every worker would print a
+        # KeyboardInterrupt traceback. Workers are started from the cluster's event-loop thread
+        # (restarted ones too); created while this thread blocks SIGINT, that thread and every
+        # process it starts keep it blocked, so Ctrl-C reaches only this process. A Ctrl-C
+        # meanwhile stays pending here and is delivered once the mask is restored.
+        block = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+        if block:
+            # multiprocessing's resource tracker, started on first use, unblocks SIGINT in the
+            # thread that starts it, which would be the event-loop thread: start it from here.
+            from multiprocessing import resource_tracker
+
+            resource_tracker.ensure_running()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if block else None
+        try:
+            self.cluster = LocalCluster(
+                host="127.0.0.1", n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                silence_logs=logging.ERROR, resources={"GPU": 1} if gpus else None,
+                # No dashboard, and the scheduler's HTTP endpoint on a free port: 8787 may be taken.
+                scheduler_kwargs={"dashboard_address": ":0"},
+            )
+        finally:
+            if block:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.client = Client(self.cluster)
 
     def torch_threads(self) -> int | None:
@@ -232,12 +301,17 @@ class Cluster:
 
 def run_on_worker(task: ShardTask, local_gpus: bool) -> dict:
     """The dask task: on a local GPU cluster, worker i uses GPU i (worker names are 0..n-1 and
-    survive a restart by the nanny)."""
+    survive a restart by the nanny). Bad input (a corpus file that changed) comes back as a
+    result, not an exception: running it again cannot help, so dask must not retry it, and
+    the client reports it as one paragraph instead of a worker traceback."""
     if local_gpus:
         from distributed import get_worker
 
         os.environ["XKD_CUDA_DEVICE"] = str(int(get_worker().name))
-    return process_shard(task)
+    try:
+        return process_shard(task)
+    except BadInput as e:
+        return {"bad_input": str(e)}
 
 
 # Progress ------------------------------------------------------------------------------
@@ -282,10 +356,13 @@ def cache_teachers(opts: CacheTeachersOptions, client=None, log: TextIO | None =
     t_start = time.perf_counter()
     if not opts.teachers:
         raise BadInput("give at least one --teacher (an alias, a model id or a model directory).")
+    check_options(opts)
     corpus_spec = parse_corpus(opts.corpus, opts.corpus_files)
     cleaning = Cleaning(opts.min_tokens, opts.max_tokens, opts.max_pairs, opts.skip_bad_lines)
     specs = [describe_teacher(resolve_teacher(name)) for name in dict.fromkeys(opts.teachers)]
     cluster = Cluster(opts.scheduler, opts.workers, client, opts.cpu_threads)
+    jobs: list[Job] = []
+    interrupted = False
     try:
         cluster.connect()
         device_type = cluster.device_type()
@@ -297,6 +374,8 @@ def cache_teachers(opts: CacheTeachersOptions, client=None, log: TextIO | None =
         plan = plan_corpus(corpus_spec, cleaning, opts.shard_size, opts.split)
         skipped = ", ".join(f"{n:,} {r}" for r, n in plan.skipped.items() if n) or "none"
         log.write(f"cache-teachers: {plan.examples:,} examples in {len(plan.shards)} shards (skipped: {skipped})\n")
+        for spec in specs:
+            check_labels(spec, plan)
         jobs = [plan_job(spec, plan, opts, compute_dtype) for spec in specs]
         with ExitStack() as stack:
             for job in jobs:
@@ -314,9 +393,52 @@ def cache_teachers(opts: CacheTeachersOptions, client=None, log: TextIO | None =
                     raise failures
             for job in jobs:
                 job.writer.finish()
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
-        cluster.close()
+        try:
+            cluster.close()
+        except KeyboardInterrupt:  # a second Ctrl-C while the cluster stops
+            interrupted = True
+    if interrupted:
+        raise Interrupted(interrupted_message(jobs))
     return summarize(jobs, plan, time.perf_counter() - t_start)
+
+
+def interrupted_message(jobs: list[Job]) -> str:
+    """One line: what Ctrl-C left behind, and how to go on."""
+    kept = [(job, len(job.writer.done_shards()), job.writer.planned_shards) for job in jobs if job.writer is not None]
+    if not kept:
+        return "interrupted before any shard was cached; nothing was written."
+    caches = "; ".join(f"{done} of {planned} shards in {job.root}" for job, done, planned in kept)
+    return f"interrupted; kept {caches}. Run the same command again to resume."
+
+
+def check_labels(spec: TeacherSpec, plan: CorpusPlan) -> None:
+    """A labeled corpus cached by a classifier: every label must be one of its classes, or
+    the cached rows would pair the teacher's logits with a class it does not have (found
+    only when a student trains)."""
+    if spec.kind != "classifier" or not plan.label_count:
+        return
+    where = f"--corpus {plan.source.spec!r}"
+    names = plan.source.label_names
+    named_teacher = spec.labels and not all(n == f"LABEL_{i}" for i, n in enumerate(spec.labels))
+    if names and named_teacher:
+        unknown = [n for n in names if n not in spec.labels]
+        if unknown:
+            raise BadInput(
+                f"{where}: its labels include {', '.join(repr(n) for n in unknown[:3])}, which teacher "
+                f"{spec.name!r} does not have (its classes, from config.json id2label: {', '.join(spec.labels)}). "
+                "Label the corpus with the teacher's classes, or cache it with a classifier fine-tuned on these."
+            )
+    elif plan.label_count > spec.num_labels:
+        what = f"{len(names)} class names ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names \
+            else f"class ids up to {plan.label_count - 1}"
+        raise BadInput(
+            f"{where}: its labels are {what}, but teacher {spec.name!r} is a classifier with {spec.num_labels} "
+            f"classes (ids 0-{spec.num_labels - 1}). Label the corpus with the teacher's classes, or cache it with "
+            "a classifier fine-tuned on these."
+        )
 
 
 def run_tasks(cluster: Cluster, jobs: list[Job], plan: CorpusPlan, opts, device_type: str, log) -> XkdError | None:
@@ -356,6 +478,9 @@ def run_tasks(cluster: Cluster, jobs: list[Job], plan: CorpusPlan, opts, device_
                 except Exception as e:  # the result was lost with its worker before we fetched it
                     error = e
                 else:
+                    if "bad_input" in result:  # the same input would fail again: no retry
+                        failed.append((job, shard_id, BadInput(result["bad_input"])))
+                        continue
                     job.writer.commit(result["record"])
                     progress.update(result["examples"], result["record"]["tokens"])
                     continue
@@ -370,9 +495,11 @@ def run_tasks(cluster: Cluster, jobs: list[Job], plan: CorpusPlan, opts, device_
     if not failed:
         return None
     job, shard_id, error = failed[0]
-    cls = BadInput if isinstance(error, BadInput) else XkdError
+    if isinstance(error, BadInput):  # its message says what to do; a plain re-run would not help
+        return BadInput(f"{len(failed)} shard(s) not cached (finished shards are kept). First: teacher "
+                        f"{job.teacher.name!r}, shard {shard_id}: {error}")
     what = str(error) if isinstance(error, XkdError) else f"{type(error).__name__}: {error}"
-    return cls(
+    return XkdError(
         f"{len(failed)} shard(s) failed; finished shards are kept and re-running the command resumes. "
         f"First failure: teacher {job.teacher.name!r}, shard {shard_id}: {what}"
     )
@@ -397,6 +524,8 @@ def summarize(jobs: list[Job], plan: CorpusPlan, seconds: float) -> dict:
             "bytes": totals["bytes"],
             "bytes_per_masked_position": round(totals["bytes"] / totals["masked"], 2) if totals["masked"] else None,
             "bytes_per_token": round(totals["bytes"] / totals["tokens"], 2) if totals["tokens"] else None,
+            # Rows whose text had more tokens than --max-length (the teacher saw the first ones).
+            "truncated_rows": sum(s.get("truncated_rows", 0) for s in manifest["shards"]),
         })
     return {
         "caches": caches,
@@ -413,9 +542,11 @@ def format_summary(result: dict) -> str:
              f"(skipped: {skipped}); {result['seconds']:.1f} s"]
     for c in result["caches"]:
         per_masked = f"{c['bytes_per_masked_position']} bytes per masked position, " if c["masked"] else ""
+        truncated = (f"; {c['truncated_rows']:,} rows truncated to --max-length (their text is stored up to "
+                     "the last token the teacher saw)") if c["truncated_rows"] else ""
         lines.append(
             f"{c['teacher']} ({c['kind']}): {c['rows']:,} rows, {c['tokens']:,} tokens, {c['masked']:,} masked "
             f"positions, {c['bytes']:,} bytes ({per_masked}{c['bytes_per_token']} per token); "
-            f"{c['shards_run']} of {c['shards']} shards run this time\n  cache: {c['path']}"
+            f"{c['shards_run']} of {c['shards']} shards run this time{truncated}\n  cache: {c['path']}"
         )
     return "\n".join(lines)

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import threading
+import zipfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +52,102 @@ def kind_of(config: dict) -> str:
     if any(a.endswith("ForSequenceClassification") for a in archs):
         return "classifier"
     return "encoder"
+
+
+DAMAGED = ("The teacher directory is damaged or incomplete: save the model again (save_pretrained), or "
+           "download it again.")
+
+
+def read_json(file: Path, what: str) -> object:
+    """A JSON file of a teacher directory, or one paragraph naming the file and the line."""
+    try:
+        return json.loads(file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"teacher {what}: {file} is not valid JSON ({e}). {DAMAGED}") from None
+
+
+def read_config(path: Path, name: str) -> dict:
+    """config.json, checked on the client so that a broken one is one paragraph here, not a
+    failure in every worker: it parses, holds the sizes xkd reads, and transformers knows
+    its model type."""
+    file = path / "config.json"
+    config = read_json(file, repr(name))
+    if not isinstance(config, dict):
+        raise BadInput(f"teacher {name!r}: {file} holds {type(config).__name__}, not a JSON object. {DAMAGED}")
+    for key in ("hidden_size", "num_hidden_layers"):
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise BadInput(f"teacher {name!r}: {file} has no usable {key!r} (found {value!r}). {DAMAGED}")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(path))
+    except Exception as e:  # transformers raises several types; all mean "cannot build this model"
+        raise BadInput(f"teacher {name!r}: transformers cannot read {file} ({type(e).__name__}: {e}). {DAMAGED}") from None
+    return config
+
+
+# Bytes per element of each safetensors dtype.
+SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2,
+                      "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+
+
+def check_safetensors(file: Path, name: str) -> None:
+    """A .safetensors file is an 8-byte header length, a JSON header giving each tensor's
+    dtype, shape and byte range, then the data: check that the header reads and that the file
+    has exactly the bytes it implies (a truncated download fails here, not in a worker)."""
+    size = file.stat().st_size
+    damaged = f"teacher {name!r}: {file} is truncated or damaged"
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise BadInput(f"{damaged}: it has {size} bytes, less than its 8-byte header length. {DAMAGED}")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise BadInput(f"{damaged}: its header should take {n:,} bytes but the file has {size:,}. {DAMAGED}")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadInput(f"{damaged}: its header is not valid JSON ({e}). {DAMAGED}") from None
+    end = 0
+    try:
+        for tensor, info in header.items():
+            if tensor == "__metadata__":
+                continue
+            begin, stop = (int(x) for x in info["data_offsets"])
+            width = SAFETENSORS_DTYPES.get(info["dtype"])
+            if width is not None and stop - begin != width * math.prod(int(d) for d in info["shape"]):
+                raise BadInput(f"{damaged}: tensor {tensor!r} has {stop - begin} bytes in the header, but its dtype "
+                               f"and shape need {width * math.prod(info['shape'])}. {DAMAGED}")
+            end = max(end, stop)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise BadInput(f"{damaged}: its header does not describe tensors ({type(e).__name__}: {e}). {DAMAGED}") from None
+    if size != 8 + n + end:
+        raise BadInput(f"{damaged}: its header implies {8 + n + end:,} bytes, the file has {size:,}. {DAMAGED}")
+
+
+def check_weight_files(path: Path, name: str) -> None:
+    """Every weight file reads as far as can be told without loading it: safetensors by their
+    header and size, PyTorch .bin files by their zip directory, an index by the files it
+    names. Loading happens in the workers, where a failure would be retried and repeated."""
+    for file in sorted(path.glob("*.safetensors")):
+        check_safetensors(file, name)
+    for file in sorted(path.glob("pytorch_model*.bin")):
+        if zipfile.is_zipfile(file):
+            try:
+                with zipfile.ZipFile(file) as z:
+                    z.infolist()
+            except (zipfile.BadZipFile, OSError) as e:
+                raise BadInput(f"teacher {name!r}: {file} is truncated or damaged ({e}). {DAMAGED}") from None
+        elif file.stat().st_size < 1024:  # neither a zip (torch >= 1.6) nor big enough for legacy weights
+            raise BadInput(f"teacher {name!r}: {file} has {file.stat().st_size} bytes: not a PyTorch weights file. {DAMAGED}")
+    for file in sorted(path.glob("*.index.json")):
+        index = read_json(file, repr(name))
+        shards = set((index.get("weight_map") or {}).values()) if isinstance(index, dict) else set()
+        missing = sorted(s for s in shards if not (path / str(s)).is_file())
+        if missing:
+            raise BadInput(f"teacher {name!r}: {file} names weight files that are not there: {', '.join(missing[:3])}. "
+                           f"{DAMAGED}")
 
 
 def weights_sha256(path: Path) -> str:
@@ -84,10 +182,10 @@ def pooling_config(path: Path, kind: str) -> dict:
     the loaded model has one, else the mean over the tokens."""
     modules_file = path / "modules.json"
     if modules_file.is_file():
-        modules = json.loads(modules_file.read_text())
+        modules = read_json(modules_file, str(path))
         pooling = next((m for m in modules if m.get("type", "").endswith(".Pooling")), None)
         if pooling is not None:
-            cfg = json.loads((path / pooling["path"] / "config.json").read_text())
+            cfg = read_json(path / pooling["path"] / "config.json", str(path))
             for mode in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens"):
                 if cfg.get(f"pooling_mode_{mode}"):
                     normalize = any(m.get("type", "").endswith(".Normalize") for m in modules)
@@ -210,7 +308,8 @@ def describe_teacher(resolved: ResolvedTeacher) -> TeacherSpec:
             path = Path(snapshot_download(resolved.model_id))
         except Exception as e:  # network, auth, missing repo: all mean "cannot get it"
             raise BadInput(f"teacher {resolved.name!r}: downloading {resolved.model_id} failed ({e}).") from None
-    config = json.loads((path / "config.json").read_text())
+    config = read_config(path, resolved.name)
+    check_weight_files(path, resolved.name)
     kind = kind_of(config)
     tokenizer = load_tokenizer(path)
     max_positions = int(config.get("max_position_embeddings", 512))

@@ -57,6 +57,14 @@ def special_ids(tokenizer) -> dict[str, int | None]:
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(ids, word_index) per text, truncated to max_length tokens with specials included."""
+    return [(ids, word_index) for ids, word_index, _ in tokenize_seen(tokenizer, texts, max_length)]
+
+
+def tokenize_seen(tokenizer, texts: list[str], max_length: int) -> list[tuple[np.ndarray, np.ndarray, str | None]]:
+    """(ids, word_index, seen) per text, truncated to max_length tokens with specials
+    included. `seen` is None when the tokens cover the whole text; where truncation dropped
+    tokens, it is the text up to the end of the last token kept (the tokenizer's character
+    offsets), i.e. all of the text the teacher saw and nothing it did not."""
     if not texts:
         return []
     encoded = tokenizer(
@@ -65,11 +73,15 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> list[tuple[np.ndar
     )
     specials = np.array(sorted(tokenizer.all_special_ids), dtype=np.int64)
     out = []
-    for encoding in encoded.encodings:
+    for text, encoding in zip(texts, encoded.encodings):
         ids = np.asarray(encoding.ids, dtype=np.int64)
         word_index = np.array([-1 if w is None else w for w in encoding.word_ids], dtype=np.int64)
         word_index[np.isin(ids, specials)] = -1
-        out.append((ids, word_index))
+        seen = None
+        if encoding.overflowing:
+            end = max((stop for (_, stop), w in zip(encoding.offsets, word_index) if w >= 0), default=0)
+            seen = text[:end]
+        out.append((ids, word_index, seen))
     return out
 
 

@@ -21,7 +21,7 @@ from .batching import PaddedBatch, length_buckets
 from .corpus import ShardSlice
 from .masking import MaskConfig, mask_row
 from .teachers import Outputs, TeacherSpec, get_teacher, worker_device
-from .tokenize import tokenize, word_starts
+from .tokenize import tokenize_seen, word_starts
 
 SIDES = ("both", "src", "tgt")
 
@@ -122,6 +122,8 @@ def process_shard(task: ShardTask) -> dict:
         task.cache_root, task.slice.shard_id, columns, dense, specs,
         has_topk=bool(view.outputs.topk), has_text=view.text,
     )
+    # In the manifest, so that a resumed run's summary still counts every shard's.
+    record["truncated_rows"] = rows.truncated
     timing["write_s"] = time.perf_counter() - t0
     return {"record": record, "examples": len(examples), "timing": timing}
 
@@ -143,6 +145,7 @@ class Rows:
     positions: list[np.ndarray]
     labels: list[np.ndarray]
     pad_id: int
+    truncated: int = 0  # rows whose text was longer than the teacher's --max-length tokens
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -151,13 +154,24 @@ class Rows:
 def build_rows(examples, langs, parallel: bool, view: View, teacher) -> Rows:
     sides = view.row_sides(parallel)
     epochs = view.mask.epochs if view.mask.active else 1
-    tokenized = {side: tokenize(teacher.tokenizer, [ex.texts[i] for ex in examples], view.max_length)
-                 for side, i in sides}
+    tokenized = {i: tokenize_seen(teacher.tokenizer, [ex.texts[i] for ex in examples], view.max_length)
+                 for _, i in sides}
+    if view.text and parallel:
+        # The pair's text is stored as this teacher would see that side: a side it does not run
+        # on (--sides src|tgt) is tokenized only to find where --max-length cuts it.
+        for i in (0, 1):
+            if i not in tokenized:
+                tokenized[i] = tokenize_seen(teacher.tokenizer, [ex.texts[i] for ex in examples], view.max_length)
+    truncated = 0
     cols = {k: [] for k in ("example_id", "pair_id", "lang", "side", "mask_epoch", "class_label", "text",
                             "pair_text", "input_ids", "word_start", "positions", "labels")}
     for n, ex in enumerate(examples):
+        # A row's text is what it covers: a 1 MB line the teacher saw 128 tokens of is stored
+        # up to the end of those tokens.
+        covered = {i: ex.texts[i] if seen[n][2] is None else seen[n][2] for i, seen in tokenized.items()}
         for side, i in sides:
-            ids, word_index = tokenized[side][n]
+            ids, word_index, seen = tokenized[i][n]
+            truncated += epochs * (seen is not None)
             starts = word_starts(word_index)
             for epoch in range(epochs):
                 masked_ids, positions, labels = mask_row(ids, word_index, view.mask, teacher.vocab,
@@ -168,8 +182,8 @@ def build_rows(examples, langs, parallel: bool, view: View, teacher) -> Rows:
                 cols["side"].append(side)
                 cols["mask_epoch"].append(epoch)
                 cols["class_label"].append(ex.label)
-                cols["text"].append(ex.texts[i])
-                cols["pair_text"].append(ex.texts[1 - i] if parallel else "")
+                cols["text"].append(covered[i])
+                cols["pair_text"].append(covered.get(1 - i, ex.texts[1 - i]) if parallel else "")
                 cols["input_ids"].append(masked_ids)
                 cols["word_start"].append(starts)
                 cols["positions"].append(positions)
@@ -183,7 +197,7 @@ def build_rows(examples, langs, parallel: bool, view: View, teacher) -> Rows:
         class_label=np.array(cols["class_label"], dtype=np.int32),
         text=cols["text"], pair_text=cols["pair_text"], input_ids=cols["input_ids"],
         word_start=cols["word_start"], positions=cols["positions"], labels=cols["labels"],
-        pad_id=teacher.pad_id,
+        pad_id=teacher.pad_id, truncated=truncated,
     )
 
 

@@ -1,10 +1,14 @@
-"""`xkd inspect`: what a cache holds and what it costs, from the manifest alone."""
+"""`xkd inspect`: what a cache holds and what it costs, from the manifest, plus whether it
+is complete and what every reader's cheap checks on open say (`damaged`)."""
 
 from __future__ import annotations
 
 import os
 
+from .completeness import completeness, finish_command, how_to_finish, what_is_missing
+from ..errors import BadInput
 from .manifest import read_manifest
+from .reader import Cache
 
 
 def inspect_cache(path: str | os.PathLike) -> dict:
@@ -14,12 +18,12 @@ def inspect_cache(path: str | os.PathLike) -> dict:
     per_output: dict[str, int] = {}
     langs: dict[str, int] = {}
     for s in shards:
-        for name, size in s["bytes_by_output"].items():
+        for name, size in (s.get("bytes_by_output") or {}).items():
             per_output[name] = per_output.get(name, 0) + size
-        for lang, n in s.get("langs", {}).items():
+        for lang, n in (s.get("langs") or {}).items():
             langs[lang] = langs.get(lang, 0) + n
-    outputs = manifest.get("outputs", {})
-    present = (["topk"] if outputs.get("topk") else []) + sorted(outputs.get("dense", {}))
+    outputs = manifest.get("outputs") or {}
+    present = (["topk"] if outputs.get("topk") else []) + sorted(outputs.get("dense") or {})
 
     def ratio(n, d):
         return round(n / d, 3) if d else None
@@ -27,7 +31,8 @@ def inspect_cache(path: str | os.PathLike) -> dict:
     return {
         "cache": str(path),
         "key": manifest.get("key"),
-        "complete": bool(manifest.get("complete")),
+        **_completeness(path, manifest),
+        "damaged": _damage(path),
         "shards": len(shards),
         **totals,
         "outputs": present,
@@ -47,9 +52,32 @@ def inspect_cache(path: str | os.PathLike) -> dict:
     }
 
 
+def _damage(path) -> str | None:
+    """What a reader would refuse on open (the metadata files' sizes and hashes), in words."""
+    try:
+        Cache(path)
+    except BadInput as e:
+        return str(e)
+    return None
+
+
+def _completeness(path, manifest: dict) -> dict:
+    info = completeness(manifest)
+    return {
+        "complete": info["complete"],
+        "planned_shards": info["planned_shards"],
+        "missing_shards": info["missing_shards"],
+        "missing_rows": info["missing_rows"],
+        # In words, for the text output: what is missing and the command that finishes it.
+        "incomplete": None if info["complete"] else
+        f"{what_is_missing(info)}. {how_to_finish(finish_command(path, manifest))}",
+    }
+
+
 def format_inspect(info: dict) -> str:
     lines = [
         f"cache      {info['cache']}  (key {info['key']}, {'complete' if info['complete'] else 'INCOMPLETE'})",
+        *([f"INCOMPLETE {info['incomplete']}"] if info["incomplete"] else []),
         f"teacher    {info['teacher']}",
         f"rows       {info['rows']:,} in {info['shards']} shards",
         f"tokens     {info['tokens']:,}",

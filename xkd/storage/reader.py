@@ -15,12 +15,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import XkdError
-from .manifest import read_manifest
+from ..errors import BadInput, XkdError
+from .completeness import completeness, finish_command, incomplete_message
+from .manifest import SHARDS, read_manifest
 from .schema import RAGGED_COLUMNS, DenseSpec, Ragged, ragged_from_arrow
-from .shard import parquet_path, zarr_path
+from .shard import digest_of, parquet_path, sha256_file, zarr_path
 
 _OPEN_FILES = 8  # open Parquet/Zarr handles kept per cache
+
+# Zarr's metadata files (v3 and v2). They are small, and they decide how every chunk is
+# decoded (dtype, byte order, shape, codecs): an edited one reads without any error, as
+# wrong numbers, since chunk CRCs cover only the chunks. So they are checked on open.
+ZARR_METADATA = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")
+
+
+def is_metadata_file(rel: str) -> bool:
+    return rel.rsplit("/", 1)[-1] in ZARR_METADATA
 
 
 class Block:
@@ -60,28 +70,84 @@ class Block:
 
 
 class Cache:
-    """A cache on disk. `len()` counts rows (examples as the teacher saw them)."""
+    """A cache on disk. `len()` counts rows (examples as the teacher saw them).
 
-    def __init__(self, path: str | os.PathLike):
+    Opening checks what is cheap to check: each finished shard's file list against its
+    recorded digest, and the Zarr metadata files' sizes and sha256. The Parquet files (size
+    checked when first opened, CRC per page) and Zarr chunks (CRC each) are checked as they
+    are read, and fully by `xkd verify`; `check=False` (verify's) skips the checks on open.
+    An incomplete cache opens (readers may want the finished part); callers that must not
+    silently use part of a corpus call `require_complete()`.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, check: bool = True):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self._shards = {s["id"]: s for s in self.manifest["shards"] if s["state"] == "done"}
         self._parquet: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self._zarr: OrderedDict[int, object] = OrderedDict()
+        if check:
+            self._check_cheaply()
+
+    def _check_cheaply(self) -> None:
+        shards = self.path / SHARDS
+        for shard_id in self.shard_ids:
+            record = self._shards[shard_id]
+            if digest_of(record["files"]) != record["sha256"]:
+                raise self._damaged(
+                    shard_id, "has a file list that does not match its recorded sha256 (the manifest was edited)")
+            for rel, (size, sha) in sorted(record["files"].items()):
+                if not is_metadata_file(rel):
+                    continue  # Parquet pages and Zarr chunks: big, and CRC-checked on every read
+                path = shards / rel
+                if not path.is_file():
+                    group = shards / rel.split("/", 1)[0]
+                    missing = group.name if not group.is_dir() else str(path)
+                    raise self._damaged(shard_id, f"is listed as done but {missing} is missing")
+                actual = path.stat().st_size
+                if actual != size:
+                    raise self._damaged(shard_id, f"is damaged: {path} has {actual} bytes, the manifest records {size}")
+                if sha256_file(path) != sha:
+                    raise self._damaged(
+                        shard_id, f"is damaged: {path} differs from the manifest (sha256); it says how the "
+                        "arrays' bytes are decoded, so reading through it would give wrong numbers")
+
+    # Complete or not ------------------------------------------------------------------
+    @cached_property
+    def completeness(self) -> dict:
+        """See storage.completeness: complete, planned/done/missing shards, missing rows."""
+        return completeness(self.manifest)
+
+    @property
+    def complete(self) -> bool:
+        return self.completeness["complete"]
+
+    def incomplete_message(self) -> str:
+        return incomplete_message(self.path, self.completeness, finish_command(self.path, self.manifest))
+
+    def require_complete(self, allow: str = "--allow-incomplete") -> None:
+        """Refuse an incomplete cache: one paragraph saying what is missing, how to finish
+        it, and that `allow` uses the finished shards only."""
+        if not self.complete:
+            raise BadInput(f"{self.incomplete_message()} Or give {allow} to use only {self.finished_shards()}.")
+
+    def finished_shards(self) -> str:
+        n = len(self._shards)
+        return f"its {n} finished shard" + ("" if n == 1 else "s")
 
     # What is stored -----------------------------------------------------------------
     @cached_property
     def topk_k(self) -> int | None:
-        topk = self.manifest.get("outputs", {}).get("topk")
+        topk = (self.manifest.get("outputs") or {}).get("topk")
         return int(topk["k"]) if topk else None
 
     @cached_property
     def has_text(self) -> bool:
-        return bool(self.manifest.get("outputs", {}).get("text"))
+        return bool((self.manifest.get("outputs") or {}).get("text"))
 
     @cached_property
     def dense_specs(self) -> dict[str, DenseSpec]:
-        dense = self.manifest.get("outputs", {}).get("dense", {})
+        dense = (self.manifest.get("outputs") or {}).get("dense") or {}
         return {name: DenseSpec.from_json(name, d) for name, d in dense.items()}
 
     @property
@@ -99,9 +165,13 @@ class Cache:
 
     # Files --------------------------------------------------------------------------
     def _damaged(self, shard_id: int, problem: str) -> XkdError:
-        return XkdError(
+        # A damaged cache is bad input to whatever reads it (exit 2); the fix is the same
+        # for every kind of damage, since cache-teachers re-checks and rewrites bad shards.
+        command = finish_command(self.path, self.manifest)
+        rerun = f"re-run the command that made the cache, with the same options{f' (`{command}`)' if command else ''}"
+        return BadInput(
             f"cache {self.path}: shard {shard_id} {problem}. Run `xkd verify {self.path}` for a full "
-            "check, then re-run the command that made the cache: it rewrites damaged shards."
+            f"check, then {rerun}: it rewrites damaged shards."
         )
 
     def _record(self, shard_id: int) -> dict:
@@ -148,7 +218,11 @@ class Cache:
             path = zarr_path(self.path, shard_id)
             if not path.is_dir():
                 raise self._damaged(shard_id, f"is listed as done but {path.name} is missing")
-            g = self._zarr[shard_id] = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")
+            try:
+                g = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")
+            except Exception as e:  # unreadable group metadata is the finding itself
+                raise self._damaged(shard_id, f"is damaged: {path / 'zarr.json'} cannot be read ({e})") from None
+            self._zarr[shard_id] = g
             if len(self._zarr) > _OPEN_FILES:
                 self._zarr.popitem(last=False)
         return g
@@ -239,6 +313,11 @@ class Cache:
         return out
 
 
-def open_cache(path: str | os.PathLike) -> Cache:
-    """Open the cache at `path` for reading (see DESIGN.md, "Python API")."""
-    return Cache(path)
+def open_cache(path: str | os.PathLike, allow_incomplete: bool = True) -> Cache:
+    """Open the cache at `path` for reading (see DESIGN.md, "Python API"). A damaged
+    manifest or metadata file is refused; an incomplete cache too unless `allow_incomplete`
+    (`cache.completeness` says what is missing)."""
+    cache = Cache(path)
+    if not allow_incomplete:
+        cache.require_complete()
+    return cache

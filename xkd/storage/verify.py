@@ -1,4 +1,10 @@
-"""`xkd verify`: checksums, schema and offsets of every shard, without trusting anything."""
+"""`xkd verify`: checksums, schema and offsets of every shard, without trusting anything,
+and whether every planned shard is there.
+
+The report's status is "ok", "incomplete" (every finished shard is sound, but planned ones
+are missing: a killed or running cache-teachers) or "damaged" (a shard's bytes or the
+manifest are wrong; this includes a manifest that says complete but lacks planned shards).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from .completeness import completeness, finish_command, how_to_finish, id_ranges, what_is_missing
 from .manifest import SHARDS, read_manifest
 from .reader import Cache
 from .schema import arrow_schema, ragged_from_arrow
@@ -84,29 +91,37 @@ def _check_contents(cache: Cache, record: dict) -> list[str]:
 
 
 def verify_cache(path: str | os.PathLike) -> dict:
-    """Every problem found, by shard. Raises only when the path is not a readable cache."""
+    """Every problem found, by shard, and what is missing. Raises only when the path is not
+    a readable cache."""
     root = Path(path)
     manifest = read_manifest(root)
-    cache = Cache(root)
+    cache = Cache(root, check=False)  # everything is checked below, and reported by shard
     by_shard: dict[int, list[str]] = {}
-    for record in manifest["shards"]:
+    done = [s for s in manifest["shards"] if s["state"] == "done"]  # others count as missing
+    for record in done:
         problems = _check_files(root, record)
         if not problems:
             problems = _check_contents(cache, record)
         if problems:
             by_shard[record["id"]] = problems
-    planned = manifest.get("planned_shards")
-    listed = {s["id"] for s in manifest["shards"]}
-    incomplete = []
-    if manifest.get("complete") and planned is not None:
-        incomplete = [i for i in range(planned) if i not in listed]
+    info = completeness(manifest)
+    missing = info["missing_shards"] or []
+    # A manifest that says complete yet lacks planned shards was edited: damage, not a run
+    # still to finish.
+    contradicts = info["marked_complete"] and bool(missing)
+    status = "damaged" if by_shard or contradicts else "ok" if info["complete"] else "incomplete"
     return {
         "cache": str(root),
-        "ok": not by_shard and not incomplete,
-        "shards_checked": len(manifest["shards"]),
+        "ok": status == "ok",
+        "status": status,
+        "shards_checked": len(done),
         "problems": {str(k): v for k, v in sorted(by_shard.items())},
-        "missing_shards": incomplete,
-        "complete": bool(manifest.get("complete")),
+        "complete": info["complete"],
+        "marked_complete": info["marked_complete"],
+        "planned_shards": info["planned_shards"],
+        "missing_shards": missing,
+        "missing_rows": info["missing_rows"],
+        "finish": finish_command(root, manifest),
     }
 
 
@@ -114,6 +129,28 @@ def format_problems(report: dict) -> str:
     lines = []
     for shard_id, problems in report["problems"].items():
         lines.append(f"shard {int(shard_id):05d}: " + "; ".join(problems) + ".")
-    if report["missing_shards"]:
-        lines.append("shards listed as planned but absent: " + ", ".join(map(str, report["missing_shards"])) + ".")
+    if report["missing_shards"] and report["status"] == "damaged":
+        rows = f" ({report['missing_rows']:,} rows)" if report["missing_rows"] else ""
+        ids = id_ranges(report["missing_shards"])
+        if report["marked_complete"]:
+            lines.append(f"shards listed as planned but absent: {ids}. The manifest says the cache is complete, "
+                         f"so it was edited: these shards{rows} are missing.")
+        else:
+            lines.append(f"shards not written yet (the run that made the cache did not finish): {ids}{rows}.")
     return "\n".join(lines)
+
+
+def format_verdict(report: dict) -> str:
+    """The paragraph for a cache that is not ok (stderr of `xkd verify`)."""
+    root = report["cache"]
+    if report["status"] == "damaged":
+        rerun = f" (`{report['finish']}`)" if report["finish"] else ""
+        return (f"{root} is damaged.\n{format_problems(report)}\nRe-run the command that made the cache{rerun}: "
+                "it rewrites only the damaged or missing shards.")
+    info = {"missing_shards": report["missing_shards"],
+            "planned_shards": report["planned_shards"], "done_shards": report["shards_checked"],
+            "missing_rows": report["missing_rows"]}
+    n = report["shards_checked"]
+    return (f"cache {root} is incomplete: {what_is_missing(info)}. Its {n} finished shard{'' if n == 1 else 's'} "
+            f"{'is' if n == 1 else 'are'} sound; train-student and evaluate refuse it unless given --allow-incomplete. "
+            f"{how_to_finish(report['finish'])}")

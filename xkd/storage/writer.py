@@ -90,7 +90,9 @@ class CacheWriter:
     def _forget_damaged_shards(self) -> None:
         from .verify import _check_files
 
-        self.damaged = {s["id"]: p for s in self.manifest["shards"] if (p := _check_files(self.root, s))}
+        # Only finished shards have files to check; others are simply done again.
+        done = [s for s in self.manifest["shards"] if s["state"] == "done"]
+        self.damaged = {s["id"]: p for s in done if (p := _check_files(self.root, s))}
         if self.damaged:
             self.manifest["complete"] = False
             self._write([s for s in self.manifest["shards"] if s["id"] not in self.damaged])
@@ -121,8 +123,21 @@ class CacheWriter:
         write_manifest(self.root, self.manifest)
 
     def finish(self) -> dict:
-        """Mark the cache complete (all planned shards, or however many a stream produced)."""
-        self.manifest["planned_shards"] = len(self.manifest["shards"])
+        """Mark the cache complete (all planned shards, or however many a stream produced).
+
+        Refused while a planned shard is not done: a cache marked complete is trusted by
+        every reader, so it must never hide a missing shard."""
+        done = self.done_shards()
+        planned = self.manifest.get("planned_shards")
+        if planned is None:  # a stream: as many as it produced (ids count up from 0)
+            planned = max(done, default=-1) + 1
+        missing = sorted(set(range(planned)) - done)
+        if missing:
+            raise XkdError(
+                f"{self.root}: cannot mark the cache complete: {len(missing)} of {planned} planned shards are not "
+                f"written (first: {missing[0]}). Re-run the command that made it: it resumes."
+            )
+        self.manifest["planned_shards"] = planned
         self.manifest["complete"] = True
         write_manifest(self.root, self.manifest)
         # A worker killed mid-write leaves temp files even when its retried task succeeds;

@@ -10,6 +10,7 @@ the sign convention of the paper's tables.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -20,18 +21,50 @@ from ..errors import BadInput
 from ..pooling import pool_tokens
 from .data import _block_rows, _concat_rows, _remap_rows, _take_rows, num_rows
 from .methods.base import collate_masked_lm, masked_log_probs
-from .models import Student
+from .models import Student, check_model_dir, check_number, init_dir
 from .run import open_caches, remap_tables
 from .targets import tail_kl
 
 
-def load_student(model_dir: str):
+def load_student(model_dir: str, vocab=None):
+    """A trained student, after checking that its files are whole and (given `vocab`) that
+    it was trained with that vocab: otherwise transformers fails deep inside with a
+    deserialisation error, a "size mismatch", or an IndexError at the first batch."""
     from transformers import AutoModelForMaskedLM
 
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise BadInput(f"{model_dir} is not a saved student (no config.json): give the --out of train-student.")
-    return AutoModelForMaskedLM.from_pretrained(path).eval()
+    config = check_model_dir(path, "MODEL")
+    if vocab is not None:
+        check_student_vocab(path, config, vocab)
+    try:
+        return AutoModelForMaskedLM.from_pretrained(path).eval()
+    except (OSError, ValueError, RuntimeError) as e:
+        first = (str(e).strip().split("\n") or [""])[0][:200]
+        raise BadInput(f"MODEL {model_dir} cannot be loaded as a masked-LM student ({type(e).__name__}: {first}). "
+                       "Give the --out of a finished train-student run.") from None
+
+
+def check_student_vocab(path: Path, config: dict, vocab) -> None:
+    """The student's vocabulary is the union `vocab`: the same size and, where the student's
+    train_summary.json records it, the same union (hash)."""
+    try:
+        summary = json.loads((path / "train_summary.json").read_text(encoding="utf-8"))
+        summary = summary if isinstance(summary, dict) else {}
+    except (OSError, ValueError):
+        summary = {}  # a student saved by other means: its size is all there is to compare
+    trained_with = summary.get("vocab")
+    use = f"--vocab {trained_with}" if trained_with else "the --vocab it was trained with"
+    size = config.get("vocab_size")
+    if size != vocab.size:
+        raise BadInput(f"{path} was trained with a union vocab of {size:,} tokens, but --vocab {vocab.path} has "
+                       f"{vocab.size:,}: evaluate with {use}." if isinstance(size, int) else
+                       f"{path}/config.json gives no vocab_size; --vocab {vocab.path} has {vocab.size:,} tokens.")
+    if summary.get("vocab_hash") not in (None, vocab.hash):
+        raise BadInput(f"{path} was trained with another union vocab of the same size ({size:,} tokens, hash "
+                       f"{summary['vocab_hash']}) than --vocab {vocab.path} ({vocab.size:,} tokens, hash {vocab.hash}): "
+                       f"evaluate with {use}.")
 
 
 def iter_row_batches(cache, table, batch_size: int, columns, max_rows: int | None = None):
@@ -55,12 +88,16 @@ def iter_row_batches(cache, table, batch_size: int, columns, max_rows: int | Non
 
 
 @torch.inference_mode()
-def evaluate_mlm(model_dir: str, caches: list[str], vocab_dir: str, batch_size: int = 32, max_rows: int | None = None) -> dict:
+def evaluate_mlm(model_dir: str, caches: list[str], vocab_dir: str, batch_size: int = 32, max_rows: int | None = None,
+                 allow_incomplete: bool = False) -> dict:
     from ..vocab import load_vocab
 
-    student = Student(load_student(model_dir))
-    opened = open_caches(caches)
+    check_number("--batch-size", batch_size, low=1)
+    if max_rows is not None:
+        check_number("--max-rows", max_rows, low=1)
+    opened = open_caches(caches, allow_incomplete)  # refuse bad caches before loading the model
     vocab = load_vocab(vocab_dir)
+    student = Student(load_student(model_dir, vocab))
     columns = ("example_id", "lang", "input_ids", "masked_positions", "labels", "topk_ids", "topk_logits", "lognorm")
     results = []
     for cache, table in zip(opened, remap_tables(opened, vocab)):
@@ -101,10 +138,20 @@ def read_lines(spec: str) -> tuple[list[str], str]:
         raise BadInput(f"{spec!r} must be PATH@LANG, e.g. tatoeba.hin-eng.hin@hi")
     if not Path(path).is_file():
         raise BadInput(f"{path} does not exist (or is not a file).")
+    from ..lines import read_lines as file_lines
+
     try:
-        return Path(path).read_text(encoding="utf-8").splitlines(), lang
+        # "\n" only: splitlines() also splits at U+2028, U+0085 and the like inside a
+        # sentence, which shifted every later line against its translation.
+        lines = file_lines(path)
     except UnicodeDecodeError as e:
         raise BadInput(f"{path} is not UTF-8 text ({e}).") from None
+    if not lines:
+        raise BadInput(f"{path} is empty: bitext evaluation needs one sentence a line, line-aligned with the other side.")
+    return lines, lang
+
+
+POOLINGS = ("mean", "cls", "max", "mean_sqrt_len")  # what pooling.pool_tokens computes
 
 
 @torch.inference_mode()
@@ -123,23 +170,32 @@ def sentence_vectors(model, vocab, texts: list[str], lang: str, pooling: str = "
 
 
 def evaluate_bitext(model_dir: str | None, vocab_dir: str, src: str, tgt: str, init_from: str | None = None,
-                    pooling: str = "mean", max_lines: int | None = None) -> dict:
+                    pooling: str = "mean", max_lines: int | None = None, batch_size: int = 64) -> dict:
     """Bitext retrieval (Tatoeba-style similarity search): for each sentence, is its
     translation the nearest neighbour among all candidates? Accuracy in both directions."""
     from ..vocab import load_vocab, student_from_teacher
 
+    check_number("--batch-size", batch_size, low=1)
+    if max_lines is not None:
+        check_number("--max-rows", max_lines, low=1)
+    if pooling not in POOLINGS:
+        raise BadInput(f"--pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}.")
     if (model_dir is None) == (init_from is None):
         raise BadInput("give either a trained student (MODEL) or --init-from TEACHER (the student before training).")
-    vocab = load_vocab(vocab_dir)
-    model = student_from_teacher(init_from, vocab)[0] if init_from else load_student(model_dir)
-    src_lines, src_lang = read_lines(src)
+    src_lines, src_lang = read_lines(src)  # the text first: cheap to check, and no model is loaded for nothing
     tgt_lines, tgt_lang = read_lines(tgt)
+    vocab = load_vocab(vocab_dir)
+    if init_from:
+        check_model_dir(init_dir(init_from), "--init-from")
+        model = student_from_teacher(init_from, vocab)[0]
+    else:
+        model = load_student(model_dir, vocab)
     if len(src_lines) != len(tgt_lines):
         raise BadInput(f"{src} has {len(src_lines)} lines but {tgt} has {len(tgt_lines)}: bitext must be line-aligned.")
     if max_lines:
         src_lines, tgt_lines = src_lines[:max_lines], tgt_lines[:max_lines]
-    a = sentence_vectors(model, vocab, src_lines, src_lang, pooling)
-    b = sentence_vectors(model, vocab, tgt_lines, tgt_lang, pooling)
+    a = sentence_vectors(model, vocab, src_lines, src_lang, pooling, batch_size)
+    b = sentence_vectors(model, vocab, tgt_lines, tgt_lang, pooling, batch_size)
     sim = a @ b.T
     gold = torch.arange(len(src_lines))
     return {

@@ -7,12 +7,30 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import BadInput
+
+
+def check_number(option: str, value, *, low=None, high=None, high_open: bool = False, hint: str = "") -> None:
+    """One paragraph naming `option` unless `value` is a finite number in [low, high] (or
+    [low, high) with high_open). Options are checked before anything is read: a NaN or an
+    infinite learning rate used to train to a NaN loss and exit 0."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low is None or value >= low) and (high is None or (value < high if high_open else value <= high))
+    if ok:
+        return
+    kind = "whole number" if isinstance(value, int) else "finite number"
+    if high is None:
+        wanted = f"a {kind} of at least {low}" if low is not None else f"a {kind}"
+    else:
+        wanted = f"a {kind} in [{low}, {high}{')' if high_open else ']'}"
+    raise BadInput(f"{option} {value}: give {wanted}{' (' + hint + ')' if hint else ''}. Nothing was read or written.")
 
 
 @dataclass(frozen=True)
@@ -26,8 +44,68 @@ class StudentConfig:
     dropout: float = 0.1
 
     def __post_init__(self):
+        for option, value, low in (("--hidden", self.hidden, 1), ("--layers", self.layers, 1), ("--heads", self.heads, 1),
+                                   ("--intermediate", self.intermediate, 0), ("--embedding-dim", self.embedding_dim, 0),
+                                   ("--max-length", self.max_length, 1)):
+            check_number(option, value, low=low)
+        # Dropout 1 zeroes every activation and scales by 1/(1-p) = inf: a NaN loss.
+        check_number("--dropout", self.dropout, low=0, high=1, high_open=True, hint="a probability below 1")
         if self.hidden % self.heads:
             raise BadInput(f"--hidden {self.hidden} must be a multiple of --heads {self.heads}")
+
+
+# Saved models ---------------------------------------------------------------------------
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file cannot be complete, from its header alone (cheap): the header
+    gives every tensor's byte range, so a truncated file is shorter than the ranges say."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"it has {size} bytes, not even the 8-byte header length"
+        length = int.from_bytes(head, "little")
+        if 8 + length > size:
+            return f"its header claims {length:,} bytes but the file has {size:,}"
+        try:
+            header = json.loads(f.read(length))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return "its header is not valid safetensors JSON"
+    if 8 + length + end != size:
+        return f"it has {size:,} bytes where its header describes {8 + length + end:,} (truncated or appended to)"
+    return None
+
+
+def check_model_dir(path, what: str) -> dict:
+    """A saved model directory's config.json, after checking that its config and weights are
+    whole: a truncated weights file otherwise surfaces as a deserialisation traceback deep in
+    transformers. `what` names the option or argument in the message."""
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise BadInput(f"{what} {path} is not a saved model (no config.json): give a directory that save_pretrained wrote.")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadInput(f"{what}: {config_path} is damaged ({e}); save or train the model again.") from None
+    weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("pytorch_model*.bin"))
+    for file in weights:
+        if file.suffix == ".safetensors":
+            problem = _safetensors_problem(file)
+        else:
+            try:  # a torch zip archive keeps its directory at the end: a truncated one has none
+                zipfile.ZipFile(file).close()
+                problem = None
+            except (zipfile.BadZipFile, OSError) as e:
+                problem = f"it is not a whole torch archive ({e})"
+        if problem:
+            raise BadInput(f"{what}: {file} is damaged: {problem}. Copy it again or re-run the command that wrote it "
+                           "(for a student, train-student; its checkpoints are kept).")
+    return config
 
 
 @dataclass(frozen=True)
@@ -43,14 +121,26 @@ def student_shape(config: StudentConfig, init_from: str | None = None) -> Studen
     """The shape of the student train-student will build: from --init-from's config.json
     (a teacher, or a student directory), else from the student options."""
     if init_from:
-        path = Path(init_from)
-        if not (path / "config.json").is_file():
-            from ..names import resolve_teacher
-
-            path = Path(resolve_teacher(init_from).path)
-        cfg = json.loads((path / "config.json").read_text())
-        return StudentShape(int(cfg["num_hidden_layers"]), int(cfg["hidden_size"]), int(cfg["num_attention_heads"]))
+        cfg = check_model_dir(init_dir(init_from), "--init-from")
+        try:
+            return StudentShape(int(cfg["num_hidden_layers"]), int(cfg["hidden_size"]), int(cfg["num_attention_heads"]))
+        except (KeyError, TypeError, ValueError):
+            raise BadInput(f"--init-from {init_from}: its config.json gives no num_hidden_layers, hidden_size and "
+                           "num_attention_heads; give a BERT-style encoder.") from None
     return StudentShape(config.layers, config.hidden, config.heads)
+
+
+def init_dir(init_from: str) -> Path:
+    """Where an --init-from checkpoint (a directory, or a teacher alias or id) lives."""
+    path = Path(init_from)
+    if (path / "config.json").is_file():
+        return path
+    from ..names import resolve_teacher
+
+    resolved = resolve_teacher(init_from)
+    if resolved.path is None:
+        raise BadInput(f"--init-from {init_from!r}: the checkpoint must be available locally (it resolved to the hub).")
+    return Path(resolved.path)
 
 
 def build_student(config: StudentConfig, vocab_size: int, pad_id: int):

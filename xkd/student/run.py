@@ -2,21 +2,43 @@
 
 from __future__ import annotations
 
-import json
+import os
+import re
+import shutil
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import BadInput
 from ..storage import open_cache
 from .data import StreamConfig, StreamingDataset
 from .methods import method_config, prepare
-from .models import StudentConfig
-from .trainer import Trainer, TrainConfig, distributed_context, seed_everything
+from .models import StudentConfig, check_number
+from .trainer import Trainer, TrainConfig, check_device, distributed_context, fsync_dir, seed_everything
+
+# What train-student writes in --out besides the student's own files; --overwrite removes these.
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "train_summary.json")
 
 
-def open_caches(paths) -> list:
+def open_caches(paths, allow_incomplete: bool = False, warn=None) -> list:
+    """Open caches to learn from or evaluate on. An incomplete one (a cache-teachers run not
+    finished) is refused unless `allow_incomplete`; then `warn` is told what is missing."""
     if not paths:
         raise BadInput("--caches: give at least one cache directory (made by `xkd cache-teachers`).")
-    return [open_cache(p) for p in paths]
+    opened = [open_cache(p) for p in paths]
+    for cache in opened:
+        if not allow_incomplete:
+            cache.require_complete()
+        elif not cache.complete:
+            (warn or (lambda msg: sys.stderr.write(msg + "\n")))(
+                f"xkd: warning: {cache.incomplete_message()} Using only {cache.finished_shards()} (--allow-incomplete).")
+    return opened
+
+
+def incomplete_summary(caches) -> dict:
+    """What the summary JSON says of caches used although incomplete."""
+    return {str(c.path): {k: c.completeness[k] for k in ("planned_shards", "missing_shards", "missing_rows")}
+            for c in caches if not c.complete}
 
 
 def remap_tables(caches, vocab) -> list:
@@ -43,12 +65,22 @@ def train_student(
     method_options: dict | None = None,
     resume: bool = False,
     device: str | None = None,
+    allow_incomplete: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     from ..vocab import load_vocab
 
+    # Every option is checked before anything is read or written (TrainConfig and
+    # StudentConfig check theirs when they are made).
+    check_number("--batch-size", batch_size, low=1)
+    check_number("--alpha", alpha, low=0, high=1, hint="q_l ∝ p_l^alpha: 1 samples languages by size, 0 uniformly")
+    if copies not in ("all", "best"):
+        raise BadInput(f"--copies must be 'all' or 'best', not {copies!r}")
+    check_device(device)
+    check_out(out, caches, vocab_dir, resume=resume, overwrite=overwrite)
     config = method_config(method, method_options or {})  # bad options fail before anything is opened
     rank, world = distributed_context()
-    opened = open_caches(caches)
+    opened = open_caches(caches, allow_incomplete, warn=None if rank == 0 else (lambda msg: None))
     vocab = load_vocab(vocab_dir)
     seed_everything(train.seed)
     prepared = prepare(method, config, opened, vocab, student=student, init_from=init_from,
@@ -64,20 +96,131 @@ def train_student(
         remap_tables=tables,
         collate=impl.collate,
     )
-    trainer = Trainer(model, impl, dataset, train, device=device, rank=rank, world=world)
-    if resume:
-        trainer.resume()
-    summary = trainer.train()
     out_dir = Path(out)
-    result = {
+    base = {
         "out": str(out_dir),
         "method": method,
         "caches": [str(c.path) for c in opened],
+        # evaluate checks a student against the vocab it was trained with, and names it
+        "vocab": str(vocab.path.resolve()),
+        "vocab_hash": vocab.hash,
         "languages": dataset.probs,
-        **summary,
+        **({"incomplete_caches": incomplete_summary(opened)} if allow_incomplete else {}),
     }
+    run = run_config(method, config, opened, vocab, student, init_from, init_teacher, train,
+                     batch_size=batch_size, alpha=alpha, copies=copies, world=world)
+    trainer = Trainer(model, impl, dataset, train, device=device, rank=rank, world=world, run=run, summary=base)
+    if resume:
+        trainer.resume()
+    elif overwrite and rank == 0:
+        clear_run_outputs(out_dir)  # only now: a run refused above leaves the old one whole
+    summary = trainer.train()
     if rank == 0:
-        model.save_pretrained(out_dir)
-        vocab.student_tokenizer().save_pretrained(out_dir)
-        (out_dir / "train_summary.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-    return result
+        save_student(model, vocab.student_tokenizer(), out_dir)
+    # Last, so that a complete summary means a complete student.
+    return trainer.write_summary(summary.pop("final"), **summary)
+
+
+def check_out(out: str, caches: list[str], vocab_dir: str, *, resume: bool, overwrite: bool) -> None:
+    """--out, before anything is read: not a cache, inside one or the vocab (a student written
+    there would mix with what it learns from), a directory that can be made and written, and
+    not someone else's results unless --resume or --overwrite says what to do with them."""
+    path = Path(out)
+    if resume and overwrite:
+        raise BadInput("--resume continues the run in --out and --overwrite replaces it: give one of them.")
+    resolved = path.resolve()
+    vocab = Path(vocab_dir).resolve()
+    for given in caches:
+        if resolved == Path(given).resolve():
+            raise BadInput(f"--out {out} is the cache given with --caches {given}: the student would be written into "
+                           "the cache it learns from. Give another --out (e.g. students/NAME).")
+    if resolved == vocab or vocab in resolved.parents:
+        raise BadInput(f"--out {out} is {'the' if resolved == vocab else 'inside the'} vocab given with --vocab "
+                       f"{vocab_dir}: give another --out (e.g. students/NAME).")
+    for parent in (resolved, *resolved.parents):
+        if (parent / "manifest.json").is_file():
+            raise BadInput(f"--out {out} is {'a' if parent == resolved else 'inside the'} cache directory {parent} "
+                           "(it holds manifest.json): a student written there would mix with the cache. Give another "
+                           "--out (e.g. students/NAME).")
+    existing = next(p for p in (path, *path.parents, Path(".")) if p.exists() or p == Path("."))
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is under {existing}, a file"
+        raise BadInput(f"--out {out} {where}: give a directory (it is made if missing).")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BadInput(f"--out {out}: {existing} is not writable by this user (permissions or a read-only file "
+                       "system). Give a directory you can write to.")
+    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if resume:
+        if not any((path / "checkpoints").glob("step-*")):
+            raise BadInput(f"--resume: {out} holds no checkpoint (no {path / 'checkpoints'}/step-*) to resume from; "
+                           "start without --resume.")
+    elif entries and not overwrite:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise BadInput(f"--out {out} is not empty (it holds {shown}): give --resume to continue the run there, "
+                       "--overwrite to replace it (its checkpoints and metrics are removed), or another --out.")
+
+
+def clear_run_outputs(out: Path) -> None:
+    """--overwrite: remove the previous run's checkpoints and metrics (never other files), so
+    that a later --resume cannot pick up a checkpoint of the old run."""
+    for name in RUN_OUTPUTS:
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+
+
+def run_config(method, config, opened, vocab, student, init_from, init_teacher, train, *, batch_size, alpha, copies,
+               world) -> dict:
+    """What a checkpoint records of the run, keyed by option: resume refuses a checkpoint whose
+    options differ (see trainer.RESUMABLE_OPTIONS for those that may change). Caches and the
+    vocab are compared by identity (cache key and shards; vocab size and hash), not by path,
+    so that moved directories still resume; their paths are kept for the message."""
+    training = {("--workers" if k == "num_workers" else "--" + k.replace("_", "-")): v
+                for k, v in asdict(train).items() if k != "out"}
+    if init_from and Path(init_from).exists():
+        init_from = str(Path(init_from).resolve())
+    options = {
+        "--method": method,
+        **{f"--option {k}": v for k, v in asdict(config).items()},
+        "--caches": [f"{(c.manifest.get('teacher') or {}).get('name')} (key {c.manifest.get('key') or c.path.resolve()}, "
+                     f"{len(c.shard_ids)} shards)" for c in opened],
+        "--vocab": f"{vocab.size} tokens (hash {vocab.hash})",
+        "--init-from": init_from,
+        "--init-teacher": init_teacher,
+        **{"--" + k.replace("_", "-"): v for k, v in asdict(student).items()},
+        **training,
+        "--batch-size": batch_size,
+        "--alpha": alpha,
+        "--copies": copies,
+        "processes (torchrun)": world,
+    }
+    return {"options": options,
+            "paths": {"--vocab": str(vocab.path.resolve()), "--caches": [str(c.path.resolve()) for c in opened]}}
+
+
+def save_student(model, tokenizer, out: Path) -> None:
+    """The student in Hugging Face format. Written in a temporary directory, each file fsynced
+    and renamed into --out: a failure (a full disk) leaves the previous student's files whole."""
+    tmp = out / ".student.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # safetensors reports a failed write as SafetensorError("... (os error 28)"): an OSError
+        # for what it is, so that the CLI says "disk full" instead of printing a traceback.
+        found = None if isinstance(e, OSError) else re.search(r"os error (\d+)", str(e))
+        if found:
+            raise OSError(int(found.group(1)), os.strerror(int(found.group(1))), str(out)) from None
+        raise
+    for file in sorted(tmp.iterdir()):
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(file, out / file.name)
+    fsync_dir(out)
+    tmp.rmdir()

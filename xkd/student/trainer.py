@@ -5,6 +5,12 @@ RNG, and the loader's position (a tiny dict, see data.py). Restoring them all ma
 remaining steps see the same batches, dropout masks and learning rates, so a stopped and
 resumed run ends with the same weights as an uninterrupted one.
 
+A checkpoint also records the run's configuration (`run`: the options that shape the
+result), and resume refuses another one: restoring a checkpoint under other options silently
+kept the old schedule and method. Checkpoints are written atomically (temporary directory,
+fsync, rename), the last `keep_checkpoints` are kept, and a damaged one is skipped on resume.
+Next to each, train_summary.json says how far the run got (partial until it finishes).
+
 Several processes (torchrun, DDP): rank r trains on batches r, r + world, ... and DDP
 averages the gradients of the student AND the method's heads (wrapped together as one
 module), so a step equals one process accumulating the world's batches (--grad-accum). On
@@ -16,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -28,8 +35,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..errors import BadInput
-from .models import Student
+from ..errors import BadInput, XkdError
+from .models import Student, check_number
 
 
 @dataclass
@@ -47,12 +54,30 @@ class TrainConfig:
     amp: str = "auto"  # auto: bf16/fp16 autocast on CUDA, off on CPU | off | bf16 | fp16
     num_workers: int = 0
     stop_after: int = 0  # leave (with a checkpoint) after this many steps in this run; 0: run to --steps
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept (more than one: resume falls back past a damaged one)
 
     def __post_init__(self):
-        if self.steps < 1 or self.grad_accum < 1:
-            raise BadInput("--steps and --grad-accum must be at least 1")
+        # Every value a user can type, checked before anything is read: NaN and infinities
+        # used to pass and train to a NaN loss that exited 0.
+        for option, value, low, hint in (
+            ("--steps", self.steps, 1, ""), ("--grad-accum", self.grad_accum, 1, ""),
+            ("--lr", self.lr, 0, "the peak learning rate, e.g. 5e-4"),
+            ("--warmup", self.warmup, 0, "a fraction of --steps below 1, or a number of steps"),
+            ("--weight-decay", self.weight_decay, 0, "e.g. 0.01"), ("--clip", self.clip, 0, "0 turns clipping off"),
+            ("--save-every", self.save_every, 0, "0: only at the end"), ("--log-every", self.log_every, 1, ""),
+            ("--workers", self.num_workers, 0, "DataLoader worker processes; 0: load in the training process"),
+            ("--stop-after", self.stop_after, 0, "0: run to --steps"), ("--keep-checkpoints", self.keep_checkpoints, 1, ""),
+        ):
+            check_number(option, value, low=low, hint=hint)
+        # numpy seeds its legacy generator from 32 bits, and the loader's plan seeds from non-negative ints
+        check_number("--seed", self.seed, low=0, high=2**32 - 1)
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             raise BadInput(f"--amp must be auto, off, bf16 or fp16, not {self.amp!r}")
+
+
+# Options that may change when a run is resumed: they decide how the run is carried out,
+# not what it computes. Everything else a checkpoint records must match.
+RESUMABLE_OPTIONS = ("--workers", "--stop-after", "--save-every", "--log-every", "--keep-checkpoints", "--device")
 
 
 def local_rank() -> int:
@@ -79,9 +104,30 @@ def distributed_context() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
+def check_device(device: str | None) -> None:
+    """One paragraph for a --device this machine cannot train on (checked before anything
+    is read: torch's own error comes only at the first tensor moved, as a traceback)."""
+    if device is None:
+        return
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise BadInput(f"--device {device!r} is not a device: give cpu, cuda or cuda:N.") from None
+    if chosen.type not in ("cpu", "cuda"):
+        raise BadInput(f"--device {device!r}: train-student runs on cpu or cuda, not {chosen.type}.")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"--device {device}: this machine has no usable CUDA GPU (torch {torch.__version__}, "
+                       f"CUDA build {torch.version.cuda or 'none'}). Give --device cpu, or leave --device out to use "
+                       "a GPU when there is one.")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise BadInput(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                       f"cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+
+
 def resolve_device(device: str | None, world: int) -> torch.device:
     """The device to train on: `device` if given, else CUDA when present, else CPU. A CUDA
     device without an index means this rank's own GPU (cuda:LOCAL_RANK) under DDP."""
+    check_device(device)
     chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if chosen.type == "cuda" and chosen.index is None:
         chosen = torch.device("cuda", local_rank() if world > 1 else torch.cuda.current_device())
@@ -129,6 +175,99 @@ def _schedule(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+# Durable files ------------------------------------------------------------------------
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in `path` durable (a crash may otherwise lose it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON under a temporary name, fsync, rename: a reader (or a kill) sees the old
+    file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class _ErrorKeepingFile:
+    """A file torch.save writes through that remembers the OSError of a failed write: torch
+    turns it into a RuntimeError without errno or path, so a full disk looked like a bug."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
+def _torch_save_durably(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        keeping = _ErrorKeepingFile(f)
+        try:
+            torch.save(obj, keeping)
+        except RuntimeError:
+            if keeping.error is not None:
+                raise OSError(keeping.error.errno, keeping.error.strerror, str(path)) from None
+            raise
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint that cannot be read back (truncated, or missing a part)."""
+
+
+CHECKPOINT_KEYS = ("step", "model", "method", "optimizer", "scheduler", "rng", "loader")
+
+
+def load_checkpoint(path: Path, map_location=None) -> dict:
+    """A checkpoint's state, or DamagedCheckpoint saying why it cannot be used."""
+    file = path / "state.pt"
+    try:
+        state = torch.load(file, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any failure to read it back means the file is damaged
+        first = (str(e).strip().split("\n") or [""])[0][:160]
+        raise DamagedCheckpoint(f"{file} cannot be read: {type(e).__name__}: {first}") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise DamagedCheckpoint(f"{file} lacks {', '.join(missing)}")
+    return state
+
+
+def _show(value) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def run_differences(saved: dict, now: dict) -> list[str]:
+    """The options on which a checkpoint's recorded run and this run differ, one phrase each."""
+    out = []
+    other_method = saved.get("--method") != now.get("--method")
+    for key in sorted(set(saved) | set(now)):
+        if key in RESUMABLE_OPTIONS or saved.get(key) == now.get(key):
+            continue
+        if other_method and key.startswith("--option "):
+            continue  # another method has other options: listing them all would bury the point
+        out.append(f"{key} {_show(saved.get(key, '(not given)'))} in the checkpoint, {_show(now.get(key, '(not given)'))} now")
+    return out
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -161,8 +300,19 @@ class DistillationModule(torch.nn.Module):
 
 
 class Trainer:
-    def __init__(self, model, method, dataset, config: TrainConfig, device: str | None = None, rank=0, world=1):
+    """`run` is the run's configuration: {"options": {option: value}, "paths": {option: path}}.
+    The options are compared on resume (all but RESUMABLE_OPTIONS must match); the paths only
+    help the message say which caches and vocab the checkpoint was trained with. `summary` is
+    what train_summary.json starts with (the output dir, method, caches, ...)."""
+
+    def __init__(self, model, method, dataset, config: TrainConfig, device: str | None = None, rank=0, world=1,
+                 run: dict | None = None, summary: dict | None = None):
         self.config = config
+        self.run = run or {"options": {}, "paths": {}}
+        self.summary = summary or {}
+        self._saved_step = None  # the step of the newest checkpoint on disk (written or resumed from)
+        self._damaged: list[Path] = []  # checkpoints resume skipped; removed once training starts
+        self._last: dict = {}  # the latest step's logged values (restored on resume)
         self.rank, self.world = rank, world
         self.device = resolve_device(device, world)
         if self.device.type == "cuda":
@@ -216,13 +366,52 @@ class Trainer:
     def checkpoint_dir(self) -> Path:
         return self.out / "checkpoints"
 
-    def save_checkpoint(self, loader_state: dict) -> Path:
-        if self.rank != 0:
-            return self.checkpoint_dir
+    def checkpoints(self) -> list[Path]:
+        """Finished checkpoints, oldest first (temporary directories start with a dot)."""
+        if not self.checkpoint_dir.is_dir():
+            return []
+        return sorted(p for p in self.checkpoint_dir.glob("step-*") if p.is_dir() and p.name[5:].isdigit())
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def _check_finite_weights(self) -> None:
+        """Never checkpoint NaN or infinite weights: resuming from them could only fail again."""
+        for name, tensor in self.module.state_dict().items():
+            if torch.is_floating_point(tensor) and not bool(torch.isfinite(tensor).all()):
+                self._stop(f"the weights became non-finite at step {self.step} (first: {name})")
+
+    def save_checkpoint(self, loader_state: dict, last: dict | None = None) -> Path:
+        """Write step-N atomically: a temporary directory, its files and itself fsynced, then
+        renamed into place; then train_summary.json (partial) and the pruning of old ones. A
+        kill at any instant leaves the previous checkpoints whole."""
         path = self.checkpoint_dir / f"step-{self.step:08d}"
+        if self.rank != 0:
+            return path
+        self._check_finite_weights()
         tmp = self.checkpoint_dir / f".step-{self.step:08d}.tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        torch.save(
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        try:
+            self._write_state(tmp / "state.pt", loader_state, last or {})
+            fsync_dir(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half checkpoint behind
+            raise
+        if path.exists():  # a damaged checkpoint of this step that resume skipped
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        fsync_dir(self.checkpoint_dir)
+        self._saved_step = self.step
+        self.write_summary(last or {}, checkpoint=path)
+        for stale in self.checkpoints()[: -self.config.keep_checkpoints]:
+            shutil.rmtree(stale)
+        return path
+
+    def _write_state(self, file: Path, loader_state: dict, last: dict) -> None:
+        _torch_save_durably(
             {
                 "step": self.step,
                 "model": self.model.state_dict(),
@@ -233,23 +422,48 @@ class Trainer:
                 "rng": _rng_state(),
                 "loader": loader_state,
                 "config": asdict(self.config),
+                "run": self.run,
+                "last": last,  # the step's losses: the summary of a resumed run with nothing left to do
             },
-            tmp / "state.pt",
+            file,
         )
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        return path
 
-    def latest_checkpoint(self) -> Path | None:
-        found = sorted(self.checkpoint_dir.glob("step-*")) if self.checkpoint_dir.is_dir() else []
-        return found[-1] if found else None
+    def write_summary(self, last: dict, checkpoint: Path | None = None, **extra) -> dict:
+        """train_summary.json, atomically: complete JSON whenever the run is killed. It says
+        `partial` (and how many steps are done) until the run has done all of --steps.
+        Returns the summary (every rank; rank 0 writes it)."""
+        summary = {**self.summary, **extra, "steps": self.step, "steps_total": self.config.steps,
+                   "partial": self.step < self.config.steps, "final": {k: round(v, 6) for k, v in last.items()}}
+        if checkpoint is None and self._saved_step == self.step:
+            checkpoint = self.checkpoint_dir / f"step-{self.step:08d}"
+        if checkpoint is not None:
+            summary["checkpoint"] = str(checkpoint.relative_to(self.out))
+        if self.rank == 0:
+            write_json_atomic(self.out / "train_summary.json", summary)
+        return summary
 
     def resume(self) -> None:
-        path = self.latest_checkpoint()
-        if path is None:
-            raise BadInput(f"--resume: {self.checkpoint_dir} holds no checkpoint to resume from.")
-        state = torch.load(path / "state.pt", map_location=self.device, weights_only=False)
+        """Continue from the newest readable checkpoint, if it was made under this run's
+        configuration; a damaged one (unreadable, truncated) is skipped with one line."""
+        found = self.checkpoints()
+        if not found:
+            raise BadInput(f"--resume: {self.checkpoint_dir} holds no checkpoint to resume from; start without --resume.")
+        state, problems = None, []
+        for path in reversed(found):
+            try:
+                state = load_checkpoint(path, self.device)
+                break
+            except DamagedCheckpoint as e:
+                problems.append(str(e))
+                self._damaged.append(path)
+        if state is None:
+            raise BadInput(f"--resume: every checkpoint in {self.checkpoint_dir} is damaged ({'; '.join(problems)}). "
+                           "Start again with --overwrite.")
+        if self.rank == 0:
+            for damaged, problem in zip(self._damaged, problems):
+                sys.stderr.write(f"xkd train-student: checkpoint {damaged.name} is damaged ({problem}); "
+                                 f"resuming from {path.name}, the newest whole one before it.\n")
+        self._check_same_run(state.get("run"), path)
         self.model.load_state_dict(state["model"])
         self.method.modules.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -258,17 +472,66 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         self.dataset.load_state_dict(state["loader"])
-        self.step = state["step"]
-        self._truncate_metrics()
+        self.step = self._saved_step = state["step"]
+        self._last = dict(state.get("last") or {})
+
+    def _check_same_run(self, saved: dict | None, path: Path) -> None:
+        if not isinstance(saved, dict) or "options" not in saved:
+            raise BadInput(f"--resume: {path} records no run configuration (an older xkd wrote it), so nothing says "
+                           "it was trained with these options. Start again with --overwrite.")
+        diffs = run_differences(saved["options"], self.run["options"])
+        if not diffs:
+            return
+        paths = saved.get("paths") or {}
+        was = [f"{key} {_show(paths[key])}" for key in ("--vocab", "--caches")
+               if key in paths and any(d.startswith(key + " ") for d in diffs)]
+        raise BadInput(
+            f"--resume: {path} was trained under another configuration: {'; '.join(diffs)}. Resume with the options "
+            f"it was trained with{' (it was trained with ' + ' and '.join(was) + ')' if was else ''}, or start a new run "
+            f"in another --out (or this one, with --overwrite). Only {', '.join(RESUMABLE_OPTIONS)} may change on resume."
+        )
+
+    def _clean_checkpoint_dir(self) -> None:
+        """Drop what a killed run left behind: temporary checkpoint directories, and the
+        damaged checkpoints resume skipped (the next save of their step would replace them,
+        and pruning must not keep them instead of good ones)."""
+        if self.rank != 0 or not self.checkpoint_dir.is_dir():
+            return
+        for leftover in [*self.checkpoint_dir.glob(".step-*"), *self._damaged]:
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
 
     # Metrics ---------------------------------------------------------------------------
     def _truncate_metrics(self) -> None:
-        """Drop lines a killed run logged after the checkpoint we resume from."""
+        """Drop lines a killed run logged after the checkpoint we resume from, and a line it
+        was killed in the middle of writing."""
         path = self.out / "metrics.jsonl"
         if self.rank != 0 or not path.exists():
             return
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in path.read_text(encoding="utf-8").split("\n"):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # an empty or torn line
+            if isinstance(record, dict) and record.get("step", math.inf) <= self.step:
+                kept.append(line)
+        write_text = "".join(line + "\n" for line in kept)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(write_text, encoding="utf-8")
+        os.replace(tmp, path)
+
+    def _stop(self, what: str) -> None:
+        """Leave with exit 1 naming the step and what went wrong; the checkpoints on disk
+        (none of them with non-finite weights) are kept."""
+        latest = self.latest_checkpoint()
+        kept = (f"the last good checkpoint, {latest}, is kept (--resume continues from it)" if latest
+                else "no checkpoint had been written (--save-every N keeps some)")
+        raise XkdError(
+            f"{what}; training stopped there and wrote nothing for it: {kept}. A non-finite loss usually means a "
+            "learning rate too high for this student (--lr, --warmup), or teacher outputs that are not finite in a "
+            "cache (xkd verify, xkd inspect)."
+        )
 
     def _open_tensorboard(self):
         if self.rank != 0:
@@ -283,6 +546,8 @@ class Trainer:
     def train(self) -> dict:
         config = self.config
         self.out.mkdir(parents=True, exist_ok=True)
+        self._clean_checkpoint_dir()
+        self._truncate_metrics()
         # Its own generator: drawing worker seeds from the global RNG would shift every
         # dropout mask after a resume.
         loader = torch.utils.data.DataLoader(
@@ -295,7 +560,7 @@ class Trainer:
         metrics_file = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None
         self.module.train()
         start_step, start_time = self.step, time.time()
-        last = {}
+        last = self._last
         loader_state = self.dataset.state_dict()
         until = min(config.steps, start_step + config.stop_after) if config.stop_after else config.steps
         try:
@@ -314,10 +579,18 @@ class Trainer:
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
                     for name, value in losses.items():
                         totals[name] = totals.get(name, 0.0) + float(value.detach()) / config.grad_accum
+                # Over every rank's batches, so that all ranks stop together at a non-finite term.
+                summed = self._sum_over_ranks(totals)
+                self._check_finite_losses(summed)
                 if self.scaler:
                     self.scaler.unscale_(self.optimizer)
                 params = [p for g in self.optimizer.param_groups for p in g["params"]]
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.clip)) if config.clip > 0 else 0.0
+                # fp16's scaler skips steps with infinite gradients by design; otherwise a
+                # non-finite gradient would write NaN into every weight it touches.
+                if self.scaler is None and not math.isfinite(grad_norm):
+                    self._stop(f"step {self.step + 1} of {config.steps}: every loss term is finite but the gradient "
+                               f"norm is {grad_norm}")
                 if self.scaler:
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
@@ -326,8 +599,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
                 self.step += 1
-                last = {**self._sum_over_ranks(totals), "lr": self.scheduler.get_last_lr()[0],
-                        "grad_norm": grad_norm}
+                last = {**summed, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
                 if metrics_file and (self.step % config.log_every == 0 or self.step == config.steps):
                     record = {"step": self.step, **{k: round(v, 6) for k, v in last.items()}}
                     metrics_file.write(json.dumps(record) + "\n")
@@ -337,8 +609,9 @@ class Trainer:
                             tensorboard.add_scalar(k, v, self.step)
                     self._progress(start_step, start_time, last)
                 if config.save_every and self.step % config.save_every == 0 and self.step < until:
-                    self.save_checkpoint(loader_state)
-            self.save_checkpoint(loader_state)
+                    self.save_checkpoint(loader_state, last)
+            if self._saved_step != self.step:  # a resumed run with nothing left to do has its checkpoint
+                self.save_checkpoint(loader_state, last)
         finally:
             if metrics_file:
                 metrics_file.close()
@@ -348,6 +621,17 @@ class Trainer:
             sys.stderr.write("\n")
         return {"steps": self.step, "final": {k: round(v, 6) for k, v in last.items()},
                 "seconds": round(time.time() - start_time, 2), "weights_sha256": self.weights_sha256()}
+
+    def _check_finite_losses(self, summed: dict) -> None:
+        """Stop at the first step with a non-finite loss term, naming the step and the
+        term(s) of the method's losses (a component such as 'kd' rather than their sum)."""
+        bad = [name for name, value in summed.items() if not math.isfinite(value)]
+        if not bad:
+            return
+        causes = [name for name in bad if name != "loss"] or bad
+        terms = ", ".join(f"{name!r} ({summed[name]})" for name in causes)
+        self._stop(f"step {self.step + 1} of {self.config.steps}: the method's loss term{'s' if len(causes) > 1 else ''} "
+                   f"{terms} {'are' if len(causes) > 1 else 'is'} not finite")
 
     def weights_sha256(self) -> dict:
         """This rank's final weights as digests, under the checkpoint's keys: "model" (the

@@ -1,7 +1,9 @@
 """`xkd build-vocab`: teachers in, a vocab directory out (layout in vocabdir.py).
 
 The directory is written under a temporary name and renamed into place, so a failed run
-leaves any previous vocab at `out` untouched. The same inputs give byte-identical files.
+leaves any previous vocab at `out` untouched. The same inputs give byte-identical files, so
+a vocab already at `out` is kept when the build equals it, and refused (unless overwrite)
+when it differs: students and remapped caches made with it name it by its directory.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInput
+from ..names import language_code
 from .canonical import SPECIAL_ROLES
 from .teachers import TeacherVocab, load_teacher_vocab
 from .tokenizer import default_route, save_union_tokenizer, union_casing
@@ -31,10 +34,22 @@ def parse_lang_teacher(values: list[str]) -> dict[str, str]:
             lang, sep, teacher = item.partition("=")
             if not sep or not lang.strip() or not teacher.strip():
                 raise BadInput(f"--lang-teacher {value!r}: each item must be LANG=TEACHER, e.g. hi=mbert.")
-            if lang.strip() in routes:
-                raise BadInput(f"--lang-teacher routes language {lang.strip()!r} twice.")
-            routes[lang.strip()] = teacher.strip()
+            code = language_code(lang.strip(), f"--lang-teacher {value!r}")
+            if code in routes:
+                raise BadInput(f"--lang-teacher routes language {code!r} twice.")
+            routes[code] = teacher.strip()
     return routes
+
+
+def _normalise_routes(routes: dict[str, str]) -> dict[str, str]:
+    """Language codes in BCP-47 case, so that routes match the languages caches record."""
+    out: dict[str, str] = {}
+    for lang, teacher in routes.items():
+        code = language_code(lang, f"--lang-teacher {lang}={teacher}")
+        if code in out:
+            raise BadInput(f"--lang-teacher routes language {code!r} twice.")
+        out[code] = teacher
+    return out
 
 
 def _write_json(path: Path, obj) -> None:
@@ -53,6 +68,36 @@ def _route_slugs(routes: dict[str, str], teachers: list[TeacherVocab], slugs: li
     return out
 
 
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _keep_or_refuse(tmp: Path, out: Path, overwrite: bool) -> bool:
+    """True when `out` already holds exactly what was built in `tmp` (keep it); raise when it
+    holds another vocab and `overwrite` is off; False to replace it (or create it)."""
+    if not (out / META).is_file():
+        return False
+    new, old = _files(tmp), _files(out)
+    if new == old:
+        return True
+    if overwrite:
+        return False
+    differ = sorted(name for name in new.keys() | old.keys() if new.get(name) != old.get(name))
+
+    def described(root: Path) -> str:
+        try:
+            meta = json.loads((root / META).read_text(encoding="utf-8"))
+            return f"teachers {', '.join(t['name'] for t in meta['teachers'])}, hash {meta['hash']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "unreadable"
+
+    raise BadInput(
+        f"--out {out} already holds a different vocab ({described(out)}; this build: {described(tmp)}; "
+        f"{', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''} differ). Students and remapped caches made "
+        "with it would no longer match it. Give another --out, or pass --overwrite to replace it."
+    )
+
+
 def _prepare_out(out: Path) -> Path:
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file; give a directory for the vocab.")
@@ -67,9 +112,11 @@ def _prepare_out(out: Path) -> Path:
 
 
 def build_vocab(teachers: list[str], out: str | os.PathLike, lang_teacher: dict[str, str] | None = None,
-                progress=None) -> dict:
+                progress=None, overwrite: bool = False) -> dict:
     """Build the union vocab of `teachers` (aliases, model ids, model or tokenizer dirs, or
-    bare vocab files) into `out`; return a summary (sizes, overlaps, paths)."""
+    bare vocab files) into `out`; return a summary (sizes, overlaps, paths). A vocab already
+    at `out` is kept when it is identical (summary "reused": true), and replaced only with
+    `overwrite` when it differs."""
     say = progress or (lambda msg: None)
     if not teachers:
         raise BadInput("--teachers: give at least one teacher (an alias, model id, directory or vocab file).")
@@ -87,7 +134,7 @@ def build_vocab(teachers: list[str], out: str | os.PathLike, lang_teacher: dict[
             raise BadInput(f"--teachers {twin!r} and {t.name!r} have the same tokenizer; give each teacher once.")
         fingerprints.append(fp)
         slugs.append(teacher_slug(t.name, set(slugs)))
-    routes = _route_slugs(lang_teacher or {}, loaded, slugs)
+    routes = _route_slugs(_normalise_routes(lang_teacher or {}), loaded, slugs)
 
     union = build_union(loaded, slugs)
     report = union_report(union, loaded, slugs)
@@ -122,9 +169,13 @@ def build_vocab(teachers: list[str], out: str | os.PathLike, lang_teacher: dict[
             "union_tokenizer": union_casing(loaded),
         }
         _write_json(tmp / META, meta)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        reused = _keep_or_refuse(tmp, out, overwrite)
+        if reused:
+            say(f"{out} already holds this vocab (identical files); kept it")
+        else:
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -136,11 +187,13 @@ def build_vocab(teachers: list[str], out: str | os.PathLike, lang_teacher: dict[
         "overlaps": report["overlaps"],
         "routes": routes,
         "default_teacher": meta["default_teacher"],
+        "reused": reused,
     }
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"{summary['vocab_dir']}: union of {len(summary['teachers'])} teachers, {summary['size']:,} tokens"]
+    kept = " (already there, identical: kept)" if summary.get("reused") else ""
+    lines = [f"{summary['vocab_dir']}: union of {len(summary['teachers'])} teachers, {summary['size']:,} tokens{kept}"]
     for slug, t in summary["teachers"].items():
         lines.append(
             f"  {slug:<28} {t['tokens']:>8,} tokens, {t['added_to_union']:>8,} added to the union, "

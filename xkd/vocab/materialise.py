@@ -64,11 +64,8 @@ def remap_cache(cache: str | os.PathLike, vocab: str | os.PathLike | Vocab, out:
             f"{src.path} already holds union ids (vocab {manifest['vocab'].get('dir')}); remap its source cache "
             f"{manifest['vocab'].get('source_cache', {}).get('path')} instead."
         )
-    if not manifest.get("complete"):
-        raise BadInput(
-            f"{src.path} is not complete ({len(src.shard_ids)} of {manifest.get('planned_shards')} shards); finish it "
-            "(re-run cache-teachers) before making a union-vocab copy."
-        )
+    if not src.complete:
+        raise BadInput(f"{src.incomplete_message()} A union-vocab copy needs the whole cache.")
     entry = vocab.teacher(teacher) if teacher else vocab.teacher(manifest)
     slug = entry["slug"]
     meta = {k: v for k, v in manifest.items() if k not in _WRITER_KEYS}

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BadInput
+from ..lines import read_lines
 from ..names import resolve_teacher
 from .canonical import (
     BYTELEVEL,
@@ -174,21 +175,19 @@ def _tokens_by_id(vocab: dict[str, int], where: str) -> list[str]:
 
 def read_vocab_txt(path: Path) -> list[str]:
     """The lines of a WordPiece vocab.txt, checked: exists, not empty, no empty or duplicate
-    lines. Split on '\\n' only: some real vocabs hold U+2028 as a token."""
+    lines. Read as every command reads lines (xkd.lines): split on '\\n' only (some real
+    vocabs hold U+2028 as a token), a CRLF line end is a line end."""
     if not path.is_file():
         raise BadInput(f"vocab file {path} does not exist (or is not a file).")
     try:
-        text = path.read_bytes().decode("utf-8")
+        lines = read_lines(path)
     except UnicodeDecodeError as e:
         raise BadInput(f"vocab file {path} is not UTF-8 (byte {e.start}). Save it as UTF-8, one token a line.") from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
     if not lines:
         raise BadInput(f"vocab file {path} is empty. A WordPiece vocab.txt holds one token a line.")
     seen: dict[str, int] = {}
     for number, token in enumerate(lines, 1):
-        if token == "" or token == "\r":
+        if token == "":
             raise BadInput(f"vocab file {path}, line {number} is empty. Every line must hold one token.")
         if token in seen:
             raise BadInput(
@@ -249,8 +248,10 @@ def _wordpiece_from_file(path: Path, name: str) -> TeacherVocab:
             roles[role] = tok
     if "unk" not in roles:
         raise BadInput(f"vocab file {path} has no unknown token ([UNK] or <unk>); a WordPiece tokenizer needs one.")
+    # The tokens as read here, not the file again: the tokenizer then has exactly these ids,
+    # whatever line ends the file uses.
     tokenizer = BertTokenizer(
-        vocab=str(path), do_lower_case=lowercase, strip_accents=strip,
+        vocab={tok: i for i, tok in enumerate(tokens)}, do_lower_case=lowercase, strip_accents=strip,
         **{f"{role}_token": tok for role, tok in roles.items()},
     )
     if len(tokenizer) != len(tokens):

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInput
+from ..lines import read_lines
+from ..names import normalize_language
 from .canonical import CANONICAL_SPECIALS, SPECIAL_ROLES, from_canonical
 from .remap import remap, remap_rows, stack_tables
 from .tokenizer import route_tokenize
@@ -86,9 +88,7 @@ class Vocab:
 
     @cached_property
     def tokens(self) -> list[str]:
-        lines = (self.path / VOCAB_TXT).read_bytes().decode("utf-8").split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
+        lines = read_lines(self.path / VOCAB_TXT)
         if len(lines) != self.size:
             raise BadInput(f"{self.path / VOCAB_TXT} has {len(lines)} lines but {META} says {self.size}; rebuild the vocab.")
         return lines
@@ -255,8 +255,12 @@ class Vocab:
         return dict(self.meta["routes"])
 
     def teacher_for(self, lang: str | None) -> str:
-        """The teacher whose tokenizer a language is tokenized with (see docs/vocab.md)."""
-        return self.meta["routes"].get(lang, self.meta["default_teacher"]) if lang else self.meta["default_teacher"]
+        """The teacher whose tokenizer a language is tokenized with (see docs/vocab.md).
+        Codes compare in BCP-47 case ("EN" is "en"), as build-vocab and caches store them."""
+        if not lang:
+            return self.meta["default_teacher"]
+        routes = self.meta["routes"]
+        return routes.get(lang) or routes.get(normalize_language(lang) or lang, self.meta["default_teacher"])
 
     def teacher_tokenizer(self, teacher):
         from transformers import AutoTokenizer

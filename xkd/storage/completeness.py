@@ -1,0 +1,163 @@
+"""Is a cache complete, and if not, what is missing and how to finish it.
+
+A cache is complete when every planned shard is listed as done and the writer marked it
+complete. `planned_shards` is written when the cache is created, so a killed run, a shard
+whose entry was removed, or one not marked done all show as missing here, and every command
+(train-student, evaluate, remap, verify, inspect) says the same thing about them.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+
+def completeness(manifest: dict) -> dict:
+    """{"complete", "planned_shards", "done_shards", "missing_shards", "missing_rows" (None
+    when unknown), "marked_complete"}. Without a plan, the known missing shards are the gaps
+    below the highest finished one (shard ids count up from 0)."""
+    planned = manifest.get("planned_shards")
+    done = {s["id"] for s in manifest["shards"] if s["state"] == "done"}
+    done_rows = sum(s["rows"] for s in manifest["shards"] if s["state"] == "done")
+    marked = bool(manifest.get("complete"))
+    upto = planned if planned is not None else max(done, default=-1) + 1
+    missing = [i for i in range(upto) if i not in done]
+    complete = marked and not missing
+    expected = expected_rows(manifest)
+    if complete:
+        missing_rows = 0
+    elif expected is not None and expected >= done_rows:
+        missing_rows = expected - done_rows
+    else:
+        missing_rows = None
+    return {
+        "complete": complete,
+        "planned_shards": planned,
+        "done_shards": len(done),
+        "missing_shards": missing,
+        "missing_rows": missing_rows,
+        "marked_complete": marked,
+    }
+
+
+def expected_rows(manifest: dict) -> int | None:
+    """Rows of the finished cache: one per (example, side, mask epoch), when the manifest
+    records the corpus's example count, the sides and the mask epochs."""
+    corpus, view = manifest.get("corpus") or {}, manifest.get("view") or {}
+    examples, sides = corpus.get("examples"), view.get("sides")
+    epochs = (view.get("mask") or {}).get("epochs", 1)
+    if not isinstance(examples, int) or not isinstance(sides, list) or not sides or not isinstance(epochs, int):
+        return None
+    return examples * len(sides) * epochs
+
+
+def id_ranges(ids: list[int], limit: int = 8) -> str:
+    """[3, 4, 5, 9] -> "3-5, 9" (at most `limit` ranges, then "...")."""
+    ranges: list[list[int]] = []
+    for i in ids:
+        if ranges and i == ranges[-1][1] + 1:
+            ranges[-1][1] = i
+        else:
+            ranges.append([i, i])
+    parts = [str(a) if a == b else f"{a}-{b}" for a, b in ranges[:limit]]
+    return ", ".join(parts) + (", ..." if len(ranges) > limit else "")
+
+
+def what_is_missing(info: dict) -> str:
+    """"11 of 15 shards are missing (shards 4-14, 165 rows)", in words."""
+    missing, planned = info["missing_shards"], info["planned_shards"]
+    if planned is None:
+        what = f"it has {info['done_shards']} finished shards, and its manifest does not say how many were planned"
+        if missing:
+            what += f"; shards {id_ranges(missing)} below the last finished one are missing"
+    elif not missing:
+        what = f"all {planned} planned shards are done, but the run that wrote it did not finish"
+    else:
+        noun, verb = ("shard", "is") if len(missing) == 1 else ("shards", "are")
+        rows = f", {info['missing_rows']:,} rows" if info["missing_rows"] else ""
+        what = f"{len(missing)} of {planned} shards {verb} missing ({noun} {id_ranges(missing)}{rows})"
+    if planned is None and info["missing_rows"]:
+        what += f"; {info['missing_rows']:,} rows are missing"
+    return what
+
+
+def finish_command(root: str | Path, manifest: dict) -> str | None:
+    """The command that finishes the cache at `root`, rebuilt from what its manifest records
+    (the same settings give the same cache key, so the run resumes this directory and
+    computes only the missing shards). None when the manifest records too little.
+
+    The options mirror `xkd cache-teachers` (xkd/cli.py); every setting that enters the key
+    is given explicitly, so defaults that change between versions do not change the key.
+    """
+    root = Path(root)
+    vocab = manifest.get("vocab")
+    if isinstance(vocab, dict):  # a union-vocab copy made by `xkd remap`
+        source = (vocab.get("source_cache") or {}).get("path")
+        if not source or not vocab.get("dir"):
+            return None
+        return shlex.join(["xkd", "remap", str(source), "--vocab", str(vocab["dir"]), "--out", str(root)])
+    key = manifest.get("key")
+    if key and not root.name.endswith(f"-{key}"):
+        return None  # moved or renamed: cache-teachers would write OUT/<teacher>-<key>, not this directory
+    teacher = (manifest.get("teacher") or {}).get("name")
+    corpus, view = manifest.get("corpus") or {}, manifest.get("view") or {}
+    if not teacher or not corpus.get("spec") or not view:
+        return None
+    args = ["xkd", "cache-teachers", "--teacher", str(teacher), "--corpus", str(corpus["spec"])]
+    if ":" not in str(corpus["spec"]) and corpus.get("kind") not in ("hf", "sample") and corpus.get("paths"):
+        args += ["--corpus-files", ",".join(map(str, corpus["paths"]))]  # a named corpus read from local files
+    if corpus.get("split"):
+        args += ["--split", str(corpus["split"])]
+    args += ["--out", str(root.parent)]
+    mask, outputs, cleaning = view.get("mask") or {}, view.get("outputs") or {}, view.get("cleaning") or {}
+    if "shard_size" in view:
+        args += ["--shard-size", str(view["shard_size"])]
+    if "max_length" in view:
+        args += ["--max-length", str(view["max_length"])]
+    if "prob" in mask:
+        args += ["--mask-prob", str(mask["prob"])]
+    if mask.get("whole_word"):
+        args += ["--whole-word"]
+    if mask.get("epochs", 1) != 1:
+        args += ["--mask-epochs", str(mask["epochs"])]
+    if mask.get("seed", 0) != 0:
+        args += ["--seed", str(mask["seed"])]
+    if "topk" in outputs:
+        args += ["--topk", str(outputs["topk"])]
+    if outputs.get("hidden_layers"):
+        args += ["--hidden-layers", ",".join(map(str, outputs["hidden_layers"]))]
+        args += ["--hidden-positions", str(outputs.get("hidden_positions") or "all")]
+    if outputs.get("attention_layers"):
+        args += ["--attention-layers", ",".join(map(str, outputs["attention_layers"]))]
+    if "sentence" in outputs:
+        args += ["--sentence", ",".join(outputs["sentence"]) or "none"]
+    if "class_logits" in outputs:
+        args += ["--class-logits" if outputs["class_logits"] else "--no-class-logits"]
+    sides = view.get("sides") or []
+    if "mono" not in sides and sides:
+        args += ["--sides", "both" if len(sides) == 2 else str(sides[0])]
+    if view.get("text") is False:
+        args += ["--no-text"]
+    for name in ("min_tokens", "max_tokens", "max_pairs"):
+        if cleaning.get(name):
+            args += [f"--{name.replace('_', '-')}", str(cleaning[name])]
+    if cleaning.get("skip_bad_lines"):
+        args += ["--skip-bad-lines"]
+    if view.get("compute_dtype"):
+        args += ["--dtype", str(view["compute_dtype"])]
+    return shlex.join(args)
+
+
+def how_to_finish(command: str | None) -> str:
+    """How to finish a cache, given `finish_command`'s answer."""
+    if command is None:
+        return ("Finish it by re-running the command that made it, with the same options: it resumes "
+                "the cache and computes only the missing shards.")
+    return (f"Finish it by re-running the command that made it, with the same options; from its manifest: "
+            f"`{command}`. It resumes the cache and computes only the missing shards.")
+
+
+def incomplete_message(root: str | Path, info: dict, command: str | None) -> str:
+    """One paragraph: the cache is incomplete, what is missing, and how to finish it."""
+    edited = " although its manifest says it is complete (was the manifest edited?)" if info["marked_complete"] else ""
+    return f"cache {root} is incomplete{edited}: {what_is_missing(info)}. {how_to_finish(command)}"
