@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import BadInput
-from ..pooling import pool_tokens
+from ..pooling import MODES as POOLINGS, pool_tokens
 from .data import _block_rows, _concat_rows, _remap_rows, _take_rows, num_rows
 from .methods.base import collate_masked_lm, masked_log_probs
 from .models import Student, check_model_dir, check_number, init_dir
@@ -139,7 +139,9 @@ def read_lines(spec: str) -> tuple[list[str], str]:
     if not Path(path).is_file():
         raise BadInput(f"{path} does not exist (or is not a file).")
     from ..lines import read_lines as file_lines
+    from ..names import language_code
 
+    lang = language_code(lang, spec)
     try:
         # "\n" only: splitlines() also splits at U+2028, U+0085 and the like inside a
         # sentence, which shifted every later line against its translation.
@@ -151,7 +153,6 @@ def read_lines(spec: str) -> tuple[list[str], str]:
     return lines, lang
 
 
-POOLINGS = ("mean", "cls", "max", "mean_sqrt_len")  # what pooling.pool_tokens computes
 
 
 @torch.inference_mode()

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from ..errors import BadInput
 from ..storage import open_cache
+from ..storage.manifest import fsync_dir
 from .data import StreamConfig, StreamingDataset
 from .methods import method_config, prepare
 from .models import StudentConfig, check_number
-from .trainer import Trainer, TrainConfig, check_device, distributed_context, fsync_dir, seed_everything
+from .trainer import Trainer, TrainConfig, check_device, distributed_context, seed_everything
 
 # What train-student writes in --out besides the student's own files; --overwrite removes these.
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "train_summary.json")

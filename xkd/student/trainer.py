@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import BadInput, XkdError
+from ..storage.manifest import atomic_write_bytes, fsync_dir
 from .models import Student, check_number
 
 
@@ -178,25 +179,10 @@ def _schedule(optimizer, warmup: int, total: int):
 # Durable files ------------------------------------------------------------------------
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in `path` durable (a crash may otherwise lose it)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON under a temporary name, fsync, rename: a reader (or a kill) sees the old
     file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8"))
 
 
 class _ErrorKeepingFile:
