@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 VOCABS = SHARED / "vocab"
 PARALLEL = SHARED / "parallel"
+# Tatoeba's 1,000 English-Hindi pairs as a parallel corpus spec.
+TATOEBA = f"parallel:{PARALLEL}/tatoeba/tatoeba.hin-eng.eng@en,{PARALLEL}/tatoeba/tatoeba.hin-eng.hin@hi"
 
 
 def build_tiny_bert(out: Path, vocab_file: Path, *, lowercase: bool, kind: str = "mlm", seed: int = 0,
@@ -49,6 +51,17 @@ def build_tiny_bert(out: Path, vocab_file: Path, *, lowercase: bool, kind: str =
     model = model_cls(config).eval()
     model.save_pretrained(out)
     return out
+
+
+def cache_teacher(client, out, teacher, corpus, **options) -> str:
+    """Cache one teacher over a corpus with the real pipeline on the test's cluster; its path."""
+    import io
+
+    from xkd.pipeline import CacheTeachersOptions, cache_teachers
+
+    result = cache_teachers(CacheTeachersOptions(teachers=[str(teacher)], corpus=corpus, out=str(out), **options),
+                            client=client, log=io.StringIO())
+    return result["caches"][0]["path"]
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ import sys
 import pytest
 import torch
 from _ddp_train_proc import assert_same_metrics, train_kwargs, update_error, update_rtol
-from conftest import PARALLEL, ROOT, VOCABS, build_tiny_bert
+from conftest import TATOEBA, ROOT, VOCABS, build_tiny_bert
 
 from xkd.pipeline import CacheTeachersOptions, cache_teachers
 from xkd.student.run import train_student
@@ -36,7 +36,6 @@ from xkd.vocab import build_vocab
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
-TATOEBA = f"parallel:{PARALLEL}/tatoeba/tatoeba.hin-eng.eng@en,{PARALLEL}/tatoeba/tatoeba.hin-eng.hin@hi"
 STEPS, LR, BATCH_SIZE = 3, 1e-3, 4
 STUDENT = {"hidden": 24, "layers": 2, "heads": 2, "dropout": 0.0}  # the teachers are 32 wide
 

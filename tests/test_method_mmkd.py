@@ -16,7 +16,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import PARALLEL, VOCABS
+from conftest import TATOEBA, VOCABS
 from typer.testing import CliRunner
 
 from xkd import load_vocab, open_cache
@@ -28,7 +28,6 @@ from xkd.student.methods.mmkd import frozen_projector
 from xkd.student.models import Student, StudentConfig, build_student
 from xkd.vocab import build_vocab
 
-TATOEBA = f"parallel:{PARALLEL}/tatoeba/tatoeba.hin-eng.eng@en,{PARALLEL}/tatoeba/tatoeba.hin-eng.hin@hi"
 MBERT_VOCAB = str(VOCABS / "bert-base-multilingual-cased.vocab.txt")
 LAST_LAYER = 6  # MiniLM's
 TEACHER_WIDTH, STUDENT_WIDTH = 384, 48  # unequal: XWCL needs its projection

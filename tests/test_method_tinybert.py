@@ -12,7 +12,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import PARALLEL, ROOT, VOCABS, build_tiny_bert
+from conftest import TATOEBA, ROOT, VOCABS, build_tiny_bert
 from typer.testing import CliRunner
 
 from xkd import load_vocab, open_cache
@@ -27,7 +27,6 @@ from xkd.student.methods.tinybert import layer_map, unpack_attention
 from xkd.student.models import Student, StudentConfig
 from xkd.vocab import build_vocab
 
-TATOEBA = f"parallel:{PARALLEL}/tatoeba/tatoeba.hin-eng.eng@en,{PARALLEL}/tatoeba/tatoeba.hin-eng.hin@hi"
 STUDENT = StudentConfig(hidden=24, layers=2, heads=2, dropout=0.0)  # teacher: 4 layers, width 32, 2 heads
 MAX_LENGTH = 32
 TOY = ROOT / "xkd" / "data"

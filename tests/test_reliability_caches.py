@@ -22,13 +22,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PARALLEL, VOCABS, build_tiny_bert
+from conftest import TATOEBA, VOCABS, build_tiny_bert
 from typer.testing import CliRunner
 
 from xkd.cli import app
 from xkd.pipeline import CacheTeachersOptions, cache_teachers
 
-TATOEBA = f"parallel:{PARALLEL}/tatoeba/tatoeba.hin-eng.eng@en,{PARALLEL}/tatoeba/tatoeba.hin-eng.hin@hi"
 SHARDS, SHARD_SIZE = 4, 15
 STUDENT = ["--hidden", 32, "--layers", 1, "--heads", 2, "--batch-size", 4]
 

@@ -13,7 +13,6 @@ files (bert-base-uncased for English, mBERT for Hindi), as in test_train_student
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import random
@@ -26,23 +25,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PARALLEL, ROOT, VOCABS, build_tiny_bert
+from conftest import PARALLEL, ROOT, TATOEBA, VOCABS, build_tiny_bert, cache_teacher
 from typer.testing import CliRunner
 
 from xkd.cli import app
-from xkd.pipeline import CacheTeachersOptions, cache_teachers
 from xkd.vocab import build_vocab
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TATOEBA = f"parallel:{PARALLEL}/tatoeba/tatoeba.hin-eng.eng@en,{PARALLEL}/tatoeba/tatoeba.hin-eng.hin@hi"
 STEPS = 10
-
-
-def cache(client, out, teacher, corpus, **kw) -> str:
-    result = cache_teachers(CacheTeachersOptions(teachers=[str(teacher)], corpus=corpus, out=str(out), **kw),
-                            client=client, log=io.StringIO())
-    return result["caches"][0]["path"]
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +46,8 @@ def setup(thread_client, tmp_path_factory):
     multi = build_tiny_bert(root / "hi-teacher", VOCABS / "bert-base-multilingual-cased.vocab.txt", lowercase=False,
                             seed=12)
     caches = {
-        "en": cache(thread_client, root / "caches", en, TATOEBA, sides="src", max_pairs=32, topk=8, shard_size=16),
-        "hi": cache(thread_client, root / "caches", multi, TATOEBA, sides="tgt", max_pairs=16, topk=8, shard_size=16),
+        "en": cache_teacher(thread_client, root / "caches", en, TATOEBA, sides="src", max_pairs=32, topk=8, shard_size=16),
+        "hi": cache_teacher(thread_client, root / "caches", multi, TATOEBA, sides="tgt", max_pairs=16, topk=8, shard_size=16),
     }
     lang_teacher = {"en": str(en), "hi": str(multi)}
     build_vocab([str(en), str(multi)], root / "vocab", lang_teacher=lang_teacher)

@@ -4,7 +4,6 @@ with different vocabularies (bert-base-uncased for English, mBERT for Hindi)."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import socket
@@ -14,12 +13,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import PARALLEL, ROOT, VOCABS, build_tiny_bert
+from conftest import PARALLEL, ROOT, TATOEBA, VOCABS, build_tiny_bert, cache_teacher
 from typer.testing import CliRunner
 
 from xkd import load_vocab, open_cache
 from xkd.cli import app
-from xkd.pipeline import CacheTeachersOptions, cache_teachers
 from xkd.storage import CacheWriter, outputs_json, write_shard_files
 from xkd.storage.synthetic import synthetic_rows
 from xkd.student.data import StreamConfig, StreamingDataset
@@ -27,15 +25,8 @@ from xkd.student.methods import prepare
 from xkd.student.models import Student, StudentConfig, build_student
 from xkd.vocab import build_vocab
 
-TATOEBA = f"parallel:{PARALLEL}/tatoeba/tatoeba.hin-eng.eng@en,{PARALLEL}/tatoeba/tatoeba.hin-eng.hin@hi"
 IITB_VAL = f"parallel:{PARALLEL}/iitb-en-hi/val.en@en,{PARALLEL}/iitb-en-hi/val.hi@hi"
 TINY = StudentConfig(hidden=32, layers=2, heads=2, dropout=0.0)
-
-
-def cache(client, out, teacher, corpus, **kw) -> str:
-    result = cache_teachers(CacheTeachersOptions(teachers=[str(teacher)], corpus=corpus, out=str(out), **kw),
-                            client=client, log=io.StringIO())
-    return result["caches"][0]["path"]
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +39,11 @@ def setup(client, tmp_path_factory):
     multi = build_tiny_bert(root / "hi-teacher", VOCABS / "bert-base-multilingual-cased.vocab.txt", lowercase=False,
                             seed=12, init_range=1.0)
     caches = {
-        "en": cache(client, root / "train", en, TATOEBA, sides="src", max_pairs=96, topk=8, shard_size=48),
-        "hi": cache(client, root / "train", multi, TATOEBA, sides="tgt", max_pairs=48, topk=8, shard_size=48),
-        "en_val": cache(client, root / "val", en, IITB_VAL, sides="src", max_pairs=24, topk=8),
-        "hi_val": cache(client, root / "val", multi, IITB_VAL, sides="tgt", max_pairs=24, topk=8),
-        "en_full": cache(client, root / "full", en, TATOEBA, sides="src", max_pairs=6, topk=30522),
+        "en": cache_teacher(client, root / "train", en, TATOEBA, sides="src", max_pairs=96, topk=8, shard_size=48),
+        "hi": cache_teacher(client, root / "train", multi, TATOEBA, sides="tgt", max_pairs=48, topk=8, shard_size=48),
+        "en_val": cache_teacher(client, root / "val", en, IITB_VAL, sides="src", max_pairs=24, topk=8),
+        "hi_val": cache_teacher(client, root / "val", multi, IITB_VAL, sides="tgt", max_pairs=24, topk=8),
+        "en_full": cache_teacher(client, root / "full", en, TATOEBA, sides="src", max_pairs=6, topk=30522),
     }
     vocab_dir = root / "vocab"
     build_vocab([str(en), str(multi)], vocab_dir, lang_teacher={"en": str(en), "hi": str(multi)})
