@@ -301,7 +301,7 @@ class StepRunner:
         if teacher is not None:
             batch = self._teacher_targets(teacher, batch)
         taught = time.perf_counter()
-        losses = self.method.losses(batch, t.ddp, t.step)
+        losses = t.ddp(batch, t.step)  # the trainer's module: the method's losses on the student
         losses["loss"].backward()
         params = [p for g in t.optimizer.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, t.config.clip)

@@ -27,24 +27,31 @@ def gold_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits.float(), labels)
 
 
-def topk_cross_entropy(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logits: torch.Tensor,
+def gold_nll(student_logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The same cross-entropy from log-probabilities already computed: student_logp (M, V) =
+    log softmax(z_S), labels (M,). -1/M Σ_i student_logp[i, y_i]. (Over a ~290k-token union
+    vocabulary the log-softmax is a large memory-bound pass: methods compute it once and
+    share it between their terms.)"""
+    return F.nll_loss(student_logp, labels)
+
+
+def topk_cross_entropy(student_logp: torch.Tensor, topk_ids: torch.Tensor, topk_logits: torch.Tensor,
                        tau: float = 1.0) -> torch.Tensor:
     """MergeDistill's L_KD (seeds/004 sec. 3, top-k renormalised; TinyBERT's L_pred of eq. 2
-    with the teacher at its top k): student_logits (M, V) over the union vocab, topk_ids (M, k)
-    union ids, topk_logits (M, k). Mean over positions of
+    with the teacher at its top k): student_logp (M, V) = log softmax(z_S / τ) over the union
+    vocab, topk_ids (M, k) union ids, topk_logits (M, k). Mean over positions of
         -Σ_{j in top-k} softmax(z_T / τ)_j · log softmax(z_S / τ)_j."""
     target = torch.softmax(topk_logits.float() / tau, dim=-1)
-    logq = torch.log_softmax(student_logits.float() / tau, dim=-1).gather(1, topk_ids)
-    return -(target * logq).sum(-1).mean()
+    return -(target * student_logp.gather(1, topk_ids)).sum(-1).mean()
 
 
-def tail_topk_cross_entropy(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logits: torch.Tensor,
+def tail_topk_cross_entropy(student_logp: torch.Tensor, topk_ids: torch.Tensor, topk_logits: torch.Tensor,
                             lognorm: torch.Tensor) -> torch.Tensor:
     """The exact cross-entropy over {the k tokens, everything else} (τ = 1): the teacher's
     p_j = exp(z_j - log Z) for its top k and 1 - Σ p_j for the rest, against the student's
-    softmax; student_logits (M, V), topk_* (M, k), lognorm (M,). Mean over positions."""
-    logp = torch.log_softmax(student_logits.float(), dim=-1)
-    return tail_cross_entropy(logp, topk_ids, topk_logits.float(), lognorm.float()).mean()
+    softmax; student_logp (M, V) = log softmax(z_S), topk_* (M, k), lognorm (M,). Mean over
+    positions."""
+    return tail_cross_entropy(student_logp, topk_ids, topk_logits.float(), lognorm.float()).mean()
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ...errors import BadInput
 from .. import losses as L
 from . import register
@@ -63,16 +65,18 @@ class MergeDistill(Method):
     def collate(self, rows):
         return collate_masked_lm(rows, self.vocab.pad_id)
 
-    def kd(self, logits, batch):
+    def kd(self, logits, logp, batch):
         c = self.config
         if c.kd_target == "tail":
-            return L.tail_topk_cross_entropy(logits, batch["topk_ids"], batch["topk_logits"], batch["lognorm"])
-        return L.topk_cross_entropy(logits, batch["topk_ids"], batch["topk_logits"], c.temperature) * c.temperature**2
+            return L.tail_topk_cross_entropy(logp, batch["topk_ids"], batch["topk_logits"], batch["lognorm"])
+        at_tau = logp if c.temperature == 1.0 else torch.log_softmax(logits / c.temperature, dim=-1)
+        return L.topk_cross_entropy(at_tau, batch["topk_ids"], batch["topk_logits"], c.temperature) * c.temperature**2
 
     def losses(self, batch, student, step):
         c = self.config
         logits = masked_logits(student, batch)
-        parts = {"kd": self.kd(logits, batch), "mlm": L.gold_cross_entropy(logits, batch["labels"])}
+        logp = torch.log_softmax(logits, dim=-1)  # once, for both terms: (M, V) over the union vocab
+        parts = {"kd": self.kd(logits, logp, batch), "mlm": L.gold_nll(logp, batch["labels"])}
         lam = lambda_at(c.lambda_schedule, c.lambda_start, c.lambda_end, step, self.total_steps)
         return {"loss": L.weighted_sum(parts, {"kd": lam, "mlm": 1 - lam}), **parts,
                 "lambda": logits.new_tensor(lam)}

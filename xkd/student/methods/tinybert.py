@@ -223,13 +223,15 @@ class TinyBERT(Method):
             if c.gold_weight and bool(labelled.any()):
                 parts["gold"] = L.gold_cross_entropy(logits[labelled], batch["class_label"][labelled])
             return parts
+        logp = torch.log_softmax(logits, dim=-1)  # once, for both terms: (M, V) over the union vocab
         if c.pred_weight:
             if c.kd_target == "tail":
-                parts["pred"] = L.tail_topk_cross_entropy(logits, batch["topk_ids"], batch["topk_logits"], batch["lognorm"])
+                parts["pred"] = L.tail_topk_cross_entropy(logp, batch["topk_ids"], batch["topk_logits"], batch["lognorm"])
             else:
-                parts["pred"] = L.topk_cross_entropy(logits, batch["topk_ids"], batch["topk_logits"], c.temperature)
+                at_tau = logp if c.temperature == 1.0 else torch.log_softmax(logits / c.temperature, dim=-1)
+                parts["pred"] = L.topk_cross_entropy(at_tau, batch["topk_ids"], batch["topk_logits"], c.temperature)
         if c.gold_weight:
-            parts["gold"] = L.gold_cross_entropy(logits, batch["labels"])
+            parts["gold"] = L.gold_nll(logp, batch["labels"])
         return parts
 
     def losses(self, batch, student, step):
