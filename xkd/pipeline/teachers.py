@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import threading
-import zipfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +30,7 @@ from ..errors import BadInput
 from ..names import ResolvedTeacher
 from ..storage import DenseSpec
 from ..storage.shard import sha256_file
+from ..weights import weights_problem
 from .batching import PaddedBatch
 from .masking import Vocabulary
 from .tokenize import load_tokenizer, special_ids, tokenizer_sha256
@@ -87,67 +86,13 @@ def read_config(path: Path, name: str) -> dict:
     return config
 
 
-# Bytes per element of each safetensors dtype.
-SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2,
-                      "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
-
-
-def check_safetensors(file: Path, name: str) -> None:
-    """A .safetensors file is an 8-byte header length, a JSON header giving each tensor's
-    dtype, shape and byte range, then the data: check that the header reads and that the file
-    has exactly the bytes it implies (a truncated download fails here, not in a worker)."""
-    size = file.stat().st_size
-    damaged = f"teacher {name!r}: {file} is truncated or damaged"
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise BadInput(f"{damaged}: it has {size} bytes, less than its 8-byte header length. {DAMAGED}")
-        n = int.from_bytes(head, "little")
-        if n > size - 8:
-            raise BadInput(f"{damaged}: its header should take {n:,} bytes but the file has {size:,}. {DAMAGED}")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadInput(f"{damaged}: its header is not valid JSON ({e}). {DAMAGED}") from None
-    end = 0
-    try:
-        for tensor, info in header.items():
-            if tensor == "__metadata__":
-                continue
-            begin, stop = (int(x) for x in info["data_offsets"])
-            width = SAFETENSORS_DTYPES.get(info["dtype"])
-            if width is not None and stop - begin != width * math.prod(int(d) for d in info["shape"]):
-                raise BadInput(f"{damaged}: tensor {tensor!r} has {stop - begin} bytes in the header, but its dtype "
-                               f"and shape need {width * math.prod(info['shape'])}. {DAMAGED}")
-            end = max(end, stop)
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        raise BadInput(f"{damaged}: its header does not describe tensors ({type(e).__name__}: {e}). {DAMAGED}") from None
-    if size != 8 + n + end:
-        raise BadInput(f"{damaged}: its header implies {8 + n + end:,} bytes, the file has {size:,}. {DAMAGED}")
-
-
 def check_weight_files(path: Path, name: str) -> None:
-    """Every weight file reads as far as can be told without loading it: safetensors by their
-    header and size, PyTorch .bin files by their zip directory, an index by the files it
-    names. Loading happens in the workers, where a failure would be retried and repeated."""
-    for file in sorted(path.glob("*.safetensors")):
-        check_safetensors(file, name)
-    for file in sorted(path.glob("pytorch_model*.bin")):
-        if zipfile.is_zipfile(file):
-            try:
-                with zipfile.ZipFile(file) as z:
-                    z.infolist()
-            except (zipfile.BadZipFile, OSError) as e:
-                raise BadInput(f"teacher {name!r}: {file} is truncated or damaged ({e}). {DAMAGED}") from None
-        elif file.stat().st_size < 1024:  # neither a zip (torch >= 1.6) nor big enough for legacy weights
-            raise BadInput(f"teacher {name!r}: {file} has {file.stat().st_size} bytes: not a PyTorch weights file. {DAMAGED}")
-    for file in sorted(path.glob("*.index.json")):
-        index = read_json(file, repr(name))
-        shards = set((index.get("weight_map") or {}).values()) if isinstance(index, dict) else set()
-        missing = sorted(s for s in shards if not (path / str(s)).is_file())
-        if missing:
-            raise BadInput(f"teacher {name!r}: {file} names weight files that are not there: {', '.join(missing[:3])}. "
-                           f"{DAMAGED}")
+    """Every weight file reads as far as can be told without loading it (xkd/weights.py).
+    Loading happens in the workers, where a failure would be retried and repeated."""
+    found = weights_problem(path)
+    if found is not None:
+        file, problem = found
+        raise BadInput(f"teacher {name!r}: {file} is truncated or damaged: {problem}. {DAMAGED}")
 
 
 def weights_sha256(path: Path) -> str:

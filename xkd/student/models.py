@@ -8,13 +8,13 @@ import contextlib
 import copy
 import json
 import math
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import BadInput
+from ..weights import weights_problem
 
 
 def check_number(option: str, value, *, low=None, high=None, high_open: bool = False, hint: str = "") -> None:
@@ -57,27 +57,6 @@ class StudentConfig:
 # Saved models ---------------------------------------------------------------------------
 
 
-def _safetensors_problem(path: Path) -> str | None:
-    """Why a .safetensors file cannot be complete, from its header alone (cheap): the header
-    gives every tensor's byte range, so a truncated file is shorter than the ranges say."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return f"it has {size} bytes, not even the 8-byte header length"
-        length = int.from_bytes(head, "little")
-        if 8 + length > size:
-            return f"its header claims {length:,} bytes but the file has {size:,}"
-        try:
-            header = json.loads(f.read(length))
-            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-            return "its header is not valid safetensors JSON"
-    if 8 + length + end != size:
-        return f"it has {size:,} bytes where its header describes {8 + length + end:,} (truncated or appended to)"
-    return None
-
-
 def check_model_dir(path, what: str) -> dict:
     """A saved model directory's config.json, after checking that its config and weights are
     whole: a truncated weights file otherwise surfaces as a deserialisation traceback deep in
@@ -92,19 +71,11 @@ def check_model_dir(path, what: str) -> dict:
             raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as e:
         raise BadInput(f"{what}: {config_path} is damaged ({e}); save or train the model again.") from None
-    weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("pytorch_model*.bin"))
-    for file in weights:
-        if file.suffix == ".safetensors":
-            problem = _safetensors_problem(file)
-        else:
-            try:  # a torch zip archive keeps its directory at the end: a truncated one has none
-                zipfile.ZipFile(file).close()
-                problem = None
-            except (zipfile.BadZipFile, OSError) as e:
-                problem = f"it is not a whole torch archive ({e})"
-        if problem:
-            raise BadInput(f"{what}: {file} is damaged: {problem}. Copy it again or re-run the command that wrote it "
-                           "(for a student, train-student; its checkpoints are kept).")
+    found = weights_problem(path)
+    if found is not None:
+        file, problem = found
+        raise BadInput(f"{what}: {file} is damaged: {problem}. Copy it again or re-run the command that wrote it "
+                       "(for a student, train-student; its checkpoints are kept).")
     return config
 
 
