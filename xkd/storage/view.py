@@ -21,7 +21,7 @@ class CacheView:
     teacher_width: int
     teacher_labels: tuple[str, ...] | None  # class names in the teacher's own id order (classifiers)
     pooling: dict = field(hash=False)  # the teacher's sentence pooling: {"mode": ..., "normalize": ...}
-    corpus: str  # the corpus fingerprint: caches of one corpus share it, whatever the teacher
+    corpus: str  # corpus_identity: caches of one corpus share it, whatever the teacher
     corpus_langs: tuple[str, ...]  # (lang,) for a monolingual corpus, (src, tgt) for a parallel one
     corpus_labels: tuple[str, ...] | None  # a labeled corpus's class names, in class-id order
     sides: tuple[str, ...]  # "mono", or the sides of a parallel corpus the teacher saw
@@ -43,6 +43,16 @@ class CacheView:
         return tuple(self.corpus_langs[1] if side == "tgt" else self.corpus_langs[0] for side in self.sides)
 
 
+def corpus_identity(manifest: dict) -> str:
+    """Which corpus numbers a cache's example ids: its manifest's corpus fingerprint, split and
+    languages (what the cache key hashes of the corpus). Caches of one corpus made by
+    different teachers share it, whatever else their corpus blocks record (counts, paths);
+    example ids of different corpora are unrelated, so copies are only ever matched within
+    one identity. Caches whose manifest names no corpus (written by hand) share one."""
+    corpus = manifest.get("corpus") or {}
+    return json.dumps([corpus.get("fingerprint"), corpus.get("split"), corpus.get("langs")], sort_keys=True)
+
+
 def view_of(cache) -> CacheView:
     """The typed view of an open cache (storage.Cache)."""
     m = cache.manifest
@@ -57,7 +67,7 @@ def view_of(cache) -> CacheView:
         teacher_width=int(teacher.get("hidden_size") or 0),
         teacher_labels=_teacher_labels(teacher),
         pooling=dict(teacher.get("pooling") or {}),
-        corpus=str(corpus.get("fingerprint") or cache.path),
+        corpus=corpus_identity(m),
         corpus_langs=tuple(str(x) for x in corpus.get("langs") or ()),
         corpus_labels=tuple(str(x) for x in labels) if labels else None,
         sides=tuple(view.get("sides") or ("mono",)),

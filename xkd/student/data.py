@@ -21,7 +21,6 @@ keys. --copies best keeps, per key, the copy with the lowest teacher loss.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +31,7 @@ from numba import njit
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import BadInput
-from ..storage import Cache, Ragged
+from ..storage import Cache, Ragged, corpus_identity
 
 @dataclass(frozen=True)
 class StreamConfig:
@@ -71,16 +70,6 @@ class LanguageIndex:
     def total(self) -> int:
         """Rows in one epoch of this language's stream (every copy under --copies all)."""
         return int(self.counts.sum())
-
-
-def corpus_identity(manifest: dict) -> str:
-    """Which corpus numbers a cache's example ids: its manifest's corpus fingerprint, split and
-    languages (what the cache key hashes of the corpus). Caches of one corpus made by
-    different teachers share it, whatever else their corpus blocks record (counts, paths);
-    example ids of different corpora are unrelated, so copies are only ever matched within
-    one identity. Caches whose manifest names no corpus (written by hand) share one."""
-    corpus = manifest.get("corpus") or {}
-    return json.dumps([corpus.get("fingerprint"), corpus.get("split"), corpus.get("langs")], sort_keys=True)
 
 
 def _codes(tables, name: str) -> tuple[np.ndarray, list]:

@@ -502,10 +502,7 @@ class Trainer:
                 continue  # an empty or torn line
             if isinstance(record, dict) and record.get("step", math.inf) <= self.step:
                 kept.append(line)
-        write_text = "".join(line + "\n" for line in kept)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(write_text, encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode("utf-8"))
 
     def _stop(self, what: str) -> None:
         """Leave with exit 1 naming the step and what went wrong; the checkpoints on disk
