@@ -14,7 +14,6 @@ that changes the bytes gives another directory.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import signal
@@ -29,6 +28,7 @@ from typing import TextIO
 
 from ..errors import BadInput, XkdError
 from ..names import parse_corpus, resolve_teacher
+from ..options import check_number
 from ..storage import CacheWriter, cache_key, outputs_json
 from .corpus import Cleaning, CorpusPlan, plan_corpus
 from .masking import MaskConfig
@@ -84,35 +84,31 @@ class Interrupted(XkdError):
     exit_code = 130
 
 
-# Every numeric option: (field, whole number?, accepted?, what to give). Checked on the
-# client before anything is read or started, so a bad value never reaches a worker.
+# Every numeric option: (field, low, high, hint); all whole numbers but --mask-prob. Checked
+# on the client before anything is read or started, so a bad value never reaches a worker.
 NUMERIC_OPTIONS = (
-    ("topk", True, lambda v: v >= 0, "a whole number >= 0 (top logits kept per masked position; 0: none)"),
-    ("mask_prob", False, lambda v: 0 <= v < 1, "a number >= 0 and < 1, e.g. 0.15 (0: no masking)"),
-    ("mask_epochs", True, lambda v: v >= 1, "a whole number >= 1"),
-    ("seed", True, lambda v: v >= 0, "a whole number >= 0"),
-    ("max_length", True, lambda v: 3 <= v <= 65535, "a whole number from 3 to 65535 (tokens per row, specials included)"),
-    ("min_tokens", True, lambda v: v >= 0, "a whole number >= 0 (0: no lower bound)"),
-    ("max_tokens", True, lambda v: v >= 0, "a whole number >= 0 (0: no upper bound)"),
-    ("max_pairs", True, lambda v: v >= 0, "a whole number >= 0 (0: no cap)"),
-    ("shard_size", True, lambda v: v >= 1, "a whole number >= 1 (examples per shard)"),
-    ("token_budget", True, lambda v: v >= 1, "a whole number >= 1 (padded tokens per batch)"),
-    ("workers", True, lambda v: v >= 1, "a whole number >= 1 (local worker processes; leave it out for the default)"),
-    ("cpu_threads", True, lambda v: v >= 1, "a whole number >= 1 (torch threads per worker; leave it out for the default)"),
+    ("topk", 0, None, "top logits kept per masked position; 0: none"),
+    ("mask_epochs", 1, None, ""),
+    ("seed", 0, None, ""),
+    ("max_length", 3, 65535, "tokens per row, specials included"),
+    ("min_tokens", 0, None, "0: no lower bound"),
+    ("max_tokens", 0, None, "0: no upper bound"),
+    ("max_pairs", 0, None, "0: no cap"),
+    ("shard_size", 1, None, "examples per shard"),
+    ("token_budget", 1, None, "padded tokens per batch"),
+    ("workers", 1, None, "local worker processes; leave it out for the default"),
+    ("cpu_threads", 1, None, "torch threads per worker; leave it out for the default"),
 )
 
 
 def check_options(opts: "CacheTeachersOptions") -> None:
     """Refuse every unusable option value, naming the option and what to give instead. The
     CLI's parser already refuses text for a number; the Python API gets the same checks."""
-    for name, whole, accepted, what in NUMERIC_OPTIONS:
-        value = getattr(opts, name)
-        if value is None:
-            continue
-        option = "--" + name.replace("_", "-")
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or (whole and not isinstance(value, int)) or not math.isfinite(value) or not accepted(value):
-            raise BadInput(f"{option} {value!r} is not usable here: give {what}.")
+    if opts.mask_prob is not None:
+        check_number("--mask-prob", opts.mask_prob, low=0, high=1, high_open=True, hint="e.g. 0.15; 0: no masking")
+    for name, low, high, hint in NUMERIC_OPTIONS:
+        if getattr(opts, name) is not None:
+            check_number("--" + name.replace("_", "-"), getattr(opts, name), low=low, high=high, whole=True, hint=hint)
     choices = (("sides", "--sides", SIDES), ("hidden_positions", "--hidden-positions", tuple(HIDDEN_POSITIONS)),
                ("dtype", "--dtype", DTYPES))
     for name, option, allowed in choices:

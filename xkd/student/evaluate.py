@@ -21,7 +21,8 @@ from ..errors import BadInput
 from ..pooling import MODES as POOLINGS, pool_tokens
 from .data import _block_rows, _concat_rows, _remap_rows, _take_rows, num_rows
 from .methods.base import collate_masked_lm, masked_log_probs
-from .models import Student, check_model_dir, check_number, init_dir
+from ..options import check_number
+from .models import Student, check_model_dir, init_dir
 from .run import open_caches, remap_tables
 from .targets import tail_kl
 

@@ -7,30 +7,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import BadInput
+from ..options import check_number
 from ..weights import weights_problem
-
-
-def check_number(option: str, value, *, low=None, high=None, high_open: bool = False, hint: str = "") -> None:
-    """One paragraph naming `option` unless `value` is a finite number in [low, high] (or
-    [low, high) with high_open). Options are checked before anything is read: a NaN or an
-    infinite learning rate used to train to a NaN loss and exit 0."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (low is None or value >= low) and (high is None or (value < high if high_open else value <= high))
-    if ok:
-        return
-    kind = "whole number" if isinstance(value, int) else "finite number"
-    if high is None:
-        wanted = f"a {kind} of at least {low}" if low is not None else f"a {kind}"
-    else:
-        wanted = f"a {kind} in [{low}, {high}{')' if high_open else ']'}"
-    raise BadInput(f"{option} {value}: give {wanted}{' (' + hint + ')' if hint else ''}. Nothing was read or written.")
 
 
 @dataclass(frozen=True)

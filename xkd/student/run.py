@@ -14,7 +14,8 @@ from ..storage import open_cache
 from ..storage.manifest import fsync_dir
 from .data import StreamConfig, StreamingDataset
 from .methods import method_config, prepare
-from .models import StudentConfig, check_number
+from ..options import check_number
+from .models import StudentConfig
 from .trainer import Trainer, TrainConfig, check_device, distributed_context, seed_everything
 
 # What train-student writes in --out besides the student's own files; --overwrite removes these.

@@ -37,7 +37,8 @@ import torch.distributed as dist
 
 from ..errors import BadInput, XkdError
 from ..storage.manifest import atomic_write_bytes, fsync_dir
-from .models import Student, check_number
+from ..options import check_number
+from .models import Student
 
 
 @dataclass
