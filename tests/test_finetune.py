@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from xkd.cli import app
 from xkd.errors import BadInput
-from xkd.finetune import read_labeled, split_held_out
+from xkd.finetune import split_held_out
+from xkd.tasks import read_tasks, task_labels
 from xkd.names import parse_corpus
 from xkd.pipeline.corpus import Cleaning, plan_corpus
 
@@ -68,7 +69,7 @@ def test_finetune_teacher_learns_the_toy_task_and_saves_a_loadable_classifier(ti
     assert model.config.id2label == {0: "food", 1: "sports", 2: "weather"}
     assert model.config.label2id == {"food": 0, "sports": 1, "weather": 2}
     lines = toy_lines("toy-en.tsv")
-    held = split_held_out(["en"] * len(lines), 0.2, 0)
+    held = split_held_out([len(lines)], 0.2, 0)[0]
     with torch.no_grad():
         enc = tokenizer([t for t, _ in lines], padding=True, return_tensors="pt")
         predicted = model(**enc).logits.argmax(-1).numpy()
@@ -79,25 +80,32 @@ def test_finetune_teacher_learns_the_toy_task_and_saves_a_loadable_classifier(ti
     assert saved["accuracy"] == summary["accuracy"]
 
 
+def read_labeled(items):
+    tasks = read_tasks(items, "--data")
+    return tasks, task_labels(tasks)
+
+
 def test_labels_are_names_or_ids_and_several_files_share_one_class_list(tmp_path):
-    data = read_labeled([f"{TOY}/toy-en.tsv@en", f"{TOY}/toy-hi.tsv@hi"])
-    assert data.label_names == ["food", "sports", "weather"]
-    assert len(data.texts) == 150 and data.langs.count("hi") == 60
-    assert data.labels[:3] == [1, 0, 2] and data.labels[90:93] == [1, 0, 2]  # sports, food, weather
+    tasks, labels = read_labeled([f"{TOY}/toy-en.tsv@en", f"labeled:{TOY}/toy-hi.tsv@hi"])
+    assert labels == ["food", "sports", "weather"]
+    assert [len(t) for t in tasks] == [90, 60] and [t.lang for t in tasks] == ["en", "hi"]
+    assert tasks[0].labels[:3] == tasks[1].labels[:3] == ["sports", "food", "weather"]
     # A file missing a class still maps its names into the union of all files' classes.
     partial = tmp_path / "partial.tsv"
     partial.write_text("rain today\tweather\nfresh bread\tfood\n", encoding="utf-8")
-    both = read_labeled([f"{TOY}/toy-en.tsv@en", f"{partial}@en"])
-    assert both.labels[-2:] == [2, 0]
+    assert read_labeled([f"{TOY}/toy-en.tsv@en", f"{partial}@en"])[1] == ["food", "sports", "weather"]
     ids = tmp_path / "ids.tsv"
     ids.write_text("a\t0\nb\t2\nc\t1\n", encoding="utf-8")
-    numbered = read_labeled([f"{ids}@en"])
-    assert numbered.label_names == ["0", "1", "2"] and numbered.labels == [0, 2, 1]
+    numbered, labels = read_labeled([f"{ids}@en"])
+    assert labels == ["0", "1", "2"] and numbered[0].labels == ["0", "2", "1"]
+    gaps = tmp_path / "gaps.tsv"
+    gaps.write_text("a\t0\nb\t3\n", encoding="utf-8")
+    assert read_labeled([f"{gaps}@en"])[1] == ["0", "1", "2", "3"]  # class id i stays class i
     with pytest.raises(BadInput, match="by name but .* by id"):
         read_labeled([f"{TOY}/toy-en.tsv@en", f"{ids}@en"])
-    held = split_held_out(["en"] * 10 + ["hi"] * 5, 0.2, seed=4)
-    assert held[:10].sum() == 2 and held[10:].sum() == 1
-    assert np.array_equal(held, split_held_out(["en"] * 10 + ["hi"] * 5, 0.2, seed=4))
+    held = split_held_out([10, 5], 0.2, seed=4)
+    assert held[0].sum() == 2 and held[1].sum() == 1
+    assert all(np.array_equal(a, b) for a, b in zip(held, split_held_out([10, 5], 0.2, seed=4)))
 
 
 def test_a_labeled_corpus_caches_gold_class_ids_and_names_them_in_the_manifest(tmp_path):

@@ -17,6 +17,7 @@ from typing import List, Optional
 
 import typer
 
+from .downstream import EVALUATE_RECIPE
 from .errors import XkdError
 
 app = typer.Typer(
@@ -324,22 +325,51 @@ def methods_cmd(
 @app.command("evaluate")
 @user_errors
 def evaluate_cmd(
-    model: Optional[Path] = typer.Argument(None, help="A trained student (the --out of train-student)."),
-    vocab: Path = typer.Option(..., "--vocab", help="The vocab dir the student was trained with."),
+    model: Optional[Path] = typer.Argument(None, help="A trained student (the --out of train-student); classify/tag: any Hugging Face encoder directory."),
+    mode: str = typer.Option("mlm", "--mode", help="mlm (loss, accuracy, KL to teachers) | bitext (retrieval accuracy) | classify (fine-tune and score sequence classification, zero-shot across languages) | tag (the same for CoNLL tagging: span F1 or accuracy)."),
+    vocab: Optional[Path] = typer.Option(None, "--vocab", help="The vocab dir the student was trained with (mlm, bitext; classify/tag: default, the one its train_summary.json names)."),
     caches: List[Path] = typer.Option([], "--caches", help="mlm mode: held-out caches (one teacher each)."),
-    mode: str = typer.Option("mlm", "--mode", help="mlm (loss, accuracy, KL to teachers, RDT) | bitext (retrieval accuracy)."),
     src: Optional[str] = typer.Option(None, "--src", help="bitext mode: PATH@LANG, a sentence a line."),
     tgt: Optional[str] = typer.Option(None, "--tgt", help="bitext mode: PATH@LANG, line-aligned with --src."),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="bitext mode: evaluate the untrained student initialised from this teacher instead of MODEL."),
     pooling: str = typer.Option("mean", "--pooling", help="bitext mode: mean | cls sentence vectors."),
+    train: List[str] = typer.Option([], "--train", help="classify/tag: data to fine-tune on, labeled:PATH@LANG, pairs:PATH@LANG or conll:PATH@LANG (repeatable)."),
+    test: List[str] = typer.Option([], "--test", help="classify/tag: a test set, one per language, same kinds as --train (repeatable)."),
+    seeds: int = typer.Option(1, "--seeds", help="classify/tag: fine-tune N times (seeds --seed ... --seed+N-1); report mean and std."),
+    seed: int = typer.Option(0, "--seed", help="classify/tag: the first seed."),
+    epochs: int = typer.Option(EVALUATE_RECIPE.epochs, "--epochs", help="classify/tag: fine-tuning epochs."),
+    lr: float = typer.Option(EVALUATE_RECIPE.lr, "--lr", help="classify/tag: peak learning rate (AdamW, linear warm-up and decay)."),
+    warmup: float = typer.Option(EVALUATE_RECIPE.warmup, "--warmup", help="classify/tag: warm-up, a fraction of the steps."),
+    weight_decay: float = typer.Option(EVALUATE_RECIPE.weight_decay, "--weight-decay", help="classify/tag: AdamW weight decay."),
+    max_length: int = typer.Option(EVALUATE_RECIPE.max_length, "--max-length", help="classify/tag: tokens per example, special tokens included."),
+    freeze_embeddings: bool = typer.Option(False, "--freeze-embeddings", help="classify/tag: keep the embedding layers fixed while fine-tuning (seeds/003)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="classify/tag: where results.json and the PNG chart go (default: eval/MODEL_NAME-MODE)."),
+    device: Optional[str] = typer.Option(None, "--device", help="classify/tag: cpu | cuda (default: cuda if available)."),
     batch_size: int = typer.Option(32, "--batch-size"),
     max_rows: Optional[int] = typer.Option(None, "--max-rows", help="Evaluate on at most this many rows (lines) per cache (file)."),
     allow_incomplete: bool = AllowIncompleteOpt,
     as_json: bool = JsonOpt,
 ):
-    """Evaluate a student: masked-LM quality against held-out caches, or bitext retrieval."""
+    """Evaluate a model: masked-LM quality against held-out caches, bitext retrieval, or the papers'
+    yardstick: fine-tune on one language's task data and score every language (docs/evaluation.md)."""
     from .errors import BadInput
 
+    if mode in ("classify", "tag"):
+        from .downstream import TaskEvalOptions, evaluate_task, format_result
+        from .finetune import Recipe
+
+        if model is None:
+            raise BadInput(f"--mode {mode} needs MODEL: a Hugging Face encoder directory (a student, a teacher, ...).")
+        recipe = Recipe(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, warmup=warmup,
+                        weight_decay=weight_decay, freeze_embeddings=freeze_embeddings)
+        result = evaluate_task(TaskEvalOptions(str(model), mode, list(train), list(test), recipe, seeds, seed,
+                                               str(vocab) if vocab else None, str(out) if out else None, device))
+        typer.echo(format_result(result))
+        if as_json:
+            emit_json(result)
+        return
+    if vocab is None:
+        raise BadInput(f"--mode {mode} needs --vocab: the vocab dir the student was trained with.")
     if mode == "bitext":
         from .student.evaluate import evaluate_bitext
 
@@ -351,7 +381,7 @@ def evaluate_cmd(
             "  ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("accuracy")) + f"  ({result['pairs']} pairs)")
         return
     if mode != "mlm":
-        raise BadInput(f"--mode must be mlm or bitext, not {mode!r}")
+        raise BadInput(f"--mode must be mlm, bitext, classify or tag, not {mode!r}")
     if model is None or not caches:
         raise BadInput("--mode mlm needs MODEL and at least one --caches.")
     from .student.evaluate import evaluate_mlm
@@ -363,15 +393,33 @@ def evaluate_cmd(
     for r in result["per_cache"]:
         typer.echo(f"{r['teacher']:<24} positions {r['masked_positions']:>8,}  mlm loss {r['mlm_loss']:.4f}  "
                    f"acc {r['accuracy']:.4f} (teacher {r['teacher_accuracy']:.4f})  KL to teacher {r['kl_to_teacher']:.4f}")
-    if result["rdt_percent"] is not None:
-        typer.echo(f"RDT {result['rdt_percent']:+.2f}% (relative deviation from teachers; positive: student better)")
+    if result["mlm_accuracy_deviation_percent"] is not None:
+        typer.echo(f"MLM accuracy deviation from teachers {result['mlm_accuracy_deviation_percent']:+.2f}% "
+                   "(positive: student better; MergeDistill's RDT is on task scores: xkd rdt)")
+
+
+@app.command("rdt")
+@user_errors
+def rdt_cmd(
+    student: str = typer.Argument(..., help="The student's evaluation: the JSON `xkd evaluate --mode classify|tag --json` printed, or its results.json."),
+    teacher: List[str] = typer.Option(..., "--teacher", help="A teacher's evaluation on the same task, FILE or FILE@LANG,LANG (only those languages: a monolingual teacher). Repeatable."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="The score to compare (default: the one the evaluations report)."),
+    as_json: bool = JsonOpt,
+):
+    """MergeDistill's RDT (relative deviation from teachers, Eq. 3) per language on task scores: positive when the student is better."""
+    from .downstream import format_rdt, rdt_from_files
+
+    result = rdt_from_files(student, list(teacher), metric)
+    typer.echo(format_rdt(result))
+    if as_json:
+        emit_json(result)
 
 
 @app.command("finetune-teacher")
 @user_errors
 def finetune_teacher_cmd(
     base: str = typer.Option(..., "--base", help="Model to fine-tune: alias (minilm, mbert, ...), HF model id or model dir."),
-    data: List[str] = typer.Option(..., "--data", help="Labeled file PATH@LANG, a text<TAB>label a line (repeat for several)."),
+    data: List[str] = typer.Option(..., "--data", help="Labeled file [labeled:]PATH@LANG (text<TAB>label a line) or sentence pairs pairs:PATH@LANG (text_a<TAB>text_b<TAB>label); repeat for several."),
     out: Path = typer.Option(..., "--out", help="Where to save the classifier (HF format, with its tokenizer and labels)."),
     epochs: int = typer.Option(3, "--epochs"),
     lr: float = typer.Option(5e-5, "--lr"),
@@ -379,15 +427,16 @@ def finetune_teacher_cmd(
     max_length: int = typer.Option(128, "--max-length", help="Tokens per example, special tokens included."),
     held_out: float = typer.Option(0.2, "--held-out", help="Fraction of each file kept out of training and scored (0: none)."),
     seed: int = typer.Option(0, "--seed"),
+    freeze_embeddings: bool = typer.Option(False, "--freeze-embeddings", help="Keep the embedding layers fixed (seeds/003)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda if available)."),
     as_json: bool = JsonOpt,
 ):
-    """Fine-tune a Hugging Face sequence classifier on labelled text: a classifier teacher for xd and multikd."""
+    """Fine-tune a Hugging Face sequence classifier on labelled texts or sentence pairs: a classifier teacher for xd, multikd and tinybert stage 2."""
     from .finetune import FinetuneOptions, finetune_teacher, format_summary
 
     summary = finetune_teacher(FinetuneOptions(
         base=base, data=list(data), out=str(out), epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
-        held_out=held_out, seed=seed, device=device,
+        held_out=held_out, seed=seed, freeze_embeddings=freeze_embeddings, device=device,
     ))
     typer.echo(format_summary(summary))
     if as_json:

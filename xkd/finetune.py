@@ -1,19 +1,23 @@
-"""finetune-teacher: a Hugging Face sequence classifier fine-tuned on labelled text.
+"""Fine-tuning a Hugging Face encoder with a fresh head on task data: `xkd finetune-teacher`
+(a classifier teacher for xd, multikd and tinybert stage 2) and `xkd evaluate --mode
+classify|tag` (the papers' zero-shot yardstick) share this loop.
 
-The classifier teachers of xd (one task-tuned teacher on English) and multikd (one teacher
-per language) come from here, or from any other fine-tuned `…ForSequenceClassification`
-checkpoint: `xkd cache-teachers --teacher DIR --class-logits` caches its class logits
-either way (docs/methods.md, "classifier teachers").
+The recipe (`Recipe`) is BERT's (Devlin et al. 2019), which every seed paper fine-tunes with:
+AdamW, weight decay 0.01 except on biases and LayerNorm weights, linear warm-up over the
+first 10% of steps then linear decay to 0, gradient norm clipped at 1.0. `freeze_embeddings`
+keeps the embedding layers fixed (seeds/003: "to prevent the change only in subset of
+subwords that appear in the training data", which helps zero-shot transfer).
 
-Data: labeled files, `PATH@LANG`, one `text<TAB>label` a line, read by the pipeline's own
-labeled-corpus reader (`labeled:PATH@LANG`), so labels parse exactly as a cached corpus's
-`class_label` does. Labels are class names (class id = position in the sorted names of all
-files) or class ids 0, 1, .... A slice of each file (`held_out`, drawn with the seed) is
-kept out of training and scored at the end. The whole labelled set is held in memory: task
-data, not a pretraining corpus.
+Data is task data (xkd.tasks): labeled single texts, sentence pairs or CoNLL tags. Each
+language is tokenized as the model reads it (`TaskEncoder`): its own tokenizer and template
+(pairs: BERT's [CLS] a [SEP] b [SEP] with token types, RoBERTa's <s> a </s></s> b </s>), or
+for an xkd student, the union vocab's routing of that language. For tagging, a word's label
+sits on its first sub-token, the other sub-tokens are not scored, and a word cut off by
+--max-length is not predicted.
 
-The model is tokenized and run as the pipeline runs a classifier teacher (one sentence,
-input ids and attention mask), so the cached logits are those of the model evaluated here.
+finetune-teacher holds a slice of each file out (`held_out`, drawn with the seed) and scores
+it at the end. The model is tokenized and run as the pipeline runs a classifier teacher, so
+the cached logits are those of the model evaluated here.
 """
 
 from __future__ import annotations
@@ -22,19 +26,210 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from .errors import BadInput
-from .names import language_code
+from .options import check_number
+from .tasks import TaskSet, read_tasks, task_labels
+
+IGNORED = -100  # transformers' label for positions the loss skips
+
+
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int = 3
+    lr: float = 5e-5
+    batch_size: int = 16
+    max_length: int = 128  # tokens per example, special tokens included
+    warmup: float = 0.1  # fraction of the optimiser steps
+    weight_decay: float = 0.01
+    freeze_embeddings: bool = False
+
+    def __post_init__(self):
+        check_number("--epochs", self.epochs, low=1, whole=True)
+        check_number("--batch-size", self.batch_size, low=1, whole=True)
+        check_number("--max-length", self.max_length, low=3, whole=True)
+        check_number("--lr", self.lr, low=1e-12, hint="a positive learning rate")
+        check_number("--warmup", self.warmup, low=0.0, high=1.0)
+        check_number("--weight-decay", self.weight_decay, low=0.0)
+
+
+# Tokenizing task data -----------------------------------------------------------------
+
+
+@dataclass
+class Encoded:
+    """One language's task data as model inputs (unpadded, one array per example)."""
+
+    lang: str
+    ids: list[np.ndarray]
+    types: list[np.ndarray] | None  # token type ids, where the tokenizer gives them (BERT)
+    targets: list  # class id per example, or per token the label id (IGNORED: not scored)
+    first_tokens: list[np.ndarray] = field(default_factory=list)  # tagging: each kept word's first sub-token
+
+
+class TaskEncoder:
+    """Tokenizes task data as a model reads it: with the model's own tokenizer, or (an xkd
+    student) with the union vocab's routing: each language through its teacher's
+    tokenizer, remapped into the union."""
+
+    def __init__(self, tokenizer=None, vocab=None):
+        self.tokenizer = tokenizer
+        self.vocab = vocab
+        self.pad_id = vocab.pad_id if vocab is not None else (tokenizer.pad_token_id or 0)
+
+    def _for(self, lang: str):
+        if self.vocab is None:
+            return self.tokenizer, None
+        slug = self.vocab.teacher_for(lang)
+        return self.vocab.teacher_tokenizer(slug), (slug, self.vocab.map_for(slug))
+
+    def encode(self, data: TaskSet, labels: list[str], max_length: int) -> Encoded:
+        tokenizer, table = self._for(data.lang)
+        label_id = {name: i for i, name in enumerate(labels)}
+        if data.kind == "conll":
+            if not getattr(tokenizer, "is_fast", False):
+                raise BadInput(f"{data.spec}: tagging needs a fast (Rust) tokenizer for word boundaries; the model's "
+                               f"is {type(tokenizer).__name__}. Save it with a tokenizer.json.")
+            enc = tokenizer(data.words, is_split_into_words=True, truncation=True, max_length=max_length)
+        else:
+            enc = tokenizer(data.texts, data.texts_b, truncation=True, max_length=max_length)
+        ids = [np.asarray(row, dtype=np.int64) for row in enc["input_ids"]]
+        if table is not None:
+            from .vocab import remap
+
+            slug, mapping = table
+            lengths = [len(row) for row in ids]
+            union = remap(np.concatenate(ids) if ids else np.zeros(0, np.int64), mapping,
+                          what=f"tokenize with teacher {slug}").astype(np.int64)
+            ids = np.split(union, np.cumsum(lengths)[:-1]) if ids else []
+        types = [np.asarray(row, dtype=np.int64) for row in enc["token_type_ids"]] if "token_type_ids" in enc else None
+        if data.kind != "conll":
+            return Encoded(data.lang, ids, types, [label_id[label] for label in data.labels])
+        targets, first_tokens = [], []
+        for n, (row, tags) in enumerate(zip(ids, data.tags)):
+            words = np.array([-1 if w is None else w for w in enc.word_ids(n)], dtype=np.int64)
+            first = np.flatnonzero((words >= 0) & np.r_[True, words[1:] != words[:-1]])
+            target = np.full(len(row), IGNORED, dtype=np.int64)
+            target[first] = [label_id[tags[w]] for w in words[first]]
+            targets.append(target)
+            first_tokens.append(first)
+        return Encoded(data.lang, ids, types, targets, first_tokens)
+
+
+def collate(data: Encoded, rows: np.ndarray, pad_id: int, with_targets: bool = True) -> dict:
+    """Padded torch inputs for the given examples (and their labels)."""
+    import torch
+
+    width = max(len(data.ids[r]) for r in rows)
+    batch = {"input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
+             "attention_mask": torch.zeros((len(rows), width), dtype=torch.long)}
+    if data.types is not None:
+        batch["token_type_ids"] = torch.zeros((len(rows), width), dtype=torch.long)
+    tagging = bool(data.first_tokens)
+    if with_targets and tagging:
+        batch["labels"] = torch.full((len(rows), width), IGNORED, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(data.ids[r])
+        batch["input_ids"][i, :n] = torch.from_numpy(data.ids[r])
+        batch["attention_mask"][i, :n] = 1
+        if data.types is not None:
+            batch["token_type_ids"][i, :n] = torch.from_numpy(data.types[r])
+        if with_targets and tagging:
+            batch["labels"][i, :n] = torch.from_numpy(data.targets[r])
+    if with_targets and not tagging:
+        batch["labels"] = torch.tensor([data.targets[r] for r in rows], dtype=torch.long)
+    return batch
+
+
+# Training and prediction --------------------------------------------------------------
+
+
+def _inputs(model, batch: dict, device) -> dict:
+    # A model without token types (RoBERTa) reads a pair from its template alone.
+    takes_types = getattr(model.config, "type_vocab_size", 0) >= 2
+    return {k: v.to(device) for k, v in batch.items() if k != "token_type_ids" or takes_types}
+
+
+def fit(model, train: list[Encoded], recipe: Recipe, pad_id: int, seed: int, device, say=None) -> list[float]:
+    """Fine-tune `model` in place on the examples of every Encoded (shuffled together);
+    return the mean loss of each epoch."""
+    import torch
+
+    say = say or (lambda msg: None)
+    examples = [(d, r) for d, data in enumerate(train) for r in range(len(data.ids))]
+    if recipe.freeze_embeddings:
+        for p in model.base_model.embeddings.parameters():
+            p.requires_grad_(False)
+    steps_per_epoch = math.ceil(len(examples) / recipe.batch_size)
+    total = steps_per_epoch * recipe.epochs
+    warmup = max(1, int(recipe.warmup * total))
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([
+        {"params": [p for n, p in trainable if p.ndim >= 2], "weight_decay": recipe.weight_decay},
+        {"params": [p for n, p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ], lr=recipe.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+    order_rng = np.random.default_rng([seed, 1])
+    epoch_losses = []
+    for epoch in range(recipe.epochs):
+        model.train()
+        order = order_rng.permutation(len(examples))
+        losses = []
+        for start in range(0, len(order), recipe.batch_size):
+            # Files may be tokenized differently (a union vocab routes each language to its own
+            # teacher's tokenizer), so each file's share of a batch is collated on its own;
+            # the batch loss is their mean weighted by rows.
+            picked = [examples[i] for i in order[start : start + recipe.batch_size]]
+            loss = 0.0
+            for d in sorted({d for d, _ in picked}):
+                rows = np.array([r for dd, r in picked if dd == d])
+                out = model(**_inputs(model, collate(train[d], rows, pad_id), device))
+                loss = loss + out.loss * (len(rows) / len(picked))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        epoch_losses.append(round(float(np.mean(losses)), 6))
+        say(f"epoch {epoch + 1}/{recipe.epochs}  loss {epoch_losses[-1]:.4f}")
+    model.eval()
+    return epoch_losses
+
+
+def predict(model, data: Encoded, pad_id: int, device, batch_size: int = 64) -> list[np.ndarray]:
+    """Per example, its logits: (classes,) for a sequence, (kept words, classes) for tags."""
+    import torch
+
+    model.eval()
+    out: list[np.ndarray] = []
+    with torch.inference_mode():
+        for start in range(0, len(data.ids), batch_size):
+            rows = np.arange(start, min(start + batch_size, len(data.ids)))
+            logits = model(**_inputs(model, collate(data, rows, pad_id, with_targets=False), device)).logits.float().cpu()
+            for i, r in enumerate(rows):
+                out.append(logits[i, data.first_tokens[r]].numpy() if data.first_tokens else logits[i].numpy())
+    return out
+
+
+def pick_device(device: str | None):
+    import torch
+
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+# finetune-teacher ---------------------------------------------------------------------
 
 
 @dataclass
 class FinetuneOptions:
     base: str  # teacher alias, model id or model directory (xkd.names.resolve_teacher)
-    data: list[str]  # PATH@LANG labeled files
+    data: list[str]  # task specs: labeled:PATH@LANG (or PATH@LANG) or pairs:PATH@LANG
     out: str
     epochs: int = 3
     lr: float = 5e-5
@@ -43,109 +238,52 @@ class FinetuneOptions:
     held_out: float = 0.2  # fraction of each file kept out of training and scored
     seed: int = 0
     weight_decay: float = 0.01
-    warmup: float = 0.1  # fraction of the optimiser steps
+    warmup: float = 0.1
+    freeze_embeddings: bool = False
     device: str | None = None  # default: cuda when available
 
     def __post_init__(self):
         if not self.data:
             raise BadInput("--data: give at least one labeled file, PATH@LANG (a text<TAB>label a line).")
-        if self.epochs < 1 or self.batch_size < 1 or self.max_length < 2:
-            raise BadInput("--epochs and --batch-size must be at least 1, --max-length at least 2.")
         if not 0.0 <= self.held_out < 1.0:
             raise BadInput(f"--held-out {self.held_out}: give a fraction in [0, 1).")
-        if self.lr <= 0:
-            raise BadInput(f"--lr {self.lr}: give a positive learning rate.")
+        self.recipe  # checks the numbers
+
+    @property
+    def recipe(self) -> Recipe:
+        names = {f.name for f in fields(Recipe)}
+        return Recipe(**{k: v for k, v in asdict(self).items() if k in names})
 
 
-@dataclass
-class LabeledSet:
-    texts: list[str] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    langs: list[str] = field(default_factory=list)
-    label_names: list[str] = field(default_factory=list)
-
-
-def _path_lang(item: str) -> tuple[str, str]:
-    path, sep, lang = item.rpartition("@")
-    if not sep or not path or not lang:
-        raise BadInput(f"--data {item!r} must be PATH@LANG, e.g. xkd/data/toy-en.tsv@en (a text<TAB>label a line).")
-    if not Path(path).is_file():
-        raise BadInput(f"--data {item!r}: file {path} does not exist (or is not a file).")
-    return path, language_code(lang, f"--data {item!r}")
-
-
-def read_labeled(items: list[str]) -> LabeledSet:
-    """Every example of the labeled files, labels as ids over the union of the files' classes."""
-    from .names import CorpusSpec
-    from .pipeline.corpus import Cleaning, plan_corpus
-
-    per_file = []
-    for item in items:
-        path, lang = _path_lang(item)
-        plan = plan_corpus(CorpusSpec("labeled", (path,), (lang,), spec=f"labeled:{item}"), Cleaning(), 1 << 30)
-        examples = [ex for shard in plan.shards for ex in shard.examples()]
-        per_file.append((item, lang, plan.source.label_names, examples))
-    named = [item for item, _, names, _ in per_file if names]
-    if named and len(named) != len(per_file):
-        numbered = [item for item, _, names, _ in per_file if not names]
-        raise BadInput(f"--data: {named[0]} labels classes by name but {numbered[0]} by id; use one kind in every file.")
-    if named:
-        label_names = sorted({n for _, _, names, _ in per_file for n in names})
-    else:
-        label_names = [str(i) for i in range(1 + max(ex.label for *_, examples in per_file for ex in examples))]
-    data = LabeledSet(label_names=label_names)
-    for _, lang, names, examples in per_file:
-        for ex in examples:
-            data.texts.append(ex.texts[0])
-            data.labels.append(label_names.index(names[ex.label]) if names else ex.label)
-            data.langs.append(lang)
-    if len(label_names) < 2:
-        raise BadInput(f"--data: the files name one class only ({label_names[0]}); a classifier needs at least 2.")
-    return data
-
-
-def split_held_out(langs: list[str], fraction: float, seed: int) -> np.ndarray:
-    """Held-out mask: per language, round(fraction x its examples) drawn with the seed (at
-    least one when fraction > 0 and the language has two or more examples)."""
-    langs_arr = np.asarray(langs, dtype=object)
-    held = np.zeros(len(langs), dtype=bool)
-    if fraction <= 0:
-        return held
-    for i, lang in enumerate(sorted(set(langs))):
-        rows = np.flatnonzero(langs_arr == lang)
-        n = min(len(rows) - 1, max(1, round(fraction * len(rows))))
-        if n > 0:
-            held[np.random.default_rng([seed, i]).choice(rows, size=n, replace=False)] = True
-    return held
-
-
-def _batches(tokenizer, texts: list[str], max_length: int, batch_size: int):
-    for start in range(0, len(texts), batch_size):
-        yield tokenizer(texts[start : start + batch_size], truncation=True, max_length=max_length, padding=True,
-                        return_token_type_ids=False, return_tensors="pt")
-
-
-def predict(model, tokenizer, texts: list[str], max_length: int = 128, batch_size: int = 64) -> np.ndarray:
-    """Class logits (n, num_labels), fp32, the model in eval mode."""
-    import torch
-
-    model.eval()
-    device = next(model.parameters()).device
+def split_held_out(sizes: list[int], fraction: float, seed: int) -> list[np.ndarray]:
+    """Per file, a held-out mask: round(fraction x its examples) drawn with the seed (at
+    least one when fraction > 0 and the file has two or more examples)."""
     out = []
-    with torch.inference_mode():
-        for enc in _batches(tokenizer, texts, max_length, batch_size):
-            out.append(model(**{k: v.to(device) for k, v in enc.items()}).logits.float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, model.config.num_labels), np.float32)
+    for i, n_rows in enumerate(sizes):
+        held = np.zeros(n_rows, dtype=bool)
+        n = min(n_rows - 1, max(1, round(fraction * n_rows))) if fraction > 0 else 0
+        if n > 0:
+            held[np.random.default_rng([seed, i]).choice(n_rows, size=n, replace=False)] = True
+        out.append(held)
+    return out
 
 
-def accuracy(model, tokenizer, data: LabeledSet, rows: np.ndarray, max_length: int) -> dict:
-    if rows.size == 0:
+def _subset(data: Encoded, rows: np.ndarray) -> Encoded:
+    pick = rows.tolist()
+    return Encoded(data.lang, [data.ids[r] for r in pick], None if data.types is None else [data.types[r] for r in pick],
+                   [data.targets[r] for r in pick], [data.first_tokens[r] for r in pick] if data.first_tokens else [])
+
+
+def _accuracy(model, held: list[Encoded], pad_id: int, device) -> dict:
+    right: dict[str, list[bool]] = {}
+    for data in held:
+        for logits, target in zip(predict(model, data, pad_id, device), data.targets):
+            right.setdefault(data.lang, []).append(int(logits.argmax()) == target)
+    every = [x for values in right.values() for x in values]
+    if not every:
         return {"accuracy": None, "examples": 0, "per_language": {}}
-    logits = predict(model, tokenizer, [data.texts[i] for i in rows], max_length)
-    right = logits.argmax(1) == np.asarray(data.labels)[rows]
-    langs = np.asarray(data.langs, dtype=object)[rows]
-    per_language = {lang: round(float(right[langs == lang].mean()), 4) for lang in sorted(set(langs.tolist()))}
-    return {"accuracy": round(float(right.mean()), 4), "examples": int(rows.size), "per_language": per_language}
+    return {"accuracy": round(float(np.mean(every)), 4), "examples": len(every),
+            "per_language": {lang: round(float(np.mean(v)), 4) for lang, v in sorted(right.items())}}
 
 
 def finetune_teacher(opts: FinetuneOptions, progress=None) -> dict:
@@ -158,13 +296,17 @@ def finetune_teacher(opts: FinetuneOptions, progress=None) -> dict:
 
     say = progress or (lambda msg: sys.stderr.write(msg + "\n"))
     started = time.time()
-    data = read_labeled(opts.data)
+    tasks = read_tasks(opts.data, "--data")
+    if any(t.kind == "conll" for t in tasks):
+        raise BadInput("--data: finetune-teacher trains sequence classifiers (labeled: or pairs: files); tagging data "
+                       "(conll:) is for xkd evaluate --mode tag.")
+    labels = task_labels(tasks)
     resolved = resolve_teacher(opts.base)
     if resolved.path is None:
         raise BadInput(f"--base {opts.base!r}: fine-tuning needs the checkpoint locally (it resolved to the hub).")
     transformers.logging.set_verbosity_error()
     torch.manual_seed(opts.seed)
-    id2label = dict(enumerate(data.label_names))
+    id2label = dict(enumerate(labels))
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(resolved.path), num_labels=len(id2label), id2label=id2label,
@@ -173,55 +315,33 @@ def finetune_teacher(opts: FinetuneOptions, progress=None) -> dict:
     except (ValueError, OSError) as e:  # not a model transformers can put a classification head on
         raise BadInput(f"--base {opts.base!r}: cannot be loaded as a sequence classifier ({e}).") from None
     tokenizer = load_tokenizer(resolved.path)
-    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(opts.device)
     model.to(device)
-
-    held = split_held_out(data.langs, opts.held_out, opts.seed)
-    train_rows, held_rows = np.flatnonzero(~held), np.flatnonzero(held)
-    steps_per_epoch = math.ceil(len(train_rows) / opts.batch_size)
-    total = steps_per_epoch * opts.epochs
-    warmup = max(1, int(opts.warmup * total))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
-    say(f"finetune-teacher: {opts.base} -> {len(id2label)} classes ({', '.join(data.label_names)}); "
-        f"{len(train_rows)} training and {len(held_rows)} held-out examples; {opts.epochs} epochs on {device}")
-    before = accuracy(model, tokenizer, data, held_rows, opts.max_length)
-    labels = torch.tensor(data.labels)
-    order_rng = np.random.default_rng([opts.seed, 1])
-    epoch_losses = []
-    for epoch in range(opts.epochs):
-        model.train()
-        order = train_rows[order_rng.permutation(len(train_rows))]
-        losses = []
-        for start in range(0, len(order), opts.batch_size):
-            rows = order[start : start + opts.batch_size]
-            enc = tokenizer([data.texts[i] for i in rows], truncation=True, max_length=opts.max_length,
-                            padding=True, return_token_type_ids=False, return_tensors="pt")
-            out = model(**{k: v.to(device) for k, v in enc.items()}, labels=labels[rows].to(device))
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(out.loss.detach()))
-        epoch_losses.append(round(float(np.mean(losses)), 6))
-        say(f"finetune-teacher: epoch {epoch + 1}/{opts.epochs}  loss {epoch_losses[-1]:.4f}")
-    after = accuracy(model, tokenizer, data, held_rows, opts.max_length)
+    recipe = opts.recipe
+    encoder = TaskEncoder(tokenizer)
+    encoded = [encoder.encode(t, labels, recipe.max_length) for t in tasks]
+    held = split_held_out([len(e.ids) for e in encoded], opts.held_out, opts.seed)
+    train = [_subset(e, np.flatnonzero(~h)) for e, h in zip(encoded, held)]
+    scored = [_subset(e, np.flatnonzero(h)) for e, h in zip(encoded, held)]
+    n_train, n_held = sum(len(e.ids) for e in train), sum(len(e.ids) for e in scored)
+    say(f"finetune-teacher: {opts.base} -> {len(labels)} classes ({', '.join(labels)}); {n_train} training and "
+        f"{n_held} held-out examples; {recipe.epochs} epochs on {device}")
+    before = _accuracy(model, scored, encoder.pad_id, device)
+    epoch_losses = fit(model, train, recipe, encoder.pad_id, opts.seed, device,
+                       say=lambda msg: say(f"finetune-teacher: {msg}"))
+    after = _accuracy(model, scored, encoder.pad_id, device)
     out_dir = Path(opts.out)
-    model.eval()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    counts = {lang: int(sum(1 for x in data.langs if x == lang)) for lang in sorted(set(data.langs))}
+    counts: dict[str, int] = {}
+    for t in tasks:
+        counts[t.lang] = counts.get(t.lang, 0) + len(t)
     summary = {
-        "out": str(out_dir), "base": opts.base, "labels": data.label_names, "examples": counts,
-        "train_examples": int(len(train_rows)), "held_out_examples": int(len(held_rows)),
+        "out": str(out_dir), "base": opts.base, "labels": labels, "examples": dict(sorted(counts.items())),
+        "pairs": tasks[0].kind == "pairs", "train_examples": n_train, "held_out_examples": n_held,
         "accuracy_before": before["accuracy"], "accuracy": after["accuracy"], "per_language": after["per_language"],
-        "epoch_losses": epoch_losses, "steps": total, "seconds": round(time.time() - started, 2),
-        "options": asdict(opts),
+        "epoch_losses": epoch_losses, "steps": math.ceil(n_train / recipe.batch_size) * recipe.epochs,
+        "seconds": round(time.time() - started, 2), "options": asdict(opts),
     }
     (out_dir / "finetune_summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     return summary

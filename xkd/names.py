@@ -113,7 +113,8 @@ def resolve_teacher(name: str) -> ResolvedTeacher:
 
 @dataclass(frozen=True)
 class CorpusSpec:
-    """A parsed --corpus value. kind: text | labeled | parallel | tsv | hf | sample."""
+    """A parsed --corpus value. kind: text | labeled | pairs | parallel | tsv | hf | sample.
+    `options`: for hf, the text column(s) and the label column named in the spec."""
 
     kind: str
     paths: tuple[str, ...] = ()
@@ -125,7 +126,7 @@ class CorpusSpec:
 
     @property
     def parallel(self) -> bool:
-        return self.kind in ("parallel", "tsv") or (self.kind in ("hf", "sample") and len(self.langs) == 2)
+        return self.kind in ("parallel", "tsv") or (self.kind in ("hf", "sample", "pairs") and len(self.langs) == 2)
 
 
 # Named corpora. `opus-en-hi` is the English-Hindi part of OPUS-100 on the hub; offline, give
@@ -138,8 +139,10 @@ NAMED_CORPORA = {
 
 SPEC_HELP = (
     "Corpus specs: text:PATH@LANG (a sentence a line), labeled:PATH@LANG (text<TAB>label a line), "
-    "parallel:SRC_PATH@SRC_LANG,TGT_PATH@TGT_LANG "
-    "(two line-aligned files), tsv:PATH@SRC_LANG,TGT_LANG (src<TAB>tgt), hf:DATASET[:CONFIG], or a name: "
+    "pairs:PATH@LANG (sentence pairs, text_a<TAB>text_b[<TAB>label] a line; two files PATH@LANG,PATH@LANG: "
+    "line-aligned translations of the pairs), parallel:SRC_PATH@SRC_LANG,TGT_PATH@TGT_LANG "
+    "(two line-aligned files), tsv:PATH@SRC_LANG,TGT_LANG (src<TAB>tgt), hf:DATASET[:CONFIG][@LANG]"
+    "[?text=COL[,COL_B]&label=COL] (two text columns: sentence pairs), or a name: "
     + ", ".join(sorted(NAMED_CORPORA))
     + "."
 )
@@ -238,6 +241,25 @@ def _local_files_spec(name: str, files: str) -> str:
     raise BadInput(f"--corpus-files {files!r}: give SRC_PATH,TGT_PATH (two line-aligned files) or one TSV file.")
 
 
+def _hf_options(query: str, spec: str) -> dict:
+    """The options after the `?` of an hf: spec: text=COL[,COL_B] (two columns: sentence
+    pairs), label=COL, split=NAME; for tagging data (xkd evaluate --mode tag), tokens=COL and
+    tags=COL."""
+    options: dict = {}
+    for item in filter(None, query.split("&")):
+        key, eq, value = item.partition("=")
+        names = tuple(v.strip() for v in value.split(",")) if eq else ()
+        if key == "text" and 1 <= len(names) <= 2 and all(names):
+            options["columns"] = names
+        elif key in ("label", "split", "tokens", "tags") and len(names) == 1 and names[0]:
+            options[key] = names[0]
+        else:
+            raise BadInput(f"--corpus {spec!r}: {item!r} is not an option of an hf: corpus. Options: text=COL (one "
+                           "text column) or text=COL_A,COL_B (sentence pairs), label=COL, split=NAME, and for tagging "
+                           "tokens=COL&tags=COL; e.g. hf:facebook/xnli:en@en?text=premise,hypothesis&label=label.")
+    return options
+
+
 def parse_corpus(spec: str, files: str | None = None) -> CorpusSpec:
     """A --corpus string -> CorpusSpec, checking that local files exist. `files` (the
     --corpus-files option, or XKD_OPUS_EN_HI for opus-en-hi) reads a registered hub corpus
@@ -249,11 +271,18 @@ def parse_corpus(spec: str, files: str | None = None) -> CorpusSpec:
         spec = _local_files_spec(spec, files)
     spec = NAMED_CORPORA.get(spec, spec)
     kind, sep, rest = spec.partition(":")
-    if not sep or kind not in ("text", "labeled", "parallel", "tsv", "hf", "sample"):
+    if not sep or kind not in ("text", "labeled", "pairs", "parallel", "tsv", "hf", "sample"):
         raise BadInput(f"--corpus {original!r} is not a known corpus name or spec. {SPEC_HELP}")
     if kind in ("text", "labeled"):
         path, lang = _path_lang(rest, original)
         parsed = CorpusSpec(kind, (path,), (lang,), spec=original)
+    elif kind == "pairs":
+        parts = rest.split(",")
+        if len(parts) not in (1, 2):
+            raise BadInput(f"--corpus {original!r}: pairs needs one file PATH@LANG, or two line-aligned files "
+                           f"PATH@LANG,PATH@LANG (a pair and its translation). {SPEC_HELP}")
+        located = [_path_lang(p, original) for p in parts]
+        parsed = CorpusSpec("pairs", tuple(p for p, _ in located), tuple(lang for _, lang in located), spec=original)
     elif kind == "parallel":
         parts = rest.split(",")
         if len(parts) != 2:
@@ -271,11 +300,19 @@ def parse_corpus(spec: str, files: str | None = None) -> CorpusSpec:
         parsed = CorpusSpec("sample", (), tuple(language_code(lang, f"--corpus {original!r}") for lang in rest.split("-")),
                             spec=original)
     else:
+        rest, _, query = rest.partition("?")
+        options = _hf_options(query, original)
+        rest, at, lang = rest.rpartition("@") if "@" in rest else (rest, "", "")
         dataset, _, config = rest.partition(":")
         # A config such as "en-hi" names the pair; other configs ("plain_text") name no languages.
         pair = tuple(normalize_language(lang) for lang in config.split("-")) if config.count("-") == 1 else ()
         langs = pair if pair and all(pair) else ()
-        parsed = CorpusSpec("hf", (), langs, dataset=dataset, config=config, spec=original)
+        if at:
+            langs = (language_code(lang, f"--corpus {original!r}"),)
+        if options.get("columns") and len(langs) == 2:
+            raise BadInput(f"--corpus {original!r}: text columns name one language's texts; give it as @LANG "
+                           "(e.g. hf:facebook/xnli:en@en?text=premise,hypothesis&label=label).")
+        parsed = CorpusSpec("hf", (), langs, dataset=dataset, config=config, spec=original, options=options)
     for path in parsed.paths:
         if not Path(path).is_file():
             raise BadInput(f"--corpus {original!r}: file {path} does not exist (or is not a file).")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import BadInput
+from ..segments import token_type_ids
 
 
 def length_buckets(lengths: np.ndarray, token_budget: int) -> list[np.ndarray]:
@@ -44,9 +45,11 @@ class PaddedBatch:
     masked_rows: np.ndarray  # (M,) int64, row within the batch
     masked_cols: np.ndarray  # (M,) int64
     labels: np.ndarray  # (M,) int64
+    token_type_ids: np.ndarray | None = None  # (B, T) int64, sentence pairs only
 
     @classmethod
-    def build(cls, rows: np.ndarray, ids: list, word_start: list, positions: list, labels: list, pad_id: int):
+    def build(cls, rows: np.ndarray, ids: list, word_start: list, positions: list, labels: list, pad_id: int,
+              segment_b: np.ndarray | None = None):
         lengths = np.array([len(ids[r]) for r in rows])
         width = int(lengths.max())
         input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
@@ -63,4 +66,5 @@ class PaddedBatch:
             flat_labels = np.concatenate([labels[r] for r in rows]).astype(np.int64)
         else:
             masked_cols = flat_labels = np.zeros(0, np.int64)
-        return cls(np.asarray(rows), input_ids, attention, starts, masked_rows, masked_cols, flat_labels)
+        types = None if segment_b is None else token_type_ids(lengths, segment_b[rows], width)
+        return cls(np.asarray(rows), input_ids, attention, starts, masked_rows, masked_cols, flat_labels, types)

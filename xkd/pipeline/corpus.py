@@ -66,6 +66,7 @@ class Example:
     example_id: int
     texts: tuple[str, ...]  # (text,) for monolingual corpora, (src, tgt) for parallel ones
     label: int = -1
+    texts_b: tuple[str, ...] = ()  # sentence pairs: each side's second segment, as texts; () otherwise
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class Record:
     label: int = -1
     end: tuple[int, ...] = ()  # byte offset after the record, per file (files only)
     raw: tuple[bytes, ...] = ()  # the record's lines as read, per file (files only)
+    texts_b: tuple[str, ...] = ()  # sentence pairs: the second segment of each side
 
 
 # Sources -------------------------------------------------------------------------------
@@ -93,8 +95,13 @@ class Record:
 
 @dataclass
 class Source:
-    """A readable corpus: files (text, labeled, parallel, tsv, sample) or a `datasets` dataset.
-    Picklable and small: shard tasks receive it and open the files themselves."""
+    """A readable corpus: files (text, labeled, pairs, parallel, tsv, sample) or a `datasets`
+    dataset. Picklable and small: shard tasks receive it and open the files themselves.
+
+    Sentence pairs (`pairs:` files, or a dataset with two text columns) are one record each:
+    an example is both segments, which every teacher reads as one input in its own pair
+    template. A `pairs:` corpus of two files is parallel: line i of the second file is the
+    translation of line i of the first, pair for pair (XNLI's translated training sets)."""
 
     kind: str
     langs: tuple[str, ...]
@@ -105,10 +112,16 @@ class Source:
     spec: str = ""
     label_names: tuple[str, ...] = ()  # labeled files with class names: class id i is label_names[i]
     labels_sha256: str = ""  # sha256 of the labeled file the class names were read from
+    columns: tuple[str, ...] = ()  # datasets: the text column(s) named in the spec (two: pairs)
+    label_column: str = ""  # datasets: the label column named in the spec
 
     @property
     def parallel(self) -> bool:
         return len(self.langs) == 2
+
+    @property
+    def has_pairs(self) -> bool:
+        return self.kind == "pairs" or (self.kind == "hf" and len(self.columns) == 2)
 
     def fingerprint(self, file_sha256: list[str] | None = None) -> str:
         """sha256 of the files' bytes (names and places do not count), or the dataset's own
@@ -116,7 +129,8 @@ class Source:
         `file_sha256`: the files' sha256 as planning read them (else the files are read)."""
         h = hashlib.sha256(f"{self.kind}\0".encode())
         if self.kind == "hf":
-            h.update(f"{self._dataset._fingerprint}\0{self.split}".encode())
+            # Which columns are read is part of what the corpus is.
+            h.update(f"{self._dataset._fingerprint}\0{self.split}\0{self.columns}\0{self.label_column}".encode())
             return h.hexdigest()
         for digest in file_sha256 or [sha256_file(Path(p)) for p in self.paths]:
             h.update(digest.encode() + b"\0")
@@ -142,7 +156,7 @@ class Source:
     def records_from(self, files: list, start: Cursor) -> Iterator[Record]:
         """Records from binary file objects positioned at `start` (open files, or a shard's
         checked bytes). Lines end at b"\\n" only (xkd.lines)."""
-        split_tab = self.kind in ("tsv", "sample", "labeled")
+        split_tab = self.kind in ("tsv", "sample", "labeled", "pairs")
         offsets = list(start.offsets or (0,) * len(self.paths))
         position = start.position
         while True:
@@ -179,6 +193,8 @@ class Source:
             if position == 0:
                 text = text.removeprefix("\ufeff")
             texts.append(strip_line_end(text))
+        if self.kind == "pairs":
+            return self._decode_pairs(position, cursor, texts)
         if split_tab:
             fields = texts[0].split("\t")
             if len(fields) != 2:
@@ -193,6 +209,32 @@ class Source:
                 return Record(position, cursor, (fields[0].strip(),), label=label)
             texts = fields
         return Record(position, cursor, tuple(t.strip() for t in texts))
+
+    def _decode_pairs(self, position: int, cursor: Cursor, lines: list[str]) -> Record:
+        """text_a<TAB>text_b[<TAB>label] in each file; a label in the second file of a
+        parallel pair corpus must be the first file's (the translation keeps the label)."""
+        firsts, seconds, labels = [], [], []
+        for path, line in zip(self.paths, lines):
+            fields = line.split("\t")
+            if len(fields) not in (2, 3):
+                detail = (f"{path}, line {position + 1}: expected 2 or 3 tab-separated fields (text_a<TAB>text_b"
+                          f"[<TAB>label]), found {len(fields)}")
+                return Record(position, cursor, None, "malformed", detail)
+            firsts.append(fields[0].strip())
+            seconds.append(fields[1].strip())
+            labels.append(check_label(fields[2].strip(), f"{path}, line {position + 1}") if len(fields) == 3 else None)
+        if labels[0] is None:
+            if any(labels[1:]):
+                return Record(position, cursor, None, "malformed",
+                              f"{self.paths[1]}, line {position + 1}: has a label but {self.paths[0]} does not; the "
+                              "first file carries the labels")
+            return Record(position, cursor, tuple(firsts), texts_b=tuple(seconds))
+        if any(other is not None and other != labels[0] for other in labels[1:]):
+            return Record(position, cursor, None, "malformed",
+                          f"{self.paths[1]}, line {position + 1}: label {labels[1]!r} differs from {labels[0]!r} in "
+                          f"{self.paths[0]}; a translated pair keeps its label")
+        label = class_id(labels[0], self.label_names, f"{self.paths[0]}, line {position + 1}")
+        return Record(position, cursor, tuple(firsts), label=label, texts_b=tuple(seconds))
 
     # datasets ---------------------------------------------------------------------------
     def __getstate__(self):
@@ -211,6 +253,12 @@ class Source:
         spelling of each language, which may differ in case from the normalised code."""
         ds = self._dataset
         names = ds.column_names
+        if self.columns:
+            missing = [c for c in (*self.columns, self.label_column) if c and c not in names]
+            if missing:
+                raise BadInput(f"--corpus {self.spec!r}: the dataset has no column {missing[0]!r}; its columns are "
+                               f"{names}.")
+            return "columns", self.columns
         if "translation" in names:
             first = ds[0]["translation"] if len(ds) else {}
             keys = _keys_for(self.langs or tuple(first), first)
@@ -231,14 +279,15 @@ class Source:
 
     def resolve_hf_langs(self) -> tuple[str, ...]:
         mode, keys = self._columns
-        if mode == "text":
+        if mode == "text" or self.columns:
             return self.langs[:1] or (normalize_language(self.config) or "und" if len(self.config) <= 3 else "und",)
         return tuple(language_code(key, f"--corpus {self.spec!r}: the dataset's language") for key in keys)
 
     def _hf_records(self, start: Cursor) -> Iterator[Record]:
         ds = self._dataset
         mode, cols = self._columns
-        has_label = "label" in ds.column_names
+        label_column = self.label_column or ("label" if "label" in ds.column_names else "")
+        pairs = self.has_pairs
         for chunk_start in range(start.position, len(ds), _HF_CHUNK):
             batch = ds[chunk_start : chunk_start + _HF_CHUNK]
             n = len(next(iter(batch.values())))
@@ -249,8 +298,12 @@ class Source:
                     texts = tuple((pair.get(lang) or "").strip() for lang in cols)
                 else:
                     texts = tuple((batch[c][j] or "").strip() for c in cols)
-                label = batch["label"][j] if has_label else -1
-                yield Record(position, Cursor(position), texts, label=-1 if label is None else int(label))
+                label = batch[label_column][j] if label_column else -1
+                label = -1 if label is None else int(label)
+                if pairs:
+                    yield Record(position, Cursor(position), texts[:1], label=label, texts_b=texts[1:])
+                else:
+                    yield Record(position, Cursor(position), texts, label=label)
 
 
 def _keys_for(langs: tuple[str, ...], available) -> tuple[str, ...] | None:
@@ -306,11 +359,13 @@ def check_label(label: str, where: str) -> str:
     return label
 
 
-def label_names_of(path: str, spec: str) -> tuple[tuple[str, ...], str]:
+def label_names_of(path: str, spec: str, fields: int = 2) -> tuple[tuple[str, ...], str]:
     """(the class names of a labeled file, sorted: class id i is names[i]; the sha256 of the
-    bytes they were read from). Names are empty when the labels are class ids already. One
-    streaming pass; lines the reader will reject (bad UTF-8, no tab) are left to it, so its
-    message names them."""
+    bytes they were read from). The label is the last of `fields` tab-separated fields (2:
+    text<TAB>label; 3: a pair and its label). Names are empty when the labels are class ids
+    already. One streaming pass; lines the reader will reject (bad UTF-8, no tab) are left to
+    it, so its message names them."""
+    fields_wanted = fields
     names: set[str] = set()
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -320,8 +375,8 @@ def label_names_of(path: str, spec: str) -> tuple[tuple[str, ...], str]:
                 fields = strip_line_end(raw.decode("utf-8")).split("\t")
             except UnicodeDecodeError:
                 continue
-            if len(fields) == 2:
-                names.add(check_label(fields[1].strip(), f"{path}, line {number}"))
+            if len(fields) == fields_wanted:
+                names.add(check_label(fields[-1].strip(), f"{path}, line {number}"))
     ids = {n for n in names if n.isdigit()}
     if ids and ids != names:
         raise BadInput(
@@ -348,12 +403,17 @@ def source_for(spec: CorpusSpec, split: str = "train") -> Source:
         path = resources.files("xkd") / "data" / SAMPLE_FILE
         return Source("sample", SAMPLE_LANGS, (str(path),), spec=spec.spec)
     if spec.kind == "hf":
-        source = Source("hf", spec.langs, dataset=spec.dataset, config=spec.config, split=split, spec=spec.spec)
+        split = spec.options.get("split", split)  # the spec's own split= wins over --split
+        source = Source("hf", spec.langs, dataset=spec.dataset, config=spec.config, split=split, spec=spec.spec,
+                        columns=tuple(spec.options.get("columns", ())), label_column=spec.options.get("label", ""))
         source.langs = source.resolve_hf_langs()
+        label_column = source.label_column or ("label" if "label" in source._dataset.column_names else "")
+        class_names = getattr(source._dataset.features.get(label_column), "names", None) if label_column else None
+        source.label_names = tuple(class_names or ())  # a ClassLabel column names its classes
         return source
-    if spec.kind == "labeled":
-        names, digest = label_names_of(spec.paths[0], spec.spec)
-        return Source("labeled", spec.langs, spec.paths, spec=spec.spec, label_names=names, labels_sha256=digest)
+    if spec.kind in ("labeled", "pairs"):
+        names, digest = label_names_of(spec.paths[0], spec.spec, fields=3 if spec.kind == "pairs" else 2)
+        return Source(spec.kind, spec.langs, spec.paths, spec=spec.spec, label_names=names, labels_sha256=digest)
     return Source(spec.kind, spec.langs, spec.paths, spec=spec.spec)
 
 
@@ -369,10 +429,10 @@ def judge(record: Record, cleaning: Cleaning) -> str:
                 "counted in the summary)."
             )
         return record.reason
-    if any(not t for t in record.texts):
+    if any(not t for t in record.texts + record.texts_b):
         return "empty"
     if cleaning.min_tokens or cleaning.max_tokens:
-        for text in record.texts:
+        for text in record.texts + record.texts_b:
             n = len(text.split())
             if n < cleaning.min_tokens or (cleaning.max_tokens and n > cleaning.max_tokens):
                 return "length"
@@ -407,7 +467,7 @@ class ShardSlice:
             if len(out) == self.size:
                 break
             if not judge(record, self.cleaning):
-                out.append(Example(record.position, record.texts, record.label))
+                out.append(Example(record.position, record.texts, record.label, record.texts_b))
         if len(out) != self.size:
             raise BadInput(
                 f"corpus {self.source.spec!r} changed while it was being cached: shard {self.shard_id} "
@@ -475,7 +535,9 @@ class CorpusPlan:
             "records": self.records,
             "examples": self.examples,
             "skipped": dict(self.skipped),
-            **({"labels": list(self.source.label_names)} if self.source.kind == "labeled" else {}),
+            "pairs": self.source.has_pairs,
+            **({"labels": list(self.source.label_names)} if self.source.label_names or self.source.kind in ("labeled", "pairs")
+               else {}),
         }
 
 

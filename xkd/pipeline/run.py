@@ -189,7 +189,7 @@ def plan_job(spec: TeacherSpec, plan: CorpusPlan, opts: CacheTeachersOptions, co
         "teacher": spec.to_json(),
         "corpus": {**plan.to_json(), "paths": list(plan.source.paths)},
         "view": view_json,
-        "outputs": outputs_json(outputs.topk or None, dense, text=opts.text),
+        "outputs": outputs_json(outputs.topk or None, dense, text=opts.text, pairs=plan.source.has_pairs),
     }
     root = Path(opts.out) / f"{teacher_slug(spec.name)}-{key}"
     return Job(spec, view, root, key, meta)

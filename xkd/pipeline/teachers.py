@@ -33,6 +33,7 @@ from ..storage.shard import sha256_file
 from ..weights import weights_problem
 from .batching import PaddedBatch
 from .masking import Vocabulary
+from ..segments import uses_token_types
 from .tokenize import load_tokenizer, special_ids, tokenizer_sha256
 
 KINDS = ("mlm", "encoder", "classifier")
@@ -310,6 +311,7 @@ class LoadedTeacher:
         self.vocab = Vocabulary(spec.special_ids["mask"] if spec.special_ids["mask"] is not None else -1,
                                 len(self.tokenizer), specials)
         self.pad_id = spec.special_ids["pad"] if spec.special_ids["pad"] is not None else 0
+        self.takes_token_types = uses_token_types(self.tokenizer)
 
     def infer(self, batch: PaddedBatch, outputs: Outputs) -> dict[str, np.ndarray]:
         """One padded batch -> host arrays: topk_ids (M,k) uint32, topk_logits (M,k) fp16,
@@ -321,6 +323,11 @@ class LoadedTeacher:
         with torch.inference_mode():
             input_ids = torch.from_numpy(batch.input_ids).to(dev, non_blocking=True)
             attention = torch.from_numpy(batch.attention_mask).to(dev, non_blocking=True)
+            # Sentence pairs: token types as the teacher's tokenizer would give them (BERT);
+            # models without them (RoBERTa, XLM-R) read the pair from its template alone.
+            inputs = {"input_ids": input_ids, "attention_mask": attention}
+            if batch.token_type_ids is not None and self.takes_token_types:
+                inputs["token_type_ids"] = torch.from_numpy(batch.token_type_ids).to(dev, non_blocking=True)
             want_hidden = bool(outputs.hidden_layers)
             want_attention = bool(outputs.attention_layers)
             if want_attention:
@@ -329,15 +336,14 @@ class LoadedTeacher:
                 captured = {}
                 hook = self.base.register_forward_hook(lambda _m, _a, out: captured.__setitem__("base", out))
                 try:
-                    logits = self.model(input_ids=input_ids, attention_mask=attention,
-                                        output_hidden_states=want_hidden, output_attentions=want_attention).logits
+                    logits = self.model(**inputs, output_hidden_states=want_hidden,
+                                        output_attentions=want_attention).logits
                 finally:
                     hook.remove()
                 base = captured["base"]
             else:
                 logits = None
-                base = self.base(input_ids=input_ids, attention_mask=attention, output_hidden_states=want_hidden,
-                                 output_attentions=want_attention)
+                base = self.base(**inputs, output_hidden_states=want_hidden, output_attentions=want_attention)
             sequence = base.last_hidden_state
             out: dict[str, np.ndarray] = {}
             n_rows = input_ids.shape[0]
@@ -348,7 +354,7 @@ class LoadedTeacher:
                 labels = torch.from_numpy(batch.labels).to(dev)
                 full = None
                 if self.head is None:
-                    full = self.model(input_ids=input_ids, attention_mask=attention).logits
+                    full = self.model(**inputs).logits
                 picked = sequence[rows, cols] if full is None else None
                 # Full-vocabulary logits exist for one chunk of masked positions at a time, so
                 # memory stays bounded whatever the batch (mBERT: 0.5 GB per 1,000 positions).

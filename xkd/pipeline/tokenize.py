@@ -8,11 +8,13 @@ stored word-start flags, which align words (not tokens) across vocabularies.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import BadInput
+from ..segments import second_segment_start
 from ..storage.shard import sha256_file
 
 # Files that define a tokenizer's behaviour, whichever of them a model directory has.
@@ -57,32 +59,66 @@ def special_ids(tokenizer) -> dict[str, int | None]:
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(ids, word_index) per text, truncated to max_length tokens with specials included."""
-    return [(ids, word_index) for ids, word_index, _ in tokenize_seen(tokenizer, texts, max_length)]
+    return [(t.ids, t.word_index) for t in tokenize_seen(tokenizer, texts, max_length)]
 
 
-def tokenize_seen(tokenizer, texts: list[str], max_length: int) -> list[tuple[np.ndarray, np.ndarray, str | None]]:
-    """(ids, word_index, seen) per text, truncated to max_length tokens with specials
-    included. `seen` is None when the tokens cover the whole text; where truncation dropped
-    tokens, it is the text up to the end of the last token kept (the tokenizer's character
-    offsets), i.e. all of the text the teacher saw and nothing it did not."""
+@dataclass(frozen=True)
+class Tokenized:
+    """One input as a teacher reads it. `seen` is None when the tokens cover the whole text;
+    where truncation dropped tokens, it is the text up to the end of the last token kept (the
+    tokenizer's character offsets): all of the text the teacher saw and nothing it did not.
+    For a sentence pair, `segment_b` is the position of the second segment's first token and
+    `seen_b` is `seen` for the second segment; word numbers run on across both segments."""
+
+    ids: np.ndarray
+    word_index: np.ndarray
+    seen: str | None = None
+    segment_b: int = 0
+    seen_b: str | None = None
+
+    @property
+    def truncated(self) -> bool:
+        return self.seen is not None
+
+
+def tokenize_seen(tokenizer, texts: list[str], max_length: int, texts_b: list[str] | None = None) -> list[Tokenized]:
+    """Each text (or pair: `texts_b`) in the tokenizer's own template (BERT: [CLS] a [SEP] b
+    [SEP]; RoBERTa: <s> a </s></s> b </s>), truncated to max_length tokens with specials
+    included (the longer segment first, as transformers truncates pairs)."""
     if not texts:
         return []
     encoded = tokenizer(
-        texts, truncation=True, max_length=max_length, return_attention_mask=False,
+        texts, texts_b, truncation=True, max_length=max_length, return_attention_mask=False,
         return_token_type_ids=False,
     )
     specials = np.array(sorted(tokenizer.all_special_ids), dtype=np.int64)
     out = []
-    for text, encoding in zip(texts, encoded.encodings):
+    for n, encoding in enumerate(encoded.encodings):
         ids = np.asarray(encoding.ids, dtype=np.int64)
         word_index = np.array([-1 if w is None else w for w in encoding.word_ids], dtype=np.int64)
         word_index[np.isin(ids, specials)] = -1
-        seen = None
-        if encoding.overflowing:
-            end = max((stop for (_, stop), w in zip(encoding.offsets, word_index) if w >= 0), default=0)
-            seen = text[:end]
-        out.append((ids, word_index, seen))
+        sequence = np.array([-1 if s is None else s for s in encoding.sequence_ids], dtype=np.int64)
+        truncated = bool(encoding.overflowing)
+        if texts_b is None:
+            out.append(Tokenized(ids, word_index, _seen(texts[n], encoding, word_index, sequence, 0, truncated)))
+            continue
+        second = np.flatnonzero(sequence == 1)
+        # Segment b's word numbers restart at 0; number them after segment a's, so that a word
+        # (whole-word masking, word starts) is never two words of the pair at once.
+        first_words = word_index[(sequence == 0) & (word_index >= 0)]
+        word_index[second] = np.where(word_index[second] >= 0, word_index[second] + (first_words.max(initial=-1) + 1), -1)
+        out.append(Tokenized(ids, word_index, _seen(texts[n], encoding, word_index, sequence, 0, truncated),
+                             second_segment_start(encoding.sequence_ids),
+                             _seen(texts_b[n], encoding, word_index, sequence, 1, truncated)))
     return out
+
+
+def _seen(text: str, encoding, word_index: np.ndarray, sequence: np.ndarray, segment: int, truncated: bool) -> str | None:
+    if not truncated:
+        return None
+    end = max((stop for (_, stop), w, s in zip(encoding.offsets, word_index, sequence) if w >= 0 and s == segment),
+              default=0)
+    return text[:end]
 
 
 def word_starts(word_index: np.ndarray) -> np.ndarray:

@@ -120,7 +120,7 @@ def process_shard(task: ShardTask) -> dict:
     specs = view.outputs.dense_specs(task.teacher)
     record = write_shard_files(
         task.cache_root, task.slice.shard_id, columns, dense, specs,
-        has_topk=bool(view.outputs.topk), has_text=view.text,
+        has_topk=bool(view.outputs.topk), has_text=view.text, has_pairs=source.has_pairs,
     )
     # In the manifest, so that a resumed run's summary still counts every shard's.
     record["truncated_rows"] = rows.truncated
@@ -146,6 +146,9 @@ class Rows:
     labels: list[np.ndarray]
     pad_id: int
     truncated: int = 0  # rows whose text was longer than the teacher's --max-length tokens
+    segment_b: np.ndarray | None = None  # sentence pairs: where each row's second segment starts
+    text_b: list[str] | None = None
+    pair_text_b: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -154,27 +157,34 @@ class Rows:
 def build_rows(examples, langs, parallel: bool, view: View, teacher) -> Rows:
     sides = view.row_sides(parallel)
     epochs = view.mask.epochs if view.mask.active else 1
-    tokenized = {i: tokenize_seen(teacher.tokenizer, [ex.texts[i] for ex in examples], view.max_length)
-                 for _, i in sides}
+    pairs = bool(examples) and bool(examples[0].texts_b)
+
+    def tokenized_side(i: int):
+        texts_b = [ex.texts_b[i] for ex in examples] if pairs else None
+        return tokenize_seen(teacher.tokenizer, [ex.texts[i] for ex in examples], view.max_length, texts_b)
+
+    tokenized = {i: tokenized_side(i) for _, i in sides}
     if view.text and parallel:
         # The pair's text is stored as this teacher would see that side: a side it does not run
         # on (--sides src|tgt) is tokenized only to find where --max-length cuts it.
         for i in (0, 1):
             if i not in tokenized:
-                tokenized[i] = tokenize_seen(teacher.tokenizer, [ex.texts[i] for ex in examples], view.max_length)
+                tokenized[i] = tokenized_side(i)
     truncated = 0
     cols = {k: [] for k in ("example_id", "pair_id", "lang", "side", "mask_epoch", "class_label", "text",
-                            "pair_text", "input_ids", "word_start", "positions", "labels")}
+                            "pair_text", "input_ids", "word_start", "positions", "labels", "segment_b", "text_b",
+                            "pair_text_b")}
     for n, ex in enumerate(examples):
         # A row's text is what it covers: a 1 MB line the teacher saw 128 tokens of is stored
         # up to the end of those tokens.
-        covered = {i: ex.texts[i] if seen[n][2] is None else seen[n][2] for i, seen in tokenized.items()}
+        covered = {i: ex.texts[i] if t[n].seen is None else t[n].seen for i, t in tokenized.items()}
+        covered_b = {i: ex.texts_b[i] if t[n].seen_b is None else t[n].seen_b for i, t in tokenized.items()} if pairs else {}
         for side, i in sides:
-            ids, word_index, seen = tokenized[i][n]
-            truncated += epochs * (seen is not None)
-            starts = word_starts(word_index)
+            row = tokenized[i][n]
+            truncated += epochs * row.truncated
+            starts = word_starts(row.word_index)
             for epoch in range(epochs):
-                masked_ids, positions, labels = mask_row(ids, word_index, view.mask, teacher.vocab,
+                masked_ids, positions, labels = mask_row(row.ids, row.word_index, view.mask, teacher.vocab,
                                                          ex.example_id, side, epoch)
                 cols["example_id"].append(ex.example_id)
                 cols["pair_id"].append(ex.example_id if parallel else -1)
@@ -188,6 +198,10 @@ def build_rows(examples, langs, parallel: bool, view: View, teacher) -> Rows:
                 cols["word_start"].append(starts)
                 cols["positions"].append(positions)
                 cols["labels"].append(labels)
+                if pairs:
+                    cols["segment_b"].append(row.segment_b)
+                    cols["text_b"].append(covered_b[i])
+                    cols["pair_text_b"].append(covered_b.get(1 - i, ex.texts_b[1 - i]) if parallel else "")
     return Rows(
         example_id=np.array(cols["example_id"], dtype=np.uint64),
         pair_id=np.array(cols["pair_id"], dtype=np.int64),
@@ -198,6 +212,8 @@ def build_rows(examples, langs, parallel: bool, view: View, teacher) -> Rows:
         text=cols["text"], pair_text=cols["pair_text"], input_ids=cols["input_ids"],
         word_start=cols["word_start"], positions=cols["positions"], labels=cols["labels"],
         pad_id=teacher.pad_id, truncated=truncated,
+        segment_b=np.array(cols["segment_b"], dtype=np.uint16) if pairs else None,
+        text_b=cols["text_b"] if pairs else None, pair_text_b=cols["pair_text_b"] if pairs else None,
     )
 
 
@@ -230,7 +246,8 @@ def run_teacher(teacher, rows: Rows, outputs: Outputs, token_budget: int) -> tup
         flat.update(topk_ids=np.zeros((total_masked, k), np.uint32), topk_logits=np.zeros((total_masked, k), np.float16),
                     lognorm=np.zeros(total_masked, np.float32))
     for batch_rows in length_buckets(lengths, token_budget):
-        batch = PaddedBatch.build(batch_rows, rows.input_ids, rows.word_start, rows.positions, rows.labels, rows.pad_id)
+        batch = PaddedBatch.build(batch_rows, rows.input_ids, rows.word_start, rows.positions, rows.labels, rows.pad_id,
+                                  rows.segment_b)
         result = teacher.infer(batch, outputs)
         flat["teacher_loss"][batch_rows] = result["teacher_loss"]
         if k:
@@ -265,5 +282,10 @@ def assemble_columns(rows: Rows, outputs: dict, view: View) -> dict:
     if view.text:
         columns["text"] = np.array(rows.text, dtype=object)
         columns["pair_text"] = np.array(rows.pair_text, dtype=object)
+    if rows.segment_b is not None:
+        columns["segment_b"] = rows.segment_b
+        if view.text:
+            columns["text_b"] = np.array(rows.text_b, dtype=object)
+            columns["pair_text_b"] = np.array(rows.pair_text_b, dtype=object)
     return columns
 

@@ -146,6 +146,11 @@ class Cache:
         return bool((self.manifest.get("outputs") or {}).get("text"))
 
     @cached_property
+    def has_pairs(self) -> bool:
+        """Rows are sentence pairs (segment_b, and text_b with the text); older caches: never."""
+        return bool((self.manifest.get("outputs") or {}).get("pairs"))
+
+    @cached_property
     def dense_specs(self) -> dict[str, DenseSpec]:
         dense = (self.manifest.get("outputs") or {}).get("dense") or {}
         return {name: DenseSpec.from_json(name, d) for name, d in dense.items()}

@@ -55,7 +55,19 @@ TEXT_FIELDS = [
     pa.field("pair_text", pa.string(), nullable=False),
 ]
 
-ALL_FIELDS = BASE_FIELDS + TOPK_FIELDS + TEXT_FIELDS
+# Present when the corpus's records are sentence pairs (premise/hypothesis, a PAWS-X pair):
+# the row's input_ids are the teacher's own pair template, and segment_b is the position of
+# the second segment's first token, so token type ids (BERT: 1 from there on) can be rebuilt
+# for any model that takes them. 0 where a row holds one text.
+PAIR_FIELDS = [pa.field("segment_b", pa.uint16(), nullable=False)]
+# With the text stored, the second segments: text_b (this row's) and pair_text_b (the other
+# side's, for a parallel corpus of pairs; "" otherwise).
+PAIR_TEXT_FIELDS = [
+    pa.field("text_b", pa.string(), nullable=False),
+    pa.field("pair_text_b", pa.string(), nullable=False),
+]
+
+ALL_FIELDS = BASE_FIELDS + TOPK_FIELDS + TEXT_FIELDS + PAIR_FIELDS + PAIR_TEXT_FIELDS
 RAGGED_COLUMNS = {f.name for f in ALL_FIELDS if pa.types.is_list(f.type)}
 
 # How a dense array's first axis relates to rows: one entry per row, per token of the row,
@@ -63,8 +75,9 @@ RAGGED_COLUMNS = {f.name for f in ALL_FIELDS if pa.types.is_list(f.type)}
 ALIGNS = ("row", "token", "word")
 
 
-def arrow_schema(has_topk: bool, has_text: bool = False) -> pa.Schema:
-    return pa.schema(BASE_FIELDS + (TOPK_FIELDS if has_topk else []) + (TEXT_FIELDS if has_text else []))
+def arrow_schema(has_topk: bool, has_text: bool = False, has_pairs: bool = False) -> pa.Schema:
+    return pa.schema(BASE_FIELDS + (TOPK_FIELDS if has_topk else []) + (TEXT_FIELDS if has_text else [])
+                     + (PAIR_FIELDS if has_pairs else []) + (PAIR_TEXT_FIELDS if has_pairs and has_text else []))
 
 
 @dataclass(frozen=True)

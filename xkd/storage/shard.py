@@ -64,7 +64,7 @@ def _offsets_from_lengths(lengths: np.ndarray) -> np.ndarray:
     return out
 
 
-def build_table(rows: dict, has_topk: bool, has_text: bool = False) -> pa.Table:
+def build_table(rows: dict, has_topk: bool, has_text: bool = False, has_pairs: bool = False) -> pa.Table:
     """Rows as an Arrow table in the cache schema; adds the dense-alignment offsets."""
     rows = dict(rows)
     for name in ("input_ids", "word_start"):
@@ -74,7 +74,7 @@ def build_table(rows: dict, has_topk: bool, has_text: bool = False) -> pa.Table:
     n = len(input_ids)
     rows["token_offset"] = _offsets_from_lengths(input_ids.lengths())
     rows["word_offset"] = _offsets_from_lengths(word_start.row_sums())
-    schema = arrow_schema(has_topk, has_text)
+    schema = arrow_schema(has_topk, has_text, has_pairs)
     arrays = []
     for field in schema:
         if field.name not in rows:
@@ -176,6 +176,7 @@ def write_shard_files(
     dense_specs: dict[str, DenseSpec] | None = None,
     has_topk: bool = False,
     has_text: bool = False,
+    has_pairs: bool = False,
     row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
 ) -> dict:
     """Write shard `shard_id` atomically; return its manifest record.
@@ -190,7 +191,7 @@ def write_shard_files(
     dense_specs = dense_specs or {}
     if set(dense) != set(dense_specs):
         raise ValueError(f"dense outputs {sorted(dense)} do not match their specs {sorted(dense_specs)}")
-    table = build_table(rows, has_topk, has_text)
+    table = build_table(rows, has_topk, has_text, has_pairs)
     expected = {name: dense_length(spec, table) for name, spec in dense_specs.items()}
 
     shards = root / SHARDS

@@ -49,7 +49,7 @@ def _check_contents(cache: Cache, record: dict) -> list[str]:
     except Exception as e:  # any unreadable footer or page is the finding itself
         return [f"its Parquet file cannot be read ({e})"]
     k = cache.topk_k
-    expected = arrow_schema(bool(k), cache.has_text)
+    expected = arrow_schema(bool(k), cache.has_text, cache.has_pairs)
     if not table.schema.remove_metadata().equals(expected):
         return [f"its Parquet schema differs from schema version {cache.manifest['schema_version']}"]
     problems = []

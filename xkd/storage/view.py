@@ -28,6 +28,7 @@ class CacheView:
     max_length: int
     topk_k: int | None
     has_text: bool
+    has_pairs: bool  # rows are sentence pairs (segment_b; text_b with the text)
     dense: dict[str, DenseSpec] = field(hash=False)
 
     @property
@@ -74,6 +75,7 @@ def view_of(cache) -> CacheView:
         max_length=int(view.get("max_length") or 0),
         topk_k=cache.topk_k,
         has_text=cache.has_text,
+        has_pairs=cache.has_pairs,
         dense=dict(cache.dense_specs),
     )
 

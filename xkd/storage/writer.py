@@ -18,10 +18,12 @@ from .schema import SCHEMA_VERSION, DenseSpec
 XKD_VERSION = "0.1.0"
 
 
-def outputs_json(topk_k: int | None, dense_specs: dict[str, DenseSpec], text: bool = False) -> dict:
+def outputs_json(topk_k: int | None, dense_specs: dict[str, DenseSpec], text: bool = False,
+                 pairs: bool = False) -> dict:
     """The manifest's description of what each row and dense array holds."""
     return {
         "text": text,
+        "pairs": pairs,
         "topk": (
             {"k": topk_k, "ids": "uint32", "logits": "float16", "lognorm": "float32"} if topk_k else None
         ),

@@ -3,9 +3,10 @@
 Per held-out cache (one teacher each): the student's MLM loss and accuracy on the gold
 labels, the teacher's accuracy (its top-1 from the cached top-k), and the KL divergence from
 teacher to student over {top-k tokens, the rest} (exact given the cached log-normaliser).
-RDT (MergeDistill, Eq. 3) averages the student's relative deviation from each teacher,
-100/n Σ (P_S − P_T)/P_T, with P the masked-LM accuracy; positive means the student is better,
-the sign convention of the paper's tables.
+`mlm_accuracy_deviation_percent` averages the student's relative deviation from each
+teacher's masked-LM accuracy, 100/n Σ (P_S − P_T)/P_T (positive: the student is better). It
+has RDT's form but not its meaning: MergeDistill's RDT (Eq. 3) is on downstream task scores,
+which `xkd evaluate --mode classify|tag` then `xkd rdt` compute (xkd/downstream.py).
 """
 
 from __future__ import annotations
@@ -128,8 +129,10 @@ def evaluate_mlm(model_dir: str, caches: list[str], vocab_dir: str, batch_size: 
             "teacher_accuracy": teacher_correct / n,
             "kl_to_teacher": kl / n,
         })
-    rdt = [100 * (r["accuracy"] - r["teacher_accuracy"]) / r["teacher_accuracy"] for r in results if r["teacher_accuracy"] > 0]
-    return {"model": model_dir, "per_cache": results, "rdt_percent": float(np.mean(rdt)) if rdt else None}
+    deviation = [100 * (r["accuracy"] - r["teacher_accuracy"]) / r["teacher_accuracy"]
+                 for r in results if r["teacher_accuracy"] > 0]
+    return {"model": model_dir, "per_cache": results,
+            "mlm_accuracy_deviation_percent": float(np.mean(deviation)) if deviation else None}
 
 
 def read_lines(spec: str) -> tuple[list[str], str]:

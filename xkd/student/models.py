@@ -172,6 +172,8 @@ class Student(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, masked_flat=None, **kwargs):
+        if "token_type_ids" in kwargs and getattr(self.model.config, "type_vocab_size", 2) < 2:
+            kwargs.pop("token_type_ids")  # a student without token types reads a pair from its template alone
         if masked_flat is None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -26,6 +26,7 @@ import torch
 
 from ..errors import BadInput
 from ..masking import choose_positions, corrupt as bert_corrupt
+from ..segments import second_segment_start, token_type_ids
 from ..storage import Ragged
 from .data import padded_with_mask
 
@@ -56,13 +57,8 @@ def word_numbers(word_ids: np.ndarray) -> np.ndarray:
     return numbers
 
 
-def tokenize_words(vocab, texts: list[str], lang: str | None, max_length: int) -> list[Tokens]:
-    """`texts` tokenized by the teacher tokenizer routed for `lang`, remapped into the union,
-    with word numbers."""
-    from ..vocab import remap
-
-    if not texts:
-        return []
+def routed_tokenizer(vocab, lang: str | None):
+    """(teacher slug, its fast tokenizer) that the vocab routes `lang` to."""
     slug = vocab.teacher_for(lang)
     tokenizer = vocab.teacher_tokenizer(slug)
     if not getattr(tokenizer, "is_fast", False):
@@ -70,6 +66,17 @@ def tokenize_words(vocab, texts: list[str], lang: str | None, max_length: int) -
             f"the vocab {vocab.path} routes language {lang!r} to {slug}, whose tokenizer is not a fast (Rust) "
             "tokenizer, so it gives no word boundaries. Rebuild the vocab from a teacher with a tokenizer.json."
         )
+    return slug, tokenizer
+
+
+def tokenize_words(vocab, texts: list[str], lang: str | None, max_length: int) -> list[Tokens]:
+    """`texts` tokenized by the teacher tokenizer routed for `lang`, remapped into the union,
+    with word numbers."""
+    from ..vocab import remap
+
+    if not texts:
+        return []
+    slug, tokenizer = routed_tokenizer(vocab, lang)
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length,
                         return_attention_mask=False, return_token_type_ids=False)
     specials = np.array(sorted(tokenizer.all_special_ids), dtype=np.int64)
@@ -211,12 +218,32 @@ def collate_tlm(vocab, rows: dict, pairs, *, seed: int, prob: float, max_length:
 TEXT_COLUMNS = ("example_id", "lang", "side", "mask_epoch", "text", "pair_text")
 
 
-def tokenize_by_language(vocab, texts: list[str], langs: list[str], max_length: int) -> list[np.ndarray]:
-    """Union ids of each text as the student sees its language (one tokenizer call per language)."""
-    out: list[np.ndarray | None] = [None] * len(texts)
+def encode_by_language(vocab, texts: list[str], langs: list[str], max_length: int,
+                       texts_b: list[str] | None = None) -> dict:
+    """Padded student inputs for texts (or sentence pairs: `texts_b`) as the student sees
+    each row's language: the routed teacher's tokenizer and template, remapped into the
+    union (one tokenizer call per language). Pairs add token_type_ids from the template."""
+    from ..vocab import remap
+
+    ids: list[np.ndarray | None] = [None] * len(texts)
+    segment_b = np.zeros(len(texts), dtype=np.int64)
     langs_arr = np.asarray(langs, dtype=object)
     for lang in dict.fromkeys(langs):
         rows = np.flatnonzero(langs_arr == lang)
-        for r, ids in zip(rows, vocab.tokenize([texts[r] for r in rows], lang, max_length=max_length)):
-            out[r] = ids.astype(np.int64)
-    return out
+        slug, tokenizer = routed_tokenizer(vocab, lang)
+        encoded = tokenizer([texts[r] for r in rows], [texts_b[r] for r in rows] if texts_b is not None else None,
+                            truncation=True, max_length=max_length, return_attention_mask=False,
+                            return_token_type_ids=False)
+        lengths = [len(row) for row in encoded["input_ids"]]
+        flat = np.fromiter((i for row in encoded["input_ids"] for i in row), dtype=np.int64, count=sum(lengths))
+        union = remap(flat, vocab.map_for(slug), what=f"tokenize with teacher {slug}").astype(np.int64)
+        for r, row_ids in zip(rows, np.split(union, np.cumsum(lengths)[:-1])):
+            ids[r] = row_ids
+        if texts_b is not None:
+            segment_b[rows] = [second_segment_start(e.sequence_ids) for e in encoded.encodings]
+    input_ids, attention_mask = padded_ids(ids, vocab.pad_id)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if texts_b is not None:
+        lengths = attention_mask.sum(1).numpy()
+        batch["token_type_ids"] = torch.from_numpy(token_type_ids(lengths, segment_b, input_ids.shape[1]))
+    return batch

@@ -99,6 +99,7 @@ def remap_cache(cache: str | os.PathLike, vocab: str | os.PathLike | Vocab, out:
             dense_arrays = {name: np.concatenate(parts) for name, parts in dense.items()}
             record = write_shard_files(
                 out, shard_id, rows, dense_arrays, src.dense_specs, has_topk=has_topk, has_text=src.has_text,
+                has_pairs=src.has_pairs,
                 row_group_size=src.row_groups(shard_id)[0],
             )
             writer.commit(record)

@@ -63,7 +63,12 @@ def prepare(name: str, options, caches: list, vocab, *, student=None, init_from:
     cls = get_method(name)
     config = method_config(name, options)
     student = student or StudentConfig()
-    plan = cls.plan_for(config, [view_of(c) for c in caches], student_shape(student, init_from))
+    views = [view_of(c) for c in caches]
+    if not cls.reads_sentence_pairs and (paired := [v.path for v in views if v.has_pairs]):
+        readers = [m for m in available() if METHODS[m].reads_sentence_pairs]
+        raise BadInput(f"--method {name} does not read sentence pairs, but {paired[0]} holds them. Methods that train "
+                       f"on pairs: {', '.join(readers)}.")
+    plan = cls.plan_for(config, views, student_shape(student, init_from))
     for note in plan.notes:
         warnings.warn(f"--method {name}: {note}.", stacklevel=2)
     if model is None:

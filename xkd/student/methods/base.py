@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ...errors import BadInput
+from ...segments import token_type_ids
 from ...storage import CacheView, Ragged
 from ..data import padded_with_mask
 
@@ -237,6 +238,7 @@ class Method:
     paper: ClassVar[str] = ""  # the seed paper, for `xkd methods` and the docs
     Config: ClassVar[type]
     needs: ClassVar[tuple[Need, ...]] = ()  # every output it may need (what `xkd methods` lists)
+    reads_sentence_pairs: ClassVar[bool] = False  # plan_for adds pair columns (with_pair_columns)
 
     def __init__(self, config, plan: Plan, vocab=None, total_steps: int = 1):
         self.config = config
@@ -285,8 +287,35 @@ def lambda_at(schedule: str, start: float, end: float, step: int, total: int) ->
     return start + (end - start) * min(1.0, step / max(1, total - 1))
 
 
+# Sentence pairs -------------------------------------------------------------------------
+
+# The column that carries each column's second segment when a cache holds sentence pairs.
+PAIR_COMPANIONS = {"input_ids": "segment_b", "text": "text_b", "pair_text": "pair_text_b"}
+
+
+def with_pair_columns(method: str, caches: list[CacheView], columns: tuple[str, ...]) -> tuple[str, ...]:
+    """`columns`, plus their second-segment companions when the caches hold sentence pairs
+    (a method that reads pairs calls this in plan_for). Pair and single-text caches in one
+    run would give the student two kinds of input for one task: refused."""
+    kinds = {cache.has_pairs for cache in caches}
+    if len(kinds) > 1:
+        pairs = next(c.path for c in caches if c.has_pairs)
+        single = next(c.path for c in caches if not c.has_pairs)
+        raise BadInput(f"--method {method}: {pairs} holds sentence pairs but {single} holds single texts; train on "
+                       "caches of one kind (a pair task's caches, or a single-text task's).")
+    if not kinds or not kinds.pop():
+        return columns
+    return columns + tuple(PAIR_COMPANIONS[c] for c in columns if c in PAIR_COMPANIONS)
+
+
+def model_inputs(batch: dict) -> dict:
+    """What a student's forward takes from a batch: ids, mask, and token types for pairs."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+
 def collate_masked_lm(rows: dict, pad_id: int) -> dict:
-    """Padded student inputs plus everything at masked positions, flattened in row order."""
+    """Padded student inputs plus everything at masked positions, flattened in row order.
+    Sentence pairs (rows with segment_b) get token type ids as the teacher's tokenizer gave them."""
     input_ids, attention_mask = padded_with_mask(rows["input_ids"], pad_id)
     width = input_ids.shape[1]
     masked: Ragged = rows["masked_positions"]
@@ -301,6 +330,9 @@ def collate_masked_lm(rows: dict, pad_id: int) -> dict:
         "example_id": torch.from_numpy(rows["example_id"].astype(np.int64)),
         "lang": list(rows["lang"]),
     }
+    if "segment_b" in rows:
+        lengths = attention_mask.sum(1).numpy()
+        batch["token_type_ids"] = torch.from_numpy(token_type_ids(lengths, rows["segment_b"], width))
     n_masked = len(masked.values)
     if "topk_ids" in rows:
         k = len(rows["topk_ids"].values) // max(1, n_masked) if n_masked else 1
@@ -313,8 +345,7 @@ def collate_masked_lm(rows: dict, pad_id: int) -> dict:
 def masked_logits(student, batch: dict) -> torch.Tensor:
     """Student logits over its whole vocabulary at the batch's masked positions, (M, V) fp32.
     `student` is a models.Student (or DDP around one)."""
-    return student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   masked_flat=batch["masked_flat"]).logits.float()
+    return student(**model_inputs(batch), masked_flat=batch["masked_flat"]).logits.float()
 
 
 def masked_log_probs(student, batch: dict) -> torch.Tensor:

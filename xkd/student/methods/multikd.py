@@ -45,9 +45,10 @@ import torch
 from ...errors import BadInput
 from .. import losses as L
 from ..models import classifier_student
-from ..text import padded_ids, tokenize_by_language
+from ..text import encode_by_language
 from . import register
-from .base import TEXT_NEED, Method, Need, Plan, option, require, row_vectors, same_width
+from .base import (TEXT_NEED, Method, Need, Plan, model_inputs, option, require, row_vectors, same_width,
+                   with_pair_columns)
 
 NEEDS = (Need("class_logits", "--class-logits (on by default for sequence classifiers)"), TEXT_NEED)
 COLUMNS = ("example_id", "lang", "class_label", "text")
@@ -79,6 +80,7 @@ class MultiKD(Method):
     name = "multikd"
     paper = "MultiKD with the MBLM student (Yang et al. AAAI 2022), seeds/001"
     Config = Config
+    reads_sentence_pairs = True  # XNLI, PAWS-X: each language's teacher reads its own pairs
     needs = NEEDS
 
     @classmethod
@@ -88,7 +90,7 @@ class MultiKD(Method):
         names, logit_order = class_orders(caches)
         gold_order = tuple(_gold_order(cache, names) for cache in caches)
         languages = tuple(dict.fromkeys(lang for cache in caches for lang in cache.languages))
-        return MultiKDPlan(columns=COLUMNS, dense=("class_logits",), mix="batch", languages=languages, width=width,
+        return MultiKDPlan(columns=with_pair_columns(cls.name, caches, COLUMNS), dense=("class_logits",), mix="batch", languages=languages, width=width,
                            label_names=names, logit_order=logit_order, gold_order=gold_order)
 
     @classmethod
@@ -114,8 +116,7 @@ class MultiKD(Method):
 
     def collate(self, rows):
         texts, langs = list(rows["text"]), list(rows["lang"])
-        input_ids, attention_mask = padded_ids(tokenize_by_language(self.vocab, texts, langs, self.config.max_length),
-                                               self.vocab.pad_id)
+        texts_b = list(rows["text_b"]) if "text_b" in rows else None  # sentence pairs
         logits = row_vectors(rows, "class_logits")
         gold = np.asarray(rows["class_label"], dtype=np.int64).copy()
         for source in np.unique(rows["source"]):
@@ -127,8 +128,7 @@ class MultiKD(Method):
                 labelled = here[gold[here] >= 0]
                 gold[labelled] = np.asarray(gold_order)[gold[labelled]]
         return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
+            **encode_by_language(self.vocab, texts, langs, self.config.max_length, texts_b),
             "teacher_logits": logits,
             "class_label": torch.from_numpy(gold),
             "example_id": torch.from_numpy(np.asarray(rows["example_id"]).astype(np.int64)),
@@ -139,7 +139,7 @@ class MultiKD(Method):
         c = self.config
         langs = batch["lang"]
         extra = {"lang": langs[0] if len(set(langs)) == 1 else list(langs)} if self.pass_lang else {}
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits.float()
+        logits = student(**model_inputs(batch), **extra).logits.float()
         parts = {"kd": L.soft_cross_entropy(logits, batch["teacher_logits"], c.temperature) * (c.temperature**2 if c.t2 else 1.0)}
         weights = {"kd": 1.0}
         labelled = batch["class_label"] >= 0

@@ -54,7 +54,7 @@ from .. import losses as L
 from ..data import padded
 from ..models import classifier_student, quiet_transformers, use_pre_dropout_attention
 from . import register
-from .base import Method, Need, Plan, collate_masked_lm, option, row_vectors, same_width
+from .base import Method, Need, Plan, collate_masked_lm, model_inputs, option, row_vectors, same_width, with_pair_columns
 
 HIDDEN_OPTION = "--hidden-layers 0,3,6,9,12 --hidden-positions all"  # a 12-layer teacher, 4-layer student
 TOPK_COLUMNS = ("topk_ids", "topk_logits", "lognorm")
@@ -127,6 +127,7 @@ class TinyBERT(Method):
     name = "tinybert"
     paper = "TinyBERT-style two-stage distillation (Jiao et al. 2019) for mBERT, seeds/003"
     Config = Config
+    reads_sentence_pairs = True  # stage 2 on XNLI/PAWS-X: the cached pair ids, token types from segment_b
     needs = (Need("topk", "--topk 8 (stage 1)"), Need("hidden.*", HIDDEN_OPTION),
              Need("attn.*", "--attention-layers 3,6,9,12 (optional: turns on L_attn)"),
              Need("class_logits", "--class-logits (stage 2)"))
@@ -175,7 +176,7 @@ class TinyBERT(Method):
         if attention:
             heads, max_length = _attention_shape(caches, attn, student.heads)
             dense += attn
-        return TinyBERTPlan(columns=columns, dense=tuple(dense), notes=notes, layer_map=tuple(mapping.items()),
+        return TinyBERTPlan(columns=with_pair_columns(cls.name, caches, columns), dense=tuple(dense), notes=notes, layer_map=tuple(mapping.items()),
                             embedding=embedding, hidden=hidden, attention=attention, teacher_width=teacher_width,
                             attention_heads=heads, attention_max_length=max_length, classes=classes)
 
@@ -236,8 +237,8 @@ class TinyBERT(Method):
 
     def losses(self, batch, student, step):
         plan, c = self.plan, self.config
-        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      output_hidden_states=plan.embedding or plan.hidden, output_attentions=plan.attention)
+        inputs = dict(model_inputs(batch), output_hidden_states=plan.embedding or plan.hidden,
+                      output_attentions=plan.attention)
         if c.stage == 1:
             inputs["masked_flat"] = batch["masked_flat"]
         out = student(**inputs)

@@ -41,9 +41,10 @@ from ...errors import BadInput
 from ...pooling import MODES as POOLING_MODES, pool_tokens
 from .. import losses as L
 from ..models import classifier_student
-from ..text import one_side_pairs, padded_ids, partner_languages, tokenize_by_language
+from ..text import encode_by_language, one_side_pairs, partner_languages
 from . import register
-from .base import TEXT_NEED, Method, Need, Plan, option, require, row_vectors, same_width
+from .base import (TEXT_NEED, Method, Need, Plan, model_inputs, option, require, row_vectors, same_width,
+                   with_pair_columns)
 
 TARGET_NEEDS = {"class_logits": Need("class_logits", "--class-logits"), "pooled": Need("pooled", "--sentence pooled")}
 COLUMNS = ("example_id", "lang", "side", "text", "pair_text")
@@ -74,6 +75,7 @@ class XD(Method):
     name = "xd"
     paper = "XD (cross-lingual distillation), seeds/002"
     Config = Config
+    reads_sentence_pairs = True  # XNLI, PAWS-X: the translated pair against the English pair's logits
     needs = (TEXT_NEED, Need("class_logits", "--class-logits, for target=class_logits"),
              Need("pooled", "--sentence pooled, for target=pooled"))
 
@@ -90,7 +92,7 @@ class XD(Method):
             pooling = config.pooling or (mode if mode in POOLING_MODES else "mean")
             normalize = bool(teacher.get("normalize")) if config.normalize is None else config.normalize
         labels = next((c.teacher_labels or c.corpus_labels for c in caches if c.teacher_labels or c.corpus_labels), None)
-        return XDPlan(columns=COLUMNS, dense=(target,), pairs=pairs, target=target,
+        return XDPlan(columns=with_pair_columns(cls.name, caches, COLUMNS), dense=(target,), pairs=pairs, target=target,
                       width=same_width(cls.name, caches, target), pooling=pooling, normalize=normalize,
                       label_names=labels)
 
@@ -113,14 +115,13 @@ class XD(Method):
             raise BadInput(f"--method xd: example {int(rows['example_id'][missing[0]])} has no translation (empty "
                            "pair_text); cache a parallel corpus with --sides src.")
         texts, langs = list(rows["pair_text"]), list(partner)
+        texts_b = list(rows["pair_text_b"]) if "pair_text_b" in rows else None  # sentence pairs
         if self.config.keep_source:
             texts += list(rows["text"])
             langs += list(rows["lang"])
-        input_ids, attention_mask = padded_ids(tokenize_by_language(self.vocab, texts, langs, self.config.max_length),
-                                               self.vocab.pad_id)
+            texts_b = texts_b + list(rows["text_b"]) if texts_b is not None else None
         return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
+            **encode_by_language(self.vocab, texts, langs, self.config.max_length, texts_b),
             "teacher": row_vectors(rows, self.plan.target),
             "example_id": torch.from_numpy(np.asarray(rows["example_id"]).astype(np.int64)),
             "lang": list(rows["lang"]),
@@ -130,9 +131,8 @@ class XD(Method):
     def student_vectors(self, batch, student) -> torch.Tensor:
         """The student's outputs for every input row of the batch: translations, then sources."""
         if self.plan.target == "class_logits":
-            return student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      masked_flat=torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device))
+            return student(**model_inputs(batch)).logits.float()
+        out = student(**model_inputs(batch), masked_flat=torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device))
         vectors = pool_tokens(out.last_hidden_state.float(), batch["attention_mask"], self.plan.pooling)
         if "projection" in self.modules:
             vectors = self.modules["projection"](vectors)

@@ -1,0 +1,285 @@
+"""`xkd evaluate MODEL --mode classify|tag` and `xkd rdt`: a model judged the way the seed
+papers judge their students (docs/evaluation.md).
+
+MODEL (any Hugging Face encoder directory: an xkd student, a teacher, a checkpoint) gets a
+fresh classification head, is fine-tuned on the --train data with the documented recipe
+(xkd.finetune.Recipe), and is scored on every --test set, each named by its language:
+accuracy for sequence classification (single texts or sentence pairs), span F1 (conlleval)
+for BIO tags, token accuracy for other tags (POS). Testing on languages the model was not
+fine-tuned on is the papers' zero-shot cross-lingual transfer; --seeds N repeats the whole
+fine-tuning with N seeds and reports the mean and the sample standard deviation.
+
+`xkd rdt` reads the JSON of such evaluations, one of the student and one per teacher, and
+reports MergeDistill's relative deviation from teachers (xkd.metrics.rdt).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BadInput
+from .finetune import Encoded, Recipe, TaskEncoder, fit, pick_device, predict
+from .metrics import is_bio, rdt, span_f1, token_accuracy
+from .tasks import TaskSet, read_tasks, task_labels
+
+MODES = ("classify", "tag")
+TRUNCATED = "<cut by --max-length>"  # the prediction for a word the model never saw: never right
+# The recipe evaluate uses unless told otherwise: BERT/XTREME's for XNLI and PAWS-X.
+EVALUATE_RECIPE = Recipe(epochs=3, lr=2e-5, batch_size=32, max_length=128, warmup=0.1, weight_decay=0.01)
+
+
+@dataclass
+class TaskEvalOptions:
+    model: str
+    mode: str
+    train: list[str]
+    tests: list[str]
+    recipe: Recipe = field(default_factory=lambda: EVALUATE_RECIPE)
+    seeds: int = 1
+    seed: int = 0  # seeds used: seed, seed + 1, ...
+    vocab: str | None = None  # an xkd student's union vocab; default: the one it was trained with
+    out: str | None = None  # default: eval/<model name>-<mode>
+    device: str | None = None
+
+    def __post_init__(self):
+        from .options import check_number
+
+        if self.mode not in MODES:
+            raise BadInput(f"--mode {self.mode!r}: give one of mlm, bitext, {', '.join(MODES)}.")
+        check_number("--seeds", self.seeds, low=1, whole=True)
+        if not self.train or not self.tests:
+            raise BadInput(f"--mode {self.mode} needs --train SPEC (the data to fine-tune on) and at least one --test "
+                           "SPEC (a language's test set).")
+
+
+def model_tokenizer(model_dir: Path, vocab_dir: str | None):
+    """(TaskEncoder, what it is, the vocab dir used or None). An xkd student is tokenized
+    through the union vocab it was trained with (its train_summary.json names it): the
+    tokenizer saved beside it does not route languages to their teachers' tokenizers."""
+    from transformers import AutoTokenizer
+
+    if vocab_dir is None:
+        summary = model_dir / "train_summary.json"
+        trained_with = json.loads(summary.read_text()).get("vocab") if summary.is_file() else None
+        if trained_with:
+            if not Path(trained_with).is_dir():
+                raise BadInput(f"MODEL {model_dir} is an xkd student trained with the vocab {trained_with}, which is "
+                               "gone; give --vocab DIR (the union vocab it was trained with) to tokenize as in training.")
+            vocab_dir = trained_with
+    if vocab_dir is not None:
+        from .vocab import load_vocab
+
+        vocab = load_vocab(vocab_dir)
+        return TaskEncoder(vocab=vocab), f"the union vocab {vocab_dir} (each language routed as in training)", vocab_dir
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:  # any failure means the directory holds no usable tokenizer
+        raise BadInput(f"MODEL {model_dir}: its tokenizer cannot be loaded ({type(e).__name__}: {e}). Save the model "
+                       "with its tokenizer, or give --vocab DIR for an xkd student.") from None
+    return TaskEncoder(tokenizer), f"its own tokenizer ({type(tokenizer).__name__})", None
+
+
+def load_for_task(model_dir: Path, mode: str, labels: list[str], seed: int, device):
+    """MODEL with a fresh head of len(labels) classes (its encoder weights as saved)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    from .student.models import quiet_transformers
+
+    auto = AutoModelForSequenceClassification if mode == "classify" else AutoModelForTokenClassification
+    torch.manual_seed(seed)  # the head's initialisation is part of what a seed varies
+    id2label = dict(enumerate(labels))
+    try:
+        with quiet_transformers():
+            model = auto.from_pretrained(str(model_dir), num_labels=len(labels), id2label=id2label,
+                                         label2id={v: k for k, v in id2label.items()}, ignore_mismatched_sizes=True,
+                                         dtype=torch.float32)
+    except (ValueError, OSError, KeyError) as e:
+        raise BadInput(f"MODEL {model_dir} cannot take a {'sequence' if mode == 'classify' else 'token'} "
+                       f"classification head ({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
+    return model.to(device)
+
+
+def score(data: TaskSet, encoded: Encoded, logits: list[np.ndarray], labels: list[str], metric: str) -> float:
+    if data.kind != "conll":
+        return float(np.mean([int(l.argmax()) == labels.index(y) for l, y in zip(logits, data.labels)]))
+    predicted = []
+    for words, word_logits, first in zip(data.words, logits, encoded.first_tokens):
+        tags = [labels[i] for i in word_logits.argmax(-1)] if len(first) else []
+        # Words past --max-length were never seen: "O" (no entity) for BIO, wrong for POS.
+        predicted.append(tags + ["O" if metric == "f1" else TRUNCATED] * (len(words) - len(tags)))
+    return span_f1(data.tags, predicted)["f1"] if metric == "f1" else token_accuracy(data.tags, predicted)
+
+
+def evaluate_task(opts: TaskEvalOptions, progress=None) -> dict:
+    from .student.models import check_model_dir
+
+    say = progress or (lambda msg: sys.stderr.write(msg + "\n"))
+    started = time.time()
+    model_dir = Path(opts.model)
+    check_model_dir(model_dir, "MODEL")
+    train = read_tasks(opts.train, "--train")
+    tests = read_tasks(opts.tests, "--test")
+    wanted = "conll" if opts.mode == "tag" else "labeled: or pairs:"
+    if any(t.mode != opts.mode for t in [*train, *tests]):
+        raise BadInput(f"--mode {opts.mode} reads {wanted} files; "
+                       f"{next(t.spec for t in [*train, *tests] if t.mode != opts.mode)} is not one.")
+    langs = [t.lang for t in tests]
+    if len(set(langs)) != len(langs):
+        twice = next(lang for lang in langs if langs.count(lang) > 1)
+        raise BadInput(f"two --test files are in {twice}; results are reported per language, so give one test set per "
+                       "language (evaluate other sets in another run).")
+    labels = task_labels(train, tests)
+    metric = "accuracy" if opts.mode == "classify" or not is_bio(labels) else "f1"
+    encoder, tokenized_by, vocab_used = model_tokenizer(model_dir, opts.vocab)
+    max_length = opts.recipe.max_length
+    train_encoded = [encoder.encode(t, labels, max_length) for t in train]
+    test_encoded = [encoder.encode(t, labels, max_length) for t in tests]
+    device = pick_device(opts.device)
+    train_langs = sorted({t.lang for t in train})
+    say(f"evaluate: {model_dir} --mode {opts.mode}: {len(labels)} labels, fine-tuned on "
+        f"{sum(len(t) for t in train):,} examples ({', '.join(train_langs)}), tested on {', '.join(langs)}; "
+        f"{opts.seeds} seed(s) on {device}; tokenized with {tokenized_by}")
+    per_seed: dict[str, list[float]] = {lang: [] for lang in langs}
+    losses = []
+    for i in range(opts.seeds):
+        seed = opts.seed + i
+        model = load_for_task(model_dir, opts.mode, labels, seed, device)
+        losses.append(fit(model, train_encoded, opts.recipe, encoder.pad_id, seed, device,
+                          say=lambda msg: say(f"evaluate: seed {seed}: {msg}")))
+        for data, encoded in zip(tests, test_encoded):
+            value = score(data, encoded, predict(model, encoded, encoder.pad_id, device), labels, metric)
+            per_seed[data.lang].append(value)
+        say(f"evaluate: seed {seed}: " + "  ".join(f"{lang} {v[-1]:.4f}" for lang, v in per_seed.items()))
+        del model
+    result = {
+        "model": str(model_dir), "mode": opts.mode, "metric": metric,
+        metric: {lang: float(np.mean(v)) for lang, v in per_seed.items()},
+        "seeds": opts.seeds, "per_seed": per_seed,
+        "train": list(opts.train), "train_languages": train_langs,
+        "zero_shot": [lang for lang in langs if lang not in train_langs],
+        "tests": {t.lang: {"spec": t.spec, "examples": len(t)} for t in tests},
+        "labels": labels, "recipe": asdict(opts.recipe), "tokenized_with": vocab_used or "model",
+        "epoch_losses": losses, "seconds": round(time.time() - started, 1),
+    }
+    if opts.seeds > 1:  # the sample standard deviation over seeds, as papers report it
+        result["std"] = {lang: float(np.std(v, ddof=1)) for lang, v in per_seed.items()}
+    write_outputs(result, Path(opts.out) if opts.out else Path("eval") / f"{model_dir.name}-{opts.mode}")
+    return result
+
+
+def write_outputs(result: dict, out: Path) -> None:
+    """results.json and a bar chart per language (<metric>.png) in `out`."""
+    from .chart import bar_chart_png
+    from .storage.manifest import atomic_write_bytes
+
+    out.mkdir(parents=True, exist_ok=True)
+    metric, scores = result["metric"], result[result["metric"]]
+    png = out / f"{metric}.png"
+    result["outputs"] = {"json": str(out / "results.json"), "png": str(png)}
+    langs = list(scores)
+    names = [f"{lang}*" if lang in result["zero_shot"] else lang for lang in langs]
+    std = result.get("std")
+    bar_chart_png(png, f"{Path(result['model']).name}: {metric} ({result['mode']}, * zero-shot)", names,
+                  [scores[lang] for lang in langs], [std[lang] for lang in langs] if std else None, y_label=metric)
+    atomic_write_bytes(out / "results.json", (json.dumps(result, indent=1) + "\n").encode())
+
+
+def format_result(result: dict) -> str:
+    metric, scores, std = result["metric"], result[result["metric"]], result.get("std")
+    head = (f"{metric} of {result['model']} fine-tuned on {', '.join(result['train_languages'])} "
+            f"({result['seeds']} seed{'s' if result['seeds'] > 1 else ''}"
+            f"{', mean ± sample std' if std else ''}); * = zero-shot")
+    lines = [head, f"{'language':<12}{'examples':>10}  {metric}"]
+    for lang, value in scores.items():
+        shown = f"{value:.4f}" + (f" ± {std[lang]:.4f}" if std else "")
+        name = f"{lang}*" if lang in result["zero_shot"] else lang
+        lines.append(f"{name:<12}{result['tests'][lang]['examples']:>10,}  {shown}")
+    lines.append(f"wrote {result['outputs']['json']} and {result['outputs']['png']} ({result['seconds']} s)")
+    return "\n".join(lines)
+
+
+# xkd rdt --------------------------------------------------------------------------------
+
+
+def _read_result(item: str, option: str) -> tuple[str, dict, list[str] | None]:
+    """(name, evaluate --json object, languages to keep or None) from FILE[@LANG,LANG]."""
+    path, at, langs = item.rpartition("@") if "@" in item else (item, "", "")
+    file = Path(path)
+    if not file.is_file():
+        raise BadInput(f"{option} {item!r}: {file} does not exist. Give the JSON that `xkd evaluate ... --json` printed "
+                       "(its last line) or the results.json it wrote.")
+    try:
+        text = file.read_text(encoding="utf-8")
+        try:
+            result = json.loads(text)  # a results.json
+        except ValueError:  # captured stdout of --json: the object is its last line
+            result = json.loads([line for line in text.split("\n") if line.strip()][-1])
+    except (ValueError, IndexError, UnicodeDecodeError) as e:
+        raise BadInput(f"{option} {item!r}: {file} is not the JSON of an xkd evaluation ({e}).") from None
+    if not isinstance(result, dict) or "metric" not in result:
+        raise BadInput(f"{option} {item!r}: {file} holds no evaluation result (no \"metric\"); give the output of "
+                       "`xkd evaluate MODEL --mode classify|tag --json`.")
+    keep = [lang.strip() for lang in langs.split(",") if lang.strip()] if at else None
+    return Path(str(result.get("model", path))).name, result, keep
+
+
+def rdt_from_files(student: str, teachers: list[str], metric: str | None = None) -> dict:
+    if not teachers:
+        raise BadInput("give at least one --teacher FILE (the evaluation of a teacher, from xkd evaluate --json).")
+    name, student_result, keep = _read_result(student, "STUDENT")
+    if keep is not None:
+        raise BadInput(f"STUDENT {student!r}: languages are chosen per teacher (--teacher FILE@LANG,...), not on the "
+                       "student.")
+    metric = metric or student_result["metric"]
+    scores = {}
+    for item in teachers:
+        teacher, result, keep = _read_result(item, "--teacher")
+        if metric not in result or metric not in student_result:
+            raise BadInput(f"metric {metric!r} is not in both {student} and {item}; they report "
+                           f"{student_result['metric']} and {result['metric']}. Evaluate them on the same task.")
+        if result.get("mode") != student_result.get("mode") or result.get("train") != student_result.get("train"):
+            # Not an error: the same task may sit at other paths. But the reader must know.
+            sys.stderr.write(f"xkd rdt: note: {item} was fine-tuned on {result.get('train')} and the student on "
+                             f"{student_result.get('train')}; check that they are the same task.\n")
+        values = result[metric]
+        if keep is not None:
+            unknown = [lang for lang in keep if lang not in values]
+            if unknown:
+                raise BadInput(f"--teacher {item!r}: {unknown[0]} is not among its languages ({', '.join(values)}).")
+            values = {lang: values[lang] for lang in keep}
+        while teacher in scores:
+            teacher += "'"
+        scores[teacher] = values
+    try:
+        out = rdt(student_result[metric], scores)
+    except ValueError as e:
+        raise BadInput(f"xkd rdt: {e}.") from None
+    return {"student": name, "metric": metric, "teachers": scores, "student_scores": student_result[metric], **out,
+            "sign": "100 * (student - teacher) / teacher: positive when the student is better (the paper's tables)"}
+
+
+def format_rdt(result: dict) -> str:
+    teachers = list(result["teachers"])
+    width = max(12, *(len(t) + 2 for t in teachers))
+    lines = [f"RDT of {result['student']} on {result['metric']} ({result['sign']})",
+             f"{'language':<10}{'student':>9}" + "".join(f"{t:>{width}}" for t in teachers)]
+    for lang in result["languages"]:
+        cells = []
+        for t in teachers:
+            deviation = result["per_language"][lang].get(t)
+            cells.append(f"{result['teachers'][t][lang]:.4f} ({deviation:+.1f}%)" if deviation is not None else "-")
+        lines.append(f"{lang:<10}{result['student_scores'][lang]:>9.4f}" + "".join(f"{c:>{width + 4}}" for c in cells))
+    lines.append("RDT per teacher: " + ", ".join(f"{t} {v:+.2f}%" for t, v in result["per_teacher"].items()))
+    lines.append(f"RDT over all {result['pairs']} (language, teacher) pairs: {result['rdt']:+.2f}%")
+    return "\n".join(lines)
+
+
+__all__ = ["EVALUATE_RECIPE", "MODES", "TaskEvalOptions", "evaluate_task", "format_rdt", "format_result", "rdt_from_files"]
+
