@@ -183,6 +183,29 @@ def test_a_pair_student_is_evaluated_zero_shot_and_rdt_compares_it_with_its_teac
     assert only_en["languages"] == ["en"] and only_en["pairs"] == 1
 
 
+def test_freeze_embeddings_keeps_the_embedding_layers_and_trains_the_rest(toy):
+    """seeds/003 fine-tunes with the embedding layers frozen: they end bit-identical, the
+    encoder and the head move."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from xkd.finetune import Recipe, TaskEncoder, fit
+    from xkd.tasks import read_tasks, task_labels
+
+    data = read_tasks([spec(toy, "pairs", "pairs", "en", "train")], "--train")
+    labels = task_labels(data)
+    encoder = TaskEncoder(AutoTokenizer.from_pretrained(str(toy["base"])))
+    encoded = [encoder.encode(data[0], labels, 32)]
+    for freeze in (True, False):
+        model = fresh_model(toy["base"], labels, 0, AutoModelForSequenceClassification)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        fit(model, encoded, Recipe(epochs=1, lr=1e-3, batch_size=32, freeze_embeddings=freeze), encoder.pad_id, 0,
+            torch.device("cpu"))
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        embeddings = {n for n in before if ".embeddings." in n}
+        assert (embeddings & changed == set()) is freeze
+        assert "classifier.weight" in changed and any(".encoder.layer.0." in n for n in changed)
+
+
 def test_bad_task_input_is_one_paragraph_and_exit_2(toy, tmp_path):
     base, train = toy["base"], spec(toy, "labeled", "classify", "en", "train")
     test = spec(toy, "labeled", "classify", "en", "test")

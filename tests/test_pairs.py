@@ -134,6 +134,12 @@ def test_pair_classifier_cache_equals_the_teacher_forward(thread_client, pair_te
     cache = open_cache(cache_teacher(thread_client, tmp_path / "caches", teacher, corpus, max_length=MAX_LENGTH,
                                      text=True, shard_size=3))
     assert cache.has_pairs and cache.manifest["corpus"]["labels"] == ["different", "same"]
+    from typer.testing import CliRunner
+
+    from xkd.cli import app
+
+    assert "(sentence pairs)" in CliRunner().invoke(app, ["inspect", str(cache.path)]).stdout
+    assert CliRunner().invoke(app, ["verify", str(cache.path)]).exit_code == 0  # the pair columns' schema
     table = pq.read_table(sorted((cache.path / "shards").glob("*.parquet"))[0]).to_pylist()
     table += pq.read_table(sorted((cache.path / "shards").glob("*.parquet"))[1]).to_pylist()
     logits = np.concatenate([b.dense["class_logits"] for b in cache.iter_blocks()])

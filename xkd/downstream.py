@@ -90,6 +90,7 @@ def load_for_task(model_dir: Path, mode: str, labels: list[str], seed: int, devi
     import torch
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
+    from .student import mblm  # noqa: F401  (registers MBLM students with the Auto classes)
     from .student.models import quiet_transformers
 
     auto = AutoModelForSequenceClassification if mode == "classify" else AutoModelForTokenClassification

@@ -33,6 +33,7 @@ import numpy as np
 
 from .errors import BadInput
 from .options import check_number
+from .segments import takes_token_types
 from .tasks import TaskSet, read_tasks, task_labels
 
 IGNORED = -100  # transformers' label for positions the loss skips
@@ -149,9 +150,8 @@ def collate(data: Encoded, rows: np.ndarray, pad_id: int, with_targets: bool = T
 
 
 def _inputs(model, batch: dict, device) -> dict:
-    # A model without token types (RoBERTa) reads a pair from its template alone.
-    takes_types = getattr(model.config, "type_vocab_size", 0) >= 2
-    return {k: v.to(device) for k, v in batch.items() if k != "token_type_ids" or takes_types}
+    types = takes_token_types(model.config)
+    return {k: v.to(device) for k, v in batch.items() if k != "token_type_ids" or types}
 
 
 def fit(model, train: list[Encoded], recipe: Recipe, pad_id: int, seed: int, device, say=None) -> list[float]:

@@ -21,8 +21,15 @@ def token_type_ids(lengths: np.ndarray, segment_b: np.ndarray, width: int) -> np
 
 
 def uses_token_types(tokenizer) -> bool:
-    """Whether the model takes token type ids (BERT does; RoBERTa, XLM-R, DistilBERT do not)."""
+    """Whether the tokenizer's model takes token type ids (BERT does; RoBERTa, XLM-R,
+    DistilBERT do not)."""
     return "token_type_ids" in getattr(tokenizer, "model_input_names", ())
+
+
+def takes_token_types(config) -> bool:
+    """Whether a model (its config) has a token type embedding to give types 0 and 1 to; one
+    that has not (RoBERTa: one type) reads a pair from its template alone."""
+    return getattr(config, "type_vocab_size", 0) >= 2
 
 
 def second_segment_start(sequence_ids) -> int:

@@ -129,8 +129,9 @@ class Source:
         `file_sha256`: the files' sha256 as planning read them (else the files are read)."""
         h = hashlib.sha256(f"{self.kind}\0".encode())
         if self.kind == "hf":
-            # Which columns are read is part of what the corpus is.
-            h.update(f"{self._dataset._fingerprint}\0{self.split}\0{self.columns}\0{self.label_column}".encode())
+            h.update(f"{self._dataset._fingerprint}\0{self.split}".encode())
+            if self.columns or self.label_column:  # which columns are read is part of what the corpus is
+                h.update(f"\0{self.columns}\0{self.label_column}".encode())
             return h.hexdigest()
         for digest in file_sha256 or [sha256_file(Path(p)) for p in self.paths]:
             h.update(digest.encode() + b"\0")
@@ -277,6 +278,11 @@ class Source:
             "column ({lang: text}), two columns named by the languages of the spec, or a 'text' column."
         )
 
+    @property
+    def label_field(self) -> str:
+        """datasets: the column labels are read from (the spec's, else "label" if any)."""
+        return self.label_column or ("label" if "label" in self._dataset.column_names else "")
+
     def resolve_hf_langs(self) -> tuple[str, ...]:
         mode, keys = self._columns
         if mode == "text" or self.columns:
@@ -286,7 +292,7 @@ class Source:
     def _hf_records(self, start: Cursor) -> Iterator[Record]:
         ds = self._dataset
         mode, cols = self._columns
-        label_column = self.label_column or ("label" if "label" in ds.column_names else "")
+        label_column = self.label_field
         pairs = self.has_pairs
         for chunk_start in range(start.position, len(ds), _HF_CHUNK):
             batch = ds[chunk_start : chunk_start + _HF_CHUNK]
@@ -359,13 +365,12 @@ def check_label(label: str, where: str) -> str:
     return label
 
 
-def label_names_of(path: str, spec: str, fields: int = 2) -> tuple[tuple[str, ...], str]:
+def label_names_of(path: str, spec: str, n_fields: int = 2) -> tuple[tuple[str, ...], str]:
     """(the class names of a labeled file, sorted: class id i is names[i]; the sha256 of the
-    bytes they were read from). The label is the last of `fields` tab-separated fields (2:
+    bytes they were read from). The label is the last of `n_fields` tab-separated fields (2:
     text<TAB>label; 3: a pair and its label). Names are empty when the labels are class ids
     already. One streaming pass; lines the reader will reject (bad UTF-8, no tab) are left to
     it, so its message names them."""
-    fields_wanted = fields
     names: set[str] = set()
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -375,7 +380,7 @@ def label_names_of(path: str, spec: str, fields: int = 2) -> tuple[tuple[str, ..
                 fields = strip_line_end(raw.decode("utf-8")).split("\t")
             except UnicodeDecodeError:
                 continue
-            if len(fields) == fields_wanted:
+            if len(fields) == n_fields:
                 names.add(check_label(fields[-1].strip(), f"{path}, line {number}"))
     ids = {n for n in names if n.isdigit()}
     if ids and ids != names:
@@ -407,12 +412,12 @@ def source_for(spec: CorpusSpec, split: str = "train") -> Source:
         source = Source("hf", spec.langs, dataset=spec.dataset, config=spec.config, split=split, spec=spec.spec,
                         columns=tuple(spec.options.get("columns", ())), label_column=spec.options.get("label", ""))
         source.langs = source.resolve_hf_langs()
-        label_column = source.label_column or ("label" if "label" in source._dataset.column_names else "")
-        class_names = getattr(source._dataset.features.get(label_column), "names", None) if label_column else None
+        label_field = source.label_field
+        class_names = getattr(source._dataset.features.get(label_field), "names", None) if label_field else None
         source.label_names = tuple(class_names or ())  # a ClassLabel column names its classes
         return source
     if spec.kind in ("labeled", "pairs"):
-        names, digest = label_names_of(spec.paths[0], spec.spec, fields=3 if spec.kind == "pairs" else 2)
+        names, digest = label_names_of(spec.paths[0], spec.spec, n_fields=3 if spec.kind == "pairs" else 2)
         return Source(spec.kind, spec.langs, spec.paths, spec=spec.spec, label_names=names, labels_sha256=digest)
     return Source(spec.kind, spec.langs, spec.paths, spec=spec.spec)
 

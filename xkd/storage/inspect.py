@@ -38,6 +38,7 @@ def inspect_cache(path: str | os.PathLike) -> dict:
         "outputs": present,
         "topk_k": (outputs.get("topk") or {}).get("k"),
         "teacher": (manifest.get("teacher") or {}).get("name"),
+        "inputs": "sentence pairs" if outputs.get("pairs") else "single texts",
         "languages": dict(sorted(langs.items())),
         "bytes_by_output": {
             name: {
@@ -79,7 +80,7 @@ def format_inspect(info: dict) -> str:
         f"cache      {info['cache']}  (key {info['key']}, {'complete' if info['complete'] else 'INCOMPLETE'})",
         *([f"INCOMPLETE {info['incomplete']}"] if info["incomplete"] else []),
         f"teacher    {info['teacher']}",
-        f"rows       {info['rows']:,} in {info['shards']} shards",
+        f"rows       {info['rows']:,} in {info['shards']} shards ({info['inputs']})",
         f"tokens     {info['tokens']:,}",
         f"masked     {info['masked']:,} positions",
         f"outputs    {', '.join(info['outputs']) or 'none'}" + (f" (top-k k={info['topk_k']})" if info["topk_k"] else ""),

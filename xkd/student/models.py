@@ -14,6 +14,7 @@ import torch
 
 from ..errors import BadInput
 from ..options import check_number
+from ..segments import takes_token_types
 from ..weights import weights_problem
 
 
@@ -172,8 +173,8 @@ class Student(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, masked_flat=None, **kwargs):
-        if "token_type_ids" in kwargs and getattr(self.model.config, "type_vocab_size", 2) < 2:
-            kwargs.pop("token_type_ids")  # a student without token types reads a pair from its template alone
+        if "token_type_ids" in kwargs and not takes_token_types(self.model.config):
+            kwargs.pop("token_type_ids")
         if masked_flat is None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -90,8 +90,9 @@ class MultiKD(Method):
         names, logit_order = class_orders(caches)
         gold_order = tuple(_gold_order(cache, names) for cache in caches)
         languages = tuple(dict.fromkeys(lang for cache in caches for lang in cache.languages))
-        return MultiKDPlan(columns=with_pair_columns(cls.name, caches, COLUMNS), dense=("class_logits",), mix="batch", languages=languages, width=width,
-                           label_names=names, logit_order=logit_order, gold_order=gold_order)
+        return MultiKDPlan(columns=with_pair_columns(cls.name, caches, COLUMNS), dense=("class_logits",), mix="batch",
+                           languages=languages, width=width, label_names=names, logit_order=logit_order,
+                           gold_order=gold_order)
 
     @classmethod
     def build_student(cls, config, plan, vocab, student, init_from, init_teacher):

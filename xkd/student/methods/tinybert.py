@@ -54,7 +54,8 @@ from .. import losses as L
 from ..data import padded
 from ..models import classifier_student, quiet_transformers, use_pre_dropout_attention
 from . import register
-from .base import Method, Need, Plan, collate_masked_lm, model_inputs, option, row_vectors, same_width, with_pair_columns
+from .base import (Method, Need, Plan, collate_masked_lm, model_inputs, option, row_vectors, same_width,
+                   with_pair_columns)
 
 HIDDEN_OPTION = "--hidden-layers 0,3,6,9,12 --hidden-positions all"  # a 12-layer teacher, 4-layer student
 TOPK_COLUMNS = ("topk_ids", "topk_logits", "lognorm")
@@ -176,9 +177,9 @@ class TinyBERT(Method):
         if attention:
             heads, max_length = _attention_shape(caches, attn, student.heads)
             dense += attn
-        return TinyBERTPlan(columns=with_pair_columns(cls.name, caches, columns), dense=tuple(dense), notes=notes, layer_map=tuple(mapping.items()),
-                            embedding=embedding, hidden=hidden, attention=attention, teacher_width=teacher_width,
-                            attention_heads=heads, attention_max_length=max_length, classes=classes)
+        return TinyBERTPlan(columns=with_pair_columns(cls.name, caches, columns), dense=tuple(dense), notes=notes,
+                            layer_map=tuple(mapping.items()), embedding=embedding, hidden=hidden, attention=attention,
+                            teacher_width=teacher_width, attention_heads=heads, attention_max_length=max_length, classes=classes)
 
     @classmethod
     def build_student(cls, config, plan, vocab, student, init_from, init_teacher):

@@ -92,8 +92,8 @@ class XD(Method):
             pooling = config.pooling or (mode if mode in POOLING_MODES else "mean")
             normalize = bool(teacher.get("normalize")) if config.normalize is None else config.normalize
         labels = next((c.teacher_labels or c.corpus_labels for c in caches if c.teacher_labels or c.corpus_labels), None)
-        return XDPlan(columns=with_pair_columns(cls.name, caches, COLUMNS), dense=(target,), pairs=pairs, target=target,
-                      width=same_width(cls.name, caches, target), pooling=pooling, normalize=normalize,
+        return XDPlan(columns=with_pair_columns(cls.name, caches, COLUMNS), dense=(target,), pairs=pairs,
+                      target=target, width=same_width(cls.name, caches, target), pooling=pooling, normalize=normalize,
                       label_names=labels)
 
     @classmethod
