@@ -134,7 +134,7 @@ def test_fine_tuning_the_real_minilm_learns_english_topics_and_transfers_partly(
     """The recipe works on a real pretrained encoder: MiniLM (English) fine-tuned on the
     English topics is near perfect on English test sentences; Spanish, zero-shot, sits
     between chance (4 classes: 0.25) and English, through the words the languages share."""
-    result = last_json(invoke("evaluate", minilm_dir, "--mode", "classify",
+    result = last_json(invoke("evaluate", "minilm", "--mode", "classify",  # an alias, resolved offline
                               "--train", spec(toy, "labeled", "classify", "en", "train"),
                               "--test", spec(toy, "labeled", "classify", "en", "test"),
                               "--test", spec(toy, "labeled", "classify", "es", "test"),
@@ -177,6 +177,31 @@ def test_a_pair_student_is_evaluated_zero_shot_and_rdt_compares_it_with_its_teac
         assert f"{lang} " in r.stdout
     assert rdt["rdt"] == pytest.approx(np.mean([100 * (student_result["accuracy"][x] - teacher_result["accuracy"][x])
                                                 / teacher_result["accuracy"][x] for x in ("en", "es")]))
+    # --as-is scores the distilled student's own head (papers 001-003 score task students so):
+    # the accuracy of its logits on the Spanish pairs, run here through the union vocab.
+    as_is = last_json(invoke("evaluate", student, "--mode", "classify", "--as-is", "--test",
+                             spec(toy, "pairs", "pairs", "es", "test"), "--out", tmp_path / "as-is", "--json"))
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from xkd import load_vocab
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(student)).eval()
+    vocab, tokenizer = load_vocab(tmp_path / "vocab"), AutoTokenizer.from_pretrained(str(teacher))
+    data = rows(f"{toy['dir']}/pairs.es.test.tsv")
+    right = 0
+    with torch.no_grad():
+        for a, b, label in data:
+            ids = torch.from_numpy(vocab.encode([a], "es", [b])["input_ids"])
+            types = torch.tensor([tokenizer(a, b)["token_type_ids"]])
+            right += model.config.id2label[int(model(input_ids=ids, token_type_ids=types).logits.argmax())] == label
+    assert as_is["as_is"] and as_is["accuracy"]["es"] == pytest.approx(right / len(data))
+    # One student file per language merges into one student (in-language protocols).
+    en_only, es_only = dict(student_result, accuracy={"en": student_result["accuracy"]["en"]}), as_is
+    (tmp_path / "en.json").write_text(json.dumps(en_only))
+    (tmp_path / "es.json").write_text(json.dumps(es_only))
+    merged = last_json(invoke("rdt", tmp_path / "en.json", tmp_path / "es.json", "--teacher",
+                              tmp_path / "t" / "results.json", "--json"))
+    assert merged["student_scores"] == {"en": student_result["accuracy"]["en"], "es": as_is["accuracy"]["es"]}
     # A monolingual teacher: only its language counts (the paper's Table 2).
     only_en = last_json(invoke("rdt", tmp_path / "student.json", "--teacher", f"{tmp_path / 't' / 'results.json'}@en",
                                "--json"))
@@ -218,6 +243,8 @@ def test_bad_task_input_is_one_paragraph_and_exit_2(toy, tmp_path):
         (["--mode", "classify", "--train", f"labeled:{tmp_path}/missing.tsv@en", "--test", test], "missing.tsv does not exist"),
         (["--mode", "classify", "--train", train, "--test", test, "--seeds", 0], "--seeds 0"),
         (["--mode", "classify", "--train", train, "--test", test, "--lr", "nan"], "--lr nan"),
+        (["--mode", "classify", "--as-is", "--test", test], "--as-is: MODEL .* is a BertForMaskedLM"),
+        (["--mode", "classify", "--as-is", "--train", train, "--test", test], "--train and --seeds do not apply"),
     ]
     unseen = tmp_path / "unseen.tsv"
     unseen.write_text("a tasty soup\tcooking\n", encoding="utf-8")

@@ -207,8 +207,8 @@ def test_hf_dataset_with_two_text_columns_is_a_pair_corpus(thread_client, pair_t
     """An hf: dataset (here a local JSON Lines file, as `datasets` reads it) whose spec names
     two text columns and a label column caches as pairs, exactly as the same pairs from a file."""
     data = tmp_path / "xnli-like.jsonl"
-    data.write_text("".join(json.dumps({"premise": a, "hypothesis": b, "gold": int(y == "same")}) + "\n"
-                            for a, b, y in EN), encoding="utf-8")
+    data.write_text("".join(json.dumps({"premise": a, "hypothesis": b, "gold": y}) + "\n" for a, b, y in EN),
+                    encoding="utf-8")  # string labels: class names, numbered in sorted order as in files
     spec = f"hf:{data}@en?text=premise,hypothesis&label=gold"
     parsed = parse_corpus(spec)
     assert parsed.options == {"columns": ("premise", "hypothesis"), "label": "gold"} and parsed.langs == ("en",)

@@ -325,7 +325,7 @@ def methods_cmd(
 @app.command("evaluate")
 @user_errors
 def evaluate_cmd(
-    model: Optional[Path] = typer.Argument(None, help="A trained student (the --out of train-student); classify/tag: any Hugging Face encoder directory."),
+    model: Optional[str] = typer.Argument(None, help="A trained student (the --out of train-student); classify/tag: any Hugging Face encoder directory (or an alias found offline, e.g. minilm)."),
     mode: str = typer.Option("mlm", "--mode", help="mlm (loss, accuracy, KL to teachers) | bitext (retrieval accuracy) | classify (fine-tune and score sequence classification, zero-shot across languages) | tag (the same for CoNLL tagging: span F1 or accuracy)."),
     vocab: Optional[Path] = typer.Option(None, "--vocab", help="The vocab dir the student was trained with (mlm, bitext; classify/tag: default, the one its train_summary.json names)."),
     caches: List[Path] = typer.Option([], "--caches", help="mlm mode: held-out caches (one teacher each)."),
@@ -343,6 +343,7 @@ def evaluate_cmd(
     weight_decay: float = typer.Option(EVALUATE_RECIPE.weight_decay, "--weight-decay", help="classify/tag: AdamW weight decay."),
     max_length: int = typer.Option(EVALUATE_RECIPE.max_length, "--max-length", help="classify/tag: tokens per example, special tokens included."),
     freeze_embeddings: bool = typer.Option(False, "--freeze-embeddings", help="classify/tag: keep the embedding layers fixed while fine-tuning (seeds/003)."),
+    as_is: bool = typer.Option(False, "--as-is", help="classify/tag: score MODEL's own classification head, no fine-tuning (a distilled task student: xd, multikd, tinybert stage 2)."),
     out: Optional[Path] = typer.Option(None, "--out", help="classify/tag: where results.json and the PNG chart go (default: eval/MODEL_NAME-MODE)."),
     device: Optional[str] = typer.Option(None, "--device", help="classify/tag: cpu | cuda (default: cuda if available)."),
     batch_size: int = typer.Option(32, "--batch-size"),
@@ -363,7 +364,7 @@ def evaluate_cmd(
         recipe = Recipe(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, warmup=warmup,
                         weight_decay=weight_decay, freeze_embeddings=freeze_embeddings)
         result = evaluate_task(TaskEvalOptions(str(model), mode, list(train), list(test), recipe, seeds, seed,
-                                               str(vocab) if vocab else None, str(out) if out else None, device))
+                                               str(vocab) if vocab else None, str(out) if out else None, device, as_is))
         typer.echo(format_result(result))
         if as_json:
             emit_json(result)
@@ -401,7 +402,7 @@ def evaluate_cmd(
 @app.command("rdt")
 @user_errors
 def rdt_cmd(
-    student: str = typer.Argument(..., help="The student's evaluation: the JSON `xkd evaluate --mode classify|tag --json` printed, or its results.json."),
+    student: List[str] = typer.Argument(..., help="The student's evaluation: the JSON `xkd evaluate --mode classify|tag --json` printed, or its results.json; several files (one per language) are merged."),
     teacher: List[str] = typer.Option(..., "--teacher", help="A teacher's evaluation on the same task, FILE or FILE@LANG,LANG (only those languages: a monolingual teacher). Repeatable."),
     metric: Optional[str] = typer.Option(None, "--metric", help="The score to compare (default: the one the evaluations report)."),
     as_json: bool = JsonOpt,
@@ -409,7 +410,7 @@ def rdt_cmd(
     """MergeDistill's RDT (relative deviation from teachers, Eq. 3) per language on task scores: positive when the student is better."""
     from .downstream import format_rdt, rdt_from_files
 
-    result = rdt_from_files(student, list(teacher), metric)
+    result = rdt_from_files(list(student), list(teacher), metric)
     typer.echo(format_rdt(result))
     if as_json:
         emit_json(result)

@@ -7,7 +7,9 @@ fresh classification head, is fine-tuned on the --train data with the documented
 accuracy for sequence classification (single texts or sentence pairs), span F1 (conlleval)
 for BIO tags, token accuracy for other tags (POS). Testing on languages the model was not
 fine-tuned on is the papers' zero-shot cross-lingual transfer; --seeds N repeats the whole
-fine-tuning with N seeds and reports the mean and the sample standard deviation.
+fine-tuning with N seeds and reports the mean and the sample standard deviation. With
+--as-is, nothing is fine-tuned: MODEL's own head is scored, as papers 001-003 score their
+distilled task students (xd, multikd, tinybert stage 2).
 
 `xkd rdt` reads the JSON of such evaluations, one of the student and one per teacher, and
 reports MergeDistill's relative deviation from teachers (xkd.metrics.rdt).
@@ -46,6 +48,7 @@ class TaskEvalOptions:
     vocab: str | None = None  # an xkd student's union vocab; default: the one it was trained with
     out: str | None = None  # default: eval/<model name>-<mode>
     device: str | None = None
+    as_is: bool = False  # score MODEL's own head, no fine-tuning
 
     def __post_init__(self):
         from .options import check_number
@@ -53,9 +56,11 @@ class TaskEvalOptions:
         if self.mode not in MODES:
             raise BadInput(f"--mode {self.mode!r}: give one of mlm, bitext, {', '.join(MODES)}.")
         check_number("--seeds", self.seeds, low=1, whole=True)
-        if not self.train or not self.tests:
-            raise BadInput(f"--mode {self.mode} needs --train SPEC (the data to fine-tune on) and at least one --test "
-                           "SPEC (a language's test set).")
+        if self.as_is and (self.train or self.seeds > 1):
+            raise BadInput("--as-is scores MODEL's own head without fine-tuning: --train and --seeds do not apply.")
+        if not self.tests or not (self.train or self.as_is):
+            raise BadInput(f"--mode {self.mode} needs --train SPEC (the data to fine-tune on; or --as-is to score "
+                           "MODEL's own head) and at least one --test SPEC (a language's test set).")
 
 
 def model_tokenizer(model_dir: Path, vocab_dir: str | None):
@@ -85,8 +90,42 @@ def model_tokenizer(model_dir: Path, vocab_dir: str | None):
     return TaskEncoder(tokenizer), f"its own tokenizer ({type(tokenizer).__name__})", None
 
 
-def load_for_task(model_dir: Path, mode: str, labels: list[str], seed: int, device):
-    """MODEL with a fresh head of len(labels) classes (its encoder weights as saved)."""
+def resolve_model(name: str) -> Path:
+    """MODEL as a directory: a path, or an alias / model id found offline (as teachers are)."""
+    from .names import resolve_teacher
+
+    if Path(name).exists():
+        return Path(name)
+    resolved = resolve_teacher(name)
+    if resolved.path is None:
+        raise BadInput(f"MODEL {name!r} is on the Hugging Face hub only; download it first (hf download {resolved.model_id} "
+                       "--local-dir DIR) and give DIR.")
+    return resolved.path
+
+
+def own_labels(model_dir: Path, mode: str, tests: list[TaskSet]) -> list[str]:
+    """--as-is: MODEL's classes in its own id order (config.json id2label), which the test
+    data's labels must be. Unnamed classes (LABEL_0, ...) are the class ids 0, 1, ...."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    head = "ForSequenceClassification" if mode == "classify" else "ForTokenClassification"
+    if not any(a.endswith(head) for a in config.get("architectures") or []):
+        raise BadInput(f"--as-is: MODEL {model_dir} is a {', '.join(config.get('architectures') or ['model'])}, not a "
+                       f"…{head} with a head to score; fine-tune it instead (--train SPEC).")
+    id2label = config.get("id2label") or {}
+    names = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    if all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+        names = [str(i) for i in range(len(names))]
+    unknown = sorted(set().union(*(t.label_set() for t in tests)) - set(names))
+    if unknown:
+        raise BadInput(f"--as-is: the test data has label(s) {', '.join(unknown[:5])} that MODEL {model_dir} does not "
+                       f"predict (its classes: {', '.join(names[:20])}). Score it on the task it was trained for, or "
+                       "fine-tune it (--train SPEC).")
+    return names
+
+
+def load_for_task(model_dir: Path, mode: str, labels: list[str], seed: int, device, as_is: bool = False):
+    """MODEL with a fresh head of len(labels) classes (its encoder weights as saved), or
+    with its own head (`as_is`)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
@@ -96,11 +135,11 @@ def load_for_task(model_dir: Path, mode: str, labels: list[str], seed: int, devi
     auto = AutoModelForSequenceClassification if mode == "classify" else AutoModelForTokenClassification
     torch.manual_seed(seed)  # the head's initialisation is part of what a seed varies
     id2label = dict(enumerate(labels))
+    head = {} if as_is else dict(num_labels=len(labels), id2label=id2label, label2id={v: k for k, v in id2label.items()},
+                                 ignore_mismatched_sizes=True)
     try:
         with quiet_transformers():
-            model = auto.from_pretrained(str(model_dir), num_labels=len(labels), id2label=id2label,
-                                         label2id={v: k for k, v in id2label.items()}, ignore_mismatched_sizes=True,
-                                         dtype=torch.float32)
+            model = auto.from_pretrained(str(model_dir), dtype=torch.float32, **head)
     except (ValueError, OSError, KeyError) as e:
         raise BadInput(f"MODEL {model_dir} cannot take a {'sequence' if mode == 'classify' else 'token'} "
                        f"classification head ({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
@@ -123,9 +162,9 @@ def evaluate_task(opts: TaskEvalOptions, progress=None) -> dict:
 
     say = progress or (lambda msg: sys.stderr.write(msg + "\n"))
     started = time.time()
-    model_dir = Path(opts.model)
+    model_dir = resolve_model(opts.model)
     check_model_dir(model_dir, "MODEL")
-    train = read_tasks(opts.train, "--train")
+    train = read_tasks(opts.train, "--train") if opts.train else []
     tests = read_tasks(opts.tests, "--test")
     wanted = "conll" if opts.mode == "tag" else "labeled: or pairs:"
     if any(t.mode != opts.mode for t in [*train, *tests]):
@@ -136,7 +175,7 @@ def evaluate_task(opts: TaskEvalOptions, progress=None) -> dict:
         twice = next(lang for lang in langs if langs.count(lang) > 1)
         raise BadInput(f"two --test files are in {twice}; results are reported per language, so give one test set per "
                        "language (evaluate other sets in another run).")
-    labels = task_labels(train, tests)
+    labels = own_labels(model_dir, opts.mode, tests) if opts.as_is else task_labels(train, tests)
     metric = "accuracy" if opts.mode == "classify" or not is_bio(labels) else "f1"
     encoder, tokenized_by, vocab_used = model_tokenizer(model_dir, opts.vocab)
     max_length = opts.recipe.max_length
@@ -144,16 +183,18 @@ def evaluate_task(opts: TaskEvalOptions, progress=None) -> dict:
     test_encoded = [encoder.encode(t, labels, max_length) for t in tests]
     device = pick_device(opts.device)
     train_langs = sorted({t.lang for t in train})
-    say(f"evaluate: {model_dir} --mode {opts.mode}: {len(labels)} labels, fine-tuned on "
-        f"{sum(len(t) for t in train):,} examples ({', '.join(train_langs)}), tested on {', '.join(langs)}; "
+    trained = (f"fine-tuned on {sum(len(t) for t in train):,} examples ({', '.join(train_langs)})" if train
+               else "its own head as is (no fine-tuning)")
+    say(f"evaluate: {model_dir} --mode {opts.mode}: {len(labels)} labels, {trained}, tested on {', '.join(langs)}; "
         f"{opts.seeds} seed(s) on {device}; tokenized with {tokenized_by}")
     per_seed: dict[str, list[float]] = {lang: [] for lang in langs}
     losses = []
     for i in range(opts.seeds):
         seed = opts.seed + i
-        model = load_for_task(model_dir, opts.mode, labels, seed, device)
-        losses.append(fit(model, train_encoded, opts.recipe, encoder.pad_id, seed, device,
-                          say=lambda msg: say(f"evaluate: seed {seed}: {msg}")))
+        model = load_for_task(model_dir, opts.mode, labels, seed, device, opts.as_is)
+        if train:
+            losses.append(fit(model, train_encoded, opts.recipe, encoder.pad_id, seed, device,
+                              say=lambda msg: say(f"evaluate: seed {seed}: {msg}")))
         for data, encoded in zip(tests, test_encoded):
             value = score(data, encoded, predict(model, encoded, encoder.pad_id, device), labels, metric)
             per_seed[data.lang].append(value)
@@ -163,10 +204,12 @@ def evaluate_task(opts: TaskEvalOptions, progress=None) -> dict:
         "model": str(model_dir), "mode": opts.mode, "metric": metric,
         metric: {lang: float(np.mean(v)) for lang, v in per_seed.items()},
         "seeds": opts.seeds, "per_seed": per_seed,
-        "train": list(opts.train), "train_languages": train_langs,
-        "zero_shot": [lang for lang in langs if lang not in train_langs],
+        "train": list(opts.train), "train_languages": train_langs, "as_is": opts.as_is,
+        # As is, the languages the model was trained on are not known here: none is marked.
+        "zero_shot": [lang for lang in langs if lang not in train_langs] if train else [],
         "tests": {t.lang: {"spec": t.spec, "examples": len(t)} for t in tests},
-        "labels": labels, "recipe": asdict(opts.recipe), "tokenized_with": vocab_used or "model",
+        "labels": labels, "recipe": None if opts.as_is else asdict(opts.recipe),
+        "tokenized_with": vocab_used or "model",
         "epoch_losses": losses, "seconds": round(time.time() - started, 1),
     }
     if opts.seeds > 1:  # the sample standard deviation over seeds, as papers report it
@@ -194,9 +237,10 @@ def write_outputs(result: dict, out: Path) -> None:
 
 def format_result(result: dict) -> str:
     metric, scores, std = result["metric"], result[result["metric"]], result.get("std")
-    head = (f"{metric} of {result['model']} fine-tuned on {', '.join(result['train_languages'])} "
-            f"({result['seeds']} seed{'s' if result['seeds'] > 1 else ''}"
-            f"{', mean ± sample std' if std else ''}); * = zero-shot")
+    how = ("its own head, not fine-tuned" if result["as_is"] else
+           f"fine-tuned on {', '.join(result['train_languages'])} ({result['seeds']} seed{'s' if result['seeds'] > 1 else ''}"
+           f"{', mean ± sample std' if std else ''}); * = zero-shot")
+    head = f"{metric} of {result['model']}, {how}"
     lines = [head, f"{'language':<12}{'examples':>10}  {metric}"]
     for lang, value in scores.items():
         shown = f"{value:.4f}" + (f" ± {std[lang]:.4f}" if std else "")
@@ -231,13 +275,34 @@ def _read_result(item: str, option: str) -> tuple[str, dict, list[str] | None]:
     return Path(str(result.get("model", path))).name, result, keep
 
 
-def rdt_from_files(student: str, teachers: list[str], metric: str | None = None) -> dict:
+def _merged_student(files: list[str]) -> tuple[str, dict]:
+    """One student result from one file, or from several (one per language, as when each
+    language is fine-tuned in its own run): their per-language scores merged."""
+    if not files:
+        raise BadInput("give the student's evaluation: STUDENT.json (or one file per language).")
+    name, merged = "", {}
+    for item in files:
+        name, result, keep = _read_result(item, "STUDENT")
+        if keep is not None:
+            raise BadInput(f"STUDENT {item!r}: languages are chosen per teacher (--teacher FILE@LANG,...), not on the "
+                           "student.")
+        if not merged:
+            merged = dict(result, **{result["metric"]: dict(result[result["metric"]])})
+            continue
+        if result["metric"] != merged["metric"]:
+            raise BadInput(f"STUDENT {item!r} reports {result['metric']}, {files[0]} {merged['metric']}: one task a run.")
+        twice = sorted(set(result[result["metric"]]) & set(merged[merged["metric"]]))
+        if twice:
+            raise BadInput(f"STUDENT files {files[0]} and {item} both score {twice[0]}; give one score per language.")
+        merged[merged["metric"]].update(result[result["metric"]])
+    return name, merged
+
+
+def rdt_from_files(students: list[str], teachers: list[str], metric: str | None = None) -> dict:
     if not teachers:
         raise BadInput("give at least one --teacher FILE (the evaluation of a teacher, from xkd evaluate --json).")
-    name, student_result, keep = _read_result(student, "STUDENT")
-    if keep is not None:
-        raise BadInput(f"STUDENT {student!r}: languages are chosen per teacher (--teacher FILE@LANG,...), not on the "
-                       "student.")
+    name, student_result = _merged_student(students)
+    student = students[0]
     metric = metric or student_result["metric"]
     scores = {}
     for item in teachers:
@@ -268,7 +333,7 @@ def rdt_from_files(student: str, teachers: list[str], metric: str | None = None)
 
 def format_rdt(result: dict) -> str:
     teachers = list(result["teachers"])
-    width = max(12, *(len(t) + 2 for t in teachers))
+    width = max(20, *(len(t) + 2 for t in teachers))  # a cell: "0.1234 (+12.3%)"
     lines = [f"RDT of {result['student']} on {result['metric']} ({result['sign']})",
              f"{'language':<10}{'student':>9}" + "".join(f"{t:>{width}}" for t in teachers)]
     for lang in result["languages"]:
@@ -276,7 +341,7 @@ def format_rdt(result: dict) -> str:
         for t in teachers:
             deviation = result["per_language"][lang].get(t)
             cells.append(f"{result['teachers'][t][lang]:.4f} ({deviation:+.1f}%)" if deviation is not None else "-")
-        lines.append(f"{lang:<10}{result['student_scores'][lang]:>9.4f}" + "".join(f"{c:>{width + 4}}" for c in cells))
+        lines.append(f"{lang:<10}{result['student_scores'][lang]:>9.4f}" + "".join(f"{c:>{width}}" for c in cells))
     lines.append("RDT per teacher: " + ", ".join(f"{t} {v:+.2f}%" for t, v in result["per_teacher"].items()))
     lines.append(f"RDT over all {result['pairs']} (language, teacher) pairs: {result['rdt']:+.2f}%")
     return "\n".join(lines)

@@ -305,6 +305,8 @@ class Source:
                 else:
                     texts = tuple((batch[c][j] or "").strip() for c in cols)
                 label = batch[label_column][j] if label_column else -1
+                if isinstance(label, str):  # a string column: class names (or ids written as text)
+                    label = class_id(label.strip(), self.label_names, f"--corpus {self.spec!r}, row {position}")
                 label = -1 if label is None else int(label)
                 if pairs:
                     yield Record(position, Cursor(position), texts[:1], label=label, texts_b=texts[1:])
@@ -403,6 +405,21 @@ def class_id(label: str, label_names: tuple[str, ...], where: str) -> int:
                        f"({', '.join(label_names)}); the file changed. Re-run the command.") from None
 
 
+def hf_class_names(source: Source) -> tuple[str, ...]:
+    """A dataset's class names in class-id order: a ClassLabel column's, or the sorted values
+    of a string label column (class names, as in labeled files); () for integer ids."""
+    if not source.label_field:
+        return ()
+    feature = source._dataset.features.get(source.label_field)
+    if getattr(feature, "names", None):
+        return tuple(feature.names)
+    if getattr(feature, "dtype", "") not in ("string", "large_string"):
+        return ()
+    where = f"--corpus {source.spec!r}, column {source.label_field!r}"
+    values = {check_label(str(v).strip(), where) for v in source._dataset[source.label_field] if v is not None}
+    return () if all(v.isdigit() for v in values) else tuple(sorted(values))
+
+
 def source_for(spec: CorpusSpec, split: str = "train") -> Source:
     if spec.kind == "sample":
         path = resources.files("xkd") / "data" / SAMPLE_FILE
@@ -412,9 +429,7 @@ def source_for(spec: CorpusSpec, split: str = "train") -> Source:
         source = Source("hf", spec.langs, dataset=spec.dataset, config=spec.config, split=split, spec=spec.spec,
                         columns=tuple(spec.options.get("columns", ())), label_column=spec.options.get("label", ""))
         source.langs = source.resolve_hf_langs()
-        label_field = source.label_field
-        class_names = getattr(source._dataset.features.get(label_field), "names", None) if label_field else None
-        source.label_names = tuple(class_names or ())  # a ClassLabel column names its classes
+        source.label_names = hf_class_names(source)
         return source
     if spec.kind in ("labeled", "pairs"):
         names, digest = label_names_of(spec.paths[0], spec.spec, n_fields=3 if spec.kind == "pairs" else 2)
