@@ -22,6 +22,9 @@ TEACHER_ALIASES = {
     "mbert": "google-bert/bert-base-multilingual-cased",
     "muril": "google/muril-base-cased",
     "xlmr": "FacebookAI/xlm-roberta-base",
+    "mdeberta": "microsoft/mdeberta-v3-base",
+    "distilmbert": "distilbert/distilbert-base-multilingual-cased",
+    "roberta-base": "FacebookAI/roberta-base",
     "minilm": "sentence-transformers/all-MiniLM-L6-v2",
 }
 

@@ -20,15 +20,10 @@ def token_type_ids(lengths: np.ndarray, segment_b: np.ndarray, width: int) -> np
     return ((segment_b > 0) & (positions >= segment_b) & (positions < np.asarray(lengths)[:, None])).astype(np.int64)
 
 
-def uses_token_types(tokenizer) -> bool:
-    """Whether the tokenizer's model takes token type ids (BERT does; RoBERTa, XLM-R,
-    DistilBERT do not)."""
-    return "token_type_ids" in getattr(tokenizer, "model_input_names", ())
-
-
 def takes_token_types(config) -> bool:
-    """Whether a model (its config) has a token type embedding to give types 0 and 1 to; one
-    that has not (RoBERTa: one type) reads a pair from its template alone."""
+    """Whether a model (its config) has a token type embedding to give types 0 and 1 to
+    (BERT); one that has not (RoBERTa and XLM-R: one type; DistilBERT, mDeBERTa-v3: none)
+    reads a pair from its template alone."""
     return getattr(config, "type_vocab_size", 0) >= 2
 
 

@@ -33,7 +33,7 @@ from ..storage.shard import sha256_file
 from ..weights import weights_problem
 from .batching import PaddedBatch
 from .masking import Vocabulary
-from ..segments import uses_token_types
+from ..segments import takes_token_types
 from .tokenize import load_tokenizer, special_ids, tokenizer_sha256
 
 KINDS = ("mlm", "encoder", "classifier")
@@ -68,22 +68,26 @@ def read_json(file: Path, what: str) -> object:
 
 def read_config(path: Path, name: str) -> dict:
     """config.json, checked on the client so that a broken one is one paragraph here, not a
-    failure in every worker: it parses, holds the sizes xkd reads, and transformers knows
-    its model type."""
+    failure in every worker: it parses, transformers knows its model type, and it holds the
+    sizes xkd reads. Sizes a family spells its own way (DistilBERT: dim, n_layers, n_heads)
+    are returned under the standard names as well."""
     file = path / "config.json"
     config = read_json(file, repr(name))
     if not isinstance(config, dict):
         raise BadInput(f"teacher {name!r}: {file} holds {type(config).__name__}, not a JSON object. {DAMAGED}")
+    from transformers import AutoConfig
+
+    try:
+        spelling = AutoConfig.from_pretrained(str(path)).attribute_map  # standard name -> this family's
+    except Exception as e:  # transformers raises several types; all mean "cannot build this model"
+        raise BadInput(f"teacher {name!r}: transformers cannot read {file} ({type(e).__name__}: {e}). {DAMAGED}") from None
+    for key, own in spelling.items():
+        if key not in config and own in config:
+            config[key] = config[own]
     for key in ("hidden_size", "num_hidden_layers"):
         value = config.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise BadInput(f"teacher {name!r}: {file} has no usable {key!r} (found {value!r}). {DAMAGED}")
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(str(path))
-    except Exception as e:  # transformers raises several types; all mean "cannot build this model"
-        raise BadInput(f"teacher {name!r}: transformers cannot read {file} ({type(e).__name__}: {e}). {DAMAGED}") from None
     return config
 
 
@@ -260,7 +264,7 @@ def describe_teacher(resolved: ResolvedTeacher) -> TeacherSpec:
     tokenizer = load_tokenizer(path)
     max_positions = int(config.get("max_position_embeddings", 512))
     if config.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
-        max_positions -= 2  # positions start after the padding index
+        max_positions -= int(config.get("pad_token_id", 1)) + 1  # positions start after the padding index
     return TeacherSpec(
         name=resolved.name, model_id=resolved.model_id, source=resolved.source, path=str(path), kind=kind,
         weights_sha256=weights_sha256(path), tokenizer_sha256=tokenizer_sha256(path),
@@ -311,7 +315,7 @@ class LoadedTeacher:
         self.vocab = Vocabulary(spec.special_ids["mask"] if spec.special_ids["mask"] is not None else -1,
                                 len(self.tokenizer), specials)
         self.pad_id = spec.special_ids["pad"] if spec.special_ids["pad"] is not None else 0
-        self.takes_token_types = uses_token_types(self.tokenizer)
+        self.takes_token_types = takes_token_types(self.model.config)
 
     def infer(self, batch: PaddedBatch, outputs: Outputs) -> dict[str, np.ndarray]:
         """One padded batch -> host arrays: topk_ids (M,k) uint32, topk_logits (M,k) fp16,

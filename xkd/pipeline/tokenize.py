@@ -8,6 +8,7 @@ stored word-start flags, which align words (not tokens) across vocabularies.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,25 +93,56 @@ def tokenize_seen(tokenizer, texts: list[str], max_length: int, texts_b: list[st
         return_token_type_ids=False,
     )
     specials = np.array(sorted(tokenizer.all_special_ids), dtype=np.int64)
+    marker = word_marker(tokenizer)
     out = []
     for n, encoding in enumerate(encoded.encodings):
         ids = np.asarray(encoding.ids, dtype=np.int64)
-        word_index = np.array([-1 if w is None else w for w in encoding.word_ids], dtype=np.int64)
-        word_index[np.isin(ids, specials)] = -1
         sequence = np.array([-1 if s is None else s for s in encoding.sequence_ids], dtype=np.int64)
+        word_index = word_numbers(encoding, ~np.isin(ids, specials), sequence, marker)
         truncated = bool(encoding.overflowing)
         if texts_b is None:
             out.append(Tokenized(ids, word_index, _seen(texts[n], encoding, word_index, sequence, 0, truncated)))
             continue
-        second = np.flatnonzero(sequence == 1)
-        # Segment b's word numbers restart at 0; number them after segment a's, so that a word
-        # (whole-word masking, word starts) is never two words of the pair at once.
-        first_words = word_index[(sequence == 0) & (word_index >= 0)]
-        word_index[second] = np.where(word_index[second] >= 0, word_index[second] + (first_words.max(initial=-1) + 1), -1)
         out.append(Tokenized(ids, word_index, _seen(texts[n], encoding, word_index, sequence, 0, truncated),
                              second_segment_start(encoding.sequence_ids),
                              _seen(texts_b[n], encoding, word_index, sequence, 1, truncated)))
     return out
+
+
+_MARKERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def word_marker(tokenizer) -> str | None:
+    """What starts a word in the tokenizer's pieces: "▁" (SentencePiece: XLM-R, mDeBERTa),
+    "Ġ" (byte-level BPE: RoBERTa), or None where the tokenizer's own word ids are the words
+    (WordPiece: a word is a piece and its "##" continuations)."""
+    if tokenizer not in _MARKERS:
+        from ..vocab.canonical import BL_SPACE, BYTELEVEL, SENTENCEPIECE, SP_WORD_START
+        from ..vocab.teachers import backend_spec, convention_of
+
+        try:
+            convention = convention_of(backend_spec(tokenizer), "teacher tokenizer")
+        except BadInput:  # a convention without a marker: its word ids are all there is
+            convention = None
+        _MARKERS[tokenizer] = {SENTENCEPIECE: SP_WORD_START, BYTELEVEL: BL_SPACE}.get(convention)
+    return _MARKERS[tokenizer]
+
+
+def word_numbers(encoding, real: np.ndarray, sequence: np.ndarray, marker: str | None) -> np.ndarray:
+    """The word of each token, numbered 0, 1, ... across the whole input (both segments of a
+    pair), -1 at special tokens. With a marker, a word starts at a piece that begins with it
+    or at the first piece of a segment, so "▁3", "-", "1," (or "Ġ3", "-", "1", ",") is one
+    word, as the convention writes it; without one, at each new word id of the tokenizer."""
+    n = len(real)
+    new_segment = np.r_[True, (sequence[1:] != sequence[:-1]) | ~real[:-1]] if n else np.zeros(0, bool)
+    if marker is not None:
+        starts = real & (np.fromiter((t.startswith(marker) for t in encoding.tokens), bool, n) | new_segment)
+    else:
+        words = np.array([-1 if w is None else w for w in encoding.word_ids], dtype=np.int64)
+        starts = real & (new_segment | np.r_[True, words[1:] != words[:-1]])
+    numbers = np.cumsum(starts) - 1
+    numbers[~real] = -1
+    return numbers
 
 
 def _seen(text: str, encoding, word_index: np.ndarray, sequence: np.ndarray, segment: int, truncated: bool) -> str | None:
