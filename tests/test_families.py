@@ -141,3 +141,110 @@ def test_a_pair_classifier_of_every_family_is_cached_as_it_computes(thread_clien
         with torch.no_grad():
             expected = model(**enc).logits[0].numpy()
         np.testing.assert_allclose(row["class_logits"][0], expected, rtol=2.0**-10, atol=1e-3)
+
+
+# Students whose vocabulary is their own (seeds/001: RoBERTa-family teachers, an mBERT
+# student). xd and multikd read text and teacher outputs only, so the vocab needs no teacher.
+
+EN = ["The team won the match yesterday.", "It rained all day in the city.", "She cooked rice with vegetables.",
+      "The orchestra played a quiet song.", "Prices rose again this week."]
+ES = ["El equipo ganó el partido ayer.", "Llovió todo el día en la ciudad.", "Ella cocinó arroz con verduras.",
+      "La orquesta tocó una canción tranquila.", "Los precios subieron otra vez esta semana."]
+
+
+@pytest.fixture(scope="module")
+def own_vocab_setup(thread_client, teachers, tmp_path_factory):
+    from conftest import VOCABS
+
+    from xkd.student.models import StudentConfig
+    from xkd.vocab import build_vocab
+
+    root = tmp_path_factory.mktemp("own-vocab")
+    en, es = root / "en.txt", root / "es.txt"
+    en.write_text("\n".join(EN) + "\n", encoding="utf-8")
+    es.write_text("\n".join(ES) + "\n", encoding="utf-8")
+    mbert = str(VOCABS / "bert-base-multilingual-cased.vocab.txt")
+    build_vocab([mbert], root / "vocab")  # the student's own vocabulary: no teacher of these caches in it
+    caches = root / "caches"
+    return {
+        "root": root, "vocab": str(root / "vocab"), "student": StudentConfig(hidden=32, layers=2, heads=2, dropout=0.0),
+        "roberta": teachers["roberta"]["classifier"], "xlmr": teachers["xlmr"]["classifier"],
+        "en": cache_teacher(thread_client, caches, teachers["roberta"]["classifier"], f"text:{en}@en", text=True),
+        "es": cache_teacher(thread_client, caches, teachers["xlmr"]["classifier"], f"text:{es}@es", text=True),
+        "parallel": cache_teacher(thread_client, caches, teachers["roberta"]["classifier"],
+                                  f"parallel:{en}@en,{es}@es", sides="src", text=True),
+    }
+
+
+def own_vocab_batch(method, setup, names, batch_size=5):
+    from xkd import load_vocab
+    from xkd.student.data import StreamConfig, StreamingDataset
+    from xkd.student.methods import prepare
+    from xkd.student.models import Student
+    from xkd.student.run import remap_tables
+
+    vocab = load_vocab(setup["vocab"])
+    caches = [open_cache(setup[n]) for n in names]
+    torch.manual_seed(0)
+    prepared = prepare(method, {}, caches, vocab, student=setup["student"])
+    plan = prepared.plan
+    tables = remap_tables(caches, vocab, plan.columns)
+    assert tables == [None] * len(caches)  # no teacher ids are read, so none is remapped
+    ds = StreamingDataset(caches, StreamConfig(batch_size=batch_size, columns=plan.columns, dense=plan.dense,
+                                               mix=plan.mix), remap_tables=tables, collate=prepared.method.collate)
+    batch = next(iter(ds))
+    batch.pop("loader_state")
+    return prepared.method, prepared.model.eval(), Student(prepared.model.eval()), batch, vocab
+
+
+def teacher_logits(teacher_dir, texts):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(str(teacher_dir)).eval()
+    with torch.no_grad():
+        return torch.stack([model(**tokenizer(t, return_tensors="pt")).logits[0] for t in texts]).half().float()
+
+
+def student_logits(model, vocab, texts, lang):
+    with torch.no_grad():
+        return torch.stack([model(**{k: torch.from_numpy(v) for k, v in vocab.encode([t], lang).items()}).logits[0]
+                            for t in texts]).float()
+
+
+def test_multikd_trains_an_mbert_student_from_roberta_and_xlmr_teachers(own_vocab_setup):
+    m, model, student, batch, vocab = own_vocab_batch("multikd", own_vocab_setup, ["en", "es"], batch_size=4)
+    lang = batch["lang"][0]
+    texts = [(EN if lang == "en" else ES)[int(i)] for i in batch["example_id"]]
+    with torch.no_grad():
+        offline = float(m.losses(batch, student, 0)["kd"])
+    teacher = teacher_logits(own_vocab_setup["roberta" if lang == "en" else "xlmr"], texts)
+    tau = 8.0
+    on_student = student_logits(model, vocab, texts, lang)
+    expected = -(torch.softmax(teacher / tau, -1) * torch.log_softmax(on_student / tau, -1)).sum(-1).mean()
+    assert offline == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_xd_trains_an_mbert_student_from_a_roberta_teacher(own_vocab_setup):
+    m, model, student, batch, vocab = own_vocab_batch("xd", own_vocab_setup, ["parallel"])
+    ids = [int(i) for i in batch["example_id"]]
+    with torch.no_grad():
+        offline = m.losses(batch, student, 0)
+    target = teacher_logits(own_vocab_setup["roberta"], [EN[i] for i in ids])
+    on_es = student_logits(model, vocab, [ES[i] for i in ids], "es")
+    assert float(offline["xd"]) == pytest.approx(float((on_es - target).pow(2).sum(-1).mean()), rel=1e-4)
+
+
+def test_train_student_multikd_with_its_own_vocab_through_the_cli(own_vocab_setup, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from xkd.cli import app
+
+    setup = own_vocab_setup
+    r = CliRunner().invoke(app, ["train-student", "--method", "multikd", "--caches", setup["en"], "--caches", setup["es"],
+                                 "--vocab", setup["vocab"], "--hidden", "32", "--layers", "2", "--heads", "2",
+                                 "--steps", "3", "--batch-size", "4", "--out", str(tmp_path / "s"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 3

@@ -43,11 +43,18 @@ def incomplete_summary(caches) -> dict:
             for c in caches if not c.complete}
 
 
-def remap_tables(caches, vocab) -> list:
+def remap_tables(caches, vocab, columns=None) -> list:
     """Each cache's teacher->student table from the vocab (an error names a teacher the vocab
-    does not cover); None for a cache already materialised in this vocab (`xkd remap`)."""
+    does not cover); None for a cache already materialised in this vocab (`xkd remap`), and
+    for every cache when the loader reads no teacher ids (`columns` without input_ids, labels
+    or top-k: xd and multikd read text and teacher outputs only). Such methods train a
+    student whose vocabulary is its own (mBERT's, say) from caches of teachers of any family,
+    as in seeds/001, where RoBERTa-family teachers train an mBERT student."""
     from ..vocab import needs_remap
+    from ..vocab.vocabdir import ID_COLUMNS
 
+    if columns is not None and not set(columns) & set(ID_COLUMNS):
+        return [None] * len(caches)
     return [vocab.map_for(c.manifest) if needs_remap(c.manifest, vocab) else None for c in caches]
 
 
@@ -88,7 +95,7 @@ def train_student(
     prepared = prepare(method, config, opened, vocab, student=student, init_from=init_from,
                        init_teacher=init_teacher, total_steps=train.steps)
     model, impl, plan = prepared.model, prepared.method, prepared.plan
-    tables = remap_tables(opened, vocab)
+    tables = remap_tables(opened, vocab, plan.columns)
     dataset = StreamingDataset(
         opened,
         StreamConfig(
