@@ -31,6 +31,7 @@ MIXED_TEXT = [
     "टीम ने कल मैच जीता, और लोग खुश थे।",
     "東京は日本の首都です。北京是中国的首都。",
     "Prices rose 3.5% to $1,200 — a record.",
+    "A rare 龘 and an emoji 🙂 (byte fallback).",
 ]
 
 
@@ -150,6 +151,14 @@ def build_family(family: str, out: Path, kind: str = "mlm", seed: int = 0, **siz
         shutil.rmtree(out)
     tokenizer = family_tokenizer(family)
     tokenizer.save_pretrained(out)
+    if family in ("xlmr", "mdeberta"):
+        # Loaded as XLMRobertaTokenizer / DebertaV2Tokenizer, transformers rebuilds the pipeline
+        # from the class's defaults and drops the file's byte fallback and NFKC; the generic
+        # class reads tokenizer.json as written, so the teacher really falls back to bytes.
+        config_file = out / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_file.write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
     config = family_config(family, tokenizer, kind, **sizes)
     torch.manual_seed(seed)
     auto = {"mlm": AutoModelForMaskedLM, "classifier": AutoModelForSequenceClassification, "encoder": AutoModel}[kind]
