@@ -248,3 +248,20 @@ def test_train_student_multikd_with_its_own_vocab_through_the_cli(own_vocab_setu
                                  "--steps", "3", "--batch-size", "4", "--out", str(tmp_path / "s"), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 3
+
+
+@pytest.mark.parametrize("alias, model_id", [("xlmr", "FacebookAI/xlm-roberta-base"),
+                                             ("mdeberta", "microsoft/mdeberta-v3-base"),
+                                             ("distilmbert", "distilbert/distilbert-base-multilingual-cased"),
+                                             ("roberta-base", "FacebookAI/roberta-base")])
+def test_family_aliases_name_their_hub_ids_and_fail_clearly_offline(alias, model_id, monkeypatch, tmp_path):
+    from xkd.errors import BadInput
+    from xkd.names import resolve_teacher
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))  # nothing downloaded
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BadInput) as e:
+        resolve_teacher(alias)
+    said = str(e.value)
+    assert f"alias {alias!r} means {model_id}" in said and "HF_HUB_OFFLINE=1" in said
