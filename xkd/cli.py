@@ -256,6 +256,7 @@ def train_student_cmd(
     heads: int = typer.Option(4, "--heads"),
     embedding_dim: int = typer.Option(0, "--embedding-dim", help="Reduced embedding size (0: = --hidden)."),
     dropout: float = typer.Option(0.1, "--dropout"),
+    architecture: str = typer.Option("bert", "--architecture", help="Random student: bert | xlm-roberta (XLM-R: positions from the union's pad id, one token type). --init-from keeps the checkpoint's."),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from this checkpoint (teacher alias or dir) through the union-vocab embedding initialisation."),
     init_teacher: Optional[str] = typer.Option(None, "--init-teacher", help="Which vocab teacher --init-from is (default: the same name)."),
     option: List[str] = typer.Option([], "--option", "-o", help="The method's own options, KEY=VALUE (repeatable; `xkd methods` lists them, e.g. -o lambda_start=0.9 -o temperature=2)."),
@@ -276,7 +277,8 @@ def train_student_cmd(
                           seed=seed, amp=amp, num_workers=workers, stop_after=stop_after,
                           keep_checkpoints=keep_checkpoints),
         batch_size=batch_size,
-        student=StudentConfig(hidden=hidden, layers=layers, heads=heads, embedding_dim=embedding_dim, dropout=dropout),
+        student=StudentConfig(hidden=hidden, layers=layers, heads=heads, embedding_dim=embedding_dim, dropout=dropout,
+                              architecture=architecture),
         init_from=init_from, init_teacher=init_teacher, alpha=alpha, copies=copies,
         method_options=method_options, resume=resume, overwrite=overwrite, device=device, allow_incomplete=allow_incomplete,
     )

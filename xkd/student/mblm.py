@@ -2,7 +2,8 @@
 "Cross-Lingual Text Classification with Multilingual Distillation and Zero-Shot-Aware
 Training"; seeds/001), as Hugging Face models.
 
-A BERT whose bottom K transformer layers exist once per supervised language (a "branch").
+A BERT (or an XLM-R: `config.family`) whose bottom K transformer layers exist once per
+supervised language (a "branch").
 Every example goes through every branch. After each branch layer a mixer combines the
 branch outputs feature-wise: the inner mixers (layers 1..K-1) give each branch its next
 input, the outer mixer (layer K) gives the one input of the shared upper layers (paper,
@@ -30,19 +31,24 @@ from transformers import (
     AutoModelForSequenceClassification,
     BertConfig,
     BertForMaskedLM,
-    BertForSequenceClassification,
     BertModel,
     PreTrainedModel,
+    XLMRobertaModel,
 )
 from transformers import initialization as init
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling, MaskedLMOutput, SequenceClassifierOutput
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, BertOnlyMLMHead, BertPooler
+from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaClassificationHead, XLMRobertaEmbeddings
 
 from ..errors import BadInput
 
 ZERO_SHOT = -1  # branch id of a language that has no branch of its own
+# config.family -> the encoder MBLM is made from. Their layers are the same (BertLayer's
+# parameters and computation); XLM-R differs in its embeddings (position ids from the pad id,
+# one token type) and its classification head (on <s>: dropout, dense, tanh, dropout, out_proj).
+FAMILIES = {"bert": BertModel, "xlm-roberta": XLMRobertaModel}
 
 Lang = str | Sequence[str] | Sequence[int] | torch.Tensor | None
 
@@ -53,15 +59,20 @@ class MBLMConfig(BertConfig):
     branch_languages: the supervised languages, one branch each, in branch-id order.
     branch_layers: K, how many bottom transformer layers are replicated per branch
     (1 <= K <= num_hidden_layers; the paper uses K = 4 of 12).
+    family: "bert" (default) or "xlm-roberta", the encoder it is made from: XLM-R's
+    embeddings (positions from pad_token_id) and, for classification, XLM-R's head.
     """
 
     model_type = "xkd-mblm"
 
     branch_languages: list[str] | None = None
     branch_layers: int = 4
+    family: str = "bert"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.family not in FAMILIES:
+            raise BadInput(f"MBLMConfig family={self.family!r}: MBLM is made from one of {', '.join(FAMILIES)}.")
         languages = list(self.branch_languages or [])
         if not languages:
             raise BadInput("MBLMConfig needs branch_languages: the supervised languages, one branch each "
@@ -114,14 +125,14 @@ class MBLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "mblm"
     _supports_sdpa = True
     _supports_attention_backend = True
-    _no_split_modules = ["BertEmbeddings", "BertLayer"]
+    _no_split_modules = ["BertEmbeddings", "XLMRobertaEmbeddings", "BertLayer"]
 
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, BranchMixer):
             init.zeros_(module.position_weights)
-        elif isinstance(module, BertEmbeddings):
+        elif isinstance(module, (BertEmbeddings, XLMRobertaEmbeddings)):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
             init.zeros_(module.token_type_ids)
         elif isinstance(module, BertOnlyMLMHead):
@@ -142,13 +153,14 @@ class MBLMPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_bert(cls, bert: PreTrainedModel | str | Path, branch_languages: Sequence[str], branch_layers: int = 4,
                   **config_overrides):
-        """An MBLM initialised from a BERT: embeddings, pooler and upper layers copied once, the
-        bottom `branch_layers` layers copied into every branch (paper, "Experimental Setup"),
-        mixers uniform. `bert` is a BERT model or a directory holding one; its head is copied
-        too when it matches (a classifier with the same num_labels, a masked-LM head).
-        `config_overrides` go to MBLMConfig (e.g. num_labels=3). Returned in eval mode, as
-        from_pretrained returns models."""
+        """An MBLM initialised from a BERT or an XLM-R: embeddings, pooler and upper layers
+        copied once, the bottom `branch_layers` layers copied into every branch (paper,
+        "Experimental Setup"), mixers uniform. `bert` is such a model or a directory holding
+        one; its head is copied too when it matches (a classifier with the same num_labels, a
+        masked-LM head). `config_overrides` go to MBLMConfig (e.g. num_labels=3). Returned in
+        eval mode, as from_pretrained returns models."""
         source = _load_bert(bert, cls) if isinstance(bert, (str, Path)) else bert
+        encoder = _encoder_of(source)
         source_config = source.config.to_dict()
         for key in ("model_type", "architectures", "transformers_version", "_name_or_path"):
             source_config.pop(key, None)
@@ -156,9 +168,9 @@ class MBLMPreTrainedModel(PreTrainedModel):
             source_config.pop("id2label", None)
             source_config.pop("label2id", None)
         config = MBLMConfig(**{**source_config, **config_overrides, "branch_languages": list(branch_languages),
-                               "branch_layers": branch_layers})
+                               "branch_layers": branch_layers, "family": encoder.config.model_type})
         model = cls(config)
-        model.mblm.copy_from_bert(_encoder_of(source))
+        model.mblm.copy_from_bert(encoder)
         model._copy_head_from_bert(source)
         return model.eval()
 
@@ -168,22 +180,24 @@ class MBLMPreTrainedModel(PreTrainedModel):
 
 def _load_bert(directory: str | Path, target: type) -> PreTrainedModel:
     config = AutoConfig.from_pretrained(directory)
-    if config.model_type != "bert":
-        raise BadInput(f"MBLM.from_bert: {directory} holds a {config.model_type!r} model, not a BERT; MBLM "
-                       "branches are BERT layers, so initialise it from a BERT checkpoint.")
+    if config.model_type not in FAMILIES:
+        raise BadInput(f"MBLM.from_bert: {directory} holds a {config.model_type!r} model, not a BERT or an XLM-R; "
+                       "MBLM branches are BERT layers, so initialise it from a BERT or XLM-R checkpoint.")
     architectures = set(config.architectures or [])
-    if target is MBLMForSequenceClassification and "BertForSequenceClassification" in architectures:
-        return BertForSequenceClassification.from_pretrained(directory)
-    if target is MBLMForMaskedLM and architectures & {"BertForMaskedLM", "BertForPreTraining"}:
-        return BertForMaskedLM.from_pretrained(directory)
-    return BertModel.from_pretrained(directory)
+    if target is MBLMForSequenceClassification and any(a.endswith("ForSequenceClassification") for a in architectures):
+        return AutoModelForSequenceClassification.from_pretrained(directory)
+    if target is MBLMForMaskedLM and any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in architectures):
+        return (BertForMaskedLM if config.model_type == "bert" else AutoModelForMaskedLM).from_pretrained(directory)
+    return AutoModel.from_pretrained(directory)
 
 
-def _encoder_of(source: PreTrainedModel) -> BertModel:
-    encoder = source if isinstance(source, BertModel) else getattr(source, "bert", None)
-    if not isinstance(encoder, BertModel):
-        raise BadInput(f"MBLM.from_bert needs a BERT model (BertModel or a Bert*For* head model), "
-                       f"got {type(source).__name__}.")
+def _encoder_of(source: PreTrainedModel) -> BertModel | XLMRobertaModel:
+    encoders = tuple(FAMILIES.values())
+    prefix = getattr(source, "base_model_prefix", "")
+    encoder = source if isinstance(source, encoders) else getattr(source, prefix, None)
+    if not isinstance(encoder, encoders):
+        raise BadInput(f"MBLM.from_bert needs a BERT or XLM-R model (BertModel, XLMRobertaModel or one of their "
+                       f"*For* head models), got {type(source).__name__}.")
     return encoder
 
 
@@ -193,7 +207,8 @@ class MBLMModel(MBLMPreTrainedModel):
     def __init__(self, config: MBLMConfig, add_pooling_layer: bool = True):
         super().__init__(config)
         n_branches, depth = len(config.branch_languages), config.branch_layers
-        self.embeddings = BertEmbeddings(config)
+        # XLM-R's: the same parameters as BERT's, position ids from config.pad_token_id
+        self.embeddings = (XLMRobertaEmbeddings if config.family == "xlm-roberta" else BertEmbeddings)(config)
         self.branches = nn.ModuleList(
             nn.ModuleList(BertLayer(config, layer_idx=i) for i in range(depth)) for _ in range(n_branches))
         self.inner_mixers = nn.ModuleList(
@@ -313,9 +328,12 @@ class MBLMModel(MBLMPreTrainedModel):
                     all_hidden.append(hidden)
         return hidden
 
-    def copy_from_bert(self, bert: BertModel) -> None:
-        """Copy a BertModel's weights in (shapes must match the config)."""
+    def copy_from_bert(self, bert: BertModel | XLMRobertaModel) -> None:
+        """Copy a BertModel's (or an XLMRobertaModel's) weights in (shapes must match the config)."""
         depth = self.config.branch_layers
+        if bert.config.model_type != self.config.family:
+            raise BadInput(f"MBLM.from_bert: the encoder is a {bert.config.model_type!r} model but the MBLM config's "
+                           f"family is {self.config.family!r}.")
         if bert.config.num_hidden_layers != self.config.num_hidden_layers:
             raise BadInput(f"MBLM.from_bert: the BERT has {bert.config.num_hidden_layers} layers but the MBLM "
                            f"config has {self.config.num_hidden_layers}.")
@@ -333,16 +351,26 @@ class MBLMModel(MBLMPreTrainedModel):
 
 
 class MBLMForSequenceClassification(MBLMPreTrainedModel):
-    """MBLM with BERT's sequence-classification head (pooled [CLS] -> dropout -> linear)."""
+    """MBLM with its family's sequence-classification head: BERT's (pooled [CLS] -> dropout ->
+    linear) or XLM-R's (no pooler; <s> -> dropout -> dense -> tanh -> dropout -> out_proj)."""
 
     def __init__(self, config: MBLMConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.mblm = MBLMModel(config)
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        if config.family == "xlm-roberta":
+            self.mblm = MBLMModel(config, add_pooling_layer=False)
+            self.classifier = XLMRobertaClassificationHead(config)
+        else:
+            self.mblm = MBLMModel(config)
+            dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+            self.dropout = nn.Dropout(dropout)
+            self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
+
+    def _classify(self, outputs) -> torch.Tensor:
+        if self.config.family == "xlm-roberta":
+            return self.classifier(outputs.last_hidden_state)
+        return self.classifier(self.dropout(outputs.pooler_output))
 
     def forward(
         self,
@@ -360,17 +388,22 @@ class MBLMForSequenceClassification(MBLMPreTrainedModel):
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                       position_ids=position_ids, inputs_embeds=inputs_embeds, lang=lang,
                       output_hidden_states=output_hidden_states)
-        return self._head_output(SequenceClassifierOutput, lambda out: self.classifier(self.dropout(out.pooler_output)),
+        return self._head_output(SequenceClassifierOutput, self._classify,
                                  lambda y, logits: ForSequenceClassificationLoss(y, logits, self.config),
                                  labels, inputs, return_dict)
 
     def _copy_head_from_bert(self, source: PreTrainedModel) -> None:
-        if isinstance(source, BertForSequenceClassification) and source.config.num_labels == self.num_labels:
+        # BertForSequenceClassification or XLMRobertaForSequenceClassification: the family's own head
+        config = source.config
+        if (type(source).__name__.endswith("ForSequenceClassification") and config.model_type == self.config.family
+                and config.num_labels == self.num_labels):
             self.classifier.load_state_dict(source.classifier.state_dict())
 
 
 class MBLMForMaskedLM(MBLMPreTrainedModel):
-    """MBLM with BERT's masked-LM head (decoder tied to the word embeddings)."""
+    """MBLM with BERT's masked-LM head (decoder tied to the word embeddings), also for the
+    xlm-roberta family: XLM-R's head (dense -> gelu -> layer_norm -> decoder + bias) is the same
+    function, its weights copied under BERT's names."""
 
     _tied_weights_keys = {
         "cls.predictions.decoder.weight": "mblm.embeddings.word_embeddings.weight",
@@ -415,6 +448,16 @@ class MBLMForMaskedLM(MBLMPreTrainedModel):
             self.cls.predictions.transform.load_state_dict(source.cls.predictions.transform.state_dict())
             with torch.no_grad():
                 self.cls.predictions.bias.copy_(source.cls.predictions.bias)
+        elif type(source).__name__ == "XLMRobertaForMaskedLM":
+            if self.config.hidden_act != "gelu":
+                raise BadInput(f"MBLM.from_bert: XLM-R's masked-LM head applies gelu, but the config's hidden_act is "
+                               f"{self.config.hidden_act!r}, which BERT's head would apply instead.")
+            head = source.lm_head
+            self.cls.predictions.transform.load_state_dict({
+                "dense.weight": head.dense.weight, "dense.bias": head.dense.bias,
+                "LayerNorm.weight": head.layer_norm.weight, "LayerNorm.bias": head.layer_norm.bias})
+            with torch.no_grad():
+                self.cls.predictions.bias.copy_(head.decoder.bias)
 
 
 AutoConfig.register(MBLMConfig.model_type, MBLMConfig, exist_ok=True)
@@ -422,5 +465,5 @@ AutoModel.register(MBLMConfig, MBLMModel, exist_ok=True)
 AutoModelForSequenceClassification.register(MBLMConfig, MBLMForSequenceClassification, exist_ok=True)
 AutoModelForMaskedLM.register(MBLMConfig, MBLMForMaskedLM, exist_ok=True)
 
-__all__ = ["ZERO_SHOT", "BranchMixer", "MBLMConfig", "MBLMForMaskedLM", "MBLMForSequenceClassification",
+__all__ = ["FAMILIES", "ZERO_SHOT", "BranchMixer", "MBLMConfig", "MBLMForMaskedLM", "MBLMForSequenceClassification",
            "MBLMModel", "MBLMPreTrainedModel"]

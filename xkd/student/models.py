@@ -18,6 +18,9 @@ from ..segments import takes_token_types
 from ..weights import weights_problem
 
 
+ARCHITECTURES = ("bert", "xlm-roberta")  # StudentConfig.architecture, train-student --architecture
+
+
 @dataclass(frozen=True)
 class StudentConfig:
     hidden: int = 256
@@ -27,8 +30,17 @@ class StudentConfig:
     embedding_dim: int = 0  # 0: same as hidden; smaller: a factorised embedding (ALBERT-style)
     max_length: int = 512
     dropout: float = 0.1
+    # bert: BERT (ALBERT with --embedding-dim); xlm-roberta: XLM-R (positions from the pad id, one token type)
+    architecture: str = "bert"
 
     def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise BadInput(f"--architecture {self.architecture!r} is not a student architecture: give one of "
+                           f"{', '.join(ARCHITECTURES)} (default bert).")
+        if self.architecture != "bert" and self.embedding_dim not in (0, self.hidden):
+            raise BadInput(f"--embedding-dim {self.embedding_dim} with --architecture {self.architecture}: a "
+                           "factorised embedding is an ALBERT, i.e. a BERT student; drop --embedding-dim or use "
+                           "--architecture bert.")
         for option, value, low in (("--hidden", self.hidden, 1), ("--layers", self.layers, 1), ("--heads", self.heads, 1),
                                    ("--intermediate", self.intermediate, 0), ("--embedding-dim", self.embedding_dim, 0),
                                    ("--max-length", self.max_length, 1)):
@@ -105,6 +117,10 @@ def build_student(config: StudentConfig, vocab_size: int, pad_id: int):
     A reduced embedding dimension (MergeDistill keeps parameters near mBERT's by shrinking
     the 290k-row embedding) uses ALBERT's factorised embedding with one parameter group per
     layer, i.e. a BERT with an embedding projection and no layer sharing.
+
+    `architecture="xlm-roberta"`: an XLMRobertaForMaskedLM, whose position ids are computed
+    from the pad id (the k-th real token reads row pad_id + 1 + k, padding reads row pad_id),
+    so it has max_length + pad_id + 1 position rows; one token type, as XLM-R.
     """
     from transformers import AlbertConfig, AlbertForMaskedLM, BertConfig, BertForMaskedLM
 
@@ -114,6 +130,13 @@ def build_student(config: StudentConfig, vocab_size: int, pad_id: int):
         max_position_embeddings=config.max_length, hidden_dropout_prob=config.dropout,
         attention_probs_dropout_prob=config.dropout, pad_token_id=pad_id,
     )
+    if config.architecture == "xlm-roberta":
+        from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
+
+        # bos/eos: XLMRobertaConfig's defaults (0, 2) are XLM-R's ids, not the union's.
+        return XLMRobertaForMaskedLM(XLMRobertaConfig(
+            **{**common, "max_position_embeddings": config.max_length + pad_id + 1}, type_vocab_size=1,
+            bos_token_id=None, eos_token_id=None))
     if config.embedding_dim and config.embedding_dim != config.hidden:
         albert = AlbertConfig(**common, embedding_size=config.embedding_dim,
                               num_hidden_groups=config.layers, inner_group_num=1, hidden_act="gelu")

@@ -28,8 +28,9 @@ from .canonical import BYTELEVEL, CANONICAL_SPECIALS, WORDPIECE, surface_text
 from .teachers import tokenizer_fingerprint
 from .vocabdir import Vocab, load_vocab
 
-# Model families whose position ids are computed from the pad id: moving the pad id to the
-# union's would shift every position, so they are refused rather than silently broken.
+# Model families whose position ids are computed from the pad id (fairseq's make_positions:
+# a real token's position is pad_id + 1 + its index among real tokens, padding gets pad_id):
+# moving the pad id to the union's shifts the position table with it (_move_position_pad).
 _POSITIONS_FROM_PAD = {"roberta", "xlm-roberta", "camembert", "longformer", "xlm-roberta-xl", "data2vec-text"}
 
 
@@ -182,11 +183,7 @@ def student_from_teacher(teacher: str, vocab: Vocab | str, teacher_name: str | N
         model = AutoModelForMaskedLM.from_pretrained(str(resolved.path), dtype=torch.float32)
     config = model.config
     if config.model_type in _POSITIONS_FROM_PAD and config.pad_token_id != vocab.pad_id:
-        raise BadInput(
-            f"--init-from {teacher!r}: a {config.model_type} model computes position ids from its pad id "
-            f"({config.pad_token_id}); the union's pad id is {vocab.pad_id}, so every position would shift. "
-            "Initialise from a BERT-style teacher."
-        )
+        _move_position_pad(model, teacher, int(config.pad_token_id), vocab.pad_id)
     std = float(getattr(config, "initializer_range", 0.02)) if noise_std is None else noise_std
     plan = plan_rows(vocab, entry)
     old_in = model.get_input_embeddings()
@@ -201,6 +198,11 @@ def student_from_teacher(teacher: str, vocab: Vocab | str, teacher_name: str | N
         if old_out.bias is not None:
             new_out.bias = nn.Parameter(apply_plan(plan, old_out.bias))
         model.set_output_embeddings(new_out)
+        head = getattr(model, "lm_head", None)
+        if isinstance(getattr(head, "bias", None), nn.Parameter) and new_out.bias is not None:
+            # RoBERTa/XLM-R: lm_head.bias is the decoder's bias (tied when saved and loaded),
+            # but set_output_embeddings leaves it at the teacher's size.
+            head.bias = new_out.bias
     config.vocab_size = vocab.size
     table = vocab.map_for(entry["slug"])
     for attr in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id"):
@@ -209,3 +211,40 @@ def student_from_teacher(teacher: str, vocab: Vocab | str, teacher_name: str | N
             setattr(config, attr, int(table[old]))
     config.pad_token_id = vocab.pad_id
     return model.eval(), vocab.student_tokenizer()
+
+
+def _move_position_pad(model, teacher: str, old_pad: int, new_pad: int) -> None:
+    """Give a model whose position ids derive from the pad id (RoBERTa, XLM-R) the union's pad
+    id without moving any position: it reads position row pad + 1 + k for its k-th real token
+    (and row pad for padding), so the table is shifted by old_pad - new_pad rows, keeping the
+    same number of real positions; `padding_idx` (the attribute the position-id code reads)
+    and the table's padding_idx become the union's. Token types are untouched."""
+    import torch
+    from torch import nn
+
+    embeddings = getattr(model.base_model, "embeddings", None)
+    old = getattr(embeddings, "position_embeddings", None)
+    if not isinstance(old, nn.Embedding) or getattr(embeddings, "padding_idx", None) != old_pad:
+        raise BadInput(
+            f"--init-from {teacher!r}: a {model.config.model_type} model computes position ids from its pad id "
+            f"({old_pad}), but its embeddings are not laid out as RoBERTa's (a position table and padding_idx), so "
+            f"they cannot be moved to the union's pad id {new_pad}. Initialise from a BERT- or XLM-R-style teacher."
+        )
+    shift = old_pad - new_pad
+    size = old.num_embeddings - shift  # as many real positions as before
+    if size <= new_pad + 1:
+        raise BadInput(f"--init-from {teacher!r}: its {old.num_embeddings} position rows leave no real position "
+                       f"once moved to the union's pad id {new_pad}.")
+    weight = torch.zeros(size, old.embedding_dim, dtype=old.weight.dtype)
+    rows = torch.arange(max(0, -shift), size)  # rows below new_pad - old_pad are never read
+    weight[rows] = old.weight.detach()[rows + shift]
+    moved = nn.Embedding(size, old.embedding_dim, padding_idx=new_pad)
+    moved.weight.data = weight
+    embeddings.position_embeddings = moved
+    embeddings.padding_idx = new_pad
+    for name in ("position_ids", "token_type_ids"):  # [1, max positions] buffers, resized with the table
+        buffer = getattr(embeddings, name, None)
+        if isinstance(buffer, torch.Tensor):
+            value = torch.arange(size) if name == "position_ids" else torch.zeros(size, dtype=buffer.dtype)
+            setattr(embeddings, name, value.to(buffer.dtype).expand(1, -1))
+    model.config.max_position_embeddings = size

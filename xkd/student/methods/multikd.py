@@ -100,11 +100,12 @@ class MultiKD(Method):
         model = classifier_student(vocab, student, init_from, init_teacher, plan.width, names)
         if config.student == "plain":
             return model
-        from ..mblm import MBLMForSequenceClassification
+        from ..mblm import FAMILIES, MBLMForSequenceClassification
 
-        if model.config.model_type != "bert":
+        if model.config.model_type not in FAMILIES:
             raise BadInput(f"--option student=mblm: MBLM branches are BERT layers, but the student is a "
-                           f"{model.config.model_type}; use a BERT student (no --embedding-dim) or student=plain.")
+                           f"{model.config.model_type}; use a BERT or XLM-R student (no --embedding-dim) or "
+                           "student=plain.")
         if config.branch_layers > model.config.num_hidden_layers:
             raise BadInput(f"--option branch_layers={config.branch_layers}: the student has "
                            f"{model.config.num_hidden_layers} layers; give branch_layers between 1 and "
