@@ -19,7 +19,7 @@ method).
 
 Student (`student=`): `plain`, a union-vocab sequence classifier (from `--init-from`
 through the union-vocab embedding initialisation, or random), or `mblm`, the same
-classifier turned into MBLM (xkd.student.mblm, docs/mblm.md) with one branch per supervised
+classifier (BERT or XLM-R) turned into MBLM (xkd.student.mblm, docs/mblm.md) with one branch per supervised
 language (the languages of the caches, in the order the caches are given) over the bottom
 `branch_layers` (K = 4) layers. The batch's language goes to MBLM's forward (`lang=`), which
 detaches the other branches in training; a zero-shot language goes through all branches at
