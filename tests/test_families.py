@@ -265,3 +265,37 @@ def test_family_aliases_name_their_hub_ids_and_fail_clearly_offline(alias, model
         resolve_teacher(alias)
     said = str(e.value)
     assert f"alias {alias!r} means {model_id}" in said and "HF_HUB_OFFLINE=1" in said
+
+
+def test_mergedistill_trains_one_student_from_teachers_of_all_five_families(thread_client, teachers, tmp_path):
+    """Caches of a WordPiece, a DistilBERT, a byte-level BPE and two SentencePiece teachers,
+    one union over their tokenizers (DistilBERT's is mBERT's, so it shares BERT's entry), and
+    one mergedistill student trained on all five: every cache's top-k is remapped into the
+    union and the run ends with a loadable student."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from xkd.cli import app
+    from xkd.vocab import build_vocab
+
+    text = tmp_path / "mixed.txt"
+    text.write_text("\n".join(MIXED_TEXT) + "\n", encoding="utf-8")
+    routes = {"en": "bert", "de": "distilbert", "fr": "roberta", "es": "xlmr", "hi": "mdeberta"}
+    caches = [cache_teacher(thread_client, tmp_path / "caches", teachers[family]["mlm"], f"text:{text}@{lang}",
+                            max_length=MAX_LENGTH, topk=TOPK) for lang, family in routes.items()]
+    distinct = [f for f in routes.values() if f != "distilbert"]
+    build_vocab([str(teachers[f]["mlm"]) for f in distinct], tmp_path / "vocab",
+                {lang: str(teachers[f]["mlm"]) for lang, f in routes.items() if f != "distilbert"})
+    args = ["train-student", "--method", "mergedistill", "--vocab", str(tmp_path / "vocab"), "--hidden", "32",
+            "--layers", "2", "--heads", "2", "--steps", "4", "--batch-size", "10", "--out", str(tmp_path / "s"), "--json"]
+    for cache in caches:
+        args += ["--caches", cache]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(summary["languages"]) == set(routes) and np.isfinite(summary["final"]["loss"])
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    model, tokenizer = AutoModelForMaskedLM.from_pretrained(tmp_path / "s"), AutoTokenizer.from_pretrained(tmp_path / "s")
+    assert model.config.vocab_size == len(tokenizer)
