@@ -70,8 +70,10 @@ def model_tokenizer(model_dir: Path, vocab_dir: str | None):
     from transformers import AutoTokenizer
 
     if vocab_dir is None:
-        summary = model_dir / "train_summary.json"
-        trained_with = json.loads(summary.read_text()).get("vocab") if summary.is_file() else None
+        try:
+            trained_with = json.loads((model_dir / "train_summary.json").read_text(encoding="utf-8")).get("vocab")
+        except (OSError, ValueError, AttributeError):  # not an xkd student (or its summary is unreadable)
+            trained_with = None
         if trained_with:
             if not Path(trained_with).is_dir():
                 raise BadInput(f"MODEL {model_dir} is an xkd student trained with the vocab {trained_with}, which is "
