@@ -120,9 +120,10 @@ def test_a_masked_lm_teacher_of_every_family_is_cached_as_it_computes(thread_cli
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_pair_classifier_of_every_family_is_cached_as_it_computes(thread_client, teachers, tmp_path, family):
-    """Each family's own pair template and calling convention: token types for BERT only,
-    RoBERTa/XLM-R's doubled separator, DistilBERT and mDeBERTa without token types."""
+def test_a_classifier_of_every_family_is_cached_as_it_computes(thread_client, teachers, tmp_path, family):
+    """Class logits on sentence pairs and on single texts, each in the family's own template
+    and calling convention: token types for BERT only, RoBERTa/XLM-R's doubled separator,
+    DistilBERT and mDeBERTa without token types."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     teacher = teachers[family]["classifier"]
@@ -138,6 +139,16 @@ def test_a_pair_classifier_of_every_family_is_cached_as_it_computes(thread_clien
         assert row["input_ids"].tolist() == enc["input_ids"][0].tolist()
         sequence = enc.encodings[0].sequence_ids
         assert sequence[row["segment_b"]] == 1 and 1 not in sequence[: row["segment_b"]]
+        with torch.no_grad():
+            expected = model(**enc).logits[0].numpy()
+        np.testing.assert_allclose(row["class_logits"][0], expected, rtol=2.0**-10, atol=1e-3)
+    # Single texts: the same teacher, its own template for one segment.
+    single = tmp_path / "single.txt"
+    single.write_text("\n".join(MIXED_TEXT) + "\n", encoding="utf-8")
+    cache = open_cache(cache_teacher(thread_client, tmp_path / "s", teacher, f"text:{single}@en", max_length=24))
+    for text, row in zip(MIXED_TEXT, rows_of(cache, ("input_ids",))):
+        enc = tokenizer(text, truncation=True, max_length=24, return_tensors="pt")
+        assert row["input_ids"].tolist() == enc["input_ids"][0].tolist()
         with torch.no_grad():
             expected = model(**enc).logits[0].numpy()
         np.testing.assert_allclose(row["class_logits"][0], expected, rtol=2.0**-10, atol=1e-3)
