@@ -310,3 +310,22 @@ def test_mergedistill_trains_one_student_from_teachers_of_all_five_families(thre
 
     model, tokenizer = AutoModelForMaskedLM.from_pretrained(tmp_path / "s"), AutoTokenizer.from_pretrained(tmp_path / "s")
     assert model.config.vocab_size == len(tokenizer)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_student_numbers_words_as_the_teacher_pipeline_does(teachers, tmp_path, family):
+    """mmkd aligns the student's word i with the cache's word i: the student's word numbers
+    (routed through the union vocab) must be the pipeline's, word for word, in every family."""
+    from transformers import AutoTokenizer
+
+    from xkd import load_vocab
+    from xkd.pipeline.tokenize import tokenize_seen
+    from xkd.student.text import tokenize_words
+    from xkd.vocab import build_vocab
+
+    teacher = teachers[family]["mlm"]
+    build_vocab([str(teacher)], tmp_path / "vocab", {"en": str(teacher)})
+    student = tokenize_words(load_vocab(tmp_path / "vocab"), MIXED_TEXT, "en", MAX_LENGTH)
+    pipeline = tokenize_seen(AutoTokenizer.from_pretrained(str(teacher)), MIXED_TEXT, MAX_LENGTH)
+    for text, s, t in zip(MIXED_TEXT, student, pipeline):
+        assert s.word.tolist() == t.word_index.tolist(), text

@@ -8,7 +8,6 @@ stored word-start flags, which align words (not tokens) across vocabularies.
 from __future__ import annotations
 
 import hashlib
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 from ..errors import BadInput
 from ..segments import second_segment_start
 from ..storage.shard import sha256_file
+from ..vocab.words import word_marker, word_numbers
 
 # Files that define a tokenizer's behaviour, whichever of them a model directory has.
 TOKENIZER_FILES = (
@@ -107,42 +107,6 @@ def tokenize_seen(tokenizer, texts: list[str], max_length: int, texts_b: list[st
                              second_segment_start(encoding.sequence_ids),
                              _seen(texts_b[n], encoding, word_index, sequence, 1, truncated)))
     return out
-
-
-_MARKERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def word_marker(tokenizer) -> str | None:
-    """What starts a word in the tokenizer's pieces: "▁" (SentencePiece: XLM-R, mDeBERTa),
-    "Ġ" (byte-level BPE: RoBERTa), or None where the tokenizer's own word ids are the words
-    (WordPiece: a word is a piece and its "##" continuations)."""
-    if tokenizer not in _MARKERS:
-        from ..vocab.canonical import BL_SPACE, BYTELEVEL, SENTENCEPIECE, SP_WORD_START
-        from ..vocab.teachers import backend_spec, convention_of
-
-        try:
-            convention = convention_of(backend_spec(tokenizer), "teacher tokenizer")
-        except BadInput:  # a convention without a marker: its word ids are all there is
-            convention = None
-        _MARKERS[tokenizer] = {SENTENCEPIECE: SP_WORD_START, BYTELEVEL: BL_SPACE}.get(convention)
-    return _MARKERS[tokenizer]
-
-
-def word_numbers(encoding, real: np.ndarray, sequence: np.ndarray, marker: str | None) -> np.ndarray:
-    """The word of each token, numbered 0, 1, ... across the whole input (both segments of a
-    pair), -1 at special tokens. With a marker, a word starts at a piece that begins with it
-    or at the first piece of a segment, so "▁3", "-", "1," (or "Ġ3", "-", "1", ",") is one
-    word, as the convention writes it; without one, at each new word id of the tokenizer."""
-    n = len(real)
-    new_segment = np.r_[True, (sequence[1:] != sequence[:-1]) | ~real[:-1]] if n else np.zeros(0, bool)
-    if marker is not None:
-        starts = real & (np.fromiter((t.startswith(marker) for t in encoding.tokens), bool, n) | new_segment)
-    else:
-        words = np.array([-1 if w is None else w for w in encoding.word_ids], dtype=np.int64)
-        starts = real & (new_segment | np.r_[True, words[1:] != words[:-1]])
-    numbers = np.cumsum(starts) - 1
-    numbers[~real] = -1
-    return numbers
 
 
 def _seen(text: str, encoding, word_index: np.ndarray, sequence: np.ndarray, segment: int, truncated: bool) -> str | None:

@@ -27,6 +27,7 @@ import torch
 from ..errors import BadInput
 from ..masking import choose_positions, corrupt as bert_corrupt
 from ..segments import second_segment_start, token_type_ids
+from ..vocab.words import word_marker, word_numbers
 from ..storage import Ragged
 from .data import padded_with_mask
 
@@ -46,15 +47,6 @@ class Tokens:
     @property
     def n_words(self) -> int:
         return int(self.word.max()) + 1 if self.word.size and self.word.max() >= 0 else 0
-
-
-def word_numbers(word_ids: np.ndarray) -> np.ndarray:
-    """Runs of equal word ids numbered 0, 1, ...; -1 where word_ids is -1."""
-    starts = word_ids >= 0
-    starts[1:] &= word_ids[1:] != word_ids[:-1]
-    numbers = np.cumsum(starts) - 1
-    numbers[word_ids < 0] = -1
-    return numbers
 
 
 def routed_tokenizer(vocab, lang: str | None):
@@ -80,13 +72,14 @@ def tokenize_words(vocab, texts: list[str], lang: str | None, max_length: int) -
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length,
                         return_attention_mask=False, return_token_type_ids=False)
     specials = np.array(sorted(tokenizer.all_special_ids), dtype=np.int64)
+    marker = word_marker(tokenizer)
     teacher_ids, words = [], []
     for encoding in encoded.encodings:
         ids = np.asarray(encoding.ids, dtype=np.int64)
-        word_ids = np.array([-1 if w is None else w for w in encoding.word_ids], dtype=np.int64)
-        word_ids[np.isin(ids, specials)] = -1
+        # The teacher pipeline's own word rule, so that word i here is the cache's word i.
+        sequence = np.array([-1 if s is None else s for s in encoding.sequence_ids], dtype=np.int64)
         teacher_ids.append(ids)
-        words.append(word_numbers(word_ids))
+        words.append(word_numbers(encoding, ~np.isin(ids, specials), sequence, marker))
     lengths = np.array([len(i) for i in teacher_ids], dtype=np.int64)
     union = remap(np.concatenate(teacher_ids), vocab.map_for(slug), what=f"tokenize with teacher {slug}")
     return [Tokens(ids.astype(np.int64), word) for ids, word in zip(np.split(union, np.cumsum(lengths)[:-1]), words)]
