@@ -100,13 +100,10 @@ class TaskEncoder:
             enc = tokenizer(data.texts, data.texts_b, truncation=True, max_length=max_length)
         ids = [np.asarray(row, dtype=np.int64) for row in enc["input_ids"]]
         if table is not None:
-            from .vocab import remap
+            from .vocab import remap_lists
 
             slug, mapping = table
-            lengths = [len(row) for row in ids]
-            union = remap(np.concatenate(ids) if ids else np.zeros(0, np.int64), mapping,
-                          what=f"tokenize with teacher {slug}").astype(np.int64)
-            ids = np.split(union, np.cumsum(lengths)[:-1]) if ids else []
+            ids = [row.astype(np.int64) for row in remap_lists(ids, mapping, what=f"tokenize with teacher {slug}")]
         types = [np.asarray(row, dtype=np.int64) for row in enc["token_type_ids"]] if "token_type_ids" in enc else None
         if data.kind != "conll":
             return Encoded(data.lang, ids, types, [label_id[label] for label in data.labels])

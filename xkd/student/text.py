@@ -64,7 +64,7 @@ def routed_tokenizer(vocab, lang: str | None):
 def tokenize_words(vocab, texts: list[str], lang: str | None, max_length: int) -> list[Tokens]:
     """`texts` tokenized by the teacher tokenizer routed for `lang`, remapped into the union,
     with word numbers."""
-    from ..vocab import remap
+    from ..vocab import remap_lists
 
     if not texts:
         return []
@@ -80,9 +80,8 @@ def tokenize_words(vocab, texts: list[str], lang: str | None, max_length: int) -
         sequence = np.array([-1 if s is None else s for s in encoding.sequence_ids], dtype=np.int64)
         teacher_ids.append(ids)
         words.append(word_numbers(encoding, ~np.isin(ids, specials), sequence, marker))
-    lengths = np.array([len(i) for i in teacher_ids], dtype=np.int64)
-    union = remap(np.concatenate(teacher_ids), vocab.map_for(slug), what=f"tokenize with teacher {slug}")
-    return [Tokens(ids.astype(np.int64), word) for ids, word in zip(np.split(union, np.cumsum(lengths)[:-1]), words)]
+    union = remap_lists(teacher_ids, vocab.map_for(slug), what=f"tokenize with teacher {slug}")
+    return [Tokens(ids.astype(np.int64), word) for ids, word in zip(union, words)]
 
 
 def tokenize_rows(vocab, texts, langs, max_length: int) -> list[Tokens]:
@@ -216,7 +215,7 @@ def encode_by_language(vocab, texts: list[str], langs: list[str], max_length: in
     """Padded student inputs for texts (or sentence pairs: `texts_b`) as the student sees
     each row's language: the routed teacher's tokenizer and template, remapped into the
     union (one tokenizer call per language). Pairs add token_type_ids from the template."""
-    from ..vocab import remap
+    from ..vocab import remap_lists
 
     ids: list[np.ndarray | None] = [None] * len(texts)
     segment_b = np.zeros(len(texts), dtype=np.int64)
@@ -227,11 +226,9 @@ def encode_by_language(vocab, texts: list[str], langs: list[str], max_length: in
         encoded = tokenizer([texts[r] for r in rows], [texts_b[r] for r in rows] if texts_b is not None else None,
                             truncation=True, max_length=max_length, return_attention_mask=False,
                             return_token_type_ids=False)
-        lengths = [len(row) for row in encoded["input_ids"]]
-        flat = np.fromiter((i for row in encoded["input_ids"] for i in row), dtype=np.int64, count=sum(lengths))
-        union = remap(flat, vocab.map_for(slug), what=f"tokenize with teacher {slug}").astype(np.int64)
-        for r, row_ids in zip(rows, np.split(union, np.cumsum(lengths)[:-1])):
-            ids[r] = row_ids
+        union = remap_lists(encoded["input_ids"], vocab.map_for(slug), what=f"tokenize with teacher {slug}")
+        for r, row_ids in zip(rows, union):
+            ids[r] = row_ids.astype(np.int64)
         if texts_b is not None:
             segment_b[rows] = [second_segment_start(e.sequence_ids) for e in encoded.encodings]
     input_ids, attention_mask = padded_ids(ids, vocab.pad_id)

@@ -178,6 +178,14 @@ def remap_ragged(ragged, table, *, what: str = "remap"):
     return Ragged(remap(ragged.values, table, what=what), ragged.offsets)
 
 
+def remap_lists(rows, table, *, what: str = "remap") -> list[np.ndarray]:
+    """Lists of ids (a tokenizer's input_ids, one list per text) remapped in one call: one
+    int32 array per list."""
+    lengths = np.fromiter((len(row) for row in rows), dtype=np.int64, count=len(rows))
+    flat = np.fromiter((i for row in rows for i in row), dtype=np.int64, count=int(lengths.sum()))
+    return np.split(remap(flat, table, what=what), np.cumsum(lengths)[:-1]) if len(rows) else []
+
+
 def stack_tables(tables: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Several teachers' tables as one array plus (start, size) of each, for remap_rows."""
     tables = [as_table(t) for t in tables]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .remap import remap
+from .remap import remap_lists
 from .teachers import TeacherVocab
 
 # Tokenizers report "no limit" as a huge number; a real one (512) is carried over.
@@ -70,8 +70,5 @@ def route_tokenize(tokenizer, table: np.ndarray, texts, text_pairs=None, *, max_
         texts, text_pairs, add_special_tokens=add_special_tokens,
         truncation=max_length is not None, max_length=max_length,
     )["input_ids"]
-    lengths = np.fromiter((len(row) for row in encoded), dtype=np.int64, count=len(encoded))
-    flat = np.fromiter((i for row in encoded for i in row), dtype=np.int64, count=int(lengths.sum()))
-    union_ids = remap(flat, table, what=what)
-    out = np.split(union_ids, np.cumsum(lengths)[:-1]) if len(encoded) else []
+    out = remap_lists(encoded, table, what=what)
     return out[0] if single else out
