@@ -88,6 +88,8 @@ def user_errors(fn):
 
 
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object as the last line of stdout.")
+WorkspaceOpt = typer.Option(
+    None, "--workspace", help="The workspace root holding caches/, vocabs/ and students/ (default: $XKD_HOME, else ./xkd-runs).")
 AllowIncompleteOpt = typer.Option(
     False, "--allow-incomplete",
     help="Use caches whose cache-teachers run has not finished (only their finished shards); says what is missing.")
@@ -135,7 +137,7 @@ def verify_cmd(
 def cache_teachers_cmd(
     teacher: List[str] = typer.Option(..., "--teacher", help="Alias (bert-base, mbert, muril, xlmr, minilm), HF model id or model dir; repeat for several."),
     corpus: str = typer.Option(..., "--corpus", help="A corpus name (sample, opus-en-hi) or spec: text:PATH@LANG, labeled:PATH@LANG (text<TAB>label), parallel:SRC@L1,TGT@L2, tsv:PATH@L1,L2, hf:DATASET[:CONFIG]."),
-    out: Path = typer.Option(Path("caches"), "--out", help="Cache root: each teacher's cache is OUT/<teacher>-<key>."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Cache root: each teacher's cache is OUT/<teacher>-<key> (default: the workspace's caches/)."),
     corpus_files: Optional[str] = typer.Option(None, "--corpus-files", help="Read a named hub corpus from local files: SRC,TGT or one TSV (e.g. opus-en-hi offline)."),
     split: str = typer.Option("train", "--split", help="Split of an hf: dataset."),
     topk: Optional[int] = typer.Option(None, "--topk", help="Store the top-k logits and log-normaliser at masked positions (masked LMs; default 8; 0: off)."),
@@ -162,12 +164,15 @@ def cache_teachers_cmd(
     scheduler: str = typer.Option("local", "--scheduler", help="local (a LocalCluster) or a dask scheduler address tcp://host:port."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Local workers (default: one per GPU, else 1)."),
     cpu_threads: Optional[int] = typer.Option(None, "--cpu-threads", help="Torch threads per worker on CPU (default: cores / local workers)."),
+    workspace: Optional[Path] = WorkspaceOpt,
     as_json: bool = JsonOpt,
 ):
     """Run teachers over a corpus once and cache what students learn from (resumable)."""
     from .pipeline import CacheTeachersOptions, cache_teachers, format_summary
     from .pipeline.run import Interrupted, parse_list
+    from .workspace import Workspace
 
+    out = out or Workspace.find(workspace).caches
     opts = CacheTeachersOptions(
         teachers=list(teacher), corpus=corpus, out=str(out), corpus_files=corpus_files, split=split, topk=topk,
         mask_prob=0.0 if no_mask else mask_prob, whole_word=whole_word, mask_epochs=mask_epochs, seed=seed,
@@ -193,15 +198,19 @@ def cache_teachers_cmd(
 def build_vocab_cmd(
     teachers: List[str] = typer.Option(..., "--teachers", help="Teachers: alias, model id, model/tokenizer dir, or a bare vocab file. Give several after one --teachers, or repeat it."),
     more: Optional[List[str]] = typer.Argument(None, help="More teachers (after --teachers A B ...).", show_default=False),
-    out: Path = typer.Option(..., "--out", help="The vocab directory to write."),
+    out: Optional[Path] = typer.Option(None, "--out", help="The vocab directory to write (default: the workspace's vocabs/<teacher>+<teacher>)."),
     lang_teacher: List[str] = typer.Option([], "--lang-teacher", help="Tokenize language LANG with TEACHER's tokenizer: LANG=TEACHER (repeatable)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different vocab already in --out (an identical one is kept without it)."),
+    workspace: Optional[Path] = WorkspaceOpt,
     as_json: bool = JsonOpt,
 ):
     """The union of the teachers' vocabularies, teacher->student id maps, and a student tokenizer."""
     from .vocab.build import build_vocab, format_summary, parse_lang_teacher
+    from .workspace import Workspace
 
-    summary = build_vocab([*teachers, *(more or [])], out, parse_lang_teacher(lang_teacher),
+    teachers = [*teachers, *(more or [])]
+    out = out or Workspace.find(workspace).vocab_dir_for(teachers)
+    summary = build_vocab(teachers, out, parse_lang_teacher(lang_teacher),
                           progress=lambda msg: typer.echo(f"build-vocab: {msg}", err=True), overwrite=overwrite)
     emit_json(summary) if as_json else typer.echo(format_summary(summary))
 
@@ -230,9 +239,9 @@ def remap_cmd(
 @user_errors
 def train_student_cmd(
     method: str = typer.Option(..., "--method", help="Distillation method (see `xkd methods`)."),
-    caches: List[Path] = typer.Option(..., "--caches", help="Cache directories to learn from (repeat for several)."),
-    vocab: Path = typer.Option(..., "--vocab", help="Vocab dir from `xkd build-vocab` over the caches' teachers."),
-    out: Path = typer.Option(..., "--out", help="Output dir: the student (HF format), checkpoints, metrics. New or empty, unless --resume or --overwrite."),
+    caches: List[str] = typer.Option([], "--caches", help="Cache directories to learn from: several after one --caches, globs, or repeat it (default: the workspace caches the method can use, when they are one corpus)."),
+    vocab: Optional[Path] = typer.Option(None, "--vocab", help="Vocab dir from `xkd build-vocab` over the caches' teachers (default: the workspace vocab covering them, built if missing)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output dir: the student (HF format), checkpoints, metrics. New or empty, unless --resume or --overwrite (default: the workspace's students/<method>-NNN)."),
     steps: int = typer.Option(1000, "--steps"),
     batch_size: int = typer.Option(32, "--batch-size", help="Examples per batch (per rank)."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Batches per optimiser step."),
@@ -262,23 +271,43 @@ def train_student_cmd(
     option: List[str] = typer.Option([], "--option", "-o", help="The method's own options, KEY=VALUE (repeatable; `xkd methods` lists them, e.g. -o lambda_start=0.9 -o temperature=2)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda if available)."),
     allow_incomplete: bool = AllowIncompleteOpt,
+    workspace: Optional[Path] = WorkspaceOpt,
     as_json: bool = JsonOpt,
 ):
     """Train a student from cached teacher outputs, with any registered method."""
     from .student.models import StudentConfig
     from .student.run import train_student
     from .student.trainer import TrainConfig
+    from .workspace import Workspace, default_caches, default_vocab, expand_cache_paths
 
     method_options = parse_key_values(option)
+    student = StudentConfig(hidden=hidden, layers=layers, heads=heads, embedding_dim=embedding_dim, dropout=dropout,
+                            architecture=architecture)
+    caches = expand_cache_paths(list(caches))
+    if not (caches and vocab and out):
+        ws = Workspace.find(workspace)
+        say = lambda msg: typer.echo(f"train-student: {msg}", err=True)  # noqa: E731
+        if resume and out is None:
+            from .errors import BadInput
+
+            raise BadInput("--resume continues a run: give its directory with --out (`xkd ls` lists the students).")
+        if not caches:
+            caches = default_caches(ws, method, method_options, student, allow_incomplete)
+            say("--caches (workspace): " + " ".join(caches))
+        if vocab is None:
+            vocab = Path(default_vocab(ws, caches, say))
+            say(f"--vocab (workspace): {vocab}")
+        if out is None:
+            out = ws.new_student_dir(method)
+            say(f"--out (workspace): {out}")
     result = train_student(
-        method=method, caches=[str(c) for c in caches], vocab_dir=str(vocab), out=str(out),
+        method=method, caches=list(caches), vocab_dir=str(vocab), out=str(out),
         train=TrainConfig(out=str(out), steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay,
                           grad_accum=grad_accum, clip=clip, save_every=save_every, log_every=log_every,
                           seed=seed, amp=amp, num_workers=workers, stop_after=stop_after,
                           keep_checkpoints=keep_checkpoints),
         batch_size=batch_size,
-        student=StudentConfig(hidden=hidden, layers=layers, heads=heads, embedding_dim=embedding_dim, dropout=dropout,
-                              architecture=architecture),
+        student=student,
         init_from=init_from, init_teacher=init_teacher, alpha=alpha, copies=copies,
         method_options=method_options, resume=resume, overwrite=overwrite, device=device, allow_incomplete=allow_incomplete,
     )
@@ -329,8 +358,8 @@ def methods_cmd(
 def evaluate_cmd(
     model: Optional[str] = typer.Argument(None, help="A trained student (the --out of train-student); classify/tag: any Hugging Face encoder directory (or an alias found offline, e.g. minilm)."),
     mode: str = typer.Option("mlm", "--mode", help="mlm (loss, accuracy, KL to teachers) | bitext (retrieval accuracy) | classify (fine-tune and score sequence classification, zero-shot across languages) | tag (the same for CoNLL tagging: span F1 or accuracy)."),
-    vocab: Optional[Path] = typer.Option(None, "--vocab", help="The vocab dir the student was trained with (mlm, bitext; classify/tag: default, the one its train_summary.json names)."),
-    caches: List[Path] = typer.Option([], "--caches", help="mlm mode: held-out caches (one teacher each)."),
+    vocab: Optional[Path] = typer.Option(None, "--vocab", help="The vocab dir the student was trained with (default: the one its train_summary.json names)."),
+    caches: List[str] = typer.Option([], "--caches", help="mlm mode: held-out caches (one teacher each; several after one --caches, or globs)."),
     src: Optional[str] = typer.Option(None, "--src", help="bitext mode: PATH@LANG, a sentence a line."),
     tgt: Optional[str] = typer.Option(None, "--tgt", help="bitext mode: PATH@LANG, line-aligned with --src."),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="bitext mode: evaluate the untrained student initialised from this teacher instead of MODEL."),
@@ -371,8 +400,13 @@ def evaluate_cmd(
         if as_json:
             emit_json(result)
         return
+    if vocab is None and model is not None:
+        from .workspace import trained_vocab
+
+        vocab = trained_vocab(model)
     if vocab is None:
-        raise BadInput(f"--mode {mode} needs --vocab: the vocab dir the student was trained with.")
+        raise BadInput(f"--mode {mode} needs --vocab: the vocab dir the student was trained with (an xkd student's "
+                       "train_summary.json names it; this MODEL's does not, or its vocab has moved).")
     if mode == "bitext":
         from .student.evaluate import evaluate_bitext
 
@@ -388,8 +422,9 @@ def evaluate_cmd(
     if model is None or not caches:
         raise BadInput("--mode mlm needs MODEL and at least one --caches.")
     from .student.evaluate import evaluate_mlm
+    from .workspace import expand_cache_paths
 
-    result = evaluate_mlm(str(model), [str(c) for c in caches], str(vocab), batch_size, max_rows, allow_incomplete)
+    result = evaluate_mlm(str(model), expand_cache_paths(list(caches)), str(vocab), batch_size, max_rows, allow_incomplete)
     if as_json:
         emit_json(result)
         return
@@ -446,6 +481,20 @@ def finetune_teacher_cmd(
         emit_json(summary)
 
 
+@app.command("ls")
+@user_errors
+def ls_cmd(
+    workspace: Optional[Path] = WorkspaceOpt,
+    as_json: bool = JsonOpt,
+):
+    """What the workspace holds: caches (teacher, corpus, rows, outputs, size, complete), vocabs
+    (teachers, size) and students (method, caches, steps, final losses, evaluation results)."""
+    from .workspace import Workspace, describe, format_listing
+
+    info = describe(Workspace.find(workspace))
+    emit_json(info) if as_json else typer.echo(format_listing(info))
+
+
 def quiet_transformers_by_default() -> None:
     # transformers' load reports, notices and weight-loading bars drown xkd's own progress
     # lines; TRANSFORMERS_VERBOSITY=warning / HF_HUB_DISABLE_PROGRESS_BARS=0 bring them back.
@@ -455,8 +504,10 @@ def quiet_transformers_by_default() -> None:
 
 
 def main() -> None:
+    from .workspace import spread_multi_value_options
+
     quiet_transformers_by_default()
-    app()
+    app(args=spread_multi_value_options(sys.argv[1:]), prog_name="xkd")
 
 
 if __name__ == "__main__":

@@ -78,5 +78,24 @@ def prepare(name: str, options, caches: list, vocab, *, student=None, init_from:
     return Prepared(method, model, plan)
 
 
+def cannot_use(name: str, options, cache, student=None) -> str | None:
+    """Why --method `name` cannot learn from `cache` on its own (a missing output, sentence
+    pairs it does not read, ...), or None when it can: how a workspace picks default caches."""
+    from ..models import StudentConfig, student_shape
+
+    cls = get_method(name)
+    config = method_config(name, options)
+    view = view_of(cache)
+    if not cls.reads_sentence_pairs and view.has_pairs:
+        return "sentence pairs, which this method does not read"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cls.plan_for(config, [view], student_shape(student or StudentConfig()))
+    except BadInput as e:
+        return str(e).split(". ")[0].removeprefix(f"--method {name} ")
+    return None
+
+
 __all__ = ["METHODS", "Method", "Need", "OptionSpec", "Plan", "Prepared", "available", "get_method", "method_config",
-           "prepare", "register"]
+           "prepare", "register", "cannot_use"]

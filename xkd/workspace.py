@@ -1,0 +1,378 @@
+"""The workspace: one root holding caches/, vocabs/ and students/, so that
+
+    xkd cache-teachers --teacher bert-base --corpus opus-en-hi
+    xkd build-vocab --teachers mbert muril
+    xkd train-student --method mergedistill
+
+work as typed (DESIGN.md, "Command-line contract"). The root is `--workspace`, else
+$XKD_HOME, else ./xkd-runs. Each default is taken only when it is the one candidate; an
+ambiguous default is a BadInput listing the candidates and the option that chooses, never a
+silent pick. Explicit paths bypass all of this.
+
+This module sits beside the CLI (it reads caches, vocabs and students' summaries, and asks
+the method registry which caches a method can learn from); nothing below imports it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BadInput
+
+HOME_ENV = "XKD_HOME"
+DEFAULT_ROOT = "xkd-runs"
+SUMMARY = "train_summary.json"
+EVALUATION = "evaluation.json"  # what `xkd evaluate` recorded in a student dir
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def find(cls, option: str | os.PathLike | None = None) -> "Workspace":
+        """--workspace, else $XKD_HOME, else ./xkd-runs (made when something is written)."""
+        chosen = option or os.environ.get(HOME_ENV) or DEFAULT_ROOT
+        root = Path(chosen).expanduser()
+        if root.exists() and not root.is_dir():
+            source = "--workspace" if option else (f"${HOME_ENV}" if os.environ.get(HOME_ENV) else "the default workspace")
+            raise BadInput(f"{source} {root} is a file, not a directory: give a directory for caches/, vocabs/ and "
+                           "students/ (--workspace DIR or XKD_HOME=DIR).")
+        return cls(root)
+
+    @property
+    def caches(self) -> Path:
+        return self.root / "caches"
+
+    @property
+    def vocabs(self) -> Path:
+        return self.root / "vocabs"
+
+    @property
+    def students(self) -> Path:
+        return self.root / "students"
+
+    def cache_dirs(self) -> list[Path]:
+        return _children_with(self.caches, "manifest.json")
+
+    def vocab_dirs(self) -> list[Path]:
+        from .vocab.vocabdir import META
+
+        return _children_with(self.vocabs, META)
+
+    def student_dirs(self) -> list[Path]:
+        """Students: directories under students/ holding a summary, a config or checkpoints."""
+        if not self.students.is_dir():
+            return []
+        return sorted(p for p in self.students.iterdir() if p.is_dir() and not p.name.startswith(".")
+                      and any((p / name).exists() for name in (SUMMARY, "config.json", "checkpoints")))
+
+    def vocab_dir_for(self, teachers: list[str]) -> Path:
+        """vocabs/<teacher>+<teacher>: named after the teachers, as build-vocab's slugs are."""
+        from .vocab.union import teacher_slug
+
+        slugs: list[str] = []
+        for teacher in teachers:
+            slugs.append(teacher_slug(teacher, set(slugs)))
+        return self.vocabs / "+".join(slugs)
+
+    def new_student_dir(self, method: str) -> Path:
+        """students/<method>-NNN, one past the highest number of that method so far."""
+        taken = [int(m.group(1)) for p in (self.students.iterdir() if self.students.is_dir() else [])
+                 if (m := re.fullmatch(re.escape(method) + r"-(\d+)", p.name))]
+        return self.students / f"{method}-{max(taken, default=0) + 1:03d}"
+
+
+def _children_with(parent: Path, marker: str) -> list[Path]:
+    if not parent.is_dir():
+        return []
+    return sorted(p for p in parent.iterdir() if (p / marker).is_file())
+
+
+# --caches: several paths after one flag, and globs ---------------------------------------
+
+_GLOB = re.compile(r"[*?\[]")
+
+
+def expand_cache_paths(values: list[str]) -> list[str]:
+    """Each --caches value as given, or the sorted matches of a quoted glob (the shell expands
+    unquoted ones). A glob that matches nothing is an error, not an empty list."""
+    out: list[str] = []
+    for value in values:
+        if _GLOB.search(value) and not Path(value).exists():
+            matches = sorted(glob.glob(os.path.expanduser(value)))
+            if not matches:
+                raise BadInput(f"--caches {value}: the pattern matches no file or directory. Check the pattern, or run "
+                               "`xkd ls` to see the workspace's caches.")
+            out.extend(matches)
+        else:
+            out.append(value)
+    return out
+
+
+def spread_multi_value_options(argv: list[str], options=("--caches",)) -> list[str]:
+    """`--caches a b c` -> `--caches a --caches b --caches c`: click options take one value
+    each, but a shell glob gives several. Values run until the next token that starts with
+    '-'; give positional arguments (evaluate's MODEL) before --caches."""
+    out: list[str] = []
+    current = None
+    for token in argv:
+        if token == "--":
+            current = None
+            out.append(token)
+        elif token in options:
+            current = token
+            out.append(token)
+            taken = 0
+            continue
+        elif current and not token.startswith("-"):
+            if taken:
+                out.append(current)
+            out.append(token)
+            taken += 1
+            continue
+        else:
+            current = None
+            out.append(token)
+    return out
+
+
+# Defaults for train-student --------------------------------------------------------------
+
+
+def default_caches(ws: Workspace, method: str, options: dict, student=None, allow_incomplete: bool = False) -> list[str]:
+    """The workspace caches `method` can learn from, when they are one corpus with one cache
+    per teacher; otherwise a BadInput listing the candidates and how to choose (--caches)."""
+    from .storage import open_cache
+    from .student.methods import cannot_use
+
+    dirs = ws.cache_dirs()
+    if not dirs:
+        raise BadInput(f"--caches: not given, and the workspace {ws.caches} holds no cache. Make one with "
+                       "`xkd cache-teachers --teacher T --corpus C` (it writes there), or give --caches DIR [DIR ...].")
+    usable, refused = [], []
+    for path in dirs:
+        cache = open_cache(path)
+        if not cache.complete and not allow_incomplete:
+            refused.append(f"{path.name} (incomplete: finish it with the same cache-teachers command, or give "
+                           "--allow-incomplete)")
+            continue
+        reason = cannot_use(method, options, cache, student)
+        if reason:
+            refused.append(f"{path.name} ({reason})")
+        else:
+            usable.append(cache)
+    if not usable:
+        raise BadInput(f"--caches: not given, and no cache in {ws.caches} suits --method {method}: "
+                       + "; ".join(refused) + ". Cache what the method needs (`xkd methods " + method
+                       + "` lists it), or give --caches.")
+    corpora: dict[str, list] = {}
+    for cache in usable:
+        corpus = cache.manifest.get("corpus") or {}
+        corpora.setdefault(corpus.get("fingerprint") or corpus.get("spec") or str(cache.path), []).append(cache)
+    if len(corpora) > 1:
+        listed = "; ".join(f"{group[0].manifest['corpus'].get('spec')}: " + " ".join(str(c.path) for c in group)
+                           for group in corpora.values())
+        raise BadInput(f"--caches: not given, and the workspace holds caches of {len(corpora)} corpora that --method "
+                       f"{method} can use ({listed}). Choose with --caches DIR [DIR ...] (globs work, e.g. "
+                       f"--caches '{ws.caches}/mbert-*').")
+    by_teacher: dict[str, list] = {}
+    for cache in usable:
+        by_teacher.setdefault(_teacher_identity(cache.manifest), []).append(cache)
+    twins = [group for group in by_teacher.values() if len(group) > 1]
+    if twins:
+        listed = "; ".join(" and ".join(f"{c.path} ({_view_summary(c.manifest)})" for c in group) for group in twins)
+        raise BadInput(f"--caches: not given, and the workspace holds several caches of one teacher over this corpus "
+                       f"({listed}). Choose with --caches DIR [DIR ...].")
+    return [str(c.path) for c in usable]
+
+
+def _teacher_identity(manifest: dict) -> str:
+    teacher = manifest.get("teacher") or {}
+    return f"{teacher.get('weights_sha256') or teacher.get('model_id')}/{teacher.get('tokenizer_sha256')}"
+
+
+def _view_summary(manifest: dict) -> str:
+    view = manifest.get("view") or {}
+    outputs = view.get("outputs") or {}
+    return (f"max length {view.get('max_length')}, top-k {outputs.get('topk')}, mask "
+            f"{(view.get('mask') or {}).get('prob')}, key {manifest.get('key')}")
+
+
+def default_vocab(ws: Workspace, caches: list[str], say=None) -> str:
+    """The workspace vocab that covers every cache's teacher, built (and said so) when there is
+    none; several is a BadInput listing them and --vocab."""
+    from .storage import open_cache
+    from .vocab import load_vocab
+    from .vocab.build import build_vocab
+
+    manifests = [open_cache(c).manifest for c in caches]
+    covering = []
+    for path in ws.vocab_dirs():
+        vocab = load_vocab(path)
+        try:
+            for manifest in manifests:
+                vocab.teacher(manifest)
+        except BadInput:
+            continue
+        covering.append(path)
+    if len(covering) == 1:
+        return str(covering[0])
+    if len(covering) > 1:
+        raise BadInput(f"--vocab: not given, and {len(covering)} vocabs in {ws.vocabs} cover the caches' teachers ("
+                       + ", ".join(str(p) for p in covering) + "). Choose one with --vocab DIR.")
+    teachers, routes = _teachers_and_routes(manifests)
+    out = ws.vocab_dir_for(teachers)
+    n = 2
+    while out.exists():  # a vocab of the same names but other tokenizers (it did not cover the caches)
+        out, n = out.with_name(f"{ws.vocab_dir_for(teachers).name}-{n}"), n + 1
+    (say or (lambda msg: None))(f"no vocab in {ws.vocabs} covers the caches' teachers; building {out} from "
+                                + ", ".join(teachers) + " (xkd build-vocab)")
+    build_vocab(teachers, out, routes, progress=say)
+    return str(out)
+
+
+def _teachers_and_routes(manifests: list[dict]) -> tuple[list[str], dict[str, str]]:
+    """Each distinct teacher once (its local directory when it still exists, else its name),
+    and each language routed to its teacher when exactly one teacher cached it, so the
+    student tokenizes each language as it saw it in training."""
+    teachers: list[str] = []
+    seen: dict[str, str] = {}
+    langs: dict[str, set[str]] = {}
+    for manifest in manifests:
+        teacher = manifest.get("teacher") or {}
+        key = _teacher_identity(manifest)
+        if key not in seen:
+            path = teacher.get("path")
+            seen[key] = path if path and Path(path).is_dir() else (teacher.get("name") or teacher.get("model_id"))
+            teachers.append(seen[key])
+        for lang in (manifest.get("corpus") or {}).get("langs") or []:
+            langs.setdefault(lang, set()).add(seen[key])
+    routes = {lang: next(iter(ts)) for lang, ts in langs.items() if len(ts) == 1} if len(teachers) > 1 else {}
+    return teachers, routes
+
+
+def trained_vocab(model_dir: str | os.PathLike) -> Path | None:
+    """The vocab dir an xkd student was trained with, as its summary names it, if it still exists."""
+    summary = _read_json(Path(model_dir) / SUMMARY)
+    vocab = summary.get("vocab") if isinstance(summary, dict) else None
+    return Path(vocab) if vocab and Path(vocab).is_dir() else None
+
+
+# xkd ls ----------------------------------------------------------------------------------
+
+
+def describe(ws: Workspace) -> dict:
+    """What the workspace holds: caches, vocabs and students, each a dict of plain values."""
+    return {
+        "workspace": str(ws.root),
+        "caches": [_describe_cache(p) for p in ws.cache_dirs()],
+        "vocabs": [_describe_vocab(p) for p in ws.vocab_dirs()],
+        "students": [_describe_student(p) for p in ws.student_dirs()],
+    }
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _describe_cache(path: Path) -> dict:
+    from .storage import open_cache
+
+    try:
+        cache = open_cache(path)
+    except Exception as e:  # a damaged cache is listed, not fatal to the listing
+        return {"path": str(path), "error": str(e).split(". ")[0]}
+    m = cache.manifest
+    outputs = m.get("outputs") or {}
+    named = [f"top-{outputs['topk']['k']}" if isinstance(outputs.get("topk"), dict) else None,
+             *sorted((outputs.get("dense") or {})), "pairs" if outputs.get("pairs") else None]
+    return {
+        "path": str(path),
+        "teacher": (m.get("teacher") or {}).get("name"),
+        "corpus": (m.get("corpus") or {}).get("spec"),
+        "languages": (m.get("corpus") or {}).get("langs"),
+        "rows": int((m.get("totals") or {}).get("rows", 0)),
+        "outputs": [o for o in named if o],
+        "bytes": _dir_bytes(path),
+        "complete": bool(cache.complete),
+    }
+
+
+def _describe_vocab(path: Path) -> dict:
+    from .vocab import load_vocab
+
+    try:
+        vocab = load_vocab(path)
+    except Exception as e:
+        return {"path": str(path), "error": str(e).split(". ")[0]}
+    return {"path": str(path), "teachers": [t["name"] for t in vocab.teachers], "size": vocab.size,
+            "routes": vocab.routes}
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _describe_student(path: Path) -> dict:
+    summary = _read_json(path / SUMMARY) or {}
+    evaluation = _read_json(path / EVALUATION)
+    checkpoints = sorted((path / "checkpoints").glob("step-*")) if (path / "checkpoints").is_dir() else []
+    status = "finished" if summary and not summary.get("partial") else (
+        "stopped (resume with --resume)" if checkpoints or summary else "no run recorded")
+    return {
+        "path": str(path),
+        "method": summary.get("method"),
+        "caches": summary.get("caches") or [],
+        "steps": summary.get("steps"),
+        "status": status,
+        "final": summary.get("final") or {},
+        "evaluation": evaluation or {},
+    }
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def format_listing(info: dict) -> str:
+    lines = [f"workspace {info['workspace']}"]
+    lines.append(f"\ncaches ({len(info['caches'])})")
+    for c in info["caches"]:
+        if "error" in c:
+            lines.append(f"  {Path(c['path']).name}: unreadable: {c['error']}")
+            continue
+        lines.append(f"  {Path(c['path']).name}: {c['teacher']} on {c['corpus']} ({', '.join(c['languages'] or [])}), "
+                     f"{c['rows']:,} rows, {', '.join(c['outputs']) or 'ids only'}, {_size(c['bytes'])}, "
+                     + ("complete" if c["complete"] else "INCOMPLETE"))
+    lines.append(f"\nvocabs ({len(info['vocabs'])})")
+    for v in info["vocabs"]:
+        lines.append(f"  {Path(v['path']).name}: " + (f"unreadable: {v['error']}" if "error" in v else
+                     f"{' + '.join(v['teachers'])}, {v['size']:,} tokens"))
+    lines.append(f"\nstudents ({len(info['students'])})")
+    for s in info["students"]:
+        caches = ", ".join(Path(c).name for c in s["caches"])
+        final = ", ".join(f"{k} {v:.4g}" for k, v in s["final"].items() if isinstance(v, (int, float)))
+        lines.append(f"  {Path(s['path']).name}: {s['method'] or '?'} on {caches or '?'}, {s['steps'] or 0} steps, "
+                     f"{s['status']}" + (f"; final {final}" if final else ""))
+        for key, result in s["evaluation"].items():
+            scores = ", ".join(f"{k} {v:.4g}" for k, v in _headline(result).items())
+            lines.append(f"      {key}: {scores}")
+    return "\n".join(lines)
+
+
+def _headline(result: dict) -> dict:
+    """The numbers worth one line: top-level floats (accuracy, loss, ...)."""
+    return {k: v for k, v in result.items() if isinstance(v, float)}
