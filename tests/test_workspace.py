@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import PARALLEL, VOCABS, build_tiny_bert, cache_teacher
 from xkd.cli import app
 from xkd.workspace import Workspace, spread_multi_value_options
+
+from conftest import PARALLEL, VOCABS, build_tiny_bert, cache_teacher
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -19,6 +18,7 @@ import typer
 
 from .downstream import EVALUATE_RECIPE
 from .errors import XkdError
+from .quiet import quiet_transformers_by_default
 
 app = typer.Typer(
     add_completion=False,
@@ -135,35 +135,51 @@ def verify_cmd(
 @app.command("cache-teachers")
 @user_errors
 def cache_teachers_cmd(
-    teacher: List[str] = typer.Option(..., "--teacher", help="Alias (bert-base, mbert, muril, xlmr, minilm), HF model id or model dir; repeat for several."),
-    corpus: str = typer.Option(..., "--corpus", help="A corpus name (sample, opus-en-hi) or spec: text:PATH@LANG, labeled:PATH@LANG (text<TAB>label), parallel:SRC@L1,TGT@L2, tsv:PATH@L1,L2, hf:DATASET[:CONFIG]."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Cache root: each teacher's cache is OUT/<teacher>-<key> (default: the workspace's caches/)."),
-    corpus_files: Optional[str] = typer.Option(None, "--corpus-files", help="Read a named hub corpus from local files: SRC,TGT or one TSV (e.g. opus-en-hi offline)."),
+    teacher: List[str] = typer.Option(..., "--teacher", help="Alias (bert-base, mbert, muril, xlmr, minilm), HF model id or "
+        "model dir; repeat for several."),
+    corpus: str = typer.Option(..., "--corpus", help="A corpus name (sample, opus-en-hi) or spec: text:PATH@LANG, "
+        "labeled:PATH@LANG (text<TAB>label), parallel:SRC@L1,TGT@L2, tsv:PATH@L1,L2, hf:DATASET[:CONFIG]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Cache root: each teacher's cache is OUT/<teacher>-<key> (default: "
+        "the workspace's caches/)."),
+    corpus_files: Optional[str] = typer.Option(None, "--corpus-files", help="Read a named hub corpus from local files: SRC,TGT "
+        "or one TSV (e.g. opus-en-hi offline)."),
     split: str = typer.Option("train", "--split", help="Split of an hf: dataset."),
-    topk: Optional[int] = typer.Option(None, "--topk", help="Store the top-k logits and log-normaliser at masked positions (masked LMs; default 8; 0: off)."),
-    mask_prob: Optional[float] = typer.Option(None, "--mask-prob", help="Masking probability (default 0.15 for masked LMs, 0 otherwise)."),
+    topk: Optional[int] = typer.Option(None, "--topk", help="Store the top-k logits and log-normaliser at masked positions "
+        "(masked LMs; default 8; 0: off)."),
+    mask_prob: Optional[float] = typer.Option(None, "--mask-prob", help="Masking probability (default 0.15 for masked LMs, 0 "
+        "otherwise)."),
     no_mask: bool = typer.Option(False, "--no-mask", help="Teachers see unmasked text (same as --mask-prob 0)."),
     whole_word: bool = typer.Option(False, "--whole-word", help="Mask whole words."),
     mask_epochs: int = typer.Option(1, "--mask-epochs", help="Cache this many maskings of each example."),
     seed: int = typer.Option(0, "--seed", help="Masking seed."),
     max_length: int = typer.Option(128, "--max-length", help="Tokens per row, special tokens included."),
-    hidden_layers: Optional[str] = typer.Option(None, "--hidden-layers", help="Store hidden states of these layers, e.g. 0,6,12 (0: embeddings)."),
+    hidden_layers: Optional[str] = typer.Option(None, "--hidden-layers", help="Store hidden states of these layers, e.g. 0,6,12 "
+        "(0: embeddings)."),
     hidden_positions: str = typer.Option("all", "--hidden-positions", help="all | word (first sub-token of each word) | cls."),
-    attention_layers: Optional[str] = typer.Option(None, "--attention-layers", help="Store the attention probabilities of these layers (1-based), per token: heads x --max-length (TinyBERT; large)."),
-    sentence: Optional[str] = typer.Option(None, "--sentence", help="Sentence vectors to store: cls,pooled (pooled follows the model's pooling config; default for encoders; 'none': none)."),
-    class_logits: Optional[bool] = typer.Option(None, "--class-logits/--no-class-logits", help="Store class logits (default on for sequence classifiers)."),
+    attention_layers: Optional[str] = typer.Option(None, "--attention-layers", help="Store the attention probabilities of these "
+        "layers (1-based), per token: heads x --max-length (TinyBERT; large)."),
+    sentence: Optional[str] = typer.Option(None, "--sentence", help="Sentence vectors to store: cls,pooled (pooled follows the "
+        "model's pooling config; default for encoders; 'none': none)."),
+    class_logits: Optional[bool] = typer.Option(None, "--class-logits/--no-class-logits", help="Store class logits (default on "
+        "for sequence classifiers)."),
     sides: str = typer.Option("both", "--sides", help="Parallel corpora: which sides the teacher runs on: src | tgt | both."),
     text: bool = typer.Option(True, "--text/--no-text", help="Store each row's raw text and its pair's text."),
-    min_tokens: int = typer.Option(0, "--min-tokens", help="Keep records whose every side has at least this many whitespace tokens (MMKD: 10)."),
+    min_tokens: int = typer.Option(0, "--min-tokens", help="Keep records whose every side has at least this many whitespace "
+        "tokens (MMKD: 10)."),
     max_tokens: int = typer.Option(0, "--max-tokens", help="... and at most this many (MMKD: 128; 0: no bound)."),
-    max_pairs: int = typer.Option(0, "--max-pairs", help="Cap the examples of the corpus (one language pair) to the first N kept (0: no cap)."),
-    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip and count invalid UTF-8 or malformed lines instead of stopping."),
+    max_pairs: int = typer.Option(0, "--max-pairs", help="Cap the examples of the corpus (one language pair) to the first N "
+        "kept (0: no cap)."),
+    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip and count invalid UTF-8 or malformed lines "
+        "instead of stopping."),
     shard_size: int = typer.Option(2048, "--shard-size", help="Examples per shard (the unit of work, retry and resume)."),
-    token_budget: int = typer.Option(16384, "--token-budget", help="Padded tokens per batch (rows x longest row; length-bucketed)."),
+    token_budget: int = typer.Option(16384, "--token-budget", help="Padded tokens per batch (rows x longest row; "
+        "length-bucketed)."),
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (fp16 on CUDA, fp32 on CPU) | fp16 | bf16 | fp32."),
-    scheduler: str = typer.Option("local", "--scheduler", help="local (a LocalCluster) or a dask scheduler address tcp://host:port."),
+    scheduler: str = typer.Option("local", "--scheduler", help="local (a LocalCluster) or a dask scheduler address "
+        "tcp://host:port."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Local workers (default: one per GPU, else 1)."),
-    cpu_threads: Optional[int] = typer.Option(None, "--cpu-threads", help="Torch threads per worker on CPU (default: cores / local workers)."),
+    cpu_threads: Optional[int] = typer.Option(None, "--cpu-threads", help="Torch threads per worker on CPU (default: cores / "
+        "local workers)."),
     workspace: Optional[Path] = WorkspaceOpt,
     as_json: bool = JsonOpt,
 ):
@@ -178,7 +194,8 @@ def cache_teachers_cmd(
         mask_prob=0.0 if no_mask else mask_prob, whole_word=whole_word, mask_epochs=mask_epochs, seed=seed,
         max_length=max_length, hidden_layers=parse_list(hidden_layers, "--hidden-layers", cast=int),
         hidden_positions=hidden_positions, attention_layers=parse_list(attention_layers, "--attention-layers", cast=int),
-        sentence=None if sentence is None else parse_list("" if sentence == "none" else sentence, "--sentence", ("cls", "pooled")),
+        sentence=None if sentence is None else parse_list("" if sentence == "none" else sentence, "--sentence",
+                                                          ("cls", "pooled")),
         class_logits=class_logits, sides=sides, text=text, min_tokens=min_tokens, max_tokens=max_tokens,
         max_pairs=max_pairs, skip_bad_lines=skip_bad_lines, shard_size=shard_size, token_budget=token_budget,
         dtype=dtype, scheduler=scheduler, workers=workers, cpu_threads=cpu_threads,
@@ -196,11 +213,15 @@ def cache_teachers_cmd(
 @app.command("build-vocab")
 @user_errors
 def build_vocab_cmd(
-    teachers: List[str] = typer.Option(..., "--teachers", help="Teachers: alias, model id, model/tokenizer dir, or a bare vocab file. Give several after one --teachers, or repeat it."),
+    teachers: List[str] = typer.Option(..., "--teachers", help="Teachers: alias, model id, model/tokenizer dir, or a bare vocab "
+        "file. Give several after one --teachers, or repeat it."),
     more: Optional[List[str]] = typer.Argument(None, help="More teachers (after --teachers A B ...).", show_default=False),
-    out: Optional[Path] = typer.Option(None, "--out", help="The vocab directory to write (default: the workspace's vocabs/<teacher>+<teacher>)."),
-    lang_teacher: List[str] = typer.Option([], "--lang-teacher", help="Tokenize language LANG with TEACHER's tokenizer: LANG=TEACHER (repeatable)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different vocab already in --out (an identical one is kept without it)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="The vocab directory to write (default: the workspace's "
+        "vocabs/<teacher>+<teacher>)."),
+    lang_teacher: List[str] = typer.Option([], "--lang-teacher", help="Tokenize language LANG with TEACHER's tokenizer: "
+        "LANG=TEACHER (repeatable)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different vocab already in --out (an identical one is "
+        "kept without it)."),
     workspace: Optional[Path] = WorkspaceOpt,
     as_json: bool = JsonOpt,
 ):
@@ -221,7 +242,8 @@ def remap_cmd(
     cache: Path = typer.Argument(..., help="A teacher cache (teacher vocabulary ids)."),
     vocab: Path = typer.Option(..., "--vocab", help="A vocab dir from build-vocab that includes the cache's teacher."),
     out: Path = typer.Option(..., "--out", help="Where to write the union-vocab copy (a cache; passes xkd verify)."),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="The cache's teacher in the vocab, if its manifest does not identify it."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="The cache's teacher in the vocab, if its manifest does not "
+        "identify it."),
     as_json: bool = JsonOpt,
 ):
     """Write a copy of a cache with input ids, labels and top-k ids in the union vocabulary."""
@@ -239,9 +261,12 @@ def remap_cmd(
 @user_errors
 def train_student_cmd(
     method: str = typer.Option(..., "--method", help="Distillation method (see `xkd methods`)."),
-    caches: List[str] = typer.Option([], "--caches", help="Cache directories to learn from: several after one --caches, globs, or repeat it (default: the workspace caches the method can use, when they are one corpus)."),
-    vocab: Optional[Path] = typer.Option(None, "--vocab", help="Vocab dir from `xkd build-vocab` over the caches' teachers (default: the workspace vocab covering them, built if missing)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output dir: the student (HF format), checkpoints, metrics. New or empty, unless --resume or --overwrite (default: the workspace's students/<method>-NNN)."),
+    caches: List[Path] = typer.Option([], "--caches", help="Cache directories to learn from: several after one --caches, globs, "
+        "or repeat it (default: the workspace caches the method can use, when they are one corpus)."),
+    vocab: Optional[Path] = typer.Option(None, "--vocab", help="Vocab dir from `xkd build-vocab` over the caches' teachers "
+        "(default: the workspace vocab covering them, built if missing)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output dir: the student (HF format), checkpoints, metrics. New or "
+        "empty, unless --resume or --overwrite (default: the workspace's students/<method>-NNN)."),
     steps: int = typer.Option(1000, "--steps"),
     batch_size: int = typer.Option(32, "--batch-size", help="Examples per batch (per rank)."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Batches per optimiser step."),
@@ -254,10 +279,14 @@ def train_student_cmd(
     log_every: int = typer.Option(10, "--log-every"),
     amp: str = typer.Option("auto", "--amp", help="auto | off | bf16 | fp16 (auto: autocast on CUDA only)."),
     workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out (made with the same options; only --workers, --stop-after, --save-every, --log-every, --keep-checkpoints and --device may change)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in a non-empty --out: its checkpoints and metrics are removed first."),
-    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Keep the newest N checkpoints (resume falls back past a damaged one)."),
-    stop_after: int = typer.Option(0, "--stop-after", help="Leave after N steps of this run, with a checkpoint (time-limited jobs; continue with --resume)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out (made with the same "
+        "options; only --workers, --stop-after, --save-every, --log-every, --keep-checkpoints and --device may change)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in a non-empty --out: its checkpoints and "
+        "metrics are removed first."),
+    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Keep the newest N checkpoints (resume falls back past a "
+        "damaged one)."),
+    stop_after: int = typer.Option(0, "--stop-after", help="Leave after N steps of this run, with a checkpoint (time-limited "
+        "jobs; continue with --resume)."),
     alpha: float = typer.Option(0.7, "--alpha", help="Language smoothing: sample language l with q ∝ p_l^alpha."),
     copies: str = typer.Option("all", "--copies", help="Several teachers per example: all | best (lowest teacher loss)."),
     hidden: int = typer.Option(256, "--hidden", help="Student hidden size."),
@@ -265,10 +294,14 @@ def train_student_cmd(
     heads: int = typer.Option(4, "--heads"),
     embedding_dim: int = typer.Option(0, "--embedding-dim", help="Reduced embedding size (0: = --hidden)."),
     dropout: float = typer.Option(0.1, "--dropout"),
-    architecture: str = typer.Option("bert", "--architecture", help="Random student: bert | xlm-roberta (XLM-R: positions from the union's pad id, one token type). --init-from keeps the checkpoint's."),
-    init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from this checkpoint (teacher alias or dir) through the union-vocab embedding initialisation."),
-    init_teacher: Optional[str] = typer.Option(None, "--init-teacher", help="Which vocab teacher --init-from is (default: the same name)."),
-    option: List[str] = typer.Option([], "--option", "-o", help="The method's own options, KEY=VALUE (repeatable; `xkd methods` lists them, e.g. -o lambda_start=0.9 -o temperature=2)."),
+    architecture: str = typer.Option("bert", "--architecture", help="Random student: bert | xlm-roberta (XLM-R: positions from "
+        "the union's pad id, one token type). --init-from keeps the checkpoint's."),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from this checkpoint (teacher alias or dir) "
+        "through the union-vocab embedding initialisation."),
+    init_teacher: Optional[str] = typer.Option(None, "--init-teacher", help="Which vocab teacher --init-from is (default: the "
+        "same name)."),
+    option: List[str] = typer.Option([], "--option", "-o", help="The method's own options, KEY=VALUE (repeatable; `xkd methods` "
+        "lists them, e.g. -o lambda_start=0.9 -o temperature=2)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda if available)."),
     allow_incomplete: bool = AllowIncompleteOpt,
     workspace: Optional[Path] = WorkspaceOpt,
@@ -283,7 +316,7 @@ def train_student_cmd(
     method_options = parse_key_values(option)
     student = StudentConfig(hidden=hidden, layers=layers, heads=heads, embedding_dim=embedding_dim, dropout=dropout,
                             architecture=architecture)
-    caches = expand_cache_paths(list(caches))
+    caches = expand_cache_paths([str(c) for c in caches])
     if not (caches and vocab and out):
         ws = Workspace.find(workspace)
         say = lambda msg: typer.echo(f"train-student: {msg}", err=True)  # noqa: E731
@@ -356,29 +389,44 @@ def methods_cmd(
 @app.command("evaluate")
 @user_errors
 def evaluate_cmd(
-    model: Optional[str] = typer.Argument(None, help="A trained student (the --out of train-student); classify/tag: any Hugging Face encoder directory (or an alias found offline, e.g. minilm)."),
-    mode: str = typer.Option("mlm", "--mode", help="mlm (loss, accuracy, KL to teachers) | bitext (retrieval accuracy) | classify (fine-tune and score sequence classification, zero-shot across languages) | tag (the same for CoNLL tagging: span F1 or accuracy)."),
-    vocab: Optional[Path] = typer.Option(None, "--vocab", help="The vocab dir the student was trained with (default: the one its train_summary.json names)."),
-    caches: List[str] = typer.Option([], "--caches", help="mlm mode: held-out caches (one teacher each; several after one --caches, or globs)."),
+    model: Optional[str] = typer.Argument(None, help="A trained student (the --out of train-student); classify/tag: any Hugging "
+        "Face encoder directory (or an alias found offline, e.g. minilm)."),
+    mode: str = typer.Option("mlm", "--mode", help="mlm (loss, accuracy, KL to teachers) | bitext (retrieval accuracy) | "
+        "classify (fine-tune and score sequence classification, zero-shot across languages) | tag (the same for CoNLL tagging: "
+        "span F1 or accuracy)."),
+    vocab: Optional[Path] = typer.Option(None, "--vocab", help="The vocab dir the student was trained with (default: the one "
+        "its train_summary.json names)."),
+    caches: List[Path] = typer.Option([], "--caches", help="mlm mode: held-out caches (one teacher each; several after one "
+        "--caches, or globs)."),
     src: Optional[str] = typer.Option(None, "--src", help="bitext mode: PATH@LANG, a sentence a line."),
     tgt: Optional[str] = typer.Option(None, "--tgt", help="bitext mode: PATH@LANG, line-aligned with --src."),
-    init_from: Optional[str] = typer.Option(None, "--init-from", help="bitext mode: evaluate the untrained student initialised from this teacher instead of MODEL."),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="bitext mode: evaluate the untrained student initialised "
+        "from this teacher instead of MODEL."),
     pooling: str = typer.Option("mean", "--pooling", help="bitext mode: mean | cls sentence vectors."),
-    train: List[str] = typer.Option([], "--train", help="classify/tag: data to fine-tune on, labeled:PATH@LANG, pairs:PATH@LANG or conll:PATH@LANG (repeatable)."),
-    test: List[str] = typer.Option([], "--test", help="classify/tag: a test set, one per language, same kinds as --train (repeatable)."),
-    seeds: int = typer.Option(1, "--seeds", help="classify/tag: fine-tune N times (seeds --seed ... --seed+N-1); report mean and std."),
+    train: List[str] = typer.Option([], "--train", help="classify/tag: data to fine-tune on, labeled:PATH@LANG, pairs:PATH@LANG "
+        "or conll:PATH@LANG (repeatable)."),
+    test: List[str] = typer.Option([], "--test", help="classify/tag: a test set, one per language, same kinds as --train "
+        "(repeatable)."),
+    seeds: int = typer.Option(1, "--seeds", help="classify/tag: fine-tune N times (seeds --seed ... --seed+N-1); report mean "
+        "and std."),
     seed: int = typer.Option(0, "--seed", help="classify/tag: the first seed."),
     epochs: int = typer.Option(EVALUATE_RECIPE.epochs, "--epochs", help="classify/tag: fine-tuning epochs."),
-    lr: float = typer.Option(EVALUATE_RECIPE.lr, "--lr", help="classify/tag: peak learning rate (AdamW, linear warm-up and decay)."),
+    lr: float = typer.Option(EVALUATE_RECIPE.lr, "--lr", help="classify/tag: peak learning rate (AdamW, linear warm-up and "
+        "decay)."),
     warmup: float = typer.Option(EVALUATE_RECIPE.warmup, "--warmup", help="classify/tag: warm-up, a fraction of the steps."),
     weight_decay: float = typer.Option(EVALUATE_RECIPE.weight_decay, "--weight-decay", help="classify/tag: AdamW weight decay."),
-    max_length: int = typer.Option(EVALUATE_RECIPE.max_length, "--max-length", help="classify/tag: tokens per example, special tokens included."),
-    freeze_embeddings: bool = typer.Option(False, "--freeze-embeddings", help="classify/tag: keep the embedding layers fixed while fine-tuning (seeds/003)."),
-    as_is: bool = typer.Option(False, "--as-is", help="classify/tag: score MODEL's own classification head, no fine-tuning (a distilled task student: xd, multikd, tinybert stage 2)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="classify/tag: where results.json and the PNG chart go (default: eval/MODEL_NAME-MODE)."),
+    max_length: int = typer.Option(EVALUATE_RECIPE.max_length, "--max-length", help="classify/tag: tokens per example, special "
+        "tokens included."),
+    freeze_embeddings: bool = typer.Option(False, "--freeze-embeddings", help="classify/tag: keep the embedding layers fixed "
+        "while fine-tuning (seeds/003)."),
+    as_is: bool = typer.Option(False, "--as-is", help="classify/tag: score MODEL's own classification head, no fine-tuning (a "
+        "distilled task student: xd, multikd, tinybert stage 2)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="classify/tag: where results.json and the PNG chart go (default: "
+        "eval/MODEL_NAME-MODE)."),
     device: Optional[str] = typer.Option(None, "--device", help="classify/tag: cpu | cuda (default: cuda if available)."),
     batch_size: int = typer.Option(32, "--batch-size"),
-    max_rows: Optional[int] = typer.Option(None, "--max-rows", help="Evaluate on at most this many rows (lines) per cache (file)."),
+    max_rows: Optional[int] = typer.Option(None, "--max-rows", help="Evaluate on at most this many rows (lines) per cache "
+        "(file)."),
     allow_incomplete: bool = AllowIncompleteOpt,
     as_json: bool = JsonOpt,
 ):
@@ -424,7 +472,8 @@ def evaluate_cmd(
     from .student.evaluate import evaluate_mlm
     from .workspace import expand_cache_paths
 
-    result = evaluate_mlm(str(model), expand_cache_paths(list(caches)), str(vocab), batch_size, max_rows, allow_incomplete)
+    held_out = expand_cache_paths([str(c) for c in caches])
+    result = evaluate_mlm(str(model), held_out, str(vocab), batch_size, max_rows, allow_incomplete)
     if as_json:
         emit_json(result)
         return
@@ -439,12 +488,16 @@ def evaluate_cmd(
 @app.command("rdt")
 @user_errors
 def rdt_cmd(
-    student: List[str] = typer.Argument(..., help="The student's evaluation: the JSON `xkd evaluate --mode classify|tag --json` printed, or its results.json; several files (one per language) are merged."),
-    teacher: List[str] = typer.Option(..., "--teacher", help="A teacher's evaluation on the same task, FILE or FILE@LANG,LANG (only those languages: a monolingual teacher). Repeatable."),
-    metric: Optional[str] = typer.Option(None, "--metric", help="The score to compare (default: the one the evaluations report)."),
+    student: List[str] = typer.Argument(..., help="The student's evaluation: the JSON `xkd evaluate --mode classify|tag --json` "
+        "printed, or its results.json; several files (one per language) are merged."),
+    teacher: List[str] = typer.Option(..., "--teacher", help="A teacher's evaluation on the same task, FILE or FILE@LANG,LANG "
+        "(only those languages: a monolingual teacher). Repeatable."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="The score to compare (default: the one the evaluations report)."
+        "The score to compare (default: the one the evaluations report)."),
     as_json: bool = JsonOpt,
 ):
-    """MergeDistill's RDT (relative deviation from teachers, Eq. 3) per language on task scores: positive when the student is better."""
+    """MergeDistill's RDT (relative deviation from teachers, Eq. 3) per language on task scores: positive when the
+    student is better."""
     from .downstream import format_rdt, rdt_from_files
 
     result = rdt_from_files(list(student), list(teacher), metric)
@@ -457,7 +510,8 @@ def rdt_cmd(
 @user_errors
 def finetune_teacher_cmd(
     base: str = typer.Option(..., "--base", help="Model to fine-tune: alias (minilm, mbert, ...), HF model id or model dir."),
-    data: List[str] = typer.Option(..., "--data", help="Labeled file [labeled:]PATH@LANG (text<TAB>label a line) or sentence pairs pairs:PATH@LANG (text_a<TAB>text_b<TAB>label); repeat for several."),
+    data: List[str] = typer.Option(..., "--data", help="Labeled file [labeled:]PATH@LANG (text<TAB>label a line) or sentence "
+        "pairs pairs:PATH@LANG (text_a<TAB>text_b<TAB>label); repeat for several."),
     out: Path = typer.Option(..., "--out", help="Where to save the classifier (HF format, with its tokenizer and labels)."),
     epochs: int = typer.Option(3, "--epochs"),
     lr: float = typer.Option(5e-5, "--lr"),
@@ -469,7 +523,8 @@ def finetune_teacher_cmd(
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda if available)."),
     as_json: bool = JsonOpt,
 ):
-    """Fine-tune a Hugging Face sequence classifier on labelled texts or sentence pairs: a classifier teacher for xd, multikd and tinybert stage 2."""
+    """Fine-tune a Hugging Face sequence classifier on labelled texts or sentence pairs: a classifier teacher for xd,
+    multikd and tinybert stage 2."""
     from .finetune import FinetuneOptions, finetune_teacher, format_summary
 
     summary = finetune_teacher(FinetuneOptions(
@@ -493,14 +548,6 @@ def ls_cmd(
 
     info = describe(Workspace.find(workspace))
     emit_json(info) if as_json else typer.echo(format_listing(info))
-
-
-def quiet_transformers_by_default() -> None:
-    # transformers' load reports, notices and weight-loading bars drown xkd's own progress
-    # lines; TRANSFORMERS_VERBOSITY=warning / HF_HUB_DISABLE_PROGRESS_BARS=0 bring them back.
-    # Environment defaults, so they also reach dask workers started from here.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ import argparse
 import os
 import sys
 
-from .cli import quiet_transformers_by_default
 from .lines import read_lines
+from .quiet import quiet_transformers_by_default
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = CacheTeachersOptions(
         teachers=["minilm"], corpus="sample", out=args.out, hidden_layers=(6,), hidden_positions="word", sides="src",
     )
-    print(f"$ xkd cache-teachers --teacher minilm --corpus sample --sides src --hidden-layers 6 --hidden-positions word --out {args.out}")
+    print("$ xkd cache-teachers --teacher minilm --corpus sample --sides src --hidden-layers 6 --hidden-positions word "
+          f"--out {args.out}")
     try:
         result = cache_teachers(opts)
     except XkdError as e:

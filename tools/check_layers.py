@@ -1,0 +1,100 @@
+"""Fail when a module of xkd imports against DESIGN.md's direction.
+
+    python tools/check_layers.py [PACKAGE_DIR]     # default: xkd/ next to this file's parent
+
+Dependencies point one way: cli -> pipeline/student -> vocab/storage, and pipeline and vocab
+-> names. Checked here, on every import statement (module level or inside a function, since
+lazy imports are still dependencies):
+- storage imports nothing of xkd but its errors;
+- names imports nothing of xkd but its errors;
+- vocab imports neither pipeline nor student;
+- student/methods never imports pipeline (a method cannot load a teacher);
+- nothing imports cli.
+Exit 0 when clean; else 1, one line per offending import (file:line: what and which rule).
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+PACKAGE = "xkd"
+
+# (modules the rule applies to, the xkd modules they may not import, why)
+RULES = [
+    ("xkd.storage", lambda target: target != "xkd.errors", "storage imports nothing of xkd but xkd.errors"),
+    ("xkd.names", lambda target: target != "xkd.errors", "names imports nothing of xkd but xkd.errors"),
+    ("xkd.vocab", lambda target: target.startswith(("xkd.pipeline", "xkd.student")),
+     "vocab sits below pipeline and student"),
+    ("xkd.student.methods", lambda target: target.startswith("xkd.pipeline"),
+     "a method never imports pipeline (it cannot load a teacher)"),
+    ("xkd", lambda target: target == "xkd.cli", "nothing imports the CLI"),
+]
+
+
+def module_name(path: Path, package_dir: Path) -> str:
+    parts = list(path.relative_to(package_dir.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imported_modules(tree: ast.AST, module: str, is_package: bool, package_dir: Path):
+    """(line, absolute module name) for every import in the tree. `from M import a` imports
+    the submodule M.a when there is one (`from . import cli`), else M itself."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".") if is_package else module.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            submodules = [f"{target}.{a.name}" for a in node.names if _exists(f"{target}.{a.name}", package_dir)]
+            for name in submodules or [target]:
+                yield node.lineno, name
+
+
+def _exists(module: str, package_dir: Path) -> bool:
+    path = package_dir.parent.joinpath(*module.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def violations(package_dir: Path) -> list[str]:
+    found = []
+    for path in sorted(package_dir.rglob("*.py")):
+        module = module_name(path, package_dir)
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for line, target in imported_modules(tree, module, path.name == "__init__.py", package_dir):
+            if not _within(target, PACKAGE) or target == PACKAGE:
+                continue  # outside xkd, or the package root (the path to its submodules)
+            for scope, forbidden, why in RULES:
+                if not _within(module, scope) or (scope != PACKAGE and _within(target, scope)):
+                    continue  # the rule is about other modules; a layer may import itself
+                if forbidden(target):
+                    found.append(f"{path}:{line}: {module} imports {target} ({why})")
+    return found
+
+
+def _within(module: str, scope: str) -> bool:
+    return module == scope or module.startswith(scope + ".")
+
+
+def main(argv: list[str]) -> int:
+    package_dir = Path(argv[0]) if argv else Path(__file__).resolve().parents[1] / PACKAGE
+    found = violations(package_dir)
+    for line in found:
+        print(line)
+    if found:
+        print(f"{len(found)} import(s) against the layering of DESIGN.md (tools/check_layers.py).", file=sys.stderr)
+        return 1
+    print(f"layering: {sum(1 for _ in package_dir.rglob('*.py'))} modules of {package_dir} import along DESIGN.md's direction")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
