@@ -1,11 +1,11 @@
 """xkd: cross-lingual knowledge distillation from cached teacher outputs.
 
-The public Python API (DESIGN.md): open_cache, load_vocab, remap. Imported lazily so that
-`import xkd` stays light.
+The public Python API (DESIGN.md): open_cache, load_vocab, remap, load_student_tokenizer.
+Imported lazily so that `import xkd` stays light.
 """
 
 __version__ = "0.1.0"
-__all__ = ["open_cache", "load_vocab", "remap", "__version__"]
+__all__ = ["open_cache", "load_vocab", "remap", "load_student_tokenizer", "__version__"]
 
 
 def __getattr__(name):
@@ -21,4 +21,8 @@ def __getattr__(name):
         from .vocab import remap
 
         return remap
+    if name == "load_student_tokenizer":
+        from .vocab import load_student_tokenizer
+
+        return load_student_tokenizer
     raise AttributeError(f"module 'xkd' has no attribute {name!r}")

@@ -6,9 +6,11 @@ from .build import build_vocab
 from .embeddings import init_union_embeddings, student_from_teacher
 from .materialise import needs_remap, remap_cache
 from .remap import remap, remap_lists, remap_ragged, remap_rows, stack_tables
+from .student_tokenizer import StudentTokenizer, load_student_tokenizer, save_student_tokenizer
 from .vocabdir import Vocab, load_vocab
 
 __all__ = [
-    "Vocab", "build_vocab", "init_union_embeddings", "load_vocab", "needs_remap", "remap", "remap_cache",
-    "remap_lists", "remap_ragged", "remap_rows", "stack_tables", "student_from_teacher",
+    "StudentTokenizer", "Vocab", "build_vocab", "init_union_embeddings", "load_student_tokenizer", "load_vocab",
+    "needs_remap", "remap", "remap_cache", "remap_lists", "remap_ragged", "remap_rows", "save_student_tokenizer",
+    "stack_tables", "student_from_teacher",
 ]
