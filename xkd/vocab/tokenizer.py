@@ -6,12 +6,13 @@ over the union, it is: route the text by language to the teacher tokenizer that 
 that language's cache, tokenize, remap. `route_tokenize` does that; a vocab dir keeps a
 copy of every teacher tokenizer, so it needs no teacher at fine-tuning time.
 
-Tools that want one plain tokenizer (AutoTokenizer.from_pretrained(vocab_dir), a saved
-student) get `save_union_tokenizer`'s WordPiece over the union vocab. It lower-cases only
+Tools that want one plain tokenizer over a vocab dir (AutoTokenizer.from_pretrained(vocab_dir))
+get `save_union_tokenizer`'s WordPiece over the union vocab. It lower-cases only
 if every teacher does, and strips accents only if every teacher does, so that no teacher's
 tokens become unreachable. It differs from training where greedy longest-match over the
 union picks pieces the routed teacher lacks, and for languages whose teacher lower-cases
-when another teacher does not (see docs/vocab.md for measured agreement).
+when another teacher does not (see docs/vocab.md for measured agreement). A saved student
+carries better: its routes' teacher tokenizers remapped to union ids (student_tokenizer.py).
 """
 
 from __future__ import annotations

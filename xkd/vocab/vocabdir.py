@@ -298,7 +298,8 @@ class Vocab:
 
     def student_tokenizer(self):
         """The plain WordPiece tokenizer over the union (what AutoTokenizer loads from this
-        directory). It does not route by language: see docs/vocab.md for where it differs."""
+        directory). It does not route by language: see docs/vocab.md for where it differs. A
+        student is saved with a routing tokenizer instead (student_tokenizer.py)."""
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(self.path))
