@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 import torch
+
 from conftest import ROOT, VOCABS
 
 sys.path.insert(0, str(ROOT / "bench"))
