@@ -74,6 +74,9 @@ def typed(tmp_path_factory):
         # --steps and the student's size only keep the test short; caches, vocab and out are the defaults
         "train": run(["train-student", "--method", "mergedistill", "--steps", "2", "--batch-size", "8", "--hidden", "32",
                       "--layers", "1", "--heads", "2"], home, env),
+        # --vocab defaults to the one the student's summary names; the result is recorded beside it
+        "evaluate": run(["evaluate", "xkd-runs/students/mergedistill-001", "--mode", "bitext", "--src", "opus.en@en",
+                         "--tgt", "opus.hi@hi", "--json"], home, env),
         "ls": run(["ls", "--json"], home, env),
     }
     for name, r in results.items():
@@ -113,9 +116,13 @@ def test_ls_lists_caches_vocabs_and_students(typed):
     assert student["method"] == "mergedistill" and student["steps"] == 2 and student["status"] == "finished"
     summary = json.loads((home / student["path"] / "train_summary.json").read_text())
     assert student["final"] == summary["final"] and set(student["final"]) >= {"loss", "kd", "mlm"}
+    evaluated = json.loads(results["evaluate"].stdout.strip().split("\n")[-1])
+    [(key, recorded)] = student["evaluation"].items()
+    assert key.startswith("bitext:") and recorded["accuracy_en_to_hi"] == evaluated["accuracy_en_to_hi"]
     text = cli(["ls"], home)
     assert text.exit_code == 0 and "mergedistill-001: mergedistill on bert-base-" in text.output
     assert "96 rows, top-8" in text.output and "complete" in text.output
+    assert f"{key}: accuracy_en_to_hi {evaluated['accuracy_en_to_hi']:.4g}" in text.output
 
 
 def test_a_second_run_is_numbered_and_explicit_paths_still_rule(typed, tmp_path):

@@ -1,7 +1,8 @@
-"""Bar charts as PNG files, drawn with numpy and encoded with zlib: no plotting library.
+"""Bar and line charts as PNG files, drawn with numpy and encoded with zlib: no plotting library.
 
-`xkd evaluate` and `xkd rdt` draw one bar per language so a run's results can be looked at
-without installing matplotlib or pillow (neither is a dependency, and neither may become
+`xkd evaluate` and `xkd rdt` draw one bar per language, and `xkd train-student` draws its
+loss curves (one line per loss term, losses.png beside metrics.jsonl), so a run's results
+can be looked at without installing matplotlib or pillow (neither is a dependency, and neither may become
 one). Text comes from a small embedded 5x7 bitmap font covering printable ASCII, drawn at
 2x; characters it lacks are drawn as '?'. Files are written atomically, so a chart is
 either the old one or the new one, never half of either.
@@ -219,5 +220,111 @@ def bar_chart_png(path: str | os.PathLike, title: str, labels: list[str], values
         _paint(canvas, mask, drawn_top - VALUE_GAP - TEXT_HEIGHT, center - mask.shape[1] // 2, INK)
         mask = render_text(label)
         _paint(canvas, mask, PLOT_BOTTOM + LINE + LABEL_GAP, center - mask.shape[1] // 2, INK)
+
+    atomic_write_bytes(Path(path), encode_png(canvas))
+
+
+# Line charts ---------------------------------------------------------------------------
+
+# Distinct on white and in greyscale order; a ninth series reuses the first colour.
+LINE_COLORS = ((38, 70, 120), (214, 96, 39), (44, 150, 72), (150, 60, 160), (190, 150, 0), (30, 150, 170),
+               (120, 120, 120), (200, 40, 90))
+LINE_PLOT_WIDTH = 560
+SWATCH_WIDTH = 20
+LEGEND_ROW = TEXT_HEIGHT + 6
+
+
+def _check_series(series: dict[str, tuple[list[float], list[float]]]) -> None:
+    if not series:
+        raise ValueError("line chart: no series to draw")
+    for name, (xs, ys) in series.items():
+        if not len(xs) or len(xs) != len(ys):
+            raise ValueError(f"line chart: series {name!r} has {len(xs)} x values and {len(ys)} y values; "
+                             "give one y per x, at least one point")
+        bad = next((v for v in [*xs, *ys] if not math.isfinite(v)), None)
+        if bad is not None:
+            raise ValueError(f"line chart: series {name!r} holds {bad}; points need finite numbers")
+
+
+def _segments(cols: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every pixel on the polyline through (rows, cols): each segment sampled once per pixel
+    of its longer side, so lines have no gaps."""
+    if len(cols) == 1:
+        return np.rint(cols).astype(int), np.rint(rows).astype(int)
+    steps = np.maximum(np.abs(np.diff(cols)), np.abs(np.diff(rows))).astype(int) + 1
+    t = np.concatenate([np.linspace(0.0, 1.0, n) for n in steps])
+    start = np.repeat(np.arange(len(steps)), steps)
+    return (np.rint(cols[start] + t * (cols[start + 1] - cols[start])).astype(int),
+            np.rint(rows[start] + t * (rows[start + 1] - rows[start])).astype(int))
+
+
+def line_chart_png(path: str | os.PathLike, title: str, series: dict[str, tuple[list[float], list[float]]],
+                   x_label: str = "", y_label: str = "") -> None:
+    """Write a line chart, one line per named series of (xs, ys), with a legend, to `path`.
+
+    The y axis runs from 0 (or the lowest value, when one is negative) to the highest value;
+    the x axis from the lowest x to the highest. A series of one point is drawn as a dot.
+    Raises ValueError for no series, mismatched lengths, and NaN or infinite numbers.
+    """
+    _check_series(series)
+    xs_all = [x for xs, _ in series.values() for x in xs]
+    ys_all = [y for _, ys in series.values() for y in ys]
+    x_low, x_high = min(xs_all), max(xs_all)
+    y_low, y_high = min(0.0, min(ys_all)), max(ys_all)
+    if y_high == y_low:  # a flat line still needs a scale
+        y_high = y_low + (abs(y_low) or 1.0)
+
+    y_ticks = [f"{y_high:.4g}", f"{y_low:.4g}"]
+    y_label_room = TEXT_HEIGHT + PAD if y_label else 0
+    axis_left = PAD + y_label_room + max(map(text_width, y_ticks)) + 4 + TICK_LENGTH
+    plot_left, plot_right = axis_left + LINE, axis_left + LINE + LINE_PLOT_WIDTH
+    legend_left = plot_right + 2 * PAD
+    legend_width = SWATCH_WIDTH + 6 + max(map(text_width, series))
+    width = max(legend_left + legend_width + PAD, text_width(title) + 2 * PAD)
+    plot_top = PAD + TEXT_HEIGHT + PAD
+    # Tall enough for the plot and for one legend row per series.
+    plot_bottom = max(plot_top + 220, plot_top + LEGEND_ROW * len(series))
+    height = plot_bottom + LINE + LABEL_GAP + TEXT_HEIGHT + (LABEL_GAP + TEXT_HEIGHT if x_label else 0) + PAD
+
+    canvas = np.full((height, width, 3), WHITE, dtype=np.uint8)
+    _paint(canvas, render_text(title), PAD, (width - text_width(title)) // 2, INK)
+    _fill(canvas, plot_top, plot_bottom + LINE, axis_left, axis_left + LINE, INK)
+    _fill(canvas, plot_bottom, plot_bottom + LINE, axis_left, plot_right, INK)
+    for row, text in ((plot_top, y_ticks[0]), (plot_bottom, y_ticks[1])):
+        _fill(canvas, row, row + LINE, axis_left - TICK_LENGTH, axis_left, INK)
+        mask = render_text(text)
+        _paint(canvas, mask, row + LINE // 2 - TEXT_HEIGHT // 2, axis_left - TICK_LENGTH - 4 - mask.shape[1], INK)
+    tick_row = plot_bottom + LINE + LABEL_GAP
+    x_ticks = ((plot_left, x_low), (plot_right - 1, x_high)) if x_high > x_low else (((plot_left + plot_right) // 2, x_low),)
+    for col, value in x_ticks:
+        mask = render_text(f"{value:.6g}")
+        _paint(canvas, mask, tick_row, min(max(col - mask.shape[1] // 2, 0), width - mask.shape[1]), INK)
+    if x_label:
+        mask = render_text(x_label)
+        _paint(canvas, mask, tick_row + TEXT_HEIGHT + LABEL_GAP, (plot_left + plot_right - mask.shape[1]) // 2, INK)
+    if y_label:
+        mask = np.rot90(render_text(y_label))
+        _paint(canvas, mask, (plot_top + plot_bottom - mask.shape[0]) // 2, PAD, INK)
+
+    x_span = x_high - x_low
+    for index, (name, (xs, ys)) in enumerate(series.items()):
+        color = LINE_COLORS[index % len(LINE_COLORS)]
+        # Earlier lines are thicker, so that terms with (nearly) the same values, drawn over
+        # each other (a loss equal to its only term), still show each colour at the edges.
+        thickness = LINE * (1 + max(0, min(len(series), 4) - 1 - index))
+        x = np.asarray(xs, dtype=float)
+        y = np.asarray(ys, dtype=float)
+        cols = plot_left + ((x - x_low) / x_span if x_span else np.full_like(x, 0.5)) * (LINE_PLOT_WIDTH - LINE)
+        rows = plot_bottom - LINE - (y - y_low) / (y_high - y_low) * (plot_bottom - LINE - plot_top)
+        line_cols, line_rows = _segments(cols, rows)
+        dot = thickness + 2 * LINE if len(x) == 1 else thickness  # a lone point must be visible
+        for d_row in range(dot):
+            for d_col in range(dot):
+                canvas[np.clip(line_rows + d_row - dot // 2 + LINE // 2, 0, height - 1),
+                       np.clip(line_cols + d_col - dot // 2 + LINE // 2, 0, width - 1)] = color
+        legend_row = plot_top + index * LEGEND_ROW
+        _fill(canvas, legend_row + TEXT_HEIGHT // 2 - LINE, legend_row + TEXT_HEIGHT // 2 + LINE, legend_left,
+              legend_left + SWATCH_WIDTH, color)
+        _paint(canvas, render_text(name), legend_row, legend_left + SWATCH_WIDTH + 6, INK)
 
     atomic_write_bytes(Path(path), encode_png(canvas))

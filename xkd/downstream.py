@@ -160,6 +160,7 @@ def score(data: TaskSet, encoded: Encoded, logits: list[np.ndarray], labels: lis
 
 
 def evaluate_task(opts: TaskEvalOptions, progress=None) -> dict:
+    from .student.export import evaluation_key, record_evaluation
     from .student.models import check_model_dir
 
     say = progress or (lambda msg: sys.stderr.write(msg + "\n"))
@@ -196,7 +197,7 @@ def evaluate_task(opts: TaskEvalOptions, progress=None) -> dict:
         model = load_for_task(model_dir, opts.mode, labels, seed, device, opts.as_is)
         if train:
             losses.append(fit(model, train_encoded, opts.recipe, encoder.pad_id, seed, device,
-                              say=lambda msg: say(f"evaluate: seed {seed}: {msg}")))
+                              say=lambda msg, seed=seed: say(f"evaluate: seed {seed}: {msg}")))
         for data, encoded in zip(tests, test_encoded):
             value = score(data, encoded, predict(model, encoded, encoder.pad_id, device), labels, metric)
             per_seed[data.lang].append(value)
@@ -217,6 +218,10 @@ def evaluate_task(opts: TaskEvalOptions, progress=None) -> dict:
     if opts.seeds > 1:  # the sample standard deviation over seeds, as papers report it
         result["std"] = {lang: float(np.std(v, ddof=1)) for lang, v in per_seed.items()}
     write_outputs(result, Path(opts.out) if opts.out else Path("eval") / f"{model_dir.name}-{opts.mode}")
+    # An xkd student keeps what it was measured on (evaluation.json, shown in its model card).
+    key = evaluation_key(opts.mode, list(opts.tests), train=",".join(opts.train) or None, as_is=opts.as_is,
+                         seeds=opts.seeds if opts.seeds > 1 else None)
+    record_evaluation(model_dir, key, result, warn=say)
     return result
 
 

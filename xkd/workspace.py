@@ -26,8 +26,6 @@ from .errors import BadInput
 
 HOME_ENV = "XKD_HOME"
 DEFAULT_ROOT = "xkd-runs"
-SUMMARY = "train_summary.json"
-EVALUATION = "evaluation.json"  # what `xkd evaluate` recorded in a student dir
 
 
 @dataclass(frozen=True)
@@ -67,6 +65,8 @@ class Workspace:
 
     def student_dirs(self) -> list[Path]:
         """Students: directories under students/ holding a summary, a config or checkpoints."""
+        from .student.export import SUMMARY
+
         if not self.students.is_dir():
             return []
         return sorted(p for p in self.students.iterdir() if p.is_dir() and not p.name.startswith(".")
@@ -259,6 +259,8 @@ def _teachers_and_routes(manifests: list[dict]) -> tuple[list[str], dict[str, st
 
 def trained_vocab(model_dir: str | os.PathLike) -> Path | None:
     """The vocab dir an xkd student was trained with, as its summary names it, if it still exists."""
+    from .student.export import SUMMARY
+
     summary = _read_json(Path(model_dir) / SUMMARY)
     vocab = summary.get("vocab") if isinstance(summary, dict) else None
     return Path(vocab) if vocab and Path(vocab).is_dir() else None
@@ -323,6 +325,8 @@ def _read_json(path: Path):
 
 
 def _describe_student(path: Path) -> dict:
+    from .student.export import EVALUATION, SUMMARY
+
     summary = _read_json(path / SUMMARY) or {}
     evaluation = _read_json(path / EVALUATION)
     checkpoints = sorted((path / "checkpoints").glob("step-*")) if (path / "checkpoints").is_dir() else []
@@ -373,6 +377,13 @@ def format_listing(info: dict) -> str:
     return "\n".join(lines)
 
 
-def _headline(result: dict) -> dict:
-    """The numbers worth one line: top-level floats (accuracy, loss, ...)."""
-    return {k: v for k, v in result.items() if isinstance(v, float)}
+def _headline(result: dict, most: int = 8) -> dict:
+    """The numbers worth one line: top-level scores (accuracy, loss, ...) and per-language ones
+    (`f1 hi`), at most `most` of them."""
+    out = {}
+    for key, value in result.items():
+        if isinstance(value, float):
+            out[key] = value
+        elif isinstance(value, dict) and key not in ("std",):
+            out.update({f"{key} {k}": v for k, v in value.items() if isinstance(v, float)})
+    return dict(list(out.items())[:most])

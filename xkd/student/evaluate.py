@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from ..errors import BadInput
+from ..options import check_number
 from ..pooling import MODES as POOLINGS, pool_tokens
 from .data import _block_rows, _concat_rows, _remap_rows, _take_rows, num_rows
+from .export import evaluation_key, record_evaluation
 from .methods.base import collate_masked_lm, masked_log_probs
-from ..options import check_number
 from .models import Student, check_model_dir, init_dir
 from .run import open_caches, remap_tables
 from .targets import tail_kl
@@ -131,8 +132,11 @@ def evaluate_mlm(model_dir: str, caches: list[str], vocab_dir: str, batch_size: 
         })
     deviation = [100 * (r["accuracy"] - r["teacher_accuracy"]) / r["teacher_accuracy"]
                  for r in results if r["teacher_accuracy"] > 0]
-    return {"model": model_dir, "per_cache": results,
-            "mlm_accuracy_deviation_percent": float(np.mean(deviation)) if deviation else None}
+    result = {"model": model_dir, "per_cache": results,
+              "mlm_accuracy_deviation_percent": float(np.mean(deviation)) if deviation else None}
+    # An xkd student keeps what it was measured on (evaluation.json, shown in its model card).
+    record_evaluation(model_dir, evaluation_key("mlm", caches, max_rows=max_rows), result)
+    return result
 
 
 def read_lines(spec: str) -> tuple[list[str], str]:
@@ -203,10 +207,14 @@ def evaluate_bitext(model_dir: str | None, vocab_dir: str, src: str, tgt: str, i
     b = sentence_vectors(model, vocab, tgt_lines, tgt_lang, pooling, batch_size)
     sim = a @ b.T
     gold = torch.arange(len(src_lines))
-    return {
+    result = {
         "model": model_dir or f"init:{init_from}",
         "pairs": len(src_lines),
         f"accuracy_{src_lang}_to_{tgt_lang}": float((sim.argmax(1) == gold).float().mean()),
         f"accuracy_{tgt_lang}_to_{src_lang}": float((sim.argmax(0) == gold).float().mean()),
         "pooling": pooling,
     }
+    if model_dir is not None:  # an xkd student keeps what it was measured on (evaluation.json, its model card)
+        key = evaluation_key("bitext", [src, tgt], pooling=None if pooling == "mean" else pooling, max_rows=max_lines)
+        record_evaluation(model_dir, key, result)
+    return result

@@ -10,16 +10,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import BadInput
+from ..options import check_number
 from ..storage import open_cache
 from ..storage.manifest import fsync_dir
+from . import export
 from .data import StreamConfig, StreamingDataset
 from .methods import method_config, prepare
-from ..options import check_number
 from .models import StudentConfig
-from .trainer import Trainer, TrainConfig, check_device, distributed_context, seed_everything
+from .trainer import TrainConfig, Trainer, check_device, distributed_context, seed_everything
 
 # What train-student writes in --out besides the student's own files; --overwrite removes these.
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "train_summary.json")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "losses.png", "tensorboard", "train_summary.json")
 
 
 def open_caches(paths, allow_incomplete: bool = False, warn=None) -> list:
@@ -77,7 +78,7 @@ def train_student(
     allow_incomplete: bool = False,
     overwrite: bool = False,
 ) -> dict:
-    from ..vocab import load_vocab
+    from ..vocab import StudentTokenizer, load_vocab
 
     # Every option is checked before anything is read or written (TrainConfig and
     # StudentConfig check theirs when they are made).
@@ -125,9 +126,16 @@ def train_student(
         clear_run_outputs(out_dir)  # only now: a run refused above leaves the old one whole
     summary = trainer.train()
     if rank == 0:
-        save_student(model, vocab.student_tokenizer(), out_dir)
-    # Last, so that a complete summary means a complete student.
-    return trainer.write_summary(summary.pop("final"), **summary)
+        export.name_classes(model, impl, opened)  # the teachers' class names, not LABEL_0, in config.json
+        # Routes each language as training did; AutoTokenizer gets the default route's (docs/vocab.md).
+        save_student(model, StudentTokenizer.from_vocab(vocab, model.config), out_dir)
+        # sentence-transformers files, xkd_student.json and the model card (docs/students.md)
+        export.write_student_extras(out_dir, impl, model, opened, init_from=init_from, vocab=vocab)
+    # Last, so that a complete summary means a complete student; the card then tells its numbers.
+    result = trainer.write_summary(summary.pop("final"), **summary)
+    if rank == 0:
+        export.write_model_card(out_dir)
+    return result
 
 
 def check_out(out: str, caches: list[str], vocab_dir: str, *, resume: bool, overwrite: bool) -> None:
@@ -229,6 +237,19 @@ def save_student(model, tokenizer, out: Path) -> None:
             raise OSError(int(found.group(1)), os.strerror(int(found.group(1))), str(out)) from None
         raise
     for file in sorted(tmp.iterdir()):
+        if file.is_dir():  # tokenizers/ of a multi-route student: swapped whole, the old one removed after
+            for inner in sorted(file.rglob("*")):
+                if inner.is_file():
+                    with open(inner, "rb") as f:
+                        os.fsync(f.fileno())
+            old = out / f".{file.name}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            if (out / file.name).exists():
+                os.replace(out / file.name, old)
+            os.replace(file, out / file.name)
+            shutil.rmtree(old, ignore_errors=True)
+            continue
         with open(file, "rb") as f:
             os.fsync(f.fileno())
         os.replace(file, out / file.name)

@@ -9,7 +9,8 @@ A checkpoint also records the run's configuration (`run`: the options that shape
 result), and resume refuses another one: restoring a checkpoint under other options silently
 kept the old schedule and method. Checkpoints are written atomically (temporary directory,
 fsync, rename), the last `keep_checkpoints` are kept, and a damaged one is skipped on resume.
-Next to each, train_summary.json says how far the run got (partial until it finishes).
+Next to each, train_summary.json says how far the run got (partial until it finishes), and
+losses.png draws the loss terms logged so far in metrics.jsonl.
 
 Several processes (torchrun, DDP): rank r trains on batches r, r + world, ... and DDP
 averages the gradients of the student AND the method's heads (wrapped together as one
@@ -36,8 +37,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import BadInput, XkdError
-from ..storage.manifest import atomic_write_bytes, fsync_dir
 from ..options import check_number
+from ..storage.manifest import atomic_write_bytes, fsync_dir
 from .models import Student
 
 
@@ -255,6 +256,34 @@ def run_differences(saved: dict, now: dict) -> list[str]:
     return out
 
 
+LOSS_CHART = "losses.png"
+# Logged beside the losses but not losses: the schedule, the gradient, mergedistill's λ.
+NOT_LOSSES = ("step", "lr", "grad_norm", "lambda")
+
+
+def loss_series(metrics: Path) -> dict[str, tuple[list[float], list[float]]]:
+    """{loss name: (steps, values)} from metrics.jsonl, in the order the names first appear;
+    torn or foreign lines are skipped (a killed run may leave half a line)."""
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    try:
+        lines = metrics.read_text(encoding="utf-8").split("\n")
+    except OSError:
+        return series
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), (int, float)):
+            continue
+        for name, value in record.items():
+            if name not in NOT_LOSSES and isinstance(value, (int, float)) and math.isfinite(value):
+                steps, values = series.setdefault(name, ([], []))
+                steps.append(float(record["step"]))
+                values.append(float(value))
+    return series
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -393,6 +422,7 @@ class Trainer:
         fsync_dir(self.checkpoint_dir)
         self._saved_step = self.step
         self.write_summary(last or {}, checkpoint=path)
+        self.write_loss_chart()
         for stale in self.checkpoints()[: -self.config.keep_checkpoints]:
             shutil.rmtree(stale)
         return path
@@ -414,6 +444,24 @@ class Trainer:
             },
             file,
         )
+
+    def write_loss_chart(self) -> None:
+        """losses.png beside metrics.jsonl: every logged loss term against the step, redrawn
+        at each checkpoint (so also at the end). A chart that cannot be drawn is a warning:
+        it must never cost a run its checkpoint."""
+        if self.rank != 0:
+            return
+        from ..chart import line_chart_png
+
+        series = loss_series(self.out / "metrics.jsonl")
+        if not series:
+            return
+        title = f"{self.out.resolve().name}: {self.summary.get('method') or 'training'} losses"
+        try:
+            line_chart_png(self.out / LOSS_CHART, title, series, x_label="step", y_label="loss")
+        except (OSError, ValueError) as e:
+            sys.stderr.write(f"xkd train-student: warning: {self.out / LOSS_CHART} was not drawn ({e}); training "
+                             "goes on.\n")
 
     def write_summary(self, last: dict, checkpoint: Path | None = None, **extra) -> dict:
         """train_summary.json, atomically: complete JSON whenever the run is killed. It says
