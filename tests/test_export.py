@@ -37,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TOY = ROOT / "xkd" / "data"
 CLASSES = ["food", "sports", "weather"]
 STEPS = 3
-PAIRS = [line.rstrip("\n").split("\t") for line in (TOY / "toy-en-hi.tsv").read_text(encoding="utf-8").splitlines()]
+PAIRS = [line.rstrip("\n").split("\t") for line in (TOY / "toy-en-hi.tsv").read_text(encoding="utf-8").split("\n") if line]
 TEXTS = {"en": [en for en, _ in PAIRS[:12]], "hi": [hi for _, hi in PAIRS[:12]]}
 # Each student: method, options, student shape. "mean" has the teacher's width (no projection);
 # "proj" is narrower, so xd trains a projection head to the teacher's 32 dimensions.
@@ -163,7 +163,7 @@ def test_an_xd_sentence_student_gives_in_sentence_transformers_the_vectors_evalu
         assert not close(theirs, torch.nn.functional.normalize(own_vectors(student, texts, "cls"), dim=-1))
 
 
-def test_a_trained_projection_head_is_a_dense_module_and_no_normalize_when_training_did_not(students):
+def test_a_trained_projection_head_is_a_dense_module_and_no_normalize_when_training_did_not(students, tmp_path):
     from safetensors.torch import load_file
 
     student = students["proj"]
@@ -178,8 +178,20 @@ def test_a_trained_projection_head_is_a_dense_module_and_no_normalize_when_train
     texts = TEXTS["hi"]
     expected = own_vectors(student, texts, "cls") @ weight.T + bias
     assert close(st_vectors(student, texts), expected)
+    # evaluate --mode bitext applies the same head by default: its vectors are these
+    from xkd.student.export import trained_sentence_head
+
+    vocab = load_vocab(students["vocab"])
+    pooling, head = trained_sentence_head(student)
+    assert pooling == "cls" and torch.equal(head.weight.detach(), weight)
+    evaluated = sentence_vectors(load_student(str(student), vocab), vocab, texts, "hi", pooling, projection=head)
+    assert close(evaluated, torch.nn.functional.normalize(expected, dim=-1))
+    lines = tmp_path / "hi.txt"
+    lines.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    report = evaluate_bitext(str(student), students["vocab"], f"{lines}@hi", f"{lines}@hi")
+    assert report["pooling"] == "cls" and report["projection"] is True
     card = (student / "README.md").read_text()
-    assert "2_Dense" in card and "--pooling cls" in card
+    assert "2_Dense" in card
 
 
 def test_an_mmkd_student_is_its_normalised_cls_in_sentence_transformers(students):

@@ -402,7 +402,8 @@ def evaluate_cmd(
     tgt: Optional[str] = typer.Option(None, "--tgt", help="bitext mode: PATH@LANG, line-aligned with --src."),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="bitext mode: evaluate the untrained student initialised "
         "from this teacher instead of MODEL."),
-    pooling: str = typer.Option("mean", "--pooling", help="bitext mode: mean | cls sentence vectors."),
+    pooling: Optional[str] = typer.Option(None, "--pooling", help="bitext mode: mean | cls sentence vectors (default: as the "
+                                          "student was trained, its sentence-transformers pooling and projection; else mean)."),
     train: List[str] = typer.Option([], "--train", help="classify/tag: data to fine-tune on, labeled:PATH@LANG, pairs:PATH@LANG "
         "or conll:PATH@LANG (repeatable)."),
     test: List[str] = typer.Option([], "--test", help="classify/tag: a test set, one per language, same kinds as --train "

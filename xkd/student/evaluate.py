@@ -22,7 +22,7 @@ from ..errors import BadInput
 from ..options import check_number
 from ..pooling import MODES as POOLINGS, pool_tokens
 from .data import _block_rows, _concat_rows, _remap_rows, _take_rows, num_rows
-from .export import evaluation_key, record_evaluation
+from .export import evaluation_key, record_evaluation, trained_sentence_head
 from .methods.base import collate_masked_lm, masked_log_probs
 from .models import Student, check_model_dir, init_dir
 from .run import open_caches, remap_tables
@@ -165,29 +165,35 @@ def read_lines(spec: str) -> tuple[list[str], str]:
 
 @torch.inference_mode()
 def sentence_vectors(model, vocab, texts: list[str], lang: str, pooling: str = "mean", batch_size: int = 64,
-                     max_length: int = 128) -> torch.Tensor:
+                     max_length: int = 128, projection=None) -> torch.Tensor:
     """L2-normalised sentence vectors from the student's encoder, text tokenized as in
-    training (routed by language through the vocab)."""
+    training (routed by language through the vocab), pooled and, given `projection` (an
+    nn.Linear: xd's trained head), projected."""
     student = Student(model.eval())
     out = []
     for start in range(0, len(texts), batch_size):
         enc = vocab.encode(texts[start : start + batch_size], lang, max_length=max_length)
         ids, mask = torch.from_numpy(enc["input_ids"]), torch.from_numpy(enc["attention_mask"])
         hidden = student(input_ids=ids, attention_mask=mask, masked_flat=torch.zeros(0, dtype=torch.long)).last_hidden_state
-        out.append(torch.nn.functional.normalize(pool_tokens(hidden.float(), mask, pooling), dim=-1))
+        pooled = pool_tokens(hidden.float(), mask, pooling)
+        if projection is not None:
+            pooled = projection(pooled)
+        out.append(torch.nn.functional.normalize(pooled, dim=-1))
     return torch.cat(out)
 
 
 def evaluate_bitext(model_dir: str | None, vocab_dir: str, src: str, tgt: str, init_from: str | None = None,
-                    pooling: str = "mean", max_lines: int | None = None, batch_size: int = 64) -> dict:
+                    pooling: str | None = None, max_lines: int | None = None, batch_size: int = 64) -> dict:
     """Bitext retrieval (Tatoeba-style similarity search): for each sentence, is its
-    translation the nearest neighbour among all candidates? Accuracy in both directions."""
+    translation the nearest neighbour among all candidates? Accuracy in both directions.
+    `pooling` None: as the student was trained (its sentence-transformers modules: pooling,
+    then a trained projection), else mean; a pooling given is applied alone."""
     from ..vocab import load_vocab, student_from_teacher
 
     check_number("--batch-size", batch_size, low=1)
     if max_lines is not None:
         check_number("--max-rows", max_lines, low=1)
-    if pooling not in POOLINGS:
+    if pooling is not None and pooling not in POOLINGS:
         raise BadInput(f"--pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}.")
     if (model_dir is None) == (init_from is None):
         raise BadInput("give either a trained student (MODEL) or --init-from TEACHER (the student before training).")
@@ -203,8 +209,12 @@ def evaluate_bitext(model_dir: str | None, vocab_dir: str, src: str, tgt: str, i
         raise BadInput(f"{src} has {len(src_lines)} lines but {tgt} has {len(tgt_lines)}: bitext must be line-aligned.")
     if max_lines:
         src_lines, tgt_lines = src_lines[:max_lines], tgt_lines[:max_lines]
-    a = sentence_vectors(model, vocab, src_lines, src_lang, pooling, batch_size)
-    b = sentence_vectors(model, vocab, tgt_lines, tgt_lang, pooling, batch_size)
+    given, projection = pooling, None
+    if pooling is None:
+        trained = trained_sentence_head(model_dir) if model_dir else None
+        pooling, projection = trained if trained and trained[0] in POOLINGS else ("mean", None)
+    a = sentence_vectors(model, vocab, src_lines, src_lang, pooling, batch_size, projection=projection)
+    b = sentence_vectors(model, vocab, tgt_lines, tgt_lang, pooling, batch_size, projection=projection)
     sim = a @ b.T
     gold = torch.arange(len(src_lines))
     result = {
@@ -213,8 +223,9 @@ def evaluate_bitext(model_dir: str | None, vocab_dir: str, src: str, tgt: str, i
         f"accuracy_{src_lang}_to_{tgt_lang}": float((sim.argmax(1) == gold).float().mean()),
         f"accuracy_{tgt_lang}_to_{src_lang}": float((sim.argmax(0) == gold).float().mean()),
         "pooling": pooling,
+        "projection": projection is not None,
     }
     if model_dir is not None:  # an xkd student keeps what it was measured on (evaluation.json, its model card)
-        key = evaluation_key("bitext", [src, tgt], pooling=None if pooling == "mean" else pooling, max_rows=max_lines)
+        key = evaluation_key("bitext", [src, tgt], pooling=given, max_rows=max_lines)
         record_evaluation(model_dir, key, result)
     return result

@@ -69,6 +69,37 @@ def sentence_vector(method) -> dict | None:
     return None
 
 
+def trained_sentence_head(student_dir):
+    """(pooling, projection) that the student's sentence-transformers modules apply after the
+    encoder: the pooling mode and the Dense module as an nn.Linear (None without one). None
+    for a student without modules.json. `xkd evaluate --mode bitext` uses it by default, so
+    that its vectors are the ones SentenceTransformer(student_dir) gives."""
+    import torch
+
+    student_dir = Path(student_dir)
+    modules = read_json(student_dir / "modules.json")
+    if not isinstance(modules, list):
+        return None
+    pooling, projection = None, None
+    for module in modules:
+        kind, where = str(module.get("type", "")), student_dir / str(module.get("path", ""))
+        if kind.endswith(".Pooling"):
+            flags = read_json(where / "config.json") or {}
+            pooling = next((mode for mode, flag in POOLING_FLAGS.items() if flags.get(flag)), None)
+        elif kind.endswith(".Dense"):
+            from safetensors.torch import load_file
+
+            config = read_json(where / "config.json") or {}
+            tensors = load_file(str(where / "model.safetensors"))
+            projection = torch.nn.Linear(int(config["in_features"]), int(config["out_features"]),
+                                         bias=bool(config.get("bias", True)))
+            with torch.no_grad():
+                projection.weight.copy_(tensors["linear.weight"])
+                if projection.bias is not None:
+                    projection.bias.copy_(tensors["linear.bias"])
+    return (pooling, projection) if pooling else None
+
+
 def pipeline_tag(model, sentence: dict | None) -> str:
     if sentence is not None:
         return "sentence-similarity"
@@ -437,9 +468,7 @@ def _usage(name: str, info: dict, tag: str, mask_token: str) -> list[str]:
             steps.append(f"the linear projection to {sentence['width']} dimensions trained with it (2_Dense)")
         if sentence.get("normalize"):
             steps.append("L2 normalisation")
-        bitext = (f"`xkd evaluate DIR --mode bitext --pooling {sentence['pooling']}` compares "
-                  + ("the same vectors before the projection (it does not read 2_Dense)." if sentence.get("projection")
-                     else "the same vectors."))
+        bitext = "`xkd evaluate DIR --mode bitext` compares the same vectors (normalised): by default it applies these modules."
         return ["```python", "from sentence_transformers import SentenceTransformer", "",
                 f'model = SentenceTransformer("{name}")', 'vectors = model.encode(["A sentence.", "Another one."])',
                 "```", "", f"The vector is the one training optimised: {', then '.join(steps)}; at most "
