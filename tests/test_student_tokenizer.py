@@ -211,6 +211,24 @@ def test_single_wordpiece_teacher_autotokenizer_is_exact_for_every_language(mber
     single_teacher_checks(vocab, tmp_path / "student", sentences)
 
 
+def test_a_student_saved_again_with_one_route_drops_the_earlier_routes(two_routes, mbert, tmp_path):
+    from xkd.student.models import StudentConfig, build_student
+    from xkd.student.run import save_student
+    from xkd.vocab import StudentTokenizer
+
+    out = tmp_path / "student"
+    vocab = two_routes["vocab"]
+    model = build_student(StudentConfig(hidden=32, layers=1, heads=2), vocab.size, vocab.pad_id)
+    save_student(model, StudentTokenizer.from_vocab(vocab, model.config), out)
+    assert (out / "tokenizers" / two_routes["minilm"] / "tokenizer.json").is_file()
+    build_vocab([str(mbert)], tmp_path / "one")
+    one = load_vocab(tmp_path / "one")
+    model = build_student(StudentConfig(hidden=32, layers=1, heads=2), one.size, one.pad_id)
+    save_student(model, StudentTokenizer.from_vocab(one, model.config), out)
+    assert not (out / "tokenizers").exists()
+    assert json.loads((out / "xkd_tokenizer.json").read_text())["auto_tokenizer_exact_for"] == ["*"]
+
+
 def test_single_byte_level_bpe_teacher_autotokenizer_is_exact(sentences, tmp_path):
     import torch
 

@@ -236,6 +236,9 @@ def save_student(model, tokenizer, out: Path) -> None:
         if found:
             raise OSError(int(found.group(1)), os.strerror(int(found.group(1))), str(out)) from None
         raise
+    from ..vocab.student_tokenizer import TOKENIZERS
+
+    stale_routes = not (tmp / TOKENIZERS).exists() and (out / TOKENIZERS).is_dir()
     for file in sorted(tmp.iterdir()):
         if file.is_dir():  # tokenizers/ of a multi-route student: swapped whole, the old one removed after
             for inner in sorted(file.rglob("*")):
@@ -253,5 +256,7 @@ def save_student(model, tokenizer, out: Path) -> None:
         with open(file, "rb") as f:
             os.fsync(f.fileno())
         os.replace(file, out / file.name)
+    if stale_routes:
+        shutil.rmtree(out / TOKENIZERS)  # an earlier student's routes: this tokenizer routes to one teacher
     fsync_dir(out)
     tmp.rmdir()
