@@ -172,7 +172,8 @@ def parse_options(method: str, config_cls, given: dict) -> Any:
             reason = str(e) if not str(e).startswith(("invalid literal", "could not convert")) else \
                 f"give a{'n' if specs[name].type_name[0] in 'aeiou' else ''} {specs[name].type_name}"
             raise BadInput(f"--option {name}={value} for --method {method}: {reason} ({specs[name].help}; "
-                           f"default {show(specs[name].default)}). Its options: {describe_options(list(specs.values()))}.") from None
+                           f"default {show(specs[name].default)}). Its options: "
+                           f"{describe_options(list(specs.values()))}.") from None
     return config_cls(**values)
 
 
@@ -359,3 +360,63 @@ def row_vectors(rows: dict, name: str) -> torch.Tensor:
     if not np.all(ragged.lengths() == 1):
         raise BadInput(f"the cached '{name}' output is not one vector per row; re-run cache-teachers.")
     return torch.from_numpy(np.asarray(ragged.values, dtype=np.float32).reshape(len(ragged.lengths()), -1))
+
+
+# Class names across teachers and corpora ----------------------------------------------
+
+
+def _unnamed(names) -> bool:
+    return names is None or all(n == f"LABEL_{i}" for i, n in enumerate(names))
+
+
+def class_orders(method: str, caches) -> tuple[tuple | None, tuple]:
+    """(the student's class names, per cache the teacher's index of each student class or
+    None): the first named teacher's order is the student's; another teacher naming the
+    same classes in another order is permuted into it; other names are an error."""
+    named = [c for c in caches if not _unnamed(c.teacher_labels)]
+    if not named:
+        return None, (None,) * len(caches)
+    reference = named[0].teacher_labels
+    orders = []
+    for cache in caches:
+        names = cache.teacher_labels
+        if _unnamed(names) or sorted(names) != sorted(reference):
+            raise BadInput(
+                f"--method {method}: the teachers' classes differ. {named[0].path} names its classes "
+                f"{', '.join(reference)}; {cache.path} names "
+                f"{', '.join(names) if not _unnamed(names) else 'none (LABEL_0, ...)'}. Distil from teachers "
+                "fine-tuned on the same classes (their config.json id2label name them; any order is fine)."
+            )
+        orders.append(None if tuple(names) == tuple(reference) else tuple(names.index(n) for n in reference))
+    return tuple(reference), tuple(orders)
+
+
+def gold_order_of(method: str, cache, names) -> tuple | None:
+    """A labeled corpus numbers its classes by sorted name: map those ids to the student's.
+    None where the corpus is unlabeled, or its names are the class ids themselves."""
+    if not cache.corpus_labels or names is None or not set(cache.corpus_labels) & set(names):
+        return None
+    unknown = [n for n in cache.corpus_labels if n not in names]
+    if unknown:
+        raise BadInput(
+            f"--method {method}: {cache.path} labels rows {unknown[0]!r}, which is not a class of the teachers "
+            f"({', '.join(names)}). Label the corpus with the teachers' class names (or their ids 0, 1, ...)."
+        )
+    order = tuple(names.index(n) for n in cache.corpus_labels)
+    return None if order == tuple(range(len(order))) else order
+
+
+def in_student_class_order(rows: dict, logit_orders: tuple, gold_orders: tuple) -> tuple[torch.Tensor, np.ndarray]:
+    """The rows' cached class logits (fp32) and gold class ids (-1: none), each source cache's
+    permuted into the student's class order (class_orders, gold_order_of)."""
+    logits = row_vectors(rows, "class_logits")
+    gold = np.asarray(rows["class_label"], dtype=np.int64).copy()
+    for source in np.unique(rows["source"]):
+        here = np.flatnonzero(rows["source"] == source)
+        order, gold_order = logit_orders[source], gold_orders[source]
+        if order is not None:
+            logits[here] = logits[here][:, list(order)]
+        if gold_order is not None:
+            labelled = here[gold[here] >= 0]
+            gold[labelled] = np.asarray(gold_order)[gold[labelled]]
+    return logits, gold

@@ -47,8 +47,20 @@ from .. import losses as L
 from ..models import classifier_student
 from ..text import encode_by_language
 from . import register
-from .base import (TEXT_NEED, Method, Need, Plan, model_inputs, option, require, row_vectors, same_width,
-                   with_pair_columns)
+from .base import (
+    TEXT_NEED,
+    Method,
+    Need,
+    Plan,
+    class_orders,
+    gold_order_of,
+    in_student_class_order,
+    model_inputs,
+    option,
+    require,
+    same_width,
+    with_pair_columns,
+)
 
 NEEDS = (Need("class_logits", "--class-logits (on by default for sequence classifiers)"), TEXT_NEED)
 COLUMNS = ("example_id", "lang", "class_label", "text")
@@ -87,8 +99,8 @@ class MultiKD(Method):
     def plan_for(cls, config, caches, student):
         require(cls.name, caches, NEEDS)
         width = same_width(cls.name, caches, "class_logits")
-        names, logit_order = class_orders(caches)
-        gold_order = tuple(_gold_order(cache, names) for cache in caches)
+        names, logit_order = class_orders(cls.name, caches)
+        gold_order = tuple(gold_order_of(cls.name, cache, names) for cache in caches)
         languages = tuple(dict.fromkeys(lang for cache in caches for lang in cache.languages))
         return MultiKDPlan(columns=with_pair_columns(cls.name, caches, COLUMNS), dense=("class_logits",), mix="batch",
                            languages=languages, width=width, label_names=names, logit_order=logit_order,
@@ -119,16 +131,7 @@ class MultiKD(Method):
     def collate(self, rows):
         texts, langs = list(rows["text"]), list(rows["lang"])
         texts_b = list(rows["text_b"]) if "text_b" in rows else None  # sentence pairs
-        logits = row_vectors(rows, "class_logits")
-        gold = np.asarray(rows["class_label"], dtype=np.int64).copy()
-        for source in np.unique(rows["source"]):
-            here = np.flatnonzero(rows["source"] == source)
-            order, gold_order = self.plan.logit_order[source], self.plan.gold_order[source]
-            if order is not None:
-                logits[here] = logits[here][:, list(order)]
-            if gold_order is not None:
-                labelled = here[gold[here] >= 0]
-                gold[labelled] = np.asarray(gold_order)[gold[labelled]]
+        logits, gold = in_student_class_order(rows, self.plan.logit_order, self.plan.gold_order)
         return {
             **encode_by_language(self.vocab, texts, langs, self.config.max_length, texts_b),
             "teacher_logits": logits,
@@ -149,44 +152,3 @@ class MultiKD(Method):
             parts["label"] = L.gold_cross_entropy(logits[labelled], batch["class_label"][labelled])
             weights["label"] = c.label_weight
         return {"loss": L.weighted_sum(parts, weights), **parts}
-
-
-def _unnamed(names) -> bool:
-    return names is None or all(n == f"LABEL_{i}" for i, n in enumerate(names))
-
-
-def class_orders(caches) -> tuple[tuple | None, tuple]:
-    """(the student's class names, per cache the teacher's index of each student class or
-    None): the first named teacher's order is the student's; another teacher naming the
-    same classes in another order is permuted into it; other names are an error."""
-    named = [c for c in caches if not _unnamed(c.teacher_labels)]
-    if not named:
-        return None, (None,) * len(caches)
-    reference = named[0].teacher_labels
-    orders = []
-    for cache in caches:
-        names = cache.teacher_labels
-        if _unnamed(names) or sorted(names) != sorted(reference):
-            raise BadInput(
-                f"--method multikd: the teachers' classes differ. {named[0].path} names its classes "
-                f"{', '.join(reference)}; {cache.path} names "
-                f"{', '.join(names) if not _unnamed(names) else 'none (LABEL_0, ...)'}. Distil from teachers "
-                "fine-tuned on the same classes (their config.json id2label name them; any order is fine)."
-            )
-        orders.append(None if tuple(names) == tuple(reference) else tuple(names.index(n) for n in reference))
-    return tuple(reference), tuple(orders)
-
-
-def _gold_order(cache, names) -> tuple | None:
-    """A labeled corpus numbers its classes by sorted name: map those ids to the student's.
-    None where the corpus is unlabeled, or its names are the class ids themselves."""
-    if not cache.corpus_labels or names is None or not set(cache.corpus_labels) & set(names):
-        return None
-    unknown = [n for n in cache.corpus_labels if n not in names]
-    if unknown:
-        raise BadInput(
-            f"--method multikd: {cache.path} labels rows {unknown[0]!r}, which is not a class of the teachers "
-            f"({', '.join(names)}). Label the corpus with the teachers' class names (or their ids 0, 1, ...)."
-        )
-    order = tuple(names.index(n) for n in cache.corpus_labels)
-    return None if order == tuple(range(len(order))) else order
