@@ -12,7 +12,6 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import TATOEBA, ROOT, VOCABS, build_tiny_bert
 from typer.testing import CliRunner
 
 from xkd import load_vocab, open_cache
@@ -21,11 +20,13 @@ from xkd.errors import BadInput
 from xkd.pipeline import CacheTeachersOptions, cache_teachers
 from xkd.storage import Ragged
 from xkd.student.data import StreamConfig, StreamingDataset
-from xkd.student.methods import prepare
 from xkd.student.losses import attention_mse
+from xkd.student.methods import prepare
 from xkd.student.methods.tinybert import layer_map, unpack_attention
 from xkd.student.models import Student, StudentConfig
 from xkd.vocab import build_vocab
+
+from conftest import ROOT, TATOEBA, VOCABS, build_tiny_bert
 
 STUDENT = StudentConfig(hidden=24, layers=2, heads=2, dropout=0.0)  # teacher: 4 layers, width 32, 2 heads
 MAX_LENGTH = 32
@@ -339,3 +340,26 @@ def test_stage2_adds_the_gold_class_cross_entropy(setup, client, tmp_path):
     # The labels the batch carries are the corpus's, row by row.
     labels = {int(r["example_id"]): int(r["class_label"]) for r in cache.iter_examples()}
     assert batch["class_label"].tolist() == [labels[e] for e in batch["example_id"].tolist()]
+
+
+def test_stage2_gold_labels_follow_the_teachers_class_order(setup, client, tmp_path):
+    """A labeled corpus numbers classes by sorted name (food, sports, weather); a teacher whose
+    id2label orders them otherwise has its logits in its own order, so the gold ids must be
+    mapped into that order by name, as multikd does, or the gold term trains the wrong class."""
+    import json
+    import shutil
+
+    named = tmp_path / "named-classifier"
+    shutil.copytree(setup["root"] / "classifier", named)
+    config = json.loads((named / "config.json").read_text())
+    config["id2label"] = {"0": "weather", "1": "food", "2": "sports"}
+    config["label2id"] = {"weather": 0, "food": 1, "sports": 2}
+    (named / "config.json").write_text(json.dumps(config))
+    cached = cache_teachers(CacheTeachersOptions(teachers=[str(named)], out=str(tmp_path / "caches"),
+                                                 corpus=f"labeled:{TOY}/toy-en.tsv@en", class_logits=True,
+                                                 hidden_layers=(0, 2, 4)), client=client, log=io.StringIO())
+    setup = {**setup, "named": cached["caches"][0]["path"]}
+    _, cache, method, student, batch = prepared(setup, "named", stage=2, hidden_weight=0, embedding_weight=0)
+    names = [line.split("\t")[1] for line in (TOY / "toy-en.tsv").read_text(encoding="utf-8").split("\n") if line]
+    assert batch["class_label"].tolist() == [config["label2id"][names[e]] for e in batch["example_id"].tolist()]
+    assert student.model.config.id2label == {0: "weather", 1: "food", 2: "sports"}

@@ -35,7 +35,7 @@ from .masking import MaskConfig
 from .teachers import (
     DTYPES, HIDDEN_POSITIONS, SENTENCE_VECTORS, Outputs, TeacherSpec, describe_teacher, resolve_compute,
 )
-from .work import SIDES, ShardTask, View, process_shard
+from .work import SIDES, ShardTask, View, process_shard, stored_specs
 
 DEFAULT_TOPK = 8
 DEFAULT_MASK_PROB = 0.15
@@ -184,7 +184,7 @@ def plan_job(spec: TeacherSpec, plan: CorpusPlan, opts: CacheTeachersOptions, co
     view_json = {**view.to_json(parallel), "cleaning": plan.cleaning.to_json(), "shard_size": plan.shard_size}
     corpus_identity = {"fingerprint": plan.fingerprint, "langs": list(plan.langs), "split": plan.to_json()["split"]}
     key = cache_key(spec.identity(), corpus_identity, view_json)
-    dense = outputs.dense_specs(spec)
+    dense = stored_specs(outputs, spec)
     meta = {
         "teacher": spec.to_json(),
         "corpus": {**plan.to_json(), "paths": list(plan.source.paths)},

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import BadInput, XkdError
 from .completeness import finish_command
-from .schema import ALIGNS, SCHEMA_VERSION
+from .schema import ALIGNS, CODECS, LAYOUTS, SCHEMA_VERSION
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
@@ -187,6 +187,14 @@ def _outputs_problem(outputs: dict) -> str | None:
             np.dtype(spec["dtype"])
         except TypeError:
             return f"`outputs.dense.{name}` has dtype {spec['dtype']!r}, which is not a numpy dtype"
+        if spec.get("codec", "zstd") not in CODECS:
+            return f"`outputs.dense.{name}` has codec {spec['codec']!r}, not one of {', '.join(CODECS)}"
+        layout = spec.get("layout", "padded")
+        if layout not in LAYOUTS:
+            return f"`outputs.dense.{name}` has layout {layout!r}, not one of {', '.join(LAYOUTS)}"
+        if layout == "keys" and not (spec["align"] == "token" and _is_int(spec.get("heads"), 1)
+                                     and spec["dim"] % spec["heads"] == 0):
+            return f"`outputs.dense.{name}` has the keys layout without token alignment and heads dividing its dim"
     return None
 
 

@@ -6,6 +6,7 @@ shard plus the matching slices of its dense arrays); per-example dicts are views
 
 from __future__ import annotations
 
+import json
 import os
 from collections import OrderedDict
 from functools import cached_property
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 from ..errors import BadInput, XkdError
 from .completeness import completeness, finish_command, incomplete_message
 from .manifest import SHARDS, read_manifest
-from .schema import RAGGED_COLUMNS, DenseSpec, Ragged, ragged_from_arrow
+from .schema import RAGGED_COLUMNS, DenseSpec, Ragged, key_counts, pack_keys, ragged_from_arrow, unpack_keys
 from .shard import digest_of, parquet_path, sha256_file, zarr_path
 
 _OPEN_FILES = 8  # open Parquet/Zarr handles kept per cache
@@ -33,16 +34,107 @@ def is_metadata_file(rel: str) -> bool:
     return rel.rsplit("/", 1)[-1] in ZARR_METADATA
 
 
+try:  # zarr's own CRC32C (a dependency of zarr 3); without it every read goes through zarr
+    import google_crc32c
+except ImportError:  # pragma: no cover
+    google_crc32c = None
+
+
+class DirectArray:
+    """A Zarr v3 array whose chunks are raw little-endian values followed by their CRC32C
+    (codec "none"), read by this reader itself: each chunk's bytes go with one readinto
+    straight into the caller's buffer, and the CRC is computed over them where they land.
+
+    Why not zarr's own read: it decodes every chunk into a fresh buffer, strips the CRC
+    into another and copies the selection into a third, through an event loop per call;
+    for dense teacher outputs that was most of the loader's time (docs/benchmarks.md,
+    "## train"). The files are ordinary Zarr: zarr reads them too.
+    """
+
+    def __init__(self, path: Path, shape: tuple, dtype: np.dtype, chunk_rows: int, attributes: dict):
+        self.path = path
+        self.shape = shape
+        self.dtype = dtype
+        self.chunk_rows = chunk_rows
+        self.attrs = attributes
+        self.row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        self._chunk_prefix = f"{path}/c/"  # a string: pathlib's joins cost more than reading a chunk
+        self._suffix = "/0" * (len(shape) - 1)
+
+    @classmethod
+    def of(cls, path: Path) -> "DirectArray | None":
+        """The array at `path` when its chunks are raw values + CRC32C, else None."""
+        if google_crc32c is None:
+            return None
+        meta = json.loads((path / "zarr.json").read_text())
+        codecs = [c.get("name") for c in meta.get("codecs") or []]
+        endian = ((meta.get("codecs") or [{}])[0].get("configuration") or {}).get("endian", "little")
+        grid = meta.get("chunk_grid") or {}
+        keys = meta.get("chunk_key_encoding") or {}
+        shape = tuple(int(x) for x in meta.get("shape") or ())
+        chunks = tuple(int(x) for x in (grid.get("configuration") or {}).get("chunk_shape") or ())
+        if (codecs != ["bytes", "crc32c"] or endian != "little" or grid.get("name") != "regular"
+                or keys.get("name") != "default" or (keys.get("configuration") or {}).get("separator", "/") != "/"
+                or meta.get("storage_transformers") or len(shape) not in (1, 2) or len(chunks) != len(shape)
+                or chunks[1:] != shape[1:] or np.dtype(meta["data_type"]).byteorder == ">"):
+            return None
+        return cls(path, shape, np.dtype(meta["data_type"]), max(1, chunks[0]), meta.get("attributes") or {})
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as a new array; ValueError/OSError when a chunk is damaged."""
+        out = np.empty((stop - start,) + self.shape[1:], dtype=self.dtype)
+        if stop <= start:
+            return out
+        if stop > self.shape[0] or start < 0:
+            raise ValueError(f"rows {start}:{stop} lie outside the array's {self.shape[0]}")
+        dest = out.reshape(-1).view(np.uint8)
+        rows, rb = self.chunk_rows, self.row_bytes
+        for k in range(start // rows, (stop - 1) // rows + 1):
+            first, last = k * rows, min(k * rows + rows, self.shape[0])
+            lo, hi = max(start, first), min(stop, last)
+            before, inside = (lo - first) * rb, (hi - lo) * rb
+            after = rows * rb - before - inside  # an edge chunk is stored at full size
+            with open(f"{self._chunk_prefix}{k}{self._suffix}", "rb", buffering=0) as f:
+                crc = google_crc32c.extend(0, _read_exactly(f, before)) if before else 0
+                window = dest[(lo - start) * rb : (hi - start) * rb]
+                got = 0
+                while got < inside:  # a regular file fills it at once unless it is short
+                    n = f.readinto(window[got:])
+                    if not n:
+                        raise ValueError(f"chunk {k} is truncated")
+                    got += n
+                crc = google_crc32c.extend(crc, window)
+                if after:
+                    crc = google_crc32c.extend(crc, _read_exactly(f, after))
+                stored = f.read(5)
+            if len(stored) != 4:
+                raise ValueError(f"chunk {k} has {'trailing bytes' if len(stored) > 4 else 'no checksum'}")
+            if crc != int.from_bytes(stored, "little"):
+                raise ValueError(f"chunk {k}: stored and computed checksums do not match")
+        return out
+
+
+def _read_exactly(f, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise ValueError("a chunk is truncated")
+    return data
+
+
 class Block:
     """Rows of one row group: scalar columns as numpy, ragged columns as Ragged, plus the
     dense arrays' slices for exactly these rows."""
 
-    def __init__(self, cache: "Cache", shard_id: int, columns: dict, dense: dict, dense_offsets: dict):
+    def __init__(self, cache: "Cache", shard_id: int, columns: dict, dense: dict, dense_offsets: dict,
+                 packed: tuple = ()):
         self.cache = cache
         self.shard_id = shard_id
         self.columns = columns
         self.dense = dense  # name -> array covering these rows
         self._dense_offsets = dense_offsets  # name -> (rows + 1) offsets into self.dense[name]
+        # Attention outputs held in the "keys" layout (flat, per row L x heads x L values);
+        # example() gives them back padded, as every cache version did.
+        self.packed = packed
 
     @property
     def num_rows(self) -> int:
@@ -65,6 +157,9 @@ class Block:
         for name, spec in self.cache.dense_specs.items():
             if name in self.dense:
                 rows = self.dense_rows(name, i)
+                if name in self.packed:
+                    heads = self.cache.attention_heads(name)
+                    rows = unpack_keys(rows, np.array([len(out["input_ids"])]), heads, spec.dim // heads)
                 out[name] = rows[0] if spec.align == "row" else rows
         return out
 
@@ -86,6 +181,7 @@ class Cache:
         self._shards = {s["id"]: s for s in self.manifest["shards"] if s["state"] == "done"}
         self._parquet: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self._zarr: OrderedDict[int, object] = OrderedDict()
+        self._direct: OrderedDict[int, dict] = OrderedDict()  # shard -> name -> DirectArray or None
         if check:
             self._check_cheaply()
 
@@ -154,6 +250,22 @@ class Cache:
     def dense_specs(self) -> dict[str, DenseSpec]:
         dense = (self.manifest.get("outputs") or {}).get("dense") or {}
         return {name: DenseSpec.from_json(name, d) for name, d in dense.items()}
+
+    def attention_heads(self, name: str) -> int:
+        """Heads of an attention output (attn.<layer>): recorded with the "keys" layout; for
+        schema-1 caches (always padded), the teacher's."""
+        spec = self.dense_specs[name]
+        if spec.heads:
+            return spec.heads
+        heads = int((self.manifest.get("teacher") or {}).get("num_heads") or 0)
+        if not heads or spec.dim % heads:
+            raise BadInput(f"cache {self.path}: {name} is {spec.dim} wide, which is not heads x max length for the "
+                           f"teacher's {heads or 'unrecorded'} heads; re-run cache-teachers.")
+        return heads
+
+    def is_attention(self, name: str) -> bool:
+        spec = self.dense_specs[name]
+        return spec.layout == "keys" or (name.startswith("attn.") and spec.align == "token")
 
     @property
     def shard_ids(self) -> list[int]:
@@ -232,6 +344,42 @@ class Cache:
                 self._zarr.popitem(last=False)
         return g
 
+    def direct_array(self, shard_id: int, name: str) -> DirectArray | None:
+        """The dense array `name` of a shard when this reader reads its chunks itself (codec
+        "none"), else None (zarr reads it)."""
+        arrays = self._direct.get(shard_id)
+        if arrays is None:
+            self._record(shard_id)
+            arrays = self._direct[shard_id] = {}
+            if len(self._direct) > _OPEN_FILES:
+                self._direct.popitem(last=False)
+        else:
+            self._direct.move_to_end(shard_id)
+        if name not in arrays:
+            path = zarr_path(self.path, shard_id) / name
+            try:
+                arrays[name] = DirectArray.of(path)
+            except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable metadata is the finding itself
+                if not zarr_path(self.path, shard_id).is_dir():
+                    raise self._damaged(shard_id, f"is listed as done but {zarr_path(self.path, shard_id).name} is missing")
+                raise self._damaged(shard_id, f"is damaged: {path / 'zarr.json'} cannot be read ({e})") from None
+        return arrays[name]
+
+    def _read_dense(self, shard_id: int, name: str, start: int, stop: int) -> np.ndarray:
+        direct = self.direct_array(shard_id, name)
+        if direct is not None:
+            return direct.read(start, stop)
+        return self.zarr_group(shard_id)[name][start:stop]
+
+    def _row_group_start(self, shard_id: int, name: str, row_group: int) -> int:
+        """Where a row group's values start in a "keys" output (recorded by the writer)."""
+        direct = self.direct_array(shard_id, name)
+        attrs = direct.attrs if direct is not None else self.zarr_group(shard_id)[name].attrs
+        starts = attrs.get("row_group_starts")
+        if not isinstance(starts, list) or row_group >= len(starts) - 1:
+            raise ValueError(f"its zarr.json records no start for row group {row_group}")
+        return int(starts[row_group])
+
     def row_groups(self, shard_id: int) -> list[int]:
         """Rows per row group of a shard, from the Parquet footer only."""
         meta = self.parquet_file(shard_id).metadata
@@ -248,9 +396,12 @@ class Cache:
             name = parquet_path(self.path, shard_id).name
             raise self._damaged(shard_id, f"is damaged: {name} cannot be read ({e})") from None
 
-    def read_block(self, shard_id: int, row_group: int, columns=None, dense=None) -> Block:
+    def read_block(self, shard_id: int, row_group: int, columns=None, dense=None, packed_keys: bool = False) -> Block:
         """One row group with the matching dense slices. `dense=None` reads every stored
-        dense output, `dense=()` none of them."""
+        dense output, `dense=()` none of them. With `packed_keys`, attention outputs come in
+        the "keys" layout (flat: per row of L tokens, L x heads x L values) whatever the
+        cache stores, which is how the training loader moves them; otherwise each token's
+        heads x max_length vector, zero-padded, as the cache format always described it."""
         dense_names = list(self.dense_specs) if dense is None else list(dense)
         cols = None if columns is None else list(dict.fromkeys([*columns, "example_id"]))
         if cols is not None and dense_names:
@@ -260,21 +411,40 @@ class Cache:
         for name in table.column_names:
             col = table[name]
             columns_np[name] = ragged_from_arrow(col) if name in RAGGED_COLUMNS else col.to_numpy()
-        dense_out, dense_offsets = {}, {}
-        if dense_names:
-            group = self.zarr_group(shard_id)
-            for name in dense_names:
-                spec = self.dense_specs[name]
-                start, counts = self._dense_span(spec, columns_np, shard_id, row_group)
-                offsets = np.zeros(len(counts) + 1, dtype=np.int64)
-                np.cumsum(counts, out=offsets[1:])
-                try:
-                    dense_out[name] = group[name][start : start + int(offsets[-1])]
-                except Exception as e:  # a failed chunk CRC or decompression is the finding itself
-                    where = f"{zarr_path(self.path, shard_id).name}/{name}"
-                    raise self._damaged(shard_id, f"is damaged: {where} cannot be read ({e})") from None
-                dense_offsets[name] = offsets
-        return Block(self, shard_id, columns_np, dense_out, dense_offsets)
+        dense_out, dense_offsets, packed = {}, {}, []
+        for name in dense_names:
+            spec = self.dense_specs[name]
+            try:
+                if spec.layout == "keys":
+                    counts = key_counts(spec, columns_np["input_ids"].lengths())
+                    start = self._row_group_start(shard_id, name, row_group)
+                    values = self._read_dense(shard_id, name, start, start + int(counts.sum()))
+                else:
+                    start, counts = self._dense_span(spec, columns_np, shard_id, row_group)
+                    values = self._read_dense(shard_id, name, start, start + int(counts.sum()))
+            except XkdError:
+                raise
+            except Exception as e:  # a failed chunk CRC or decompression is the finding itself
+                where = f"{zarr_path(self.path, shard_id).name}/{name}"
+                raise self._damaged(shard_id, f"is damaged: {where} cannot be read ({e})") from None
+            if spec.layout == "keys" or (packed_keys and self.is_attention(name)):
+                if spec.layout != "keys":  # schema 1: drop the zero padding past each row's length
+                    lengths = columns_np["input_ids"].lengths()
+                    values = pack_keys(values, lengths, self.attention_heads(name))
+                    counts = lengths * lengths * self.attention_heads(name)
+                packed.append(name)
+            offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+            np.cumsum(counts, out=offsets[1:])
+            dense_out[name], dense_offsets[name] = values, offsets
+        block = Block(self, shard_id, columns_np, dense_out, dense_offsets, tuple(packed))
+        if not packed_keys and packed:  # the documented per-token layout, zero-padded keys
+            for name in packed:
+                spec, heads = self.dense_specs[name], self.attention_heads(name)
+                lengths = columns_np["input_ids"].lengths()
+                block.dense[name] = unpack_keys(block.dense[name], lengths, heads, spec.dim // heads)
+                block._dense_offsets[name] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+            block.packed = ()
+        return block
 
     def _dense_span(self, spec: DenseSpec, cols: dict, shard_id: int, row_group: int):
         """Where these rows start in a dense array, and how many entries each row has."""

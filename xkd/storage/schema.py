@@ -15,7 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+# 2: dense arrays stored per output with a chosen codec (raw values + CRC32C by default: fp16
+# teacher states compress by under 10%, and raw chunks are read straight into their buffers),
+# and attention as only each row's real keys (layout "keys"). Caches of version 1 (zstd
+# chunks, attention zero-padded to the max length) still read: the reader follows each
+# array's own zarr.json and the spec's layout.
+SCHEMA_VERSION = 2
 
 # Columns every cache row has, whatever the teacher produced.
 BASE_FIELDS = [
@@ -80,25 +85,88 @@ def arrow_schema(has_topk: bool, has_text: bool = False, has_pairs: bool = False
                      + (PAIR_FIELDS if has_pairs else []) + (PAIR_TEXT_FIELDS if has_pairs and has_text else []))
 
 
+# How a dense array's chunks are encoded (each codec ends with a CRC32C, so a flipped byte
+# fails the read). "none": raw little-endian values, read straight into the reader's buffer;
+# "lz4": blosc lz4 with byte shuffle; "zstd": zstd level 1 (what schema 1 wrote).
+CODECS = ("none", "lz4", "zstd")
+# How a token-aligned attention output's values are laid out: "padded" stores every token's
+# heads x max_length probabilities (schema 1); "keys" stores only the row's real keys, per
+# token heads x row length (the rest are zeros: attention never reaches padding), a row of
+# L tokens as L x heads x L values in one flat array.
+LAYOUTS = ("padded", "keys")
+
+
 @dataclass(frozen=True)
 class DenseSpec:
-    """A dense output: `name` like "hidden.6", "cls", "pooled", "class_logits"."""
+    """A dense output: `name` like "hidden.6", "cls", "pooled", "class_logits", "attn.3".
+
+    `align` and `dim` say what a reader gets: one `dim`-wide vector per row, token or word.
+    `codec` and `layout` say how it is stored (`heads` with the "keys" layout: dim is
+    heads x max_length)."""
 
     name: str
     align: str
     dim: int
     dtype: str = "float16"
+    codec: str = "none"
+    layout: str = "padded"
+    heads: int = 0
 
     def __post_init__(self):
         if self.align not in ALIGNS:
             raise ValueError(f"align must be one of {ALIGNS}, not {self.align!r}")
+        if self.codec not in CODECS:
+            raise ValueError(f"codec must be one of {CODECS}, not {self.codec!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, not {self.layout!r}")
+        if self.layout == "keys" and (self.align != "token" or self.heads < 1 or self.dim % self.heads):
+            raise ValueError(f"{self.name}: the keys layout needs token alignment and dim = heads x max length")
+
+    @property
+    def max_keys(self) -> int:
+        """Keys per head of a padded attention vector (the view's max length)."""
+        return self.dim // self.heads if self.heads else self.dim
 
     def to_json(self) -> dict:
-        return {"align": self.align, "dim": self.dim, "dtype": self.dtype}
+        out = {"align": self.align, "dim": self.dim, "dtype": self.dtype, "codec": self.codec}
+        if self.layout == "keys":
+            out.update(layout="keys", heads=self.heads)
+        return out
 
     @classmethod
     def from_json(cls, name: str, d: dict) -> "DenseSpec":
-        return cls(name=name, align=d["align"], dim=int(d["dim"]), dtype=d["dtype"])
+        # Schema 1 recorded neither: its chunks were zstd, its attention padded.
+        return cls(name=name, align=d["align"], dim=int(d["dim"]), dtype=d["dtype"], codec=d.get("codec", "zstd"),
+                   layout=d.get("layout", "padded"), heads=int(d.get("heads", 0)))
+
+
+def key_counts(spec: DenseSpec, token_counts: np.ndarray) -> np.ndarray:
+    """Stored values per row of a "keys" output: L x heads x L for a row of L tokens."""
+    lengths = np.asarray(token_counts, dtype=np.int64)
+    return lengths * lengths * spec.heads
+
+
+def pack_keys(padded: np.ndarray, token_counts: np.ndarray, heads: int) -> np.ndarray:
+    """Token-aligned attention (tokens, heads x max_keys), keys zero-padded, as the "keys"
+    layout's flat values: per row of L tokens, per token, per head, its first L keys."""
+    tokens = len(padded)
+    if not tokens:
+        return np.zeros(0, padded.dtype)
+    per_token = np.repeat(np.asarray(token_counts, dtype=np.int64), token_counts)
+    cube = padded.reshape(tokens, heads, -1)
+    keep = np.arange(cube.shape[2])[None, None, :] < per_token[:, None, None]
+    return cube[np.broadcast_to(keep, cube.shape)]
+
+
+def unpack_keys(values: np.ndarray, token_counts: np.ndarray, heads: int, max_keys: int) -> np.ndarray:
+    """The inverse of pack_keys: (tokens, heads x max_keys), zeros past each row's length."""
+    token_counts = np.asarray(token_counts, dtype=np.int64)
+    tokens = int(token_counts.sum())
+    out = np.zeros((tokens, heads, max_keys), dtype=values.dtype)
+    per_token = np.repeat(token_counts, token_counts)
+    keep = np.arange(max_keys)[None, None, :] < per_token[:, None, None]
+    out[np.broadcast_to(keep, out.shape)] = values
+    return out.reshape(tokens, heads * max_keys)
 
 
 class Ragged:

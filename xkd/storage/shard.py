@@ -20,7 +20,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from .manifest import SHARDS, fsync_dir
-from .schema import RAGGED_COLUMNS, DenseSpec, Ragged, arrow_schema
+from .schema import RAGGED_COLUMNS, DenseSpec, Ragged, arrow_schema, pack_keys
 
 # Parquet encodings chosen by bench/storage.py (see docs/benchmarks.md): byte-stream-split
 # makes fp16/fp32 values compress (exponent bytes group together), and Zipf-distributed ids
@@ -100,6 +100,17 @@ def dense_length(spec: DenseSpec, table: pa.Table) -> int:
     return int(pa.compute.sum(table["word_start"].combine_chunks().values).as_py() or 0)
 
 
+def _key_layout_sizes(table: pa.Table, parquet_file: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens per row, and the sum of squared row lengths per Parquet row group as written
+    (a "keys" output stores L x heads x L values per row of L tokens)."""
+    lengths = table["input_ids"].combine_chunks().value_lengths().to_numpy().astype(np.int64)
+    meta = pq.ParquetFile(parquet_file).metadata
+    group_rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    firsts = np.cumsum([0] + group_rows[:-1]).astype(np.int64)
+    squares = np.add.reduceat(lengths * lengths, firsts) if len(lengths) else np.zeros(len(group_rows), np.int64)
+    return lengths, squares
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -142,9 +153,21 @@ def digest_of(files: dict) -> str:
     return h.hexdigest()
 
 
-def _write_zarr(path: Path, dense: dict, specs: dict[str, DenseSpec], expected: dict[str, int]) -> None:
+def zarr_compressors(codec: str) -> list:
+    """The bytes-to-bytes codecs of a dense array (see schema.CODECS); the CRC32C comes last,
+    over the stored bytes, so a corrupted chunk fails to read whatever the codec."""
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+    if codec == "none":
+        return [Crc32cCodec()]
+    if codec == "lz4":
+        return [BloscCodec(cname="lz4", clevel=1, shuffle="shuffle", typesize=2), Crc32cCodec()]
+    return [ZstdCodec(level=1), Crc32cCodec()]
+
+
+def _write_zarr(path: Path, dense: dict, specs: dict[str, DenseSpec], expected: dict[str, int],
+                row_group_tokens: np.ndarray) -> None:
     import zarr
-    from zarr.codecs import Crc32cCodec, ZstdCodec
 
     group = zarr.open_group(zarr.storage.LocalStore(path), mode="w", zarr_format=3)
     for name in sorted(specs):
@@ -155,14 +178,33 @@ def _write_zarr(path: Path, dense: dict, specs: dict[str, DenseSpec], expected: 
                 f"dense output {name!r} has shape {data.shape}, expected ({expected[name]}, {spec.dim}) "
                 f"for align={spec.align}"
             )
-        chunk_rows = max(1, ZARR_CHUNK_BYTES // (spec.dim * data.dtype.itemsize))
+        attributes = {}
+        if spec.layout == "keys":
+            token_counts, values_per_row_group = row_group_tokens
+            data = pack_keys(data, token_counts, spec.heads)
+            # Where each Parquet row group's values start: a row's offset within its row
+            # group follows from the row lengths, but a row group's start would need every
+            # earlier row's length.
+            starts = np.zeros(len(values_per_row_group) + 1, dtype=np.int64)
+            np.cumsum(values_per_row_group * spec.heads, out=starts[1:])
+            attributes["row_group_starts"] = starts.tolist()
+        width = data.shape[1] if data.ndim == 2 else 1
+        chunk_rows = max(1, ZARR_CHUNK_BYTES // (width * data.dtype.itemsize))
+        # As many chunks as that size needs, evened out: Zarr stores the last chunk at full
+        # size, so an array just over a chunk boundary would store almost a chunk of padding.
+        n_chunks = -(-max(1, data.shape[0]) // chunk_rows)
+        chunks = (-(-max(1, data.shape[0]) // n_chunks),) + data.shape[1:]
         arr = group.create_array(
             name,
             shape=data.shape,
             dtype=data.dtype,
-            chunks=(min(chunk_rows, max(1, data.shape[0])), spec.dim),
-            compressors=[ZstdCodec(level=1), Crc32cCodec()],  # the CRC makes a corrupted chunk fail to read
+            chunks=chunks,
+            compressors=zarr_compressors(spec.codec),
             fill_value=0,
+            attributes=attributes,
+            # Every chunk is a file, zeros too: a missing chunk file is then damage, never
+            # a silent run of zeros (the direct reader relies on it).
+            config={"write_empty_chunks": True},
         )
         if data.size:
             arr[...] = data
@@ -204,7 +246,7 @@ def write_shard_files(
         pq.write_table(table, tmp_parquet, row_group_size=row_group_size, **PARQUET_OPTIONS)
         _fsync_file(tmp_parquet)
         if dense_specs:
-            _write_zarr(tmp_zarr, dense, dense_specs, expected)
+            _write_zarr(tmp_zarr, dense, dense_specs, expected, _key_layout_sizes(table, tmp_parquet))
             _fsync_tree(tmp_zarr)
             final_zarr = zarr_path(root, shard_id)
             if final_zarr.exists():  # a leftover of an interrupted run, never listed as done

@@ -105,5 +105,19 @@ def synthetic_rows(
     dense = {}
     for name, spec in (dense_specs or {}).items():
         count = {"row": n_rows, "token": int(lengths.sum()), "word": int(sum(w.sum() for w in word_start))}[spec.align]
-        dense[name] = rng.standard_normal((count, spec.dim)).astype(spec.dtype)
+        if spec.layout == "keys":
+            dense[name] = _attention(rng, lengths, spec.heads, spec.max_keys, spec.dtype)
+        else:
+            dense[name] = rng.standard_normal((count, spec.dim)).astype(spec.dtype)
     return rows, dense
+
+
+def _attention(rng: np.random.Generator, lengths: np.ndarray, heads: int, max_keys: int, dtype) -> np.ndarray:
+    """Per token, each head's softmax over its row's keys, zeros past the row's length (the
+    padded form attention outputs are given to write_shard_files in)."""
+    per_token = np.repeat(lengths, lengths)
+    scores = rng.standard_normal((len(per_token), heads, max_keys)).astype(np.float32)
+    real = np.arange(max_keys)[None, None, :] < per_token[:, None, None]
+    probs = np.where(real, np.exp(scores), 0.0)
+    probs /= probs.sum(-1, keepdims=True)
+    return probs.reshape(len(per_token), heads * max_keys).astype(dtype)

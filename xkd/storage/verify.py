@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from .completeness import completeness, finish_command, how_to_finish, id_ranges, what_is_missing
 from .manifest import SHARDS, read_manifest
 from .reader import Cache
-from .schema import arrow_schema, ragged_from_arrow
+from .schema import arrow_schema, key_counts, ragged_from_arrow
 from .shard import sha256_file, digest_of, parquet_path
 
 
@@ -85,8 +85,17 @@ def _check_contents(cache: Cache, record: dict) -> list[str]:
                 problems.append(f"dense array {name} is missing")
                 continue
             shape = group[name].shape
-            if shape != (want[spec.align], spec.dim):
-                problems.append(f"dense array {name} has shape {shape}, expected ({want[spec.align]}, {spec.dim})")
+            expected = (want[spec.align], spec.dim)
+            if spec.layout == "keys":  # only each row's real keys: n x heads x n per row of n tokens
+                expected = (int(key_counts(spec, n_tokens).sum()),)
+            if shape != expected:
+                problems.append(f"dense array {name} has shape {shape}, expected {expected}")
+            elif spec.layout == "keys":  # the reader finds each row group's values through these
+                group_rows = cache.row_groups(shard_id)
+                firsts = np.cumsum([0] + group_rows).astype(np.int64)
+                per_row = np.concatenate([[0], np.cumsum(key_counts(spec, n_tokens))]).astype(np.int64)
+                if group[name].attrs.get("row_group_starts") != per_row[firsts].tolist():
+                    problems.append(f"dense array {name} records row group starts that do not match its rows")
     return problems
 
 

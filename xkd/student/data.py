@@ -167,11 +167,30 @@ def language_probabilities(totals: dict[str, int], alpha: float) -> dict[str, fl
 
 
 class _Window:
-    """The rows of one shuffle window of one language, read and remapped, in shuffled order."""
+    """The rows of one shuffle window of one language, read and remapped, in shuffled order.
 
-    def __init__(self, rows: dict, order: np.ndarray):
-        self.rows = rows
+    The window's row groups stay separate parts (`starts`: where each begins in the window's
+    numbering): batches gather their rows from the parts directly, so the window is never
+    concatenated. Concatenating copied every dense value once more per window, which on
+    hidden-state caches cost as much as reading them."""
+
+    def __init__(self, parts: list[dict], order: np.ndarray):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [num_rows(p) for p in parts[:-1]]).astype(np.int64)
         self.order = order
+
+    def pieces(self, positions: np.ndarray, dest: np.ndarray) -> list[tuple[dict, np.ndarray, np.ndarray]]:
+        """(part, rows of it, their places in the batch) for the window rows at `positions`
+        of its shuffled order."""
+        rows = self.order[positions]
+        part_of = np.searchsorted(self.starts, rows, side="right") - 1
+        if len(self.parts) == 1:
+            return [(self.parts[0], rows, dest)]
+        out = []
+        for p in np.unique(part_of):
+            here = part_of == p
+            out.append((self.parts[p], rows[here] - self.starts[p], dest[here]))
+        return out
 
 
 class StreamingDataset(IterableDataset):
@@ -240,12 +259,14 @@ class StreamingDataset(IterableDataset):
         parts = []
         for j in perm[window * w : (window + 1) * w]:
             ci, shard, rg = (int(v) for v in idx.refs[j])
-            block = self.caches[ci].read_block(shard, rg, columns=self.config.columns, dense=self.config.dense)
+            # Attention comes packed (only each row's real keys): a fraction of the padded
+            # bytes to gather, and the layout methods unpack (tinybert.unpack_attention).
+            block = self.caches[ci].read_block(shard, rg, columns=self.config.columns, dense=self.config.dense,
+                                               packed_keys=True)
             rows = _block_rows(block, np.flatnonzero(idx.keep[j]), ci)
             parts.append(_remap_rows(rows, self.remap_tables[ci]))
-        rows = _concat_rows(parts)
         order = np.random.default_rng([self.config.seed, li, epoch, window, 2]).permutation(size)
-        win = _Window(rows, order)
+        win = _Window(parts, order)
         self._windows[lang] = ((epoch, window), win)
         return win
 
@@ -265,7 +286,7 @@ class StreamingDataset(IterableDataset):
                 here = windows == window
                 start = ends[window - 1] if window else 0
                 win = self._window(li, int(epoch), int(window), perm, int(ends[window] - start))
-                pieces.append((win.rows, win.order[within[here] - start], in_epoch[here]))
+                pieces.extend(win.pieces(within[here] - start, in_epoch[here]))
         return pieces
 
     def __iter__(self):
@@ -332,6 +353,8 @@ def _remap_rows(rows: dict, table) -> dict:
 
 
 def _concat_rows(parts: list[dict]) -> dict:
+    """Row sets one after another (evaluate's batches; the training loader's windows gather
+    from their parts instead, see _Window)."""
     if len(parts) == 1:
         return parts[0]
     out = {}
@@ -417,12 +440,46 @@ def padded(col: Ragged, pad_value, dtype=torch.long) -> torch.Tensor:
         out = np.full((len(lengths), width), pad_value, dtype=np.int64)
         _pad_rows(col.values, col.offsets, out)
         return torch.from_numpy(out)
+    if pad_value == 0 and col.values.dtype.kind == "f":
+        out = padded_dense(col)
+        return out if out.dtype == dtype else out.to(dtype)
     out = np.full((len(lengths), width) + col.values.shape[1:], pad_value, dtype=col.values.dtype)
     rows = np.repeat(np.arange(len(lengths)), lengths)
     cols = np.arange(len(col.values)) - np.repeat(col.offsets[:-1], lengths)
     out[rows, cols] = col.values
     return torch.from_numpy(out.astype(np.int64 if dtype == torch.long else out.dtype, copy=False)).to(dtype)
 
+
+def padded_dense(col: Ragged, width: int | None = None) -> torch.Tensor:
+    """A ragged dense output (per row, n x dim values) as a zero-padded (rows, width, dim)
+    tensor in its stored dtype (fp16 for teacher states): one copy, by a compiled kernel.
+
+    The dtype is kept on purpose: losses convert to fp32 where they compute (on the GPU,
+    where it is free), while a CPU fp16 -> fp32 conversion here ran at a quarter of the
+    speed of reading the values from disk, and doubled the bytes every later step moves."""
+    lengths = col.lengths()
+    if width is None:
+        width = int(lengths.max()) if len(lengths) else 0
+    if len(lengths) and int(lengths.max()) > width:
+        raise ValueError(f"a row has {int(lengths.max())} entries, more than the width {width}")
+    # Uninitialised, with the kernel writing the padding: np.zeros would write every byte
+    # twice (its zeros, then the values), which cost as much as the copy itself.
+    out = np.empty((len(lengths), width) + col.values.shape[1:], dtype=col.values.dtype)
+    if out.size:
+        src, words = _as_words(col.values) if len(col.values) else _as_words(out[:0].reshape((0,) + out.shape[2:]))
+        _pad_words(src, col.offsets, words, out.reshape(-1).view(src.dtype), width * words)
+    return torch.from_numpy(out)
+
+
+@njit(cache=True, nogil=True)
+def _pad_words(src, offsets, width, dst, row_stride):
+    """Row r's values (`width` words each) into dst[r * row_stride:], zeros after them."""
+    for r in range(offsets.size - 1):
+        s = offsets[r] * width
+        n = offsets[r + 1] * width - s
+        d = r * row_stride
+        dst[d : d + n] = src[s : s + n]
+        dst[d + n : d + row_stride] = 0
 
 
 def padded_with_mask(ids: Ragged, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

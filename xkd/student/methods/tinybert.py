@@ -47,15 +47,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from numba import njit
 from torch import nn
 
 from ...errors import BadInput
 from .. import losses as L
-from ..data import padded
+from ..data import padded, padded_dense
 from ..models import classifier_student, quiet_transformers, use_pre_dropout_attention
 from . import register
-from .base import (Method, Need, Plan, collate_masked_lm, model_inputs, option, row_vectors, same_width,
-                   with_pair_columns)
+from .base import (
+    Method,
+    Need,
+    Plan,
+    class_orders,
+    collate_masked_lm,
+    gold_order_of,
+    in_student_class_order,
+    model_inputs,
+    option,
+    same_width,
+    with_pair_columns,
+)
 
 HIDDEN_OPTION = "--hidden-layers 0,3,6,9,12 --hidden-positions all"  # a 12-layer teacher, 4-layer student
 TOPK_COLUMNS = ("topk_ids", "topk_logits", "lognorm")
@@ -94,6 +106,11 @@ class TinyBERTPlan(Plan):
     attention_heads: int = 0
     attention_max_length: int = 0
     classes: int = 0  # stage 2
+    # Stage 2: the student's class names, and per cache how the teacher's logits and the
+    # corpus's gold ids map into that order (methods/base.py class_orders, gold_order_of).
+    label_names: tuple | None = None
+    logit_order: tuple = ()
+    gold_order: tuple = ()
 
 
 def layer_map(spec: str, student_layers: int, teacher_layers: int) -> dict[int, int]:
@@ -116,11 +133,38 @@ def layer_map(spec: str, student_layers: int, teacher_layers: int) -> dict[int, 
 
 
 def unpack_attention(ragged, width: int, heads: int, max_length: int) -> torch.Tensor:
-    """A cached token-aligned `attn.<layer>` (per query token: heads x max_length values,
-    head-major, keys zero-padded to max_length) as (batch, heads, width, width) maps."""
+    """A batch's cached `attn.<layer>` as (batch, heads, width, width) maps, zeros outside each
+    row's real (query, key) pairs, in the stored dtype (attention_mse computes in fp32).
+
+    Two layouts arrive: the loader's packed one (values 1-D: per row of n tokens, per query
+    token, per head, its n keys; storage.schema "keys"), and the per-token padded one
+    (values (tokens, heads x max_length), head-major, keys zero-padded to max_length), which
+    is what Cache.iter_examples gives."""
+    if ragged.values.ndim == 1:
+        lengths = ragged.lengths()
+        tokens = np.rint(np.sqrt(lengths / heads)).astype(np.int64)
+        if np.any(tokens * tokens * heads != lengths):
+            raise ValueError(f"packed attention rows are not n x {heads} heads x n values")
+        out = np.zeros((len(lengths), heads, width, width), dtype=ragged.values.dtype)
+        if len(ragged.values):
+            _unpack_keys(ragged.values.view(np.uint16) if ragged.values.itemsize == 2 else ragged.values,
+                         ragged.offsets, tokens, heads, out.view(np.uint16) if out.itemsize == 2 else out)
+        return torch.from_numpy(out)
     dense = padded(ragged, 0, dtype=torch.float32)
     dense = dense.reshape(dense.shape[0], width, heads, max_length)
     return dense[..., :width].permute(0, 2, 1, 3).contiguous()
+
+
+@njit(cache=True, nogil=True)
+def _unpack_keys(values, offsets, tokens, heads, out):
+    """Packed rows (query, head, key) into out[row, head, query, :n]."""
+    for r in range(tokens.size):
+        n = tokens[r]
+        src = offsets[r]
+        for q in range(n):
+            for h in range(heads):
+                out[r, h, q, :n] = values[src : src + n]
+                src += n
 
 
 @register
@@ -137,7 +181,7 @@ class TinyBERT(Method):
     def plan_for(cls, config, caches, student):
         columns = STAGE1_COLUMNS if config.stage == 1 else STAGE2_COLUMNS
         dense: list[str] = []
-        classes = 0
+        classes, label_names, logit_order, gold_order = 0, None, (), ()
         if config.stage == 1:
             if config.pred_weight == 0:
                 columns = tuple(c for c in columns if c not in TOPK_COLUMNS)
@@ -152,6 +196,8 @@ class TinyBERT(Method):
                                    "Cache a fine-tuned classifier teacher with --class-logits.")
             classes = same_width(cls.name, caches, "class_logits")
             dense.append("class_logits")
+            label_names, logit_order = class_orders(cls.name, caches)
+            gold_order = tuple(gold_order_of(cls.name, cache, label_names) for cache in caches)
         depths = {c.teacher_layers for c in caches}
         if len(depths) != 1 or 0 in depths:
             raise BadInput(f"--method tinybert: the caches' teachers differ in depth ({sorted(depths)}); "
@@ -179,7 +225,8 @@ class TinyBERT(Method):
             dense += attn
         return TinyBERTPlan(columns=with_pair_columns(cls.name, caches, columns), dense=tuple(dense), notes=notes,
                             layer_map=tuple(mapping.items()), embedding=embedding, hidden=hidden, attention=attention,
-                            teacher_width=teacher_width, attention_heads=heads, attention_max_length=max_length, classes=classes)
+                            teacher_width=teacher_width, attention_heads=heads, attention_max_length=max_length, classes=classes,
+                            label_names=label_names, logit_order=logit_order, gold_order=gold_order)
 
     @classmethod
     def build_student(cls, config, plan, vocab, student, init_from, init_teacher):
@@ -188,7 +235,8 @@ class TinyBERT(Method):
         elif init_from and (Path(init_from) / "train_summary.json").is_file():
             model = classifier_from_student(init_from, vocab, plan.classes)
         else:
-            model = classifier_student(vocab, student, init_from, init_teacher, plan.classes)
+            names = list(plan.label_names) if plan.label_names and len(plan.label_names) == plan.classes else None
+            model = classifier_student(vocab, student, init_from, init_teacher, plan.classes, names)
         if plan.attention:
             use_pre_dropout_attention(model)
         return model
@@ -205,11 +253,12 @@ class TinyBERT(Method):
         plan = self.plan
         batch = collate_masked_lm(rows, self.vocab.pad_id)
         if self.config.stage == 2:
-            batch["teacher_logits"] = row_vectors(rows, "class_logits")
-            batch["class_label"] = torch.from_numpy(np.asarray(rows["class_label"]).astype(np.int64))
+            logits, gold = in_student_class_order(rows, plan.logit_order, plan.gold_order)
+            batch["teacher_logits"], batch["class_label"] = logits, torch.from_numpy(gold)
         for name in plan.dense:
             if name.startswith("hidden."):
-                batch[name] = padded(rows[name], 0, dtype=torch.float32)
+                # fp16 as stored: hidden_mse computes in fp32 (on the device, not in the loader)
+                batch[name] = padded_dense(rows[name], batch["input_ids"].shape[1])
             elif name.startswith("attn."):
                 batch[name] = unpack_attention(rows[name], batch["input_ids"].shape[1], plan.attention_heads,
                                                plan.attention_max_length)
