@@ -138,7 +138,8 @@ def test_stage1_loss_from_the_cache_equals_the_teacher_run_online(setup):
     from transformers import BertForMaskedLM
 
     vocab, cache, method, student, batch = prepared(setup, "stage1")
-    assert dict(method.plan.layer_map) == {1: 2, 2: 4} and method.plan.dense == ("hidden.0", "hidden.2", "hidden.4", "attn.2", "attn.4")
+    assert dict(method.plan.layer_map) == {1: 2, 2: 4}
+    assert method.plan.dense == ("hidden.0", "hidden.2", "hidden.4", "attn.2", "attn.4")
     assert set(method.modules) == {"embedding_projection", "hidden_projection"}  # 24 -> 32
     assert method.plan.attention and not method.plan.notes
     with torch.no_grad():
@@ -316,7 +317,10 @@ def test_attention_loss_uses_pre_dropout_maps_with_dropout_on(setup):
         rows = out.attentions[0].sum(-1)[mask.bool()[:, None, :].expand(-1, 2, -1)]
         torch.testing.assert_close(rows, torch.ones_like(rows), rtol=0, atol=1e-5)
         # The student's own eval-mode maps as the teacher's: L_attn is 0 with dropout on.
-        parts = method.losses({**batch, "attn.2": eval_maps}, student, step=0)
+        # packed as the cache stores them: per row of n tokens, per query, per head, its n keys
+        lengths = mask.sum(1).tolist()
+        packed = torch.cat([eval_maps[r, :, :n, :n].permute(1, 0, 2).reshape(-1) for r, n in enumerate(lengths)])
+        parts = method.losses({**batch, "attn.2": packed}, student, step=0)
     assert float(parts["attention"]) < 1e-10
 
 

@@ -84,6 +84,27 @@ def attention_mse(student: torch.Tensor, teacher: torch.Tensor, attention_mask: 
     return ((student.float() - teacher.float()) ** 2 * pairs).sum() / (pairs.sum() * teacher.shape[1]).clamp(min=1)
 
 
+def packed_hidden_mse(student: torch.Tensor, teacher: torch.Tensor, token_index: torch.Tensor,
+                      projection: nn.Module | None = None) -> torch.Tensor:
+    """hidden_mse with the teacher's states as the cache packs them: student (B, T, D_S);
+    teacher (N, D_T), the batch's real tokens row by row; token_index (N,) their places in the
+    flattened (B·T). The same value as hidden_mse over the batch's mask, without padding the
+    teacher's states to (B, T, D_T) in the loader (a copy as large as reading them)."""
+    chosen = student.reshape(-1, student.shape[-1])[token_index]
+    if projection is not None:
+        chosen = projection(chosen.float())
+    return ((chosen.float() - teacher.float()) ** 2).sum() / max(teacher.numel(), 1)
+
+
+def packed_attention_mse(student: torch.Tensor, teacher: torch.Tensor, pair_index: torch.Tensor) -> torch.Tensor:
+    """attention_mse with the teacher's maps as the cache packs them: student (B, H, T, T);
+    teacher (P,), each row's real (query, head, key) probabilities; pair_index (P,) their
+    places in the flattened student maps. Σ over the P real pairs / P, which is attention_mse's
+    1/H Σ_heads mean over real query x key pairs."""
+    chosen = student.reshape(-1)[pair_index]
+    return ((chosen.float() - teacher.float()) ** 2).sum() / max(teacher.numel(), 1)
+
+
 def word_infonce(student_vectors: torch.Tensor, teacher_words: torch.Tensor, word_mask: torch.Tensor,
                  query_row: torch.Tensor, query_word: torch.Tensor, tau: float, similarity: str = "dot") -> torch.Tensor:
     """MMKD's L_XWCL (seeds/000 eq. 1): each query q (Q, D), a masked word's student vector,

@@ -52,7 +52,7 @@ from torch import nn
 
 from ...errors import BadInput
 from .. import losses as L
-from ..data import padded, padded_dense
+from ..data import padded
 from ..models import classifier_student, quiet_transformers, use_pre_dropout_attention
 from . import register
 from .base import (
@@ -124,7 +124,8 @@ def layer_map(spec: str, student_layers: int, teacher_layers: int) -> dict[int, 
         try:
             m, g = (int(x) for x in item.split(":"))
         except ValueError:
-            raise BadInput(f"--option layer_map={spec}: give 'uniform' or student:teacher pairs, e.g. 1:3,2:6,3:9,4:12.") from None
+            raise BadInput(f"--option layer_map={spec}: give 'uniform' or student:teacher pairs, "
+                           "e.g. 1:3,2:6,3:9,4:12.") from None
         if not (1 <= m <= student_layers and 1 <= g <= teacher_layers):
             raise BadInput(f"--option layer_map={spec}: {m}:{g} is out of range; the student has layers 1..{student_layers}, "
                            f"the teacher 1..{teacher_layers} (layer 0, the embeddings, is always matched to the student's).")
@@ -153,6 +154,37 @@ def unpack_attention(ragged, width: int, heads: int, max_length: int) -> torch.T
     dense = padded(ragged, 0, dtype=torch.float32)
     dense = dense.reshape(dense.shape[0], width, heads, max_length)
     return dense[..., :width].permute(0, 2, 1, 3).contiguous()
+
+
+def token_places(lengths: np.ndarray, width: int) -> np.ndarray:
+    """Each real token's place in a (rows, width) padded batch, flattened, row by row: where
+    the packed teacher states of packed_hidden_mse sit among the student's."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    rows = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return rows * width + (np.arange(int(lengths.sum()), dtype=np.int64) - starts)
+
+
+def pair_places(lengths: np.ndarray, width: int, heads: int) -> np.ndarray:
+    """Each packed attention value's place (row r, query q, head h, key k: the cache's
+    "keys" order) in the flattened (rows, heads, width, width) student maps."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    out = np.empty(int((lengths**2).sum()) * heads, dtype=np.int64)
+    _pair_places(lengths, width, heads, out)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _pair_places(lengths, width, heads, out):
+    i = 0
+    for r in range(lengths.size):
+        n = lengths[r]
+        for q in range(n):
+            for h in range(heads):
+                base = ((r * heads + h) * width + q) * width
+                for k in range(n):
+                    out[i] = base + k
+                    i += 1
 
 
 @njit(cache=True, nogil=True)
@@ -255,13 +287,23 @@ class TinyBERT(Method):
         if self.config.stage == 2:
             logits, gold = in_student_class_order(rows, plan.logit_order, plan.gold_order)
             batch["teacher_logits"], batch["class_label"] = logits, torch.from_numpy(gold)
+        # Teacher states and maps stay packed as the loader gathered them (real tokens, real
+        # query x key pairs; fp16 as stored): the losses pick the student's matching entries
+        # by index, so no padded teacher tensor is ever built (docs/benchmarks.md, dense).
+        lengths = rows["input_ids"].lengths()
+        width = batch["input_ids"].shape[1]
         for name in plan.dense:
-            if name.startswith("hidden."):
-                # fp16 as stored: hidden_mse computes in fp32 (on the device, not in the loader)
-                batch[name] = padded_dense(rows[name], batch["input_ids"].shape[1])
-            elif name.startswith("attn."):
-                batch[name] = unpack_attention(rows[name], batch["input_ids"].shape[1], plan.attention_heads,
-                                               plan.attention_max_length)
+            if name.startswith(("hidden.", "attn.")):
+                values = rows[name].values
+                expected = lengths.sum() if name.startswith("hidden.") else (lengths**2).sum() * plan.attention_heads
+                if len(values) != expected:
+                    raise BadInput(f"the cached {name} does not match the rows' tokens ({len(values)} entries for "
+                                   f"{expected}); run xkd verify on the cache.")
+                batch[name] = torch.from_numpy(values)
+        if plan.embedding or plan.hidden:
+            batch["token_index"] = torch.from_numpy(token_places(lengths, width))
+        if plan.attention:
+            batch["pair_index"] = torch.from_numpy(pair_places(lengths, width, plan.attention_heads))
         return batch
 
     def prediction_losses(self, out, batch) -> dict:
@@ -293,17 +335,17 @@ class TinyBERT(Method):
             inputs["masked_flat"] = batch["masked_flat"]
         out = student(**inputs)
         parts = self.prediction_losses(out, batch)
-        mask = batch["attention_mask"]
         mapping = dict(plan.layer_map)
+        places = batch.get("token_index")
         if plan.embedding:
-            parts["embedding"] = L.hidden_mse(out.hidden_states[0], batch["hidden.0"], mask,
-                                              self.modules["embedding_projection"] if "embedding_projection" in self.modules else None)
+            projection = self.modules["embedding_projection"] if "embedding_projection" in self.modules else None
+            parts["embedding"] = L.packed_hidden_mse(out.hidden_states[0], batch["hidden.0"], places, projection)
         if plan.hidden:
             projection = self.modules["hidden_projection"] if "hidden_projection" in self.modules else None
-            parts["hidden"] = sum(L.hidden_mse(out.hidden_states[m], batch[f"hidden.{g}"], mask, projection)
+            parts["hidden"] = sum(L.packed_hidden_mse(out.hidden_states[m], batch[f"hidden.{g}"], places, projection)
                                   for m, g in mapping.items())
         if plan.attention:
-            parts["attention"] = sum(L.attention_mse(out.attentions[m - 1], batch[f"attn.{g}"], mask)
+            parts["attention"] = sum(L.packed_attention_mse(out.attentions[m - 1], batch[f"attn.{g}"], batch["pair_index"])
                                      for m, g in mapping.items())
         weights = {"pred": c.pred_weight, "gold": c.gold_weight, "embedding": c.embedding_weight,
                    "hidden": c.hidden_weight, "attention": c.attention_weight}
