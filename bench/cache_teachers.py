@@ -43,16 +43,16 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from conftest import PARALLEL, VOCABS, build_tiny_bert  # noqa: E402
-from storage import machine, write_section  # noqa: E402  (bench/storage.py: shared report helpers)
-
 from xkd.names import parse_corpus, resolve_teacher  # noqa: E402
 from xkd.pipeline import CacheTeachersOptions, cache_teachers  # noqa: E402
 from xkd.pipeline.batching import PaddedBatch, length_buckets  # noqa: E402
 from xkd.pipeline.corpus import Cleaning, plan_corpus  # noqa: E402
+from xkd.pipeline.masking import MaskConfig  # noqa: E402
 from xkd.pipeline.teachers import LoadedTeacher, Outputs, describe_teacher  # noqa: E402
 from xkd.pipeline.work import View, build_rows  # noqa: E402
-from xkd.pipeline.masking import MaskConfig  # noqa: E402
+
+from conftest import PARALLEL, VOCABS, build_tiny_bert  # noqa: E402
+from storage import machine, write_section  # noqa: E402  (bench/storage.py: shared report helpers)
 
 IITB = PARALLEL / "iitb-en-hi"
 TOKEN_BUDGET = 8192
@@ -260,7 +260,8 @@ def report(rates: dict, info: dict, rss: dict, args, seconds: float, threads: in
         f"| (a) bare forward over the same batches (encoder + MLM head at masked positions) | {rates['bare']:,.0f} "
         f"| {r_bare:.2f}x | >= {TARGET_BARE}x: {verdict(r_bare >= TARGET_BARE)} |",
         f"| (b) naive HF loop (pad to {NAIVE_LENGTH}, batch {NAIVE_BATCH}, full logits to host, top-k on host; "
-        f"{args.naive_rows} rows) | {rates['naive']:,.0f} | {r_naive:.2f}x | >= {TARGET_NAIVE}x: {verdict(r_naive >= TARGET_NAIVE)} |",
+        f"{args.naive_rows} rows) | {rates['naive']:,.0f} | {r_naive:.2f}x "
+        f"| >= {TARGET_NAIVE}x: {verdict(r_naive >= TARGET_NAIVE)} |",
         "",
         "Peak resident memory of `xkd cache-teachers` (client + nanny + worker processes, summed; a tiny "
         "2-layer teacher with the mBERT vocabulary, top-8, shards of 512 pairs, both sides):",

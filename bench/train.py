@@ -53,11 +53,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from conftest import VOCABS  # noqa: E402
-from storage import interleaved_best, machine, write_section  # noqa: E402  (bench/storage.py: shared report helpers)
-
 from xkd.storage import CacheWriter, Ragged, open_cache, outputs_json, write_shard_files  # noqa: E402
 from xkd.storage.synthetic import synthetic_rows  # noqa: E402
+
+from conftest import VOCABS  # noqa: E402
+from storage import interleaved_best, machine, write_section  # noqa: E402  (bench/storage.py: shared report helpers)
 
 K = 8
 TOPK_BYTES_PER_MASKED = K * 4 + K * 2 + 4  # decoded uint32 ids, fp16 logits, fp32 log-normaliser
@@ -278,7 +278,7 @@ class StepRunner:
         import torch
 
         from xkd.student.models import StudentConfig, build_student
-        from xkd.student.trainer import Trainer, TrainConfig
+        from xkd.student.trainer import TrainConfig, Trainer
 
         torch.manual_seed(0)
         self.vocab = vocab
@@ -479,9 +479,9 @@ def build_dense_cache(work: Path, rows: int) -> Path:
     in `work` (--dense-work) is reused: the same command resumes to the same cache."""
     import io
 
-    from conftest import PARALLEL, build_tiny_bert
-
     from xkd.pipeline import CacheTeachersOptions, cache_teachers
+
+    from conftest import PARALLEL, build_tiny_bert
 
     teacher = work / "dense-teacher"
     if not (teacher / "config.json").is_file():
@@ -598,7 +598,7 @@ def bench_dense(work: Path, vocab_rows: int, repeats: int, keep: Path | None = N
     for label, cache in caches.items():  # Zarr's own decode of every dense array, per layout
         names = list(cache.dense_specs)
         decoded = zarr_decode(cache, names)
-        seconds = interleaved_best({"zarr": lambda: zarr_decode(cache, names)}, repeats)["zarr"]
+        seconds = interleaved_best({"zarr": lambda cache=cache, names=names: zarr_decode(cache, names)}, repeats)["zarr"]
         out["decode"][label] = decoded / seconds / 1e9
     out["loader"] = {}
     for attention in (False, True):
@@ -619,17 +619,17 @@ def bench_dense(work: Path, vocab_rows: int, repeats: int, keep: Path | None = N
             dense_loader_pass(cache, vocab, method, DENSE_BATCH)  # numba kernels, page cache
             say(f"(d) dense: {key}, {label}")
             times = interleaved_best({
-                "loader": lambda: dense_loader_pass(cache, vocab, method, n_rows),
-                "zarr": lambda: [zarr_decode(cache, names) for _ in range(DENSE_EPOCHS)],
-                "np.load": lambda: [npy_load(files) for _ in range(DENSE_EPOCHS)],
+                "loader": lambda cache=cache, method=method, n_rows=n_rows: dense_loader_pass(cache, vocab, method, n_rows),
+                "zarr": lambda cache=cache, names=names: [zarr_decode(cache, names) for _ in range(DENSE_EPOCHS)],
+                "np.load": lambda files=files: [npy_load(files) for _ in range(DENSE_EPOCHS)],
             }, repeats)
             out["loader"][key, label] = {"decoded": decoded, "rows": n_rows, **times}
         method = tinybert_for(default, vocab, attention)
         out["loader"][key, "workers"] = {}
         for workers in (0, 1, 2):
             say(f"(d) dense: {key}, {workers} DataLoader workers")
-            seconds = interleaved_best({"w": lambda: dense_loader_pass(default, vocab, method, DENSE_EPOCHS * len(default),
-                                                                         workers)}, max(1, repeats - 1))["w"]
+            seconds = interleaved_best({"w": lambda method=method, workers=workers: dense_loader_pass(
+                default, vocab, method, DENSE_EPOCHS * len(default), workers)}, max(1, repeats - 1))["w"]
             out["loader"][key, "workers"][workers] = DENSE_EPOCHS * len(default) / seconds
     return out
 
@@ -943,7 +943,8 @@ def main() -> int:
     parser.add_argument("--dense-rows", type=int, default=3000, help="(d) IITB rows cached by the real pipeline")
     parser.add_argument("--dense-repeats", type=int, default=3, help="(d) interleaved passes")
     parser.add_argument("--dense-work", help="(d) keep the teacher and its pipeline-made cache here, reused when run again")
-    parser.add_argument("--dense-rss-rows", type=int, default=RSS_DENSE_ROWS, help="(d) synthetic rows per shard; 8 shards, then 80")
+    parser.add_argument("--dense-rss-rows", type=int, default=RSS_DENSE_ROWS,
+                        help="(d) synthetic rows per shard; 8 shards, then 80")
     parser.add_argument("--child", choices=("loader", "train", "dense"), help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     parser.add_argument("--vocab", help=argparse.SUPPRESS)
@@ -994,7 +995,8 @@ def write_subsection(text: str, path: Path = ROOT / "docs" / "benchmarks.md") ->
     end = next((i for i in range(train + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
     start = next((i for i in range(train, end) if lines[i].rstrip() == heading), None)
     if start is None:
-        new = lines[:end] + (["\n"] if lines[end - 1].strip() else []) + [text] + (["\n"] if end < len(lines) else []) + lines[end:]
+        new = (lines[:end] + (["\n"] if lines[end - 1].strip() else []) + [text]
+               + (["\n"] if end < len(lines) else []) + lines[end:])
     else:
         stop = next((i for i in range(start + 1, end) if lines[i].startswith(("### ", "## "))), end)
         new = lines[:start] + [text] + (["\n"] if stop < len(lines) else []) + lines[stop:]

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 import testdata
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +56,8 @@ def build_tiny_bert(out: Path, vocab_file: Path, *, lowercase: bool, kind: str =
 
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(vocab_file, out / "vocab.txt")
-    tokenizer = BertTokenizer(vocab=str(out / "vocab.txt"), do_lower_case=lowercase, strip_accents=None if not lowercase else None)
+    tokenizer = BertTokenizer(vocab=str(out / "vocab.txt"), do_lower_case=lowercase,
+                              strip_accents=None if not lowercase else None)
     tokenizer.save_pretrained(out)
     config = BertConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,

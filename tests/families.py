@@ -87,8 +87,7 @@ def unigram_tokenizer(specials: tuple[str, ...]):
 
 def family_tokenizer(family: str):
     """The family's real tokenizer (a transformers fast tokenizer)."""
-    from transformers import (BertTokenizer, DebertaV2TokenizerFast, DistilBertTokenizer, RobertaTokenizer,
-                              XLMRobertaTokenizerFast)
+    from transformers import BertTokenizer, DebertaV2TokenizerFast, DistilBertTokenizer, RobertaTokenizer, XLMRobertaTokenizerFast
 
     mbert = str(VOCABS / "bert-base-multilingual-cased.vocab.txt")
     if family == "bert":

@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PARALLEL, build_tiny_bert
 from typer.testing import CliRunner
 
 from xkd import open_cache
 from xkd.cli import app
 from xkd.errors import BadInput
 from xkd.pipeline import CacheTeachersOptions, cache_teachers
+
+from conftest import PARALLEL, build_tiny_bert
 
 TATOEBA = (f"parallel:{PARALLEL}/tatoeba/tatoeba.hin-eng.eng@en,"
            f"{PARALLEL}/tatoeba/tatoeba.hin-eng.hin@hi")
@@ -76,7 +77,8 @@ def test_offline_equals_online_for_a_masked_lm(client, tiny_teachers, tmp_path):
     model = BertForMaskedLM.from_pretrained(teacher).eval()
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     rows = rows_of(info["path"])
-    assert [(r["example_id"], r["side"], r["mask_epoch"]) for r in rows[:4]] == [(0, "src", 0), (0, "src", 1), (0, "tgt", 0), (0, "tgt", 1)]
+    assert [(r["example_id"], r["side"], r["mask_epoch"]) for r in rows[:4]] == [
+        (0, "src", 0), (0, "src", 1), (0, "tgt", 0), (0, "tgt", 1)]
     masked_total = 0
     with torch.inference_mode():
         for row in rows:
@@ -93,7 +95,8 @@ def test_offline_equals_online_for_a_masked_lm(client, tiny_teachers, tmp_path):
             close(row["topk_logits"], top, "top-k values")
             close(row["lognorm"], lognorm, "log-normaliser", rtol=1e-5, atol=1e-4)
             labels = torch.from_numpy(row["labels"].astype(np.int64))
-            close(row["teacher_loss"], (lognorm - logits.gather(1, labels[:, None])[:, 0]).mean(), "teacher loss", rtol=1e-5, atol=1e-4)
+            close(row["teacher_loss"], (lognorm - logits.gather(1, labels[:, None])[:, 0]).mean(), "teacher loss",
+                  rtol=1e-5, atol=1e-4)
             for layer in (0, 2):
                 close(row[f"hidden.{layer}"], out.hidden_states[layer][0], f"hidden.{layer}")
             last = out.hidden_states[-1][0]
@@ -153,8 +156,9 @@ def test_two_teachers_with_different_vocabularies_share_example_ids(client, tiny
 def test_classifier_and_encoder_kinds(client, tmp_path):
     """A sequence classifier caches its class logits; a BertModel encoder with a pooler
     caches the pooler output as its pooled vector."""
-    from conftest import VOCABS
     from transformers import BertForSequenceClassification, BertModel
+
+    from conftest import VOCABS
 
     clf = build_tiny_bert(tmp_path / "clf", VOCABS / "bert-base-uncased.vocab.txt", lowercase=True, kind="classifier", seed=3)
     enc = build_tiny_bert(tmp_path / "enc", VOCABS / "bert-base-uncased.vocab.txt", lowercase=True, kind="encoder", seed=4)

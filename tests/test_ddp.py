@@ -28,11 +28,12 @@ import sys
 import pytest
 import torch
 from _ddp_train_proc import assert_same_metrics, train_kwargs, update_error, update_rtol
-from conftest import TATOEBA, ROOT, VOCABS, build_tiny_bert
 
 from xkd.pipeline import CacheTeachersOptions, cache_teachers
 from xkd.student.run import train_student
 from xkd.vocab import build_vocab
+
+from conftest import ROOT, TATOEBA, VOCABS, build_tiny_bert
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 

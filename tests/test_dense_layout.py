@@ -22,8 +22,7 @@ from typer.testing import CliRunner
 import xkd
 from xkd.cli import app
 from xkd.errors import XkdError
-from xkd.storage import CacheWriter, DenseSpec, Ragged, outputs_json, verify_cache, write_shard_files
-from xkd.storage import shard as shard_module
+from xkd.storage import CacheWriter, DenseSpec, Ragged, outputs_json, shard as shard_module, verify_cache, write_shard_files
 from xkd.storage.reader import DirectArray
 from xkd.storage.schema import RAGGED_COLUMNS, pack_keys, ragged_from_arrow, unpack_keys
 from xkd.student.data import StreamConfig, StreamingDataset, padded_dense

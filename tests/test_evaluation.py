@@ -14,12 +14,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import VOCABS, build_tiny_bert
 from typer.testing import CliRunner
 
 from xkd.cli import app
 from xkd.metrics import bio_spans
 from xkd.toytask import write_toy_task
+
+from conftest import VOCABS, build_tiny_bert
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import cache_teacher
-from families import FAMILIES, MIXED_TEXT, build_family
 
 from xkd.storage import open_cache
+
+from conftest import cache_teacher
+from families import FAMILIES, MIXED_TEXT, build_family
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -165,10 +166,10 @@ ES = ["El equipo ganó el partido ayer.", "Llovió todo el día en la ciudad.", 
 
 @pytest.fixture(scope="module")
 def own_vocab_setup(thread_client, teachers, tmp_path_factory):
-    from conftest import VOCABS
-
     from xkd.student.models import StudentConfig
     from xkd.vocab import build_vocab
+
+    from conftest import VOCABS
 
     root = tmp_path_factory.mktemp("own-vocab")
     en, es = root / "en.txt", root / "es.txt"

@@ -9,15 +9,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, VOCABS, build_tiny_bert
 from typer.testing import CliRunner
 
 from xkd.cli import app
 from xkd.errors import BadInput
 from xkd.finetune import split_held_out
-from xkd.tasks import read_tasks, task_labels
 from xkd.names import parse_corpus
 from xkd.pipeline.corpus import Cleaning, plan_corpus
+from xkd.tasks import read_tasks, task_labels
+
+from conftest import ROOT, VOCABS, build_tiny_bert
 
 TOY = ROOT / "xkd" / "data"
 
@@ -44,7 +45,8 @@ def test_the_toy_task_is_three_balanced_topics_in_three_languages():
     assert (len(en), len(hi), len(fr)) == (90, 60, 30)
     for lines in (en, hi, fr):
         labels = [label for _, label in lines]
-        assert {label: labels.count(label) for label in set(labels)} == {k: len(lines) // 3 for k in ("sports", "food", "weather")}
+        assert {label: labels.count(label) for label in set(labels)} == {
+            k: len(lines) // 3 for k in ("sports", "food", "weather")}
     pairs = toy_lines("toy-en-hi.tsv")
     # The parallel file pairs each Hindi sentence with the English one it translates.
     en_of = {text: label for text, label in en}

@@ -19,7 +19,6 @@ from transformers import (
     BertForSequenceClassification,
 )
 
-from conftest import VOCABS, build_tiny_bert
 from xkd.errors import BadInput
 from xkd.student.mblm import (
     ZERO_SHOT,
@@ -29,6 +28,8 @@ from xkd.student.mblm import (
     MBLMForSequenceClassification,
     MBLMModel,
 )
+
+from conftest import VOCABS, build_tiny_bert
 
 LANGS = ["en", "fr", "zh"]
 TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,

@@ -16,7 +16,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TATOEBA, VOCABS
 from typer.testing import CliRunner
 
 from xkd import load_vocab, open_cache
@@ -27,6 +26,8 @@ from xkd.student.methods import prepare
 from xkd.student.methods.mmkd import frozen_projector
 from xkd.student.models import Student, StudentConfig, build_student
 from xkd.vocab import build_vocab
+
+from conftest import TATOEBA, VOCABS
 
 MBERT_VOCAB = str(VOCABS / "bert-base-multilingual-cased.vocab.txt")
 LAST_LAYER = 6  # MiniLM's

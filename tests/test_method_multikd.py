@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, VOCABS, build_tiny_bert
 from typer.testing import CliRunner
 
 from xkd import load_vocab, open_cache
@@ -29,6 +28,8 @@ from xkd.pipeline import CacheTeachersOptions, cache_teachers
 from xkd.student.data import StreamConfig, StreamingDataset
 from xkd.student.methods import prepare
 from xkd.student.models import Student, StudentConfig
+
+from conftest import ROOT, VOCABS, build_tiny_bert
 
 TOY = ROOT / "xkd" / "data"
 TINY = StudentConfig(hidden=32, layers=2, heads=2, dropout=0.0)
@@ -236,8 +237,9 @@ def invoke(*args):
 
 
 def test_train_student_multikd_with_mblm_end_to_end_and_zero_shot_french(setup, tmp_path):
-    import xkd.student.mblm  # noqa: F401  (registers MBLM with the Auto classes)
     from transformers import AutoModelForSequenceClassification
+
+    import xkd.student.mblm  # noqa: F401  (registers MBLM with the Auto classes)
 
     out = tmp_path / "student"
     r = invoke("train-student", "--method", "multikd", "--caches", setup["en"], "--caches", setup["hi"],

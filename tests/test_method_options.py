@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import ROOT
 from typer.testing import CliRunner
 
 from xkd.cli import app
@@ -15,6 +14,8 @@ from xkd.errors import BadInput
 from xkd.student.methods import available, get_method, method_config
 from xkd.student.methods.base import option_specs
 from xkd.student.methods.catalog import markdown
+
+from conftest import ROOT
 
 METHODS = available()
 

@@ -17,7 +17,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, VOCABS, build_tiny_bert
 from typer.testing import CliRunner
 
 from xkd import load_vocab, open_cache
@@ -27,6 +26,8 @@ from xkd.student.data import StreamConfig, StreamingDataset
 from xkd.student.methods import prepare
 from xkd.student.models import Student, StudentConfig
 from xkd.vocab import build_vocab
+
+from conftest import ROOT, VOCABS, build_tiny_bert
 
 TOY = ROOT / "xkd" / "data"
 TOY_PAIRS = f"tsv:{TOY}/toy-en-hi.tsv@en,hi"

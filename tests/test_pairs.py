@@ -12,11 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import VOCABS, build_tiny_bert, cache_teacher
 from xkd.errors import BadInput
 from xkd.names import parse_corpus
 from xkd.pipeline.corpus import Cleaning, plan_corpus
 from xkd.storage import open_cache
+
+from conftest import VOCABS, build_tiny_bert, cache_teacher
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

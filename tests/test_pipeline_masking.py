@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import VOCABS
 
 from xkd.errors import BadInput
 from xkd.pipeline.batching import length_buckets
 from xkd.pipeline.masking import MaskConfig, Vocabulary, mask_row
 from xkd.pipeline.tokenize import tokenize, word_starts
+
+from conftest import VOCABS
 
 SPECIALS = np.array([0, 100, 101, 102, 103])
 VOCAB = Vocabulary(mask_id=103, size=30522, special_ids=SPECIALS)

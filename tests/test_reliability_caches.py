@@ -22,11 +22,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TATOEBA, VOCABS, build_tiny_bert
 from typer.testing import CliRunner
 
 from xkd.cli import app
 from xkd.pipeline import CacheTeachersOptions, cache_teachers
+
+from conftest import TATOEBA, VOCABS, build_tiny_bert
 
 SHARDS, SHARD_SIZE = 4, 15
 STUDENT = ["--hidden", 32, "--layers", 1, "--heads", 2, "--batch-size", 4]
@@ -215,7 +216,8 @@ def test_verify_json_says_incomplete_with_the_counts(made, tmp_path):
     assert info["complete"] is False and info["missing_shards"] == [2, 3] and info["missing_rows"] == 2 * SHARD_SIZE
     sound = cli("verify", made["sound"], "--json")
     assert sound.exit_code == 0 and last_json(sound)["status"] == "ok"
-    assert "(key " in cli("inspect", made["sound"]).stdout.split("\n")[0] and ", complete)" in cli("inspect", made["sound"]).stdout
+    assert ("(key " in cli("inspect", made["sound"]).stdout.split("\n")[0]
+            and ", complete)" in cli("inspect", made["sound"]).stdout)
 
 
 def test_allow_incomplete_trains_and_evaluates_saying_what_is_missing(made, tmp_path):

@@ -20,11 +20,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PARALLEL
 from typer.testing import CliRunner
 
 from xkd import open_cache
 from xkd.cli import app
+
+from conftest import PARALLEL
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

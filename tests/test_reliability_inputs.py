@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PARALLEL, ROOT, VOCABS, build_tiny_bert, requires_iitb
 from typer.testing import CliRunner
 
 from xkd import load_vocab, open_cache
@@ -29,6 +28,8 @@ from xkd.cli import app
 from xkd.errors import BadInput
 from xkd.lines import read_lines, split_lines
 from xkd.pipeline import CacheTeachersOptions, cache_teachers
+
+from conftest import PARALLEL, ROOT, VOCABS, build_tiny_bert, requires_iitb
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -308,7 +309,8 @@ def test_a_row_stores_the_text_its_teacher_saw_and_the_summary_counts_truncated_
     assert rows[1, "tgt"]["pair_text"] == cut  # the pair's text is cut the same way
     tokenizer = AutoTokenizer.from_pretrained(tiny_teachers["multi"])
     assert tokenizer(cut)["input_ids"] == rows[1, "src"]["input_ids"].tolist()  # exactly what the teacher saw
-    assert rows[0, "src"]["text"] == "A short sentence." and rows[1, "tgt"]["text"] == lines_of(TATOEBA / "tatoeba.hin-eng.hin", 2)[1]
+    assert rows[0, "src"]["text"] == "A short sentence."
+    assert rows[1, "tgt"]["text"] == lines_of(TATOEBA / "tatoeba.hin-eng.hin", 2)[1]
 
 
 def test_every_reader_splits_lines_on_newline_only(tmp_path):

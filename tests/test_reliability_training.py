@@ -25,11 +25,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PARALLEL, ROOT, TATOEBA, VOCABS, build_tiny_bert, cache_teacher
 from typer.testing import CliRunner
 
 from xkd.cli import app
 from xkd.vocab import build_vocab
+
+from conftest import PARALLEL, ROOT, TATOEBA, VOCABS, build_tiny_bert, cache_teacher
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -18,7 +18,14 @@ import xkd
 from xkd.cli import app
 from xkd.errors import XkdError
 from xkd.storage import (
-    CacheWriter, DenseSpec, Ragged, cache_key, inspect_cache, outputs_json, verify_cache, write_shard_files,
+    CacheWriter,
+    DenseSpec,
+    Ragged,
+    cache_key,
+    inspect_cache,
+    outputs_json,
+    verify_cache,
+    write_shard_files,
 )
 from xkd.storage.synthetic import synthetic_rows
 

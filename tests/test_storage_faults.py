@@ -10,14 +10,13 @@ import subprocess
 import sys
 
 import pytest
+from test_storage import write_cache
 from typer.testing import CliRunner
 
 import xkd
 from xkd.cli import app
 from xkd.errors import XkdError
 from xkd.storage import SCHEMA_VERSION
-
-from test_storage import write_cache
 
 
 @pytest.fixture(scope="module")

@@ -309,9 +309,9 @@ def test_issue_10_repro_best_keeps_hindi(tmp_path):
 def test_best_copy_over_real_caches_of_two_corpora(tiny_teachers, thread_client, tmp_path):
     """The real pipeline: English cached by two teachers (with different --max-pairs, so their
     manifests' corpus blocks differ in counts but not in identity), Hindi by one."""
-    from conftest import PARALLEL
-
     from xkd.pipeline import CacheTeachersOptions, cache_teachers
+
+    from conftest import PARALLEL
 
     def run(teacher, corpus, n):
         opts = CacheTeachersOptions(teachers=[str(teacher)], corpus=corpus, out=str(tmp_path / "caches"),

@@ -21,8 +21,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import cache_teacher
-from families import build_family
 from typer.testing import CliRunner
 
 from xkd import load_vocab
@@ -30,6 +28,9 @@ from xkd.cli import app
 from xkd.errors import BadInput
 from xkd.student.models import Student, StudentConfig, build_student
 from xkd.vocab import build_vocab, student_from_teacher
+
+from conftest import cache_teacher
+from families import build_family
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

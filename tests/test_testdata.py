@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 import testdata
 from conftest import ROOT, SHARED
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import VOCABS
 from xkd import toytask
+
+from conftest import VOCABS
 
 ROOT = Path(__file__).resolve().parents[1]
 MBERT_VOCAB = VOCABS / "bert-base-multilingual-cased.vocab.txt"
@@ -140,7 +141,7 @@ def test_classify_balanced_aligned_and_decided_by_topic_words(toy):
                 assert topic_of(text, lang) == label, (lang, text, label)
         counts = Counter(labels)
         assert set(counts) == set(info["labels"]["classify"])
-        for label, count in counts.items():
+        for _label, count in counts.items():
             assert abs(count - N[split] / 4) <= 0.1 * N[split] / 4, (split, counts)
         # Translations, not copies: the texts differ across languages.
         assert sum(a[0] == b[0] for a, b in zip(rows["en"], rows["es"])) < 0.05 * N[split]

@@ -13,7 +13,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import PARALLEL, ROOT, TATOEBA, TEST_DATA, VOCABS, build_tiny_bert, cache_teacher, requires_iitb
 from typer.testing import CliRunner
 
 from xkd import load_vocab, open_cache
@@ -24,6 +23,8 @@ from xkd.student.data import StreamConfig, StreamingDataset
 from xkd.student.methods import prepare
 from xkd.student.models import Student, StudentConfig, build_student
 from xkd.vocab import build_vocab
+
+from conftest import PARALLEL, ROOT, TATOEBA, TEST_DATA, VOCABS, build_tiny_bert, cache_teacher, requires_iitb
 
 IITB_VAL = f"parallel:{PARALLEL}/iitb-en-hi/val.en@en,{PARALLEL}/iitb-en-hi/val.hi@hi"
 TINY = StudentConfig(hidden=32, layers=2, heads=2, dropout=0.0)
@@ -85,7 +86,8 @@ def online_teacher_logits(teacher_dir, rows) -> list[torch.Tensor]:
 
     model = BertForMaskedLM.from_pretrained(teacher_dir).eval()
     with torch.inference_mode():
-        return [model(input_ids=torch.tensor(r["input_ids"].astype(np.int64))[None]).logits[0, r["masked_positions"].astype(np.int64)].float()
+        return [model(input_ids=torch.tensor(r["input_ids"].astype(np.int64))[None])
+                .logits[0, r["masked_positions"].astype(np.int64)].float()
                 for r in rows]
 
 

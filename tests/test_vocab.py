@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import VOCABS
 from typer.testing import CliRunner
 
 import xkd
@@ -16,9 +15,16 @@ from xkd.cli import app
 from xkd.errors import BadInput, XkdError
 from xkd.vocab import build_vocab, load_vocab, remap, remap_ragged, remap_rows, stack_tables
 from xkd.vocab.canonical import (
-    BYTELEVEL, SENTENCEPIECE, WORDPIECE, byte_to_unicode, from_canonical, to_canonical,
+    BYTELEVEL,
+    SENTENCEPIECE,
+    WORDPIECE,
+    byte_to_unicode,
+    from_canonical,
+    to_canonical,
 )
 from xkd.vocab.remap import PARALLEL_MIN
+
+from conftest import VOCABS
 
 UNCASED = VOCABS / "bert-base-uncased.vocab.txt"
 CASED = VOCABS / "bert-base-cased.vocab.txt"
@@ -135,7 +141,8 @@ def test_roberta_joins_the_union_in_canonical_form(four):
         if tok in ("<s>", "<pad>", "</s>", "<unk>", "<mask>"):
             continue
         text = bytes(decode[c] for c in tok).decode("utf-8", errors="replace")
-        if text.startswith(" ") and len(text) > 1 and text[1:].isprintable() and " " not in text[1:] and "\ufffd" not in text and not text[1:].startswith("##"):
+        if (text.startswith(" ") and len(text) > 1 and text[1:].isprintable() and " " not in text[1:]
+                and "\ufffd" not in text and not text[1:].startswith("##")):
             assert four.tokens[table[i]] == text[1:]
             checked += 1
         elif " " not in text and text.isprintable() and text and "\ufffd" not in text:
@@ -158,8 +165,9 @@ def test_a_sentencepiece_tokenizer_json_joins_by_canonical_form(tmp_path):
     """A real Unigram/Metaspace tokenizer (trained here with the tokenizers library on
     Tatoeba text), given as a bare tokenizer.json: '▁the' meets bert's 'the', and the
     round trip holds for every one of its tokens."""
-    from conftest import PARALLEL
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from conftest import PARALLEL
 
     sp = Tokenizer(models.Unigram())
     sp.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -331,12 +339,14 @@ def test_a_forked_worker_remaps_with_its_own_threads():
 # Command line and bad input --------------------------------------------------------------------
 
 def test_cli_build_vocab_json_and_both_ways_to_give_several_teachers(tmp_path):
-    one = runner.invoke(app, ["build-vocab", "--teachers", str(UNCASED), str(BETO_UNCASED), "--out", str(tmp_path / "a"), "--json"])
+    one = runner.invoke(app, ["build-vocab", "--teachers", str(UNCASED), str(BETO_UNCASED),
+                              "--out", str(tmp_path / "a"), "--json"])
     assert one.exit_code == 0, one.output
     result = json.loads(one.stdout.strip().splitlines()[-1])
     assert result["vocab_dir"] == str(tmp_path / "a") and result["size"] == load_vocab(tmp_path / "a").size
     assert set(result["teachers"]) == {"bert-base-uncased", "beto-base-uncased"}
-    two = runner.invoke(app, ["build-vocab", "--teachers", str(UNCASED), "--teachers", str(BETO_UNCASED), "--out", str(tmp_path / "b")])
+    two = runner.invoke(app, ["build-vocab", "--teachers", str(UNCASED), "--teachers", str(BETO_UNCASED),
+                              "--out", str(tmp_path / "b")])
     assert two.exit_code == 0 and "union of 2 teachers" in two.output
     assert (tmp_path / "a" / "vocab.txt").read_bytes() == (tmp_path / "b" / "vocab.txt").read_bytes()
 

@@ -29,11 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PARALLEL
-from families import FAMILIES, MIXED_TEXT, family_config, family_tokenizer
 
 from xkd.errors import BadInput
 from xkd.vocab import build_vocab, load_vocab
+
+from conftest import PARALLEL
+from families import FAMILIES, MIXED_TEXT, family_config, family_tokenizer
 
 # Each union: its teachers in order, and the teacher each language is routed to. Every
 # teacher gets at least one language; every pair of families but bert|distilbert (one and

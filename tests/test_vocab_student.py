@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-from conftest import PARALLEL, VOCABS
 from typer.testing import CliRunner
 
 from xkd.cli import app
@@ -15,6 +14,8 @@ from xkd.errors import BadInput
 from xkd.storage import CacheWriter, DenseSpec, cache_key, open_cache, outputs_json, verify_cache, write_shard_files
 from xkd.storage.synthetic import synthetic_rows
 from xkd.vocab import build_vocab, init_union_embeddings, load_vocab, needs_remap, remap_cache, student_from_teacher
+
+from conftest import PARALLEL, VOCABS
 
 runner = CliRunner()
 TATOEBA = PARALLEL / "tatoeba"
@@ -206,7 +207,8 @@ def test_student_from_teacher_copies_known_rows_and_initialises_the_rest_by_the_
     with torch.no_grad():
         assert torch.allclose(loaded(**inputs).logits, model(**inputs).logits, atol=1e-5)
         # On English the student computes what the teacher computes, in union ids.
-        teacher_logits = teacher(**{k: torch.from_numpy(v) for k, v in teacher_tok(sentences("tatoeba.hin-eng.eng", 4), padding=True, return_tensors="np").items() if k != "token_type_ids"}).logits
+        teacher_inputs = teacher_tok(sentences("tatoeba.hin-eng.eng", 4), padding=True, return_tensors="np")
+        teacher_logits = teacher(**{k: torch.from_numpy(v) for k, v in teacher_inputs.items() if k != "token_type_ids"}).logits
         student_logits = model(**inputs).logits
         mask = inputs["attention_mask"].bool()
         assert torch.allclose(student_logits[..., table][mask], teacher_logits[mask], atol=1e-4)

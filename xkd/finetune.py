@@ -244,7 +244,7 @@ class FinetuneOptions:
             raise BadInput("--data: give at least one labeled file, PATH@LANG (a text<TAB>label a line).")
         if not 0.0 <= self.held_out < 1.0:
             raise BadInput(f"--held-out {self.held_out}: give a fraction in [0, 1).")
-        self.recipe  # checks the numbers
+        _ = self.recipe  # builds the Recipe, whose own checks validate the numbers
 
     @property
     def recipe(self) -> Recipe:

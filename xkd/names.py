@@ -190,7 +190,8 @@ def normalize_language(code: str) -> str | None:
         out.append(script.title())
     if (region := take(lambda p: bool(alpha((2,))(p) or (len(p) == 3 and p.isdigit() and p.isascii())))) is not None:
         out.append(region.upper())
-    while (variant := take(lambda p: bool(_ALNUM.fullmatch(p)) and (5 <= len(p) <= 8 or (len(p) == 4 and p[0].isdigit())))) is not None:
+    while (variant := take(lambda p: bool(_ALNUM.fullmatch(p))
+                           and (5 <= len(p) <= 8 or (len(p) == 4 and p[0].isdigit())))) is not None:
         out.append(variant.lower())
     while i < len(parts) and len(parts[i]) == 1 and _ALNUM.fullmatch(parts[i]):
         singleton = parts[i].lower()
@@ -198,7 +199,7 @@ def normalize_language(code: str) -> str | None:
         # An extension (one letter or digit, not x) takes subtags of 2-8; private use (x) of 1-8.
         low = 1 if singleton == "x" else 2
         body = []
-        while (sub := take(lambda p: low <= len(p) <= 8 and bool(_ALNUM.fullmatch(p)))) is not None:
+        while (sub := take(lambda p, low=low: low <= len(p) <= 8 and bool(_ALNUM.fullmatch(p)))) is not None:
             body.append(sub.lower())
         if not body:
             return None

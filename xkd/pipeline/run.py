@@ -33,7 +33,13 @@ from ..storage import CacheWriter, cache_key, outputs_json
 from .corpus import Cleaning, CorpusPlan, plan_corpus
 from .masking import MaskConfig
 from .teachers import (
-    DTYPES, HIDDEN_POSITIONS, SENTENCE_VECTORS, Outputs, TeacherSpec, describe_teacher, resolve_compute,
+    DTYPES,
+    HIDDEN_POSITIONS,
+    SENTENCE_VECTORS,
+    Outputs,
+    TeacherSpec,
+    describe_teacher,
+    resolve_compute,
 )
 from .work import SIDES, ShardTask, View, process_shard, stored_specs
 

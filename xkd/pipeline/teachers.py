@@ -28,12 +28,12 @@ import numpy as np
 
 from ..errors import BadInput
 from ..names import ResolvedTeacher
+from ..segments import takes_token_types
 from ..storage import DenseSpec
 from ..storage.shard import sha256_file
 from ..weights import weights_problem
 from .batching import PaddedBatch
 from .masking import Vocabulary
-from ..segments import takes_token_types
 from .tokenize import load_tokenizer, special_ids, tokenizer_sha256
 
 KINDS = ("mlm", "encoder", "classifier")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
-from .completeness import completeness, finish_command, how_to_finish, what_is_missing
 from ..errors import BadInput
+from .completeness import completeness, finish_command, how_to_finish, what_is_missing
 from .manifest import read_manifest
 from .reader import Cache
 

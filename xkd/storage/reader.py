@@ -361,7 +361,8 @@ class Cache:
                 arrays[name] = DirectArray.of(path)
             except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable metadata is the finding itself
                 if not zarr_path(self.path, shard_id).is_dir():
-                    raise self._damaged(shard_id, f"is listed as done but {zarr_path(self.path, shard_id).name} is missing")
+                    raise self._damaged(
+                        shard_id, f"is listed as done but {zarr_path(self.path, shard_id).name} is missing") from None
                 raise self._damaged(shard_id, f"is damaged: {path / 'zarr.json'} cannot be read ({e})") from None
         return arrays[name]
 

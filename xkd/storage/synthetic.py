@@ -73,7 +73,8 @@ def synthetic_rows(
     lengths = rng.integers(min_len, max_len + 1, size=n_rows)
     input_ids = [zipf_ids(rng, int(n), vocab) for n in lengths]
     word_start = [rng.random(int(n)) < 0.7 for n in lengths]
-    masked = [np.sort(rng.choice(int(n), size=max(1, int(round(n * mask_prob))), replace=False)).astype(np.uint16) for n in lengths]
+    masked = [np.sort(rng.choice(int(n), size=max(1, int(round(n * mask_prob))), replace=False)).astype(np.uint16)
+              for n in lengths]
     n_masked = np.array([len(m) for m in masked])
     total_masked = int(n_masked.sum())
 

@@ -18,7 +18,7 @@ from .completeness import completeness, finish_command, how_to_finish, id_ranges
 from .manifest import SHARDS, read_manifest
 from .reader import Cache
 from .schema import arrow_schema, key_counts, ragged_from_arrow
-from .shard import sha256_file, digest_of, parquet_path
+from .shard import digest_of, parquet_path, sha256_file
 
 
 def _check_files(root: Path, record: dict) -> list[str]:

@@ -33,6 +33,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..errors import BadInput
 from ..storage import Cache, Ragged, corpus_identity
 
+
 @dataclass(frozen=True)
 class StreamConfig:
     batch_size: int

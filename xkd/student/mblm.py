@@ -34,8 +34,8 @@ from transformers import (
     BertModel,
     PreTrainedModel,
     XLMRobertaModel,
+    initialization as init,
 )
-from transformers import initialization as init
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling, MaskedLMOutput, SequenceClassifierOutput
@@ -440,7 +440,8 @@ class MBLMForMaskedLM(MBLMPreTrainedModel):
                       position_ids=position_ids, inputs_embeds=inputs_embeds, lang=lang,
                       output_hidden_states=output_hidden_states)
         return self._head_output(MaskedLMOutput, lambda out: self.cls(out.last_hidden_state),
-                                 lambda y, logits: nn.functional.cross_entropy(logits.view(-1, self.config.vocab_size), y.view(-1)),
+                                 lambda y, logits: nn.functional.cross_entropy(logits.view(-1, self.config.vocab_size),
+                                                                               y.view(-1)),
                                  labels, inputs, return_dict)
 
     def _copy_head_from_bert(self, source: PreTrainedModel) -> None:

@@ -17,7 +17,6 @@ from ..options import check_number
 from ..segments import takes_token_types
 from ..weights import weights_problem
 
-
 ARCHITECTURES = ("bert", "xlm-roberta")  # StudentConfig.architecture, train-student --architecture
 
 

@@ -11,10 +11,10 @@ specials excluded. A pair becomes [CLS] src [SEP] tgt [SEP] (the translation's o
 dropped); each side is truncated to `max_length` tokens before concatenation.
 
 Masking is BERT's (xkd/masking.py, the same code the pipeline masks with), over union ids.
-Whole-word masking chooses round(prob x words) whole words. Masks are a pure function of (seed, example id, mask epoch, purpose) and the tokens, never of
-the batch, the step or the worker, so a resumed run masks exactly as an uninterrupted one.
-The same example is masked the same way on every pass over the data (static masking, as the
-cache's own masking is).
+Whole-word masking chooses round(prob x words) whole words. Masks are a pure function of
+(seed, example id, mask epoch, purpose) and the tokens, never of the batch, the step or the
+worker, so a resumed run masks exactly as an uninterrupted one. The same example is masked
+the same way on every pass over the data (static masking, as the cache's own masking is).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch
 from ..errors import BadInput
 from ..masking import choose_positions, corrupt as bert_corrupt
 from ..segments import second_segment_start, token_type_ids
-from ..vocab.words import word_marker, word_numbers
 from ..storage import Ragged
+from ..vocab.words import word_marker, word_numbers
 from .data import padded_with_mask
 
 # One random stream per use, so that TLM and XWCL masks of one example are independent.

@@ -181,7 +181,8 @@ class Vocab:
             problems.append(f"its model emits ids up to {info['model_vocab_size'] - 1}, the map covers {entry['map_size']}")
         table = self.map_for(entry["slug"])
         for role, tid in sorted((info.get("special_ids") or {}).items()):
-            if role in self.special_ids and isinstance(tid, int) and (not 0 <= tid < table.size or table[tid] != self.special_ids[role]):
+            if (role in self.special_ids and isinstance(tid, int)
+                    and (not 0 <= tid < table.size or table[tid] != self.special_ids[role])):
                 problems.append(f"its {role} token is id {tid}, which the map does not send to the union's {role}")
         if problems:
             raise BadInput(
@@ -217,7 +218,8 @@ class Vocab:
             if col is None:
                 continue
             what = f"remap of {name} for teacher {slug}"
-            out[name] = Ragged(remap(col.values, table, what=what), col.offsets) if isinstance(col, Ragged) else remap(col, table, what=what)
+            out[name] = (Ragged(remap(col.values, table, what=what), col.offsets) if isinstance(col, Ragged)
+                         else remap(col, table, what=what))
         return out
 
     def stacked_maps(self, teachers: list) -> tuple:

@@ -55,9 +55,10 @@ def method_config(name: str, options: dict):
 
 def prepare(name: str, options, caches: list, vocab, *, student=None, init_from: str | None = None,
             init_teacher: str | None = None, total_steps: int = 1, model=None) -> Prepared:
-    """Parse the options (a dict, or the config method_config made), plan from the caches (storage.Cache objects), build the student
-    (or take `model`, one built_student made earlier for the same plan) and the method's
-    heads. Raises BadInput for anything the user must change."""
+    """Parse the options (a dict, or the config method_config made), plan from the caches
+    (storage.Cache objects), build the student (or take `model`, one built_student made
+    earlier for the same plan) and the method's heads. Raises BadInput for anything the
+    user must change."""
     from ..models import StudentConfig, student_shape
 
     cls = get_method(name)

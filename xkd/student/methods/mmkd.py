@@ -35,8 +35,17 @@ from ...errors import BadInput
 from ...masking import choose_words
 from .. import losses as L
 from ..text import (
-    PURPOSE_XWCL, TEXT_COLUMNS, concat_pair, corrupt, epochs_of, flat_positions, mask_pairs,
-    one_side_pairs, padded_ids, row_rng, tokenize_pairs,
+    PURPOSE_XWCL,
+    TEXT_COLUMNS,
+    concat_pair,
+    corrupt,
+    epochs_of,
+    flat_positions,
+    mask_pairs,
+    one_side_pairs,
+    padded_ids,
+    row_rng,
+    tokenize_pairs,
 )
 from . import register
 from .base import TEXT_NEED, Method, Need, Plan, option, require, same_width
@@ -150,10 +159,12 @@ class MMKD(Method):
             raise BadInput("mmkd: a cached row has no translation (empty pair_text); cache a parallel corpus with --sides src.")
         epochs = epochs_of(rows)
         blocks: list[list[np.ndarray]] = []
-        batch: dict = {"example_id": torch.from_numpy(np.asarray(rows["example_id"]).astype(np.int64)), "lang": list(rows["lang"])}
+        batch: dict = {"example_id": torch.from_numpy(np.asarray(rows["example_id"]).astype(np.int64)),
+                       "lang": list(rows["lang"])}
         tlm_positions = []
         if self.config.tlm:
-            built = mask_pairs(vocab, src, tgt, rows["example_id"], epochs, seed=self.config.mask_seed, prob=self.config.mask_prob)
+            built = mask_pairs(vocab, src, tgt, rows["example_id"], epochs,
+                               seed=self.config.mask_seed, prob=self.config.mask_prob)
             blocks.append([b[0] for b in built])
             tlm_positions = [b[1] for b in built]
             batch["tlm_labels"] = torch.from_numpy(np.concatenate([b[2] for b in built]).astype(np.int64))

@@ -43,8 +43,7 @@ from .. import losses as L
 from ..models import classifier_student
 from ..text import encode_by_language, one_side_pairs, partner_languages
 from . import register
-from .base import (TEXT_NEED, Method, Need, Plan, model_inputs, option, require, row_vectors, same_width,
-                   with_pair_columns)
+from .base import TEXT_NEED, Method, Need, Plan, model_inputs, option, require, row_vectors, same_width, with_pair_columns
 
 TARGET_NEEDS = {"class_logits": Need("class_logits", "--class-logits"), "pooled": Need("pooled", "--sentence pooled")}
 COLUMNS = ("example_id", "lang", "side", "text", "pair_text")
