@@ -659,18 +659,20 @@ def make_dense_cache(root: Path, shards: int, rows_per_shard: int) -> Path:
 
 
 def dense_child(cache) -> int:
-    """One epoch of the loader over a dense cache, padded as tinybert pads (the child's work)."""
-    from xkd.student.data import StreamConfig, StreamingDataset, padded_dense
-    from xkd.student.methods.tinybert import unpack_attention
+    """One epoch of the loader over a dense cache, collated as tinybert collates (the child's work)."""
+    import torch
+
+    from xkd.student.data import StreamConfig, StreamingDataset
+    from xkd.student.methods.tinybert import pair_places, token_places
 
     dense = tuple(sorted(cache.dense_specs))
 
     def collate(rows):
-        width = int(rows["input_ids"].lengths().max())
-        out = {"example_id": rows["example_id"]}
-        for name in dense:
-            out[name] = (unpack_attention(rows[name], width, RSS_DENSE_HEADS, RSS_DENSE_MAX_LENGTH)
-                         if name.startswith("attn.") else padded_dense(rows[name], width))
+        lengths = rows["input_ids"].lengths()
+        width = int(lengths.max())
+        out = {"example_id": rows["example_id"], "token_index": torch.from_numpy(token_places(lengths, width)),
+               "pair_index": torch.from_numpy(pair_places(lengths, width, RSS_DENSE_HEADS))}
+        out.update({name: torch.from_numpy(rows[name].values) for name in dense})
         return out
 
     ds = StreamingDataset([cache], StreamConfig(batch_size=DENSE_BATCH, columns=("example_id", "input_ids"), dense=dense),
@@ -719,8 +721,9 @@ def dense_report(d: dict, rss: dict, repeats: int) -> str:
         "(12 heads x 128 keys); the real keys only, 24 x the row length on average over tokens.",
         "",
         f"(d2) The tinybert loader (StreamingDataset with tinybert stage 1's columns, dense outputs, remap and "
-        f"collate: fp16 hidden states padded to (batch, length, 768), attention unpacked to (batch, 12, length, "
-        f"length)), batches of {DENSE_BATCH}, {DENSE_EPOCHS} epochs per pass, page cache warm, against Zarr's own "
+        f"collate: teacher states and attention kept packed as gathered, fp16, with the index arrays the losses "
+        f"use to pick the student's matching entries), batches of {DENSE_BATCH}, {DENSE_EPOCHS} epochs per pass, "
+        "page cache warm, against Zarr's own "
         "decode and np.load (the same arrays saved raw as .npy) of the arrays it reads, the same number of times; "
         f"best of {repeats} interleaved passes. GB/s counts decoded dense values (attention: stored values).",
         "",
@@ -756,7 +759,7 @@ def dense_report(d: dict, rss: dict, repeats: int) -> str:
         f"(xkd.storage.synthetic: hidden states of 2 layers, width 768, and attention of 2 layers, "
         f"{RSS_DENSE_HEADS} heads, real keys only; rows of up to {RSS_DENSE_MAX_LENGTH} tokens, "
         f"{rss[1]['rows_in_cache'] // RSS_DENSE_SHARDS:,} rows per shard, one row group each, "
-        f"{RSS_DENSE_SHARDS} shards: one shuffle window), batches of 64, tinybert's padding, and over a cache 10x larger:",
+        f"{RSS_DENSE_SHARDS} shards: one shuffle window), batches of 64, tinybert's collate, and over a cache 10x larger:",
         "",
         "| cache | rows | on disk | peak RSS after setup | peak RSS | x10 / x1 | target |",
         "|---|---:|---:|---:|---:|---:|---|",
@@ -783,22 +786,24 @@ DENSE_BEFORE = (  # measured with the code and format this part replaced, kept s
     'Changed: dense values stay fp16 into the batch (the losses convert on the device), windows are gathered '
     'from their parts without concatenation, padding is one compiled copy into an uninitialised buffer, dense'
     ' chunks default to raw values + CRC32C read straight into place (reader.DirectArray), and attention '
-    "keeps only each row's real keys."
+    "keeps only each row's real keys. Then (same day) the padding went too: tinybert's losses take the teacher's "
+    "states and maps packed as gathered and pick the student's matching entries by index "
+    "(losses.packed_hidden_mse, packed_attention_mse), so no padded (batch, length, 768) or (batch, 12, length, "
+    "length) teacher tensor is built; on hidden states this moved the loader from about 0.40x to 0.55x of Zarr's "
+    "decode in one profiled pair of runs (noisy: other work shared the cores)."
 )
 
 DENSE_WHY = (
-    "Why: np.load of a raw .npy is one read() into one fresh buffer; the loader, besides that read (chunk by chunk, "
-    "with a CRC32C over every byte), reads the Parquet columns, gathers each batch's rows from the shuffle window "
-    "(one copy of every value) and pads them into the batch tensors (a second copy), and with attention scatters "
-    "every (query, head) run of keys into a (batch, heads, length, length) map, mostly zeros that are written too. "
-    "On this 2-core machine each copy of a batch runs at a few GB/s, so two copies and a read are about 0.1x of a "
-    "single page-cache read. Removing the gather copy (gathering straight into the padded tensors, which would need "
-    "the method's padding known to the loader) is the next step; the fp16 -> fp32 conversion that cost most before "
-    "is gone (the losses convert on the device). DataLoader workers are slower here, not faster: a batch of "
-    "dense outputs is tens of MB (hidden states padded to the longest row, attention as full maps), which a "
-    "worker copies into shared memory and the main process maps back, per batch, on the same two cores that "
-    "decode; and each worker reads every window it serves. On a machine with cores to spare for workers, and "
-    "with the loader's copies off the training process, that trade changes."
+    "Why: np.load of a raw .npy is one read() into one fresh buffer; the loader, besides that read (chunk by chunk "
+    "into freshly allocated window buffers, with a CRC32C over every byte), reads the Parquet columns and gathers "
+    "each batch's rows from the shuffle window (one more copy of every value; the padded copy and the attention "
+    "maps are gone, see above). Profiled after the packed losses, the read itself (readinto from the page cache "
+    "into new buffers, page faults included) is about half of the loader's time, the gather a quarter, the CRC "
+    "6%. Left to try: recycling window buffers (no page faults), and batches that reference the window's rows "
+    "instead of copying them. DataLoader workers are slower here, not faster: a batch of dense outputs is MBs, "
+    "which a worker copies into shared memory and the main process maps back, per batch, on the same two cores "
+    "that decode; and each worker reads every window it serves. On a machine with cores to spare for workers "
+    "that trade changes."
 )
 
 

@@ -157,7 +157,7 @@ def cache_teachers_cmd(
         "(0: embeddings)."),
     hidden_positions: str = typer.Option("all", "--hidden-positions", help="all | word (first sub-token of each word) | cls."),
     attention_layers: Optional[str] = typer.Option(None, "--attention-layers", help="Store the attention probabilities of these "
-        "layers (1-based), per token: heads x --max-length (TinyBERT; large)."),
+        "layers (1-based): per token, each head's probabilities over the row's real keys (TinyBERT; large)."),
     sentence: Optional[str] = typer.Option(None, "--sentence", help="Sentence vectors to store: cls,pooled (pooled follows the "
         "model's pooling config; default for encoders; 'none': none)."),
     class_logits: Optional[bool] = typer.Option(None, "--class-logits/--no-class-logits", help="Store class logits (default on "

@@ -84,6 +84,23 @@ class CacheTeachersOptions:
     cpu_threads: int | None = None  # torch threads per worker on CPU (None: cores / local workers)
 
 
+class _InterruptedSyncNoise(logging.Filter):
+    """Ctrl-C that lands while distributed's `sync` is still creating its future makes the
+    cancel callback it schedules fail on the event loop (NameError: free variable 'future',
+    distributed.utils.sync, 2026.8), and tornado logs that with a traceback. The interrupt
+    itself is handled (one line, shards kept); only that one record is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, NameError) and "'future'" in str(error))
+
+
+def quiet_interrupted_sync() -> None:
+    logger = logging.getLogger("tornado.application")
+    if not any(isinstance(f, _InterruptedSyncNoise) for f in logger.filters):
+        logger.addFilter(_InterruptedSyncNoise())
+
+
 class Interrupted(XkdError):
     """Ctrl-C: the message says what was kept and how to resume (exit code 130, as shells use)."""
 
@@ -235,6 +252,7 @@ class Cluster:
             return
         from distributed import Client
 
+        quiet_interrupted_sync()
         try:
             self.client = Client(self.scheduler, timeout=15)
         except (OSError, TimeoutError) as e:
@@ -281,6 +299,7 @@ class Cluster:
             if block:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.client = Client(self.cluster)
+        quiet_interrupted_sync()
 
     def torch_threads(self) -> int | None:
         """Torch threads per worker: dask starts workers with OMP_NUM_THREADS=1, which would
