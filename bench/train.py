@@ -498,28 +498,9 @@ def build_dense_cache(work: Path, rows: int) -> Path:
 def rewrite_layout(source: Path, out: Path, codec: str, layout: str) -> Path:
     """The same rows and values with every dense output in `codec` and attention in `layout`
     (schema 1's writer is this writer with codec zstd and attention padded)."""
-    from dataclasses import replace
+    from xkd.storage.convert import rewrite_cache
 
-    from xkd.storage.schema import RAGGED_COLUMNS, ragged_from_arrow
-
-    old = open_cache(source)
-    heads = int(old.manifest["teacher"]["num_heads"])
-    specs = {name: replace(spec, codec=codec, **({"layout": layout, "heads": heads if layout == "keys" else 0}
-                                                 if name.startswith("attn.") else {}))
-             for name, spec in old.dense_specs.items()}
-    meta = {key: old.manifest[key] for key in ("teacher", "corpus", "view")}
-    meta["outputs"] = {**old.manifest["outputs"], "dense": outputs_json(None, specs)["dense"]}
-    with CacheWriter(out, old.manifest["key"], meta, planned_shards=len(old.shard_ids)) as writer:
-        for shard in old.shard_ids:
-            table = old.read_table(shard)
-            rows = {n: ragged_from_arrow(table[n]) if n in RAGGED_COLUMNS else table[n].to_numpy(zero_copy_only=False)
-                    for n in table.column_names if n not in ("token_offset", "word_offset")}
-            blocks = [old.read_block(shard, rg) for rg in range(len(old.row_groups(shard)))]
-            dense = {n: np.concatenate([b.dense[n] for b in blocks]) for n in specs}
-            writer.commit(write_shard_files(out, shard, rows, dense, specs, has_topk=old.topk_k is not None,
-                                            has_text=old.has_text, has_pairs=old.has_pairs))
-        writer.finish()
-    return out
+    return rewrite_cache(source, out, codec=codec, attention_layout=layout)
 
 
 def tinybert_for(cache, vocab, attention: bool):

@@ -10,7 +10,6 @@ values, rewritten by today's writer.
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +21,9 @@ from typer.testing import CliRunner
 import xkd
 from xkd.cli import app
 from xkd.errors import XkdError
-from xkd.storage import CacheWriter, DenseSpec, Ragged, outputs_json, shard as shard_module, verify_cache, write_shard_files
+from xkd.storage import DenseSpec, Ragged, shard as shard_module, verify_cache
 from xkd.storage.reader import DirectArray
-from xkd.storage.schema import RAGGED_COLUMNS, pack_keys, ragged_from_arrow, unpack_keys
+from xkd.storage.schema import pack_keys, unpack_keys
 from xkd.student.data import StreamConfig, StreamingDataset, padded_dense
 from xkd.student.methods.tinybert import unpack_attention
 
@@ -43,23 +42,10 @@ def v1(tmp_path_factory) -> Path:
 
 def rewrite(source: Path, out: Path, codec: str = "none", layout: str = "keys") -> Path:
     """The same rows and values as `source`, written by today's writer with `codec` and
-    attention in `layout`."""
-    old = xkd.open_cache(source)
-    specs = {name: replace(spec, codec=codec, **({"layout": layout, "heads": HEADS if layout == "keys" else 0}
-                                                 if name.startswith("attn.") else {}))
-             for name, spec in old.dense_specs.items()}
-    meta = {key: old.manifest[key] for key in ("teacher", "corpus", "view")}
-    meta["outputs"] = outputs_json(old.topk_k, specs)
-    with CacheWriter(out, "rewritten", meta, planned_shards=len(old.shard_ids)) as writer:
-        for shard_id in old.shard_ids:
-            table = old.read_table(shard_id)
-            rows = {name: ragged_from_arrow(table[name]) if name in RAGGED_COLUMNS else table[name].to_numpy(zero_copy_only=False)
-                    for name in table.column_names if name not in ("token_offset", "word_offset")}
-            blocks = [old.read_block(shard_id, rg) for rg in range(len(old.row_groups(shard_id)))]
-            dense = {name: np.concatenate([b.dense[name] for b in blocks]) for name in specs}
-            writer.commit(write_shard_files(out, shard_id, rows, dense, specs, has_topk=True, row_group_size=4))
-        writer.finish()
-    return out
+    attention in `layout` (row groups of 4 rows: several per shard)."""
+    from xkd.storage.convert import rewrite_cache
+
+    return rewrite_cache(source, out, codec=codec, attention_layout=layout, row_group_size=4)
 
 
 @pytest.fixture(scope="module")
