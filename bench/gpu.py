@@ -513,22 +513,23 @@ def run_safely(what: str, fn, *args) -> dict:
 
 
 def bench_training(caches: dict, vocab: Path, work: Path, sizes: Sizes, gpu: bool, sampler) -> list[dict]:
+    def measured(what: str, run: dict) -> dict:
+        result = run_safely(what, train_run, run)
+        if "window" in result:
+            result["gpu_util"] = sampler.mean(*result["window"])
+        rows.append({**run, "processes": 1, **result})
+        return result
+
     rows = []
     for run in train_runs(caches, vocab, work, sizes, gpu):
         say(f"train-student --method {run['method']}: {run['steps']} steps of {run['batch_size']} rows, "
             f"--amp {run['amp']}")
-        result = run_safely(f"train-student {run['method']}", train_run, run)
-        if "window" in result:
-            result["gpu_util"] = sampler.mean(*result["window"])
-        rows.append({**run, "processes": 1, **result})
+        result = measured(f"train-student {run['method']}", run)
         if result.get("wait_share", 0) >= TARGET_DATA_WAIT:
             again = {**run, "workers": LOADER_WORKERS, "out": run["out"] + f"-workers{LOADER_WORKERS}"}
             say(f"train-student --method {run['method']} --workers {LOADER_WORKERS} (data wait "
                 f"{result['wait_share']:.0%} with none)")
-            result = run_safely(f"train-student {run['method']} --workers {LOADER_WORKERS}", train_run, again)
-            if "window" in result:
-                result["gpu_util"] = sampler.mean(*result["window"])
-            rows.append({**again, "processes": 1, **result})
+            measured(f"train-student {run['method']} --workers {LOADER_WORKERS}", again)
     return rows
 
 
