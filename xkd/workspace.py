@@ -120,25 +120,17 @@ def spread_multi_value_options(argv: list[str], options=("--caches",)) -> list[s
     each, but a shell glob gives several. Values run until the next token that starts with
     '-'; give positional arguments (evaluate's MODEL) before --caches."""
     out: list[str] = []
-    current = None
+    current, taken = None, 0
     for token in argv:
-        if token == "--":
-            current = None
-            out.append(token)
-        elif token in options:
-            current = token
-            out.append(token)
-            taken = 0
-            continue
-        elif current and not token.startswith("-"):
+        if token in options:
+            current, taken = token, 0
+        elif current and not token.startswith("-"):  # "--" and the next option end the values
             if taken:
                 out.append(current)
-            out.append(token)
             taken += 1
-            continue
         else:
             current = None
-            out.append(token)
+        out.append(token)
     return out
 
 
