@@ -16,7 +16,6 @@ the method registry which caches a method can learn from); nothing below imports
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -251,9 +250,9 @@ def _teachers_and_routes(manifests: list[dict]) -> tuple[list[str], dict[str, st
 
 def trained_vocab(model_dir: str | os.PathLike) -> Path | None:
     """The vocab dir an xkd student was trained with, as its summary names it, if it still exists."""
-    from .student.export import SUMMARY
+    from .student.export import SUMMARY, read_json
 
-    summary = _read_json(Path(model_dir) / SUMMARY)
+    summary = read_json(Path(model_dir) / SUMMARY)
     vocab = summary.get("vocab") if isinstance(summary, dict) else None
     return Path(vocab) if vocab and Path(vocab).is_dir() else None
 
@@ -309,18 +308,11 @@ def _describe_vocab(path: Path) -> dict:
             "routes": vocab.routes}
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def _describe_student(path: Path) -> dict:
-    from .student.export import EVALUATION, SUMMARY
+    from .student.export import EVALUATION, SUMMARY, read_json
 
-    summary = _read_json(path / SUMMARY) or {}
-    evaluation = _read_json(path / EVALUATION)
+    summary = read_json(path / SUMMARY) or {}
+    evaluation = read_json(path / EVALUATION)
     checkpoints = sorted((path / "checkpoints").glob("step-*")) if (path / "checkpoints").is_dir() else []
     status = "finished" if summary and not summary.get("partial") else (
         "stopped (resume with --resume)" if checkpoints or summary else "no run recorded")

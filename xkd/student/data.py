@@ -184,9 +184,9 @@ class _Window:
         """(part, rows of it, their places in the batch) for the window rows at `positions`
         of its shuffled order."""
         rows = self.order[positions]
-        part_of = np.searchsorted(self.starts, rows, side="right") - 1
         if len(self.parts) == 1:
             return [(self.parts[0], rows, dest)]
+        part_of = np.searchsorted(self.starts, rows, side="right") - 1
         out = []
         for p in np.unique(part_of):
             here = part_of == p
@@ -261,7 +261,7 @@ class StreamingDataset(IterableDataset):
         for j in perm[window * w : (window + 1) * w]:
             ci, shard, rg = (int(v) for v in idx.refs[j])
             # Attention comes packed (only each row's real keys): a fraction of the padded
-            # bytes to gather, and the layout methods unpack (tinybert.unpack_attention).
+            # bytes to gather, and what tinybert's losses read (losses.packed_attention_mse).
             block = self.caches[ci].read_block(shard, rg, columns=self.config.columns, dense=self.config.dense,
                                                packed_keys=True)
             rows = _block_rows(block, np.flatnonzero(idx.keep[j]), ci)
