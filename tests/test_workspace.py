@@ -183,6 +183,8 @@ def test_a_method_the_caches_cannot_serve_names_why(typed, tmp_path):
     empty.mkdir()
     message = error_paragraph(cli(["train-student", "--method", "mlm"], empty))
     assert "holds no cache" in message and "xkd cache-teachers" in message
+    assert "not a known method" in error_paragraph(cli(["train-student", "--method", "nosuch"], empty))
+    assert "not an option of --method mlm" in error_paragraph(cli(["train-student", "--method", "mlm", "-o", "x=1"], empty))
 
 
 def test_the_workspace_root_is_the_option_then_xkd_home_then_xkd_runs(tmp_path, monkeypatch):

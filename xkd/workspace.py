@@ -140,8 +140,9 @@ def default_caches(ws: Workspace, method: str, options: dict, student=None, allo
     """The workspace caches `method` can learn from, when they are one corpus with one cache
     per teacher; otherwise a BadInput listing the candidates and how to choose (--caches)."""
     from .storage import open_cache
-    from .student.methods import cannot_use
+    from .student.methods import cannot_use, method_config
 
+    method_config(method, options)  # an unknown method or option is the error to report, not the caches
     dirs = ws.cache_dirs()
     if not dirs:
         raise BadInput(f"--caches: not given, and the workspace {ws.caches} holds no cache. Make one with "
