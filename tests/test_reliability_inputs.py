@@ -215,7 +215,8 @@ def test_ctrl_c_prints_one_line_saying_what_was_kept_and_how_to_resume(thread_cl
     assert len(json.loads((root / "manifest.json").read_text())["shards"]) == int(kept.group(1)) > 0
     verify = invoke("verify", root, "--json")
     assert last_json(verify)["problems"] == {}, verify.output
-    resumed = invoke(*args, "--scheduler", thread_client.scheduler.address)  # the same command, resumed
+    local = args.index("--workers")  # the local cluster's option: refused with --scheduler (issue 20)
+    resumed = invoke(*args[:local], *args[local + 2:], "--scheduler", thread_client.scheduler.address)  # resumed
     assert resumed.exit_code == 0, resumed.output
     assert f"resuming, {kept.group(1)} of 150 shards already done" in resumed.stderr
     assert invoke("verify", root).exit_code == 0

@@ -95,6 +95,41 @@ AllowIncompleteOpt = typer.Option(
     help="Use caches whose cache-teachers run has not finished (only their finished shards); says what is missing.")
 
 
+# Every option that is given is used, or refused. Each command has one table of rules
+# (OPTION, ignored(values, given), why or why(values)): when OPTION was typed and `ignored` holds, the run
+# would silently not use it, so the command stops before any work with one paragraph saying
+# why and what to do. `values` are the parsed options by parameter name; `given` maps the
+# options typed on the command line (or set through the environment) to their flags.
+def given_options(ctx: typer.Context) -> dict[str, str]:
+    given = {}
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):  # by name: typer may bring its own click
+            continue
+        flags = [o for o in param.opts if o.startswith("--")] or [param.name.upper()]
+        # --no-text is typed as itself, not as --text
+        negative = getattr(param, "secondary_opts", None) and ctx.params.get(param.name) is False
+        given[param.name] = param.secondary_opts[0] if negative else flags[0]
+    return given
+
+
+def refuse_unused(ctx: typer.Context, rules) -> None:
+    from .errors import BadInput
+
+    given = given_options(ctx)
+    for option, ignored, why in rules:
+        if option in given and ignored(ctx.params, given):
+            raise BadInput(f"{given[option]} {why(ctx.params) if callable(why) else why}")
+
+
+def _workspace_unused(defaults: tuple[str, ...]):
+    """--workspace only supplies defaults: a rule for when every option it would default is given."""
+    flags = ", ".join("--" + d.replace("_", "-") for d in defaults)
+    return ("workspace", lambda v, g: all(d in g for d in defaults),
+            f"only supplies the defaults of {flags}, and {'all are' if len(defaults) > 1 else 'it is'} given: "
+            "leave --workspace out, or leave out what it should supply.")
+
+
 @app.command("inspect")
 @user_errors
 def inspect_cmd(
@@ -132,9 +167,42 @@ def verify_cmd(
         raise typer.Exit(1 if report["status"] == "damaged" else 3)
 
 
+def _corpus_kind(v: dict):
+    from .names import parse_corpus
+
+    return parse_corpus(v["corpus"], v["corpus_files"])
+
+
+def _unmasked(v: dict) -> bool:
+    return v["no_mask"] or v["mask_prob"] == 0
+
+
+CACHE_TEACHERS_UNUSED = (
+    ("mask_prob", lambda v, g: v["no_mask"] and v["mask_prob"] != 0,
+     "contradicts --no-mask (which is --mask-prob 0): give one of them."),
+    *((name, lambda v, g: _unmasked(v),
+       f"applies to masking, which --no-mask or --mask-prob 0 turns off: leave {flag} out, or give --mask-prob P "
+       "above 0.")
+      for name, flag in (("whole_word", "--whole-word"), ("mask_epochs", "--mask-epochs"), ("seed", "--seed"))),
+    ("hidden_positions", lambda v, g: not v["hidden_layers"],
+     "chooses the positions of the hidden states that --hidden-layers stores, and --hidden-layers is not given: "
+     "give --hidden-layers L1,L2 too, or leave --hidden-positions out."),
+    ("split", lambda v, g: _corpus_kind(v).kind != "hf",
+     "chooses a split of an hf: dataset (or of a named hub corpus read from the hub), and --corpus is not one: leave "
+     "--split out."),
+    ("split", lambda v, g: _corpus_kind(v).options.get("split", v["split"]) != v["split"],
+     "contradicts the split=... that the --corpus spec names (the spec's wins): give the split once."),
+    ("workers", lambda v, g: v["scheduler"] != "local",
+     "sets the workers of the local cluster, and --scheduler names an existing one (its workers are its own): leave "
+     "--workers out, or use --scheduler local."),
+    _workspace_unused(("out",)),
+)
+
+
 @app.command("cache-teachers")
 @user_errors
 def cache_teachers_cmd(
+    ctx: typer.Context,
     teacher: List[str] = typer.Option(..., "--teacher", help="Alias (bert-base, mbert, muril, xlmr, minilm), HF model id or "
         "model dir; repeat for several."),
     corpus: str = typer.Option(..., "--corpus", help="A corpus name (sample, opus-en-hi) or spec: text:PATH@LANG, "
@@ -184,6 +252,7 @@ def cache_teachers_cmd(
     as_json: bool = JsonOpt,
 ):
     """Run teachers over a corpus once and cache what students learn from (resumable)."""
+    refuse_unused(ctx, CACHE_TEACHERS_UNUSED)
     from .pipeline import CacheTeachersOptions, cache_teachers, format_summary
     from .pipeline.run import Interrupted, parse_list
     from .workspace import Workspace
@@ -210,9 +279,13 @@ def cache_teachers_cmd(
         emit_json(result)
 
 
+BUILD_VOCAB_UNUSED = (_workspace_unused(("out",)),)
+
+
 @app.command("build-vocab")
 @user_errors
 def build_vocab_cmd(
+    ctx: typer.Context,
     teachers: List[str] = typer.Option(..., "--teachers", help="Teachers: alias, model id, model/tokenizer dir, or a bare vocab "
         "file. Give several after one --teachers, or repeat it."),
     more: Optional[List[str]] = typer.Argument(None, help="More teachers (after --teachers A B ...).", show_default=False),
@@ -226,13 +299,19 @@ def build_vocab_cmd(
     as_json: bool = JsonOpt,
 ):
     """The union of the teachers' vocabularies, teacher->student id maps, and a student tokenizer."""
+    refuse_unused(ctx, BUILD_VOCAB_UNUSED)
     from .vocab.build import build_vocab, format_summary, parse_lang_teacher
     from .workspace import Workspace
 
     teachers = [*teachers, *(more or [])]
     out = out or Workspace.find(workspace).vocab_dir_for(teachers)
-    summary = build_vocab(teachers, out, parse_lang_teacher(lang_teacher),
-                          progress=lambda msg: typer.echo(f"build-vocab: {msg}", err=True), overwrite=overwrite)
+    try:
+        summary = build_vocab(teachers, out, parse_lang_teacher(lang_teacher),
+                              progress=lambda msg: typer.echo(f"build-vocab: {msg}", err=True), overwrite=overwrite)
+    except OSError as e:
+        if e.filename is None:  # a failed write() names no file: it was writing the vocab in --out
+            e.filename = str(out)
+        raise
     emit_json(summary) if as_json else typer.echo(format_summary(summary))
 
 
@@ -257,9 +336,23 @@ def remap_cmd(
                    f"({summary['rows_written_now']:,} written now)")
 
 
+# With --init-from the student is the checkpoint, its shape and dropout included.
+_STUDENT_SHAPE = ("hidden", "layers", "heads", "embedding_dim", "dropout", "architecture")
+TRAIN_STUDENT_UNUSED = (
+    ("init_teacher", lambda v, g: "init_from" not in g,
+     "says which vocab teacher --init-from is, and --init-from is not given: give --init-from CHECKPOINT too, or "
+     "leave --init-teacher out."),
+    *((name, lambda v, g: "init_from" in g,
+       f"shapes a random student, but --init-from starts from a checkpoint and keeps its shape, architecture and "
+       f"dropout: leave --{name.replace('_', '-')} out, or leave --init-from out.") for name in _STUDENT_SHAPE),
+    _workspace_unused(("caches", "vocab", "out")),
+)
+
+
 @app.command("train-student")
 @user_errors
 def train_student_cmd(
+    ctx: typer.Context,
     method: str = typer.Option(..., "--method", help="Distillation method (see `xkd methods`)."),
     caches: List[Path] = typer.Option([], "--caches", help="Cache directories to learn from: several after one --caches, globs, "
         "or repeat it (default: the workspace caches the method can use, when they are one corpus)."),
@@ -308,10 +401,11 @@ def train_student_cmd(
     as_json: bool = JsonOpt,
 ):
     """Train a student from cached teacher outputs, with any registered method."""
+    refuse_unused(ctx, TRAIN_STUDENT_UNUSED)
     from .student.models import StudentConfig
     from .student.run import train_student
     from .student.trainer import TrainConfig
-    from .workspace import Workspace, default_caches, default_vocab, expand_cache_paths
+    from .workspace import Workspace, default_caches, default_vocab, expand_cache_paths, remove_if_empty
 
     method_options = parse_key_values(option)
     student = StudentConfig(hidden=hidden, layers=layers, heads=heads, embedding_dim=embedding_dim, dropout=dropout,
@@ -333,6 +427,7 @@ def train_student_cmd(
         if out is None:
             out = ws.new_student_dir(method)
             say(f"--out (workspace): {out}")
+            ctx.call_on_close(functools.partial(remove_if_empty, out))  # a run refused before writing leaves no husk
     result = train_student(
         method=method, caches=list(caches), vocab_dir=str(vocab), out=str(out),
         train=TrainConfig(out=str(out), steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay,
@@ -369,13 +464,19 @@ def parse_key_values(items: List[str]) -> dict:
     return out
 
 
+METHODS_UNUSED = (("name", lambda v, g: v["markdown"],
+                   "is not used with --markdown, which prints the options tables of every method: give one of them."),)
+
+
 @app.command("methods")
 @user_errors
 def methods_cmd(
+    ctx: typer.Context,
     name: Optional[str] = typer.Argument(None, help="One method (default: all)."),
     markdown: bool = typer.Option(False, "--markdown", help="The options tables of docs/methods.md, as Markdown."),
 ):
     """List the registered distillation methods: what each needs from a cache, and its options."""
+    refuse_unused(ctx, METHODS_UNUSED)
     from .student.methods import available, get_method
     from .student.methods.catalog import describe, markdown as as_markdown
 
@@ -386,9 +487,37 @@ def methods_cmd(
     typer.echo("\n\n".join(describe(n) for n in names))
 
 
+# The options each evaluate mode reads (MODEL, --mode and --json: every mode). mlm and bitext
+# run on the CPU, so --device is classify/tag's only.
+_FINE_TUNING = ("train", "seeds", "seed", "epochs", "lr", "warmup", "weight_decay", "freeze_embeddings")
+EVALUATE_MODE_OPTIONS = {
+    "mlm": {"vocab", "caches", "batch_size", "max_rows", "allow_incomplete"},
+    "bitext": {"vocab", "src", "tgt", "init_from", "pooling", "batch_size", "max_rows"},
+    "classify": {"vocab", "test", "max_length", "out", "device", "batch_size", "as_is", *_FINE_TUNING},
+    "tag": {"vocab", "test", "max_length", "out", "device", "batch_size", "as_is", *_FINE_TUNING},
+}
+
+
+def _modes_reading(option: str) -> str:
+    return " or ".join(m for m, used in EVALUATE_MODE_OPTIONS.items() if option in used)
+
+
+EVALUATE_UNUSED = (
+    *((option, lambda v, g, option=option: v["mode"] in EVALUATE_MODE_OPTIONS
+       and option not in EVALUATE_MODE_OPTIONS[v["mode"]] | {"model", "mode", "as_json"},
+       lambda v, option=option: f"is not used by --mode {v['mode']} (only --mode {_modes_reading(option)} reads it): "
+       f"leave it out, or give --mode {_modes_reading(option).split(' or ')[0]}.")
+      for option in sorted(set().union(*EVALUATE_MODE_OPTIONS.values()))),
+    *((option, lambda v, g: v["as_is"],
+       "is a fine-tuning option, and --as-is scores MODEL's own head without fine-tuning: leave one of them out.")
+      for option in _FINE_TUNING if option not in ("train", "seeds")),  # TaskEvalOptions refuses these two itself
+)
+
+
 @app.command("evaluate")
 @user_errors
 def evaluate_cmd(
+    ctx: typer.Context,
     model: Optional[str] = typer.Argument(None, help="A trained student (the --out of train-student); classify/tag: any Hugging "
         "Face encoder directory (or an alias found offline, e.g. minilm)."),
     mode: str = typer.Option("mlm", "--mode", help="mlm (loss, accuracy, KL to teachers) | bitext (retrieval accuracy) | "
@@ -435,6 +564,9 @@ def evaluate_cmd(
     yardstick: fine-tune on one language's task data and score every language (docs/evaluation.md)."""
     from .errors import BadInput
 
+    if mode not in EVALUATE_MODE_OPTIONS:
+        raise BadInput(f"--mode must be one of {', '.join(EVALUATE_MODE_OPTIONS)}, not {mode!r}.")
+    refuse_unused(ctx, EVALUATE_UNUSED)
     if mode in ("classify", "tag"):
         from .downstream import TaskEvalOptions, evaluate_task, format_result
         from .finetune import Recipe
@@ -449,10 +581,15 @@ def evaluate_cmd(
         if as_json:
             emit_json(result)
         return
+    if model is None and (mode == "mlm" or init_from is None):
+        raise BadInput(f"--mode {mode} needs MODEL: a trained student (the --out of train-student)"
+                       + (", or --init-from TEACHER for the student before training." if mode == "bitext" else "."))
     if vocab is None and model is not None:
         from .workspace import trained_vocab
 
         vocab = trained_vocab(model)
+    if vocab is None and model is None:
+        raise BadInput("--init-from needs --vocab: the union vocab the student is made over (xkd build-vocab).")
     if vocab is None:
         raise BadInput(f"--mode {mode} needs --vocab: the vocab dir the student was trained with (an xkd student's "
                        "train_summary.json names it; this MODEL's does not, or its vocab has moved).")
@@ -466,10 +603,8 @@ def evaluate_cmd(
         emit_json(result) if as_json else typer.echo(
             "  ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("accuracy")) + f"  ({result['pairs']} pairs)")
         return
-    if mode != "mlm":
-        raise BadInput(f"--mode must be mlm, bitext, classify or tag, not {mode!r}")
-    if model is None or not caches:
-        raise BadInput("--mode mlm needs MODEL and at least one --caches.")
+    if not caches:
+        raise BadInput("--mode mlm needs at least one --caches: held-out caches of the student's teachers.")
     from .student.evaluate import evaluate_mlm
     from .workspace import expand_cache_paths
 

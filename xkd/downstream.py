@@ -18,6 +18,7 @@ reports MergeDistill's relative deviation from teachers (xkd.metrics.rdt).
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -61,6 +62,9 @@ class TaskEvalOptions:
         if not self.tests or not (self.train or self.as_is):
             raise BadInput(f"--mode {self.mode} needs --train SPEC (the data to fine-tune on; or --as-is to score "
                            "MODEL's own head) and at least one --test SPEC (a language's test set).")
+        from .student.trainer import check_device
+
+        check_device(self.device)  # --device cuda without CUDA: one paragraph now, not a traceback after reading
 
 
 def model_tokenizer(model_dir: Path, vocab_dir: str | None):
@@ -113,7 +117,12 @@ def own_labels(model_dir: Path, mode: str, tests: list[TaskSet]) -> list[str]:
     if not any(a.endswith(head) for a in config.get("architectures") or []):
         raise BadInput(f"--as-is: MODEL {model_dir} is a {', '.join(config.get('architectures') or ['model'])}, not a "
                        f"…{head} with a head to score; fine-tune it instead (--train SPEC).")
-    id2label = config.get("id2label") or {}
+    from transformers import AutoConfig
+
+    from .student import mblm  # noqa: F401  (registers MBLM students with the Auto classes)
+
+    # Through transformers: a config.json with the default two classes names none of them.
+    id2label = AutoConfig.from_pretrained(str(model_dir)).id2label or {}
     names = [str(id2label[k]) for k in sorted(id2label, key=int)]
     if all(n == f"LABEL_{i}" for i, n in enumerate(names)):
         names = [str(i) for i in range(len(names))]
@@ -199,7 +208,8 @@ def evaluate_task(opts: TaskEvalOptions, progress=None) -> dict:
             losses.append(fit(model, train_encoded, opts.recipe, encoder.pad_id, seed, device,
                               say=lambda msg, seed=seed: say(f"evaluate: seed {seed}: {msg}")))
         for data, encoded in zip(tests, test_encoded):
-            value = score(data, encoded, predict(model, encoded, encoder.pad_id, device), labels, metric)
+            logits = predict(model, encoded, encoder.pad_id, device, batch_size=opts.recipe.batch_size)
+            value = score(data, encoded, logits, labels, metric)
             per_seed[data.lang].append(value)
         say(f"evaluate: seed {seed}: " + "  ".join(f"{lang} {v[-1]:.4f}" for lang, v in per_seed.items()))
         del model
@@ -278,8 +288,24 @@ def _read_result(item: str, option: str) -> tuple[str, dict, list[str] | None]:
     if not isinstance(result, dict) or "metric" not in result:
         raise BadInput(f"{option} {item!r}: {file} holds no evaluation result (no \"metric\"); give the output of "
                        "`xkd evaluate MODEL --mode classify|tag --json`.")
+    if not isinstance(result["metric"], str) or not result["metric"]:
+        raise BadInput(f"{option} {item!r}: in {file}, \"metric\" is {result['metric']!r}, not the name of a score; give "
+                       "the output of `xkd evaluate MODEL --mode classify|tag --json` as it was written.")
+    _scores(result, result["metric"], f"{option} {item!r}", file)
     keep = [lang.strip() for lang in langs.split(",") if lang.strip()] if at else None
     return Path(str(result.get("model", path))).name, result, keep
+
+
+def _scores(result: dict, metric: str, where: str, file: Path) -> dict[str, float]:
+    """result[metric] as {language: score}, or one paragraph saying what the file holds instead."""
+    scores = result.get(metric)
+    if not isinstance(scores, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in scores.values()):
+        found = "missing" if scores is None else f"{type(scores).__name__} {str(scores)[:60]}"
+        raise BadInput(f"{where}: in {file}, the scores of metric {metric!r} (key \"{metric}\") must be an object "
+                       f"{{language: score}} of finite numbers, and they are {found}. Give the output of "
+                       "`xkd evaluate MODEL --mode classify|tag --json` as it was written.")
+    return scores
 
 
 def _merged_student(files: list[str]) -> tuple[str, dict]:
@@ -321,7 +347,8 @@ def rdt_from_files(students: list[str], teachers: list[str], metric: str | None 
             # Not an error: the same task may sit at other paths. But the reader must know.
             sys.stderr.write(f"xkd rdt: note: {item} was fine-tuned on {result.get('train')} and the student on "
                              f"{student_result.get('train')}; check that they are the same task.\n")
-        values = result[metric]
+        values = _scores(result, metric, f"--teacher {item!r}", Path(item.rpartition("@")[0] or item))
+        _scores(student_result, metric, f"STUDENT {student!r}", Path(student))
         if keep is not None:
             unknown = [lang for lang in keep if lang not in values]
             if unknown:

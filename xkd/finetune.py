@@ -245,6 +245,9 @@ class FinetuneOptions:
         if not 0.0 <= self.held_out < 1.0:
             raise BadInput(f"--held-out {self.held_out}: give a fraction in [0, 1).")
         _ = self.recipe  # builds the Recipe, whose own checks validate the numbers
+        from .student.trainer import check_device
+
+        check_device(self.device)  # --device cuda without CUDA: one paragraph now, not a traceback after reading
 
     @property
     def recipe(self) -> Recipe:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import zipfile
 from pathlib import Path
 
@@ -84,3 +85,98 @@ def weights_problem(path: Path) -> tuple[Path, str] | None:
         if missing:
             return file, f"it names weight files that are not there: {', '.join(missing[:3])}"
     return None
+
+
+def loaded_weight_files(path: Path) -> list[Path]:
+    """The weight files transformers loads from a saved-model directory: the safetensors ones
+    when there are any (it then ignores *.bin), else the PyTorch ones."""
+    path = Path(path)
+    return sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+
+
+def safe_load_problem(path: Path) -> tuple[Path, str] | None:
+    """The first weight file the safe loaders refuse, and why (a clause): safetensors' own header parser,
+    and torch.load(weights_only=True), which refuses a pickle naming anything but tensors and
+    plain containers (any other object could run code as it is unpickled). Cheap: a header, or
+    a memory-mapped load. Checked before a model is loaded, so a refusal is one paragraph here
+    rather than a traceback deep in transformers (or, on dask workers, one per retry)."""
+    for file in loaded_weight_files(path):
+        try:
+            if file.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(file), "np"):
+                    pass
+            else:
+                import torch
+
+                torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+        except Exception as e:  # each loader raises its own types; all mean "refused"
+            message = str(e)
+            unsupported = re.search(r"Unsupported global: [^\n.]*", message)
+            reason = unsupported.group(0) if unsupported else (message.strip().split("\n")[0] or type(e).__name__)
+            if file.suffix == ".safetensors":
+                return file, f"the safetensors loader refuses it ({reason})"
+            return file, (f"the safe loader (torch.load with weights_only) refuses it ({reason}): it holds Python "
+                          "objects besides tensors, and unpickling them could run code, so xkd does not load it")
+    return None
+
+
+def custom_code_problem(path: Path) -> tuple[Path, str] | None:
+    """The file of a saved-model directory that asks for the model's own Python code
+    (`auto_map` in config.json or tokenizer_config.json: transformers' trust_remote_code),
+    and what it names. xkd never runs such code, and loading the model without it would build
+    another model than its author meant; asked first, transformers would also prompt on stdin."""
+    for name in ("config.json", "tokenizer_config.json"):
+        file = Path(path) / name
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # absent or unreadable: the readers of the file say so
+            continue
+        if isinstance(config, dict) and config.get("auto_map"):
+            auto_map = config["auto_map"]
+            named = ", ".join(f"{k}: {v}" for k, v in auto_map.items()) if isinstance(auto_map, dict) else str(auto_map)
+            return file, named
+    return None
+
+
+def _size(config: dict, *names: str) -> int:
+    """The first of `names` config.json gives as a positive whole number; 0 if none."""
+    for name in names:
+        value = config.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
+
+
+def config_size_problem(path: Path, config: dict) -> str | None:
+    """config.json's sizes against what the weight files can hold, in words, or None.
+
+    transformers builds a model from its config, allocating every matrix, before it loads
+    the weights into it: a config claiming a vocab_size of 10**9 or a hidden_size of 10**6
+    died in the allocator (or swapped the machine to a halt). A model stores at least its
+    embedding matrix (vocab x embedding width) and four width x width attention matrices per
+    distinct layer, and no weight takes less than half a byte (4-bit packing)."""
+    files = loaded_weight_files(path)
+    if not files:
+        return None  # no weights: the readers of the directory say so
+    stored = sum(f.stat().st_size for f in files)
+    width = _size(config, "hidden_size", "dim", "d_model")
+    embedding = _size(config, "embedding_size") or width
+    vocab = _size(config, "vocab_size")
+    layers = _size(config, "num_hidden_groups", "num_hidden_layers", "n_layers")
+    implied = vocab * embedding + layers * 4 * width * width
+    if implied <= 2 * stored:
+        return None
+    return (f"its config.json describes a model of at least {implied:,} weights (vocab_size {vocab:,} x embedding width "
+            f"{embedding:,}, plus {layers:,} layer(s) of width {width:,}), but its weight files hold {stored:,} bytes, "
+            f"at most {2 * stored:,} weights: the config does not belong to these weights")
+
+
+def load_error_reason(error: Exception) -> str:
+    """A transformers load failure in one line: its first line, or what it means where that
+    line points at a report transformers logged (and xkd keeps quiet)."""
+    message = str(error).strip()
+    if "ignore_mismatched_sizes" in message:
+        return "the shapes of its weights differ from those its config.json describes"
+    return f"{type(error).__name__}: {message.split(chr(10))[0]}" if message else type(error).__name__

@@ -15,6 +15,7 @@ the method registry which caches a method can learn from); nothing below imports
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -81,10 +82,28 @@ class Workspace:
         return self.vocabs / "+".join(slugs)
 
     def new_student_dir(self, method: str) -> Path:
-        """students/<method>-NNN, one past the highest number of that method so far."""
-        taken = [int(m.group(1)) for p in (self.students.iterdir() if self.students.is_dir() else [])
+        """students/<method>-NNN, one past the highest number of that method so far, made here:
+        mkdir is atomic, so two runs started at once never get the same number (the one that
+        loses the race takes the next). train-student then locks it, and removes it again if
+        it leaves it empty."""
+        self.students.mkdir(parents=True, exist_ok=True)
+        taken = [int(m.group(1)) for p in self.students.iterdir()
                  if (m := re.fullmatch(re.escape(method) + r"-(\d+)", p.name))]
-        return self.students / f"{method}-{max(taken, default=0) + 1:03d}"
+        number = max(taken, default=0) + 1
+        while True:
+            path = self.students / f"{method}-{number:03d}"
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                number += 1
+
+
+def remove_if_empty(path: Path) -> None:
+    """Remove a directory only if nothing was written in it (the numbered --out of a run
+    refused before it wrote anything)."""
+    with contextlib.suppress(OSError):  # ENOTEMPTY: the run wrote there
+        path.rmdir()
 
 
 def _children_with(parent: Path, marker: str) -> list[Path]:
@@ -262,7 +281,11 @@ def trained_vocab(model_dir: str | os.PathLike) -> Path | None:
 
 
 def describe(ws: Workspace) -> dict:
-    """What the workspace holds: caches, vocabs and students, each a dict of plain values."""
+    """What the workspace holds: caches, vocabs and students, each a dict of plain values.
+    A workspace that does not exist is refused: listing it as empty would hide a mistyped path."""
+    if not ws.root.is_dir():
+        raise BadInput(f"workspace {ws.root} does not exist (from --workspace, ${HOME_ENV} or the default ./{DEFAULT_ROOT}): "
+                       "give the directory that cache-teachers, build-vocab and train-student wrote to.")
     return {
         "workspace": str(ws.root),
         "caches": [_describe_cache(p) for p in ws.cache_dirs()],

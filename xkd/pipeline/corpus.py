@@ -301,17 +301,34 @@ class Source:
                 position = chunk_start + j
                 if mode == "translation":
                     pair = batch["translation"][j] or {}
-                    texts = tuple((pair.get(lang) or "").strip() for lang in cols)
+                    if not isinstance(pair, dict):
+                        raise self._not_text("translation", position, pair, "a {language: text} object")
+                    texts = tuple(self._text(pair.get(lang), f"translation.{lang}", position) for lang in cols)
                 else:
-                    texts = tuple((batch[c][j] or "").strip() for c in cols)
+                    texts = tuple(self._text(batch[c][j], c, position) for c in cols)
                 label = batch[label_column][j] if label_column else -1
-                if isinstance(label, str):  # a string column: class names (or ids written as text)
-                    label = class_id(label.strip(), self.label_names, f"--corpus {self.spec!r}, row {position}")
-                label = -1 if label is None else int(label)
+                label = hf_class_id(label, self.label_names, f"--corpus {self.spec!r}, column {label_column!r}, row {position}")
                 if pairs:
                     yield Record(position, Cursor(position), texts[:1], label=label, texts_b=texts[1:])
                 else:
                     yield Record(position, Cursor(position), texts, label=label)
+
+
+    def _text(self, value, column: str, position: int) -> str:
+        if value is None:
+            return ""  # a missing value: an empty text, skipped and counted as such
+        if not isinstance(value, str):
+            raise self._not_text(column, position, value, "text")
+        return value.strip()
+
+    def _not_text(self, column: str, position: int, value, wanted: str) -> BadInput:
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return BadInput(
+            f"--corpus {self.spec!r}: column {column!r}, row {position} holds {type(value).__name__} {shown}, not "
+            f"{wanted}. xkd reads the text columns as strings: write the texts as strings in the file, or name the "
+            "text column(s) in the spec, e.g. hf:FILE?text=COLUMN."
+        )
 
 
 def _keys_for(langs: tuple[str, ...], available) -> tuple[str, ...] | None:
@@ -352,6 +369,14 @@ def load_hf_dataset(dataset: str, config: str, split: str, spec: str):
 
 
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+# The cache stores class ids as int32 (the class_label column); -1 means "no label".
+MAX_CLASS_ID = 2**31 - 1
+
+
+def _too_large(label: str | int, where: str) -> BadInput:
+    return BadInput(f"{where}: label {label} is not a usable class id: class ids are 0, 1, ... up to at most "
+                    f"{MAX_CLASS_ID:,} (the cache stores them as 32-bit integers). Labels are class names or ids of "
+                    "a classification task; regression targets are not supported.")
 
 
 def check_label(label: str, where: str) -> str:
@@ -360,6 +385,8 @@ def check_label(label: str, where: str) -> str:
         raise BadInput(f"{where}: the label (after the tab) is empty. Each line is text<TAB>label, the label "
                        "a class name (e.g. sports) or a class id (0, 1, ...).")
     if label.isdigit():
+        if int(label) > MAX_CLASS_ID:
+            raise _too_large(label, where)
         return str(int(label))
     if _NUMBER.fullmatch(label):
         raise BadInput(f"{where}: label {label!r} is a number but not a class id (an integer >= 0). Labels are "
@@ -384,14 +411,22 @@ def label_names_of(path: str, spec: str, n_fields: int = 2) -> tuple[tuple[str, 
                 continue
             if len(fields) == n_fields:
                 names.add(check_label(fields[-1].strip(), f"{path}, line {number}"))
-    ids = {n for n in names if n.isdigit()}
-    if ids and ids != names:
+    return class_names(names, path, spec), digest.hexdigest()
+
+
+def class_names(labels: set[str], where: str, spec: str) -> tuple[str, ...]:
+    """The class names of a corpus's labels (each as check_label returns it), sorted: class
+    id i is names[i]; () when every label is a class id. A mix of both is refused, whether
+    the labels come from a labeled file or a dataset's column: "1" in a column of names
+    would silently become class 0."""
+    ids = {n for n in labels if n.isdigit()}
+    if ids and ids != labels:
         raise BadInput(
-            f"--corpus {spec!r}: {path} mixes class ids ({', '.join(sorted(ids, key=int)[:3])}) and class names "
-            f"({', '.join(sorted(names - ids)[:3])}) as labels. Use one kind: names (sports, food, ...; class id = "
+            f"--corpus {spec!r}: {where} mixes class ids ({', '.join(sorted(ids, key=int)[:3])}) and class names "
+            f"({', '.join(sorted(labels - ids)[:3])}) as labels. Use one kind: names (sports, food, ...; class id = "
             "position in sorted order) or ids 0, 1, ...."
         )
-    return (() if ids else tuple(sorted(names))), digest.hexdigest()
+    return () if ids else tuple(sorted(labels))
 
 
 def class_id(label: str, label_names: tuple[str, ...], where: str) -> int:
@@ -405,6 +440,22 @@ def class_id(label: str, label_names: tuple[str, ...], where: str) -> int:
                        f"({', '.join(label_names)}); the file changed. Re-run the command.") from None
 
 
+def hf_class_id(value, label_names: tuple[str, ...], where: str) -> int:
+    """A dataset's label as a class id: a class name or id written as text, an integer, or a
+    float that is one (JSON readers give 2.0 for 2); None or -1 for no label."""
+    if value is None:
+        return -1
+    if isinstance(value, str):  # a string column: class names (or ids written as text)
+        return class_id(value.strip(), label_names, where)
+    number = int(value) if isinstance(value, float) and value.is_integer() else value
+    if not isinstance(number, int):  # bool is an int: False/True are classes 0/1
+        raise BadInput(f"{where}: label {value!r} ({type(value).__name__}) is not a class id (an integer >= 0) or a "
+                       "class name; regression targets and multi-label lists are not supported.")
+    if number < -1 or number > MAX_CLASS_ID:
+        raise _too_large(value, where)
+    return int(number)
+
+
 def hf_class_names(source: Source) -> tuple[str, ...]:
     """A dataset's class names in class-id order: a ClassLabel column's, or the sorted values
     of a string label column (class names, as in labeled files); () for integer ids."""
@@ -413,11 +464,16 @@ def hf_class_names(source: Source) -> tuple[str, ...]:
     feature = source._dataset.features.get(source.label_field)
     if getattr(feature, "names", None):
         return tuple(feature.names)
+    where = f"--corpus {source.spec!r}, column {source.label_field!r}"
+    if str(getattr(feature, "dtype", "")).startswith("float"):
+        # A CSV column of ids with a gap reads as floats; 2.5 is no class id (int() would make it 2).
+        fraction = next((v for v in source._dataset[source.label_field] if v is not None and v == v and v % 1), None)
+        if fraction is not None:
+            check_label(str(fraction), where)  # refuses it, as the same label in a labeled file
     if getattr(feature, "dtype", "") not in ("string", "large_string"):
         return ()
-    where = f"--corpus {source.spec!r}, column {source.label_field!r}"
     values = {check_label(str(v).strip(), where) for v in source._dataset[source.label_field] if v is not None}
-    return () if all(v.isdigit() for v in values) else tuple(sorted(values))
+    return class_names(values, f"the dataset's column {source.label_field!r}", source.spec)
 
 
 def source_for(spec: CorpusSpec, split: str = "train") -> Source:

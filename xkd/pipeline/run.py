@@ -13,6 +13,7 @@ that changes the bytes gives another directory.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -28,8 +29,9 @@ from typing import TextIO
 
 from ..errors import BadInput, XkdError
 from ..names import parse_corpus, resolve_teacher
-from ..options import check_number
-from ..storage import CacheWriter, cache_key, outputs_json
+from ..options import check_memory, check_number, machine_memory, size_in_words
+from ..storage import CacheWriter, cache_key, outputs_json, read_manifest
+from ..storage.manifest import MAX_MASK_EPOCHS, MAX_SHARDS
 from .corpus import Cleaning, CorpusPlan, plan_corpus
 from .masking import MaskConfig
 from .teachers import (
@@ -37,6 +39,7 @@ from .teachers import (
     HIDDEN_POSITIONS,
     SENTENCE_VECTORS,
     Outputs,
+    TeacherLoadFailed,
     TeacherSpec,
     describe_teacher,
     resolve_compute,
@@ -111,8 +114,8 @@ class Interrupted(XkdError):
 # on the client before anything is read or started, so a bad value never reaches a worker.
 NUMERIC_OPTIONS = (
     ("topk", 0, None, "top logits kept per masked position; 0: none"),
-    ("mask_epochs", 1, None, ""),
-    ("seed", 0, None, ""),
+    ("mask_epochs", 1, MAX_MASK_EPOCHS, "a row's mask epoch is stored as uint16"),
+    ("seed", 0, 2**63 - 1, ""),
     ("max_length", 3, 65535, "tokens per row, specials included"),
     ("min_tokens", 0, None, "0: no lower bound"),
     ("max_tokens", 0, None, "0: no upper bound"),
@@ -142,6 +145,34 @@ def check_options(opts: "CacheTeachersOptions") -> None:
         bad = [v for v in layers if not isinstance(v, int) or isinstance(v, bool)]
         if bad:
             raise BadInput(f"{option} {bad}: layers are whole numbers, e.g. {option} 3,6.")
+    check_implied_memory(opts)
+
+
+# The least a row of a shard takes in a worker's memory while the shard is built: its column
+# entries and its token, word-start, position and label arrays (numpy headers alone are ~100
+# bytes each), before any teacher output.
+ROW_BYTES = 512
+# The least a local dask worker process takes: it imports torch and loads the teacher.
+WORKER_BYTES = 100 * 10**6
+
+
+def check_implied_memory(opts: "CacheTeachersOptions") -> None:
+    """What the counts imply, against this machine's memory, before anything is read: a
+    worker builds a whole shard's rows at once (--shard-size examples x sides x --mask-epochs
+    maskings), so --mask-epochs 100000000 died in a worker's allocator after the corpus was
+    read; and each local worker is a process of its own."""
+    sides = 1 if opts.sides in ("src", "tgt") else 2  # "both": two on a parallel corpus, one on a monolingual one
+    rows = opts.shard_size * sides * opts.mask_epochs
+    option, value, per_unit = (("--mask-epochs", opts.mask_epochs, opts.shard_size * sides) if opts.mask_epochs > 1
+                               else ("--shard-size", opts.shard_size, sides * opts.mask_epochs))
+    check_memory(option, value, rows * ROW_BYTES,
+                 f"a shard, built in one worker's memory at once, of --shard-size {opts.shard_size:,} examples x {sides} "
+                 f"side(s) x --mask-epochs {opts.mask_epochs:,} = {rows:,} rows of at least {ROW_BYTES} bytes",
+                 largest=machine_memory() // (ROW_BYTES * per_unit))
+    if opts.workers is not None and opts.scheduler == "local":
+        check_memory("--workers", opts.workers, opts.workers * WORKER_BYTES,
+                     f"{opts.workers:,} local worker processes of at least {size_in_words(WORKER_BYTES)} each",
+                     largest=machine_memory() // WORKER_BYTES)
 
 
 @dataclass
@@ -320,19 +351,34 @@ class Cluster:
             self.cluster = None
 
 
+# A file system that refuses a write refuses the next shard's too: a full disk or quota, a
+# file-size limit, no permission, a read-only mount. Retrying would only repeat it shard after shard.
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+WRITE_REFUSED = DISK_FULL | {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
 def run_on_worker(task: ShardTask, local_gpus: bool) -> dict:
     """The dask task: on a local GPU cluster, worker i uses GPU i (worker names are 0..n-1 and
-    survive a restart by the nanny). Bad input (a corpus file that changed) comes back as a
-    result, not an exception: running it again cannot help, so dask must not retry it, and
-    the client reports it as one paragraph instead of a worker traceback."""
+    survive a restart by the nanny). What running again cannot help comes back as a result,
+    not an exception, so dask does not retry it and the client reports it as one paragraph
+    instead of worker tracebacks: bad input for this shard (a corpus file that changed), and,
+    stopping the whole run, a teacher that does not load or a file system that refuses writes."""
     if local_gpus:
         from distributed import get_worker
 
         os.environ["XKD_CUDA_DEVICE"] = str(int(get_worker().name))
     try:
         return process_shard(task)
+    except TeacherLoadFailed as e:
+        return {"stop": str(e)}
     except BadInput as e:
         return {"bad_input": str(e)}
+    except OSError as e:
+        if e.errno not in WRITE_REFUSED:
+            raise
+        # Errors of write() name no file (zarr's and pyarrow's): the shard was going to its cache's shards/.
+        return {"write_refused": {"errno": e.errno, "strerror": e.strerror or os.strerror(e.errno),
+                                  "path": e.filename or str(Path(task.cache_root) / "shards")}}
 
 
 # Progress ------------------------------------------------------------------------------
@@ -391,8 +437,21 @@ def cache_teachers(opts: CacheTeachersOptions, client=None, log: TextIO | None =
         for spec in specs:  # refuse impossible outputs before reading the corpus
             outputs_for(spec, opts)
             mask_for(spec, opts)
+        unused = [flag for flag, value in (("--whole-word", opts.whole_word), (f"--seed {opts.seed}", opts.seed))
+                  if value]
+        if unused and not any(mask_for(spec, opts).active for spec in specs):
+            raise BadInput(f"{unused[0]} applies to masking, and no teacher is masked (--no-mask or --mask-prob 0; "
+                           "encoders and classifiers default to --mask-prob 0): give --mask-prob P above 0, or leave "
+                           f"{unused[0].split()[0]} out.")
         log.write(f"cache-teachers: reading corpus {opts.corpus!r} ...\n")
         plan = plan_corpus(corpus_spec, cleaning, opts.shard_size, opts.split)
+        if len(plan.shards) > MAX_SHARDS:  # readers refuse a manifest planning more (storage/manifest.py)
+            raise BadInput(f"--shard-size {opts.shard_size:,} cuts the corpus's {plan.examples:,} examples into "
+                           f"{len(plan.shards):,} shards, more than the {MAX_SHARDS:,} a cache can hold: give --shard-size "
+                           f"{-(-plan.examples // MAX_SHARDS):,} or more. Nothing was written.")
+        if opts.sides != "both" and not plan.source.parallel:
+            raise BadInput(f"--sides {opts.sides} chooses a side of a parallel corpus, and --corpus {opts.corpus!r} has one "
+                           f"language ({', '.join(plan.langs)}): leave --sides out.")
         skipped = ", ".join(f"{n:,} {r}" for r, n in plan.skipped.items() if n) or "none"
         log.write(f"cache-teachers: {plan.examples:,} examples in {len(plan.shards)} shards (skipped: {skipped})\n")
         for spec in specs:
@@ -426,13 +485,43 @@ def cache_teachers(opts: CacheTeachersOptions, client=None, log: TextIO | None =
     return summarize(jobs, plan, time.perf_counter() - t_start)
 
 
+def kept_shards(jobs: list[Job]) -> str:
+    """"N of M shards in ROOT" per opened cache, N as its manifest on disk lists them: what a
+    re-run finds. The writer's copy in memory may be one ahead (a Ctrl-C inside a commit, a
+    manifest write that failed), so it is not counted."""
+    kept = []
+    for job in jobs:
+        if job.writer is None:
+            continue
+        try:
+            shards = read_manifest(job.root)["shards"]
+        except (XkdError, OSError) as e:
+            kept.append(f"an unknown number of {job.writer.planned_shards} shards in {job.root} (its manifest cannot "
+                        f"be read: {e})")
+            continue
+        done = sum(1 for s in shards if s.get("state") == "done")
+        kept.append(f"{done} of {job.writer.planned_shards} shards in {job.root}")
+    return "; ".join(kept)
+
+
 def interrupted_message(jobs: list[Job]) -> str:
     """One line: what Ctrl-C left behind, and how to go on."""
-    kept = [(job, len(job.writer.done_shards()), job.writer.planned_shards) for job in jobs if job.writer is not None]
+    kept = kept_shards(jobs)
     if not kept:
         return "interrupted before any shard was cached; nothing was written."
-    caches = "; ".join(f"{done} of {planned} shards in {job.root}" for job, done, planned in kept)
-    return f"interrupted; kept {caches}. Run the same command again to resume."
+    return f"interrupted; kept {kept}. Run the same command again to resume."
+
+
+def write_refused_error(jobs: list[Job], job: Job, shard_id: int, errno_: int, strerror: str, path: str) -> XkdError:
+    """One paragraph for a write the file system refused (in a worker or in this process's
+    commit): the path, why, what to do, and what is kept."""
+    where = f"{path}: {strerror} while writing shard {shard_id} of teacher {job.teacher.name!r}"
+    kept = f"Kept {kept_shards(jobs)}; the shards not listed there are not cached."
+    if errno_ in DISK_FULL:
+        return XkdError(f"{where} (the disk, a quota or a file-size limit is full: free space or give another --out, "
+                        f"then run the same command again: it resumes). {kept}")
+    return BadInput(f"{where} (give an --out this user may write to, on a writable file system; the same command "
+                    f"then resumes). {kept}")
 
 
 def check_labels(spec: TeacherSpec, plan: CorpusPlan) -> None:
@@ -488,6 +577,7 @@ def run_tasks(cluster: Cluster, jobs: list[Job], plan: CorpusPlan, opts, device_
     submitted = [submit(job, shard_id) for job in jobs for shard_id in job.todo]
     progress = Progress(log, len(submitted), sum(plan.shards[s].size for job in jobs for s in job.todo))
     failed = []
+    stop = None  # an error every other shard would meet too: end the run at once
     pending = as_completed(submitted)
     try:
         for future in pending:
@@ -502,7 +592,22 @@ def run_tasks(cluster: Cluster, jobs: list[Job], plan: CorpusPlan, opts, device_
                     if "bad_input" in result:  # the same input would fail again: no retry
                         failed.append((job, shard_id, BadInput(result["bad_input"])))
                         continue
-                    job.writer.commit(result["record"])
+                    if "stop" in result:
+                        stop = BadInput(f"{result['stop']} Kept {kept_shards(jobs)}.")
+                        break
+                    if "write_refused" in result:
+                        refused = result["write_refused"]
+                        stop = write_refused_error(jobs, job, shard_id, refused["errno"], refused["strerror"],
+                                                   refused["path"])
+                        break
+                    try:
+                        job.writer.commit(result["record"])
+                    except OSError as e:
+                        if e.errno not in WRITE_REFUSED:
+                            raise
+                        stop = write_refused_error(jobs, job, shard_id, e.errno, e.strerror or os.strerror(e.errno),
+                                                   e.filename or str(job.root))
+                        break
                     progress.update(result["examples"], result["record"]["tokens"])
                     continue
                 # The shard's files are a pure function of the task: running it again is safe.
@@ -513,6 +618,9 @@ def run_tasks(cluster: Cluster, jobs: list[Job], plan: CorpusPlan, opts, device_
     except KeyboardInterrupt:
         client.cancel(every_future)
         raise
+    if stop is not None:
+        client.cancel(every_future)
+        return stop
     if not failed:
         return None
     job, shard_id, error = failed[0]

@@ -31,7 +31,7 @@ from ..names import ResolvedTeacher
 from ..segments import takes_token_types
 from ..storage import DenseSpec
 from ..storage.shard import sha256_file
-from ..weights import weights_problem
+from ..weights import config_size_problem, custom_code_problem, safe_load_problem, weights_problem
 from .batching import PaddedBatch
 from .masking import Vocabulary
 from .tokenize import load_tokenizer, special_ids, tokenizer_sha256
@@ -58,6 +58,11 @@ DAMAGED = ("The teacher directory is damaged or incomplete: save the model again
            "download it again.")
 
 
+class TeacherLoadFailed(BadInput):
+    """A worker could not build the teacher the client described: every shard would fail the
+    same way, so the run stops at once (run.run_on_worker)."""
+
+
 def read_json(file: Path, what: str) -> object:
     """A JSON file of a teacher directory, or one paragraph naming the file and the line."""
     try:
@@ -72,6 +77,13 @@ def read_config(path: Path, name: str) -> dict:
     sizes xkd reads. Sizes a family spells its own way (DistilBERT: dim, n_layers, n_heads)
     are returned under the standard names as well."""
     file = path / "config.json"
+    custom = custom_code_problem(path)
+    if custom is not None:
+        raise BadInput(
+            f"teacher {name!r}: {custom[0]} asks for the model's own Python code (auto_map: {custom[1]}), which xkd "
+            "never runs (it does not pass trust_remote_code), and without it transformers would build another model. "
+            "Use a checkpoint of an architecture transformers has built in, saved without auto_map."
+        )
     config = read_json(file, repr(name))
     if not isinstance(config, dict):
         raise BadInput(f"teacher {name!r}: {file} holds {type(config).__name__}, not a JSON object. {DAMAGED}")
@@ -98,6 +110,11 @@ def check_weight_files(path: Path, name: str) -> None:
     if found is not None:
         file, problem = found
         raise BadInput(f"teacher {name!r}: {file} is truncated or damaged: {problem}. {DAMAGED}")
+    refused = safe_load_problem(path)
+    if refused is not None:
+        file, problem = refused
+        raise BadInput(f"teacher {name!r}: {file}: {problem}. Save the model as model.safetensors from a copy you "
+                       "trust (save_pretrained), or use another checkpoint.")
 
 
 def weights_sha256(path: Path) -> str:
@@ -260,6 +277,8 @@ def describe_teacher(resolved: ResolvedTeacher) -> TeacherSpec:
             raise BadInput(f"teacher {resolved.name!r}: downloading {resolved.model_id} failed ({e}).") from None
     config = read_config(path, resolved.name)
     check_weight_files(path, resolved.name)
+    if (oversized := config_size_problem(path, config)) is not None:  # before any worker builds it
+        raise BadInput(f"teacher {resolved.name!r}: {path / 'config.json'}: {oversized}. {DAMAGED}")
     kind = kind_of(config)
     tokenizer = load_tokenizer(path)
     max_positions = int(config.get("max_position_embeddings", 512))

@@ -17,10 +17,11 @@ import numpy as np
 
 from ..errors import BadInput
 from ..storage import Ragged, write_shard_files
+from ..weights import load_error_reason
 from .batching import PaddedBatch, length_buckets
 from .corpus import ShardSlice
 from .masking import MaskConfig, mask_row
-from .teachers import Outputs, TeacherSpec, get_teacher, worker_device
+from .teachers import DAMAGED, Outputs, TeacherLoadFailed, TeacherSpec, get_teacher, worker_device
 from .tokenize import tokenize_seen, word_starts
 
 SIDES = ("both", "src", "tgt")
@@ -115,7 +116,11 @@ def process_shard(task: ShardTask) -> dict:
     t0 = time.perf_counter()
     examples = task.slice.examples()
     view, source = task.view, task.slice.source
-    teacher = get_teacher(task.teacher, worker_device(task.device_type), view.compute_dtype)
+    try:
+        teacher = get_teacher(task.teacher, worker_device(task.device_type), view.compute_dtype)
+    except Exception as e:  # the client checked what it can; whatever else stops the model loading does so every time
+        raise TeacherLoadFailed(f"teacher {task.teacher.name!r} cannot be loaded from {task.teacher.path} on a worker "
+                                f"({load_error_reason(e)}). {DAMAGED}") from None
     timing["read_load_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -54,9 +54,13 @@ def inspect_cache(path: str | os.PathLike) -> dict:
 
 
 def _damage(path) -> str | None:
-    """What a reader would refuse on open (the metadata files' sizes and hashes), in words."""
+    """What a reader would refuse on open (the metadata files' sizes and hashes), in words,
+    and whether each shard's Parquet footer holds the rows the report counts from the
+    manifest (footers only: a few kB per shard)."""
     try:
-        Cache(path)
+        cache = Cache(path)
+        for shard_id in cache.shard_ids:
+            cache.parquet_file(shard_id)
     except BadInput as e:
         return str(e)
     return None

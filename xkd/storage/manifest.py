@@ -9,6 +9,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -123,6 +124,67 @@ def _is_int(value, minimum: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
+# The most shards a cache may plan or hold. Commands build a list of the missing shard ids
+# (completeness, verify's report), so an edited `planned_shards: 10**12` hung every command at
+# 12 GB. A million shards hold two billion examples at the default --shard-size 2048, and
+# cache-teachers refuses a plan with more (pipeline/run.py).
+MAX_SHARDS = 10**6
+# mask_epoch is stored as uint16: a cache cannot hold more maskings of one example.
+MAX_MASK_EPOCHS = 2**16
+# The most a compressed chunk expands when decoded: zstd's densest block (RLE, 4 bytes) holds
+# 128 KiB, a 32768-fold expansion; lz4 stays under 256-fold.
+MAX_EXPANSION = 2**16
+# Tokens per row: segment starts are stored as uint16 (cache-teachers' --max-length bound).
+MAX_LENGTH = 65535
+
+
+def _counts_problem(manifest: dict) -> str | None:
+    """The manifest's numbers against each other and against the most a cache can hold.
+    Nothing here reads a file: numbers that only the files can confirm (a shard's rows
+    against its Parquet footer, a dense array's width against its chunks) are checked by the
+    reader when it opens them."""
+    planned = manifest.get("planned_shards")
+    if planned is not None and planned > MAX_SHARDS:
+        return f"`planned_shards` is {planned:,}, more than the {MAX_SHARDS:,} shards a cache can plan"
+    corpus, view = manifest.get("corpus") or {}, manifest.get("view") or {}
+    examples, records, shard_size = corpus.get("examples"), corpus.get("records"), view.get("shard_size")
+    for where, value in (("corpus.examples", examples), ("corpus.records", records), ("view.shard_size", shard_size)):
+        if value is not None and not _is_int(value, 1 if where == "view.shard_size" else 0):
+            return f"`{where}` is {value!r}, not a count"
+    if examples is not None and records is not None and examples > records:
+        return f"`corpus.examples` is {examples:,}, more than the corpus's {records:,} records"
+    if planned is not None and examples is not None and shard_size is not None:
+        most = -(-examples // shard_size)  # each planned shard holds at least one example
+        if planned > most:
+            return (f"`planned_shards` is {planned:,}, but the corpus's {examples:,} examples in shards of {shard_size:,} "
+                    f"make {most:,}")
+    max_length = view.get("max_length")
+    if max_length is not None and not (_is_int(max_length, 1) and max_length <= MAX_LENGTH):
+        return f"`view.max_length` is {max_length!r}, not a token count from 1 to {MAX_LENGTH:,}"
+    for name, spec in ((manifest.get("outputs") or {}).get("dense") or {}).items():
+        # An attention output holds heads x max length values per token (padded, when read)
+        if isinstance(spec, dict) and spec.get("layout") == "keys" and max_length is not None \
+                and spec.get("dim") != spec.get("heads", 0) * max_length:
+            return (f"`outputs.dense.{name}` has dim {spec.get('dim')!r}, not its {spec.get('heads')!r} heads x the "
+                    f"view's max length {max_length}")
+    epochs = (view.get("mask") or {}).get("epochs", 1) if isinstance(view.get("mask"), dict) else 1
+    if not (_is_int(epochs, 1) and epochs <= MAX_MASK_EPOCHS):
+        return f"`view.mask.epochs` is {epochs!r}, not a count from 1 to {MAX_MASK_EPOCHS:,} (mask_epoch is stored as uint16)"
+    return None
+
+
+def _shard_counts_problem(where: str, record: dict) -> str | None:
+    """A finished shard's counts against each other and its file list (see _counts_problem)."""
+    if record["id"] >= MAX_SHARDS:
+        return f"{where} has id {record['id']:,}, beyond the {MAX_SHARDS:,} shards a cache can hold"
+    if record["masked"] > record["tokens"]:
+        return f"{where} has {record['masked']:,} masked positions among only {record['tokens']:,} tokens"
+    on_disk = sum(size for size, _ in record["files"].values())
+    if record["bytes"] != on_disk:
+        return f"{where} counts {record['bytes']:,} bytes, but its files add up to {on_disk:,}"
+    return None  # rows: against the Parquet footer, by the reader and verify (a shard's damage, not the manifest's)
+
+
 def manifest_problem(manifest: dict) -> str | None:
     """What is wrong with a parsed manifest's structure, in words; None if nothing."""
     for name in ("teacher", "corpus", "view", "outputs", "totals"):
@@ -133,7 +195,7 @@ def manifest_problem(manifest: dict) -> str | None:
         return f"`planned_shards` is {planned!r}, not a shard count"
     if not isinstance(manifest.get("complete", False), bool):
         return f"`complete` is {manifest['complete']!r}, not true or false"
-    problem = _outputs_problem(manifest.get("outputs") or {})
+    problem = _outputs_problem(manifest.get("outputs") or {}) or _counts_problem(manifest)  # counts: of sound outputs
     if problem:
         return problem
     shards = manifest.get("shards")
@@ -169,6 +231,30 @@ def manifest_problem(manifest: dict) -> str | None:
             value = record.get(field)
             if value is not None and not (isinstance(value, dict) and all(_is_int(v) for v in value.values())):
                 return f"{where} has a `{field}` that is not an object of counts"
+        problem = _shard_counts_problem(where, record) or _dense_size_problem(where, record, manifest)
+        if problem:
+            return problem
+    return None
+
+
+def _dense_size_problem(where: str, record: dict, manifest: dict) -> str | None:
+    """Each dense output's width against the bytes its files hold in this shard: a method
+    sizes its heads by it (an edited dim of 10**9 allocated a 128 GB projection). An array
+    holds at least rows (tokens; one word) x dim values, and no chunk expands more than
+    MAX_EXPANSION-fold when decoded (uncompressed: not at all). The arrays' zarr.json must
+    give the same width (Cache checks it on open)."""
+    name_prefix = f"{record['id']:05d}.zarr/"
+    for name, spec in ((manifest.get("outputs") or {}).get("dense") or {}).items():
+        # a row holds at least one token, and a shard with rows at least one word
+        entries = {"row": record["rows"], "token": record["tokens"], "word": min(record["rows"], 1)}[spec["align"]]
+        if spec.get("layout", "padded") == "keys" or not entries:  # keys: heads x max length, bound above
+            continue
+        stored = sum(size for rel, (size, _) in record["files"].items() if rel.startswith(f"{name_prefix}{name}/"))
+        expansion = 1 if spec.get("codec", "zstd") == "none" else MAX_EXPANSION
+        needed = entries * spec["dim"] * np.dtype(spec["dtype"]).itemsize
+        if needed > stored * expansion:
+            return (f"`outputs.dense.{name}` has dim {spec['dim']:,}, but {where}'s {entries:,} {spec['align']}(s) of it "
+                    f"would take {needed:,} bytes, more than its {stored:,} bytes of files can hold")
     return None
 
 
@@ -198,38 +284,63 @@ def _outputs_problem(outputs: dict) -> str | None:
     return None
 
 
-class CacheLock:
-    """An exclusive, non-blocking lock on a cache directory for the duration of a write.
+class DirLock:
+    """An exclusive, non-blocking lock on what one process writes (a cache, a student's
+    --out, a vocab), held for as long as it writes: a second writer is refused, naming the
+    first by its pid.
 
     flock is released by the kernel when the holder dies, even by SIGKILL, so a killed writer
-    never leaves a stale lock behind.
+    never leaves a stale lock behind. `refusal(holder)` is the message of the refusal
+    ("pid N on HOST" is the holder). With `remove=True` the lock file is deleted on release
+    (it would otherwise stay in a student's directory); acquire then checks that the file it
+    locked is still the one at `path`, as a file unlinked by the previous holder between our
+    open and our flock would give two holders.
     """
 
-    def __init__(self, root: Path):
-        self.path = Path(root) / LOCK
+    def __init__(self, path: Path, refusal, *, remove: bool = False):
+        self.path = Path(path)
+        self._refusal = refusal
+        self._remove = remove
         self._fd: int | None = None
 
-    def acquire(self) -> "CacheLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                holder = self.path.read_text().strip() or "unknown"
-                raise XkdError(
-                    f"{self.path.parent} is being written by another xkd process ({holder}). Two writers "
-                    "on one cache would interleave shards; wait for it to finish, or stop it and re-run "
-                    "(the re-run resumes)."
-                ) from None
-            raise
+    def acquire(self) -> "DirLock":
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    raise XkdError(self._refusal(self.holder())) from None
+                raise
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the previous holder removed the file we locked: lock the new one
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode())
         self._fd = fd
         return self
 
+    def holder(self) -> str:
+        """Who holds the lock, as its file says ("unknown" in the instant before it says)."""
+        try:
+            return self.path.read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
     def release(self) -> None:
         if self._fd is not None:
+            if self._remove:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -239,3 +350,13 @@ class CacheLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+class CacheLock(DirLock):
+    """The lock of a cache being written (cache-teachers, remap): one writer per cache."""
+
+    def __init__(self, root: Path):
+        root = Path(root)
+        super().__init__(root / LOCK, lambda holder: (
+            f"{root} is being written by another xkd process ({holder}). Two writers on one cache would "
+            "interleave shards; wait for it to finish, or stop it and re-run (the re-run resumes)."))

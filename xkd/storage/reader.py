@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 
 from ..errors import BadInput, XkdError
 from .completeness import completeness, finish_command, incomplete_message
-from .manifest import SHARDS, read_manifest
+from .manifest import MAX_EXPANSION, SHARDS, read_manifest
 from .schema import RAGGED_COLUMNS, DenseSpec, Ragged, key_counts, pack_keys, ragged_from_arrow, unpack_keys
-from .shard import digest_of, parquet_path, sha256_file, zarr_path
+from .shard import ZARR_CHUNK_BYTES, digest_of, parquet_path, sha256_file, zarr_path
 
 _OPEN_FILES = 8  # open Parquet/Zarr handles kept per cache
 
@@ -80,13 +80,30 @@ class DirectArray:
             return None
         return cls(path, shape, np.dtype(meta["data_type"]), max(1, chunks[0]), meta.get("attributes") or {})
 
+    def check_chunk_files(self) -> None:
+        """The shape and chunk shape in zarr.json against the chunk files: every chunk is
+        stored at full size (chunk rows x row bytes + the 4-byte CRC), so the first chunk's
+        size pins the row width and chunk rows, and the last chunk's existence the rows. A
+        zarr.json edited to claim more than the files hold would make reads allocate it."""
+        if not self.shape[0]:
+            return
+        last = (self.shape[0] - 1) // self.chunk_rows
+        first = Path(f"{self._chunk_prefix}0{self._suffix}")
+        size = first.stat().st_size if first.is_file() else None
+        if size != self.chunk_rows * self.row_bytes + 4:
+            held = "is missing" if size is None else f"holds {size:,} bytes"
+            raise ValueError(f"chunk 0 {held}, where its zarr.json's chunks of {self.chunk_rows:,} x {self.row_bytes:,} "
+                             "bytes need that and 4 (a truncated chunk, or an edited zarr.json)")
+        if not Path(f"{self._chunk_prefix}{last}{self._suffix}").is_file():
+            raise ValueError(f"its zarr.json says {self.shape[0]:,} rows in {last + 1:,} chunks, but chunk {last:,} is missing")
+
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as a new array; ValueError/OSError when a chunk is damaged."""
-        out = np.empty((stop - start,) + self.shape[1:], dtype=self.dtype)
+        if stop > start and (stop > self.shape[0] or start < 0):  # before allocating: a bad span can be huge
+            raise ValueError(f"rows {start}:{stop} lie outside the array's {self.shape[0]}")
+        out = np.empty((max(0, stop - start),) + self.shape[1:], dtype=self.dtype)
         if stop <= start:
             return out
-        if stop > self.shape[0] or start < 0:
-            raise ValueError(f"rows {start}:{stop} lie outside the array's {self.shape[0]}")
         dest = out.reshape(-1).view(np.uint8)
         rows, rb = self.chunk_rows, self.row_bytes
         for k in range(start // rows, (stop - 1) // rows + 1):
@@ -182,6 +199,7 @@ class Cache:
         self._parquet: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self._zarr: OrderedDict[int, object] = OrderedDict()
         self._direct: OrderedDict[int, dict] = OrderedDict()  # shard -> name -> DirectArray or None
+        self._sized: set[tuple[int, str]] = set()  # (shard, dense name) whose sizes _check_size accepted
         if check:
             self._check_cheaply()
 
@@ -207,6 +225,38 @@ class Cache:
                     raise self._damaged(
                         shard_id, f"is damaged: {path} differs from the manifest (sha256); it says how the "
                         "arrays' bytes are decoded, so reading through it would give wrong numbers")
+                self._check_width(shard_id, rel, path)
+
+    def _check_width(self, shard_id: int, rel: str, path: Path) -> None:
+        """An array's row width in its zarr.json against the manifest's dim, on open: methods
+        size their heads by the dim, which the manifest bounds by the files' bytes (and the
+        first read checks zarr.json's other numbers against the chunk files)."""
+        parts = rel.split("/")
+        if len(parts) != 3 or parts[1] not in self.dense_specs or parts[2] not in ("zarr.json", ".zarray"):
+            return
+        spec = self.dense_specs[parts[1]]
+        try:
+            shape = tuple(json.loads(path.read_bytes()).get("shape") or ())
+        except (ValueError, AttributeError):
+            shape = None
+        width = () if spec.layout == "keys" else (spec.dim,)
+        if shape is None or shape[1:] != width:
+            raise self._damaged(shard_id, f"is damaged: {path} gives rows of shape {shape[1:] if shape else None}, "
+                                          f"the manifest's dim {width}")
+
+    def check_dense_sizes(self, shard_id: int) -> None:
+        """The numbers in each uncompressed array's zarr.json against the manifest and its
+        chunk files (a stat each), as the first read of each array checks them: for verify,
+        which reads no dense values. Raises BadInput naming the array."""
+        for name in self.dense_specs:
+            direct = self.direct_array(shard_id, name)
+            if direct is not None and (shard_id, name) not in self._sized:
+                try:
+                    self._check_size(shard_id, name, direct, compressed=False)
+                except ValueError as e:
+                    where = f"{zarr_path(self.path, shard_id)}/{name}"
+                    raise self._damaged(shard_id, f"is damaged: {where} cannot be read ({e})") from None
+                self._sized.add((shard_id, name))
 
     # Complete or not ------------------------------------------------------------------
     @cached_property
@@ -319,6 +369,11 @@ class Cache:
                 f = pq.ParquetFile(path, page_checksum_verification=True)
             except (OSError, pa.ArrowException) as e:
                 raise self._damaged(shard_id, f"is damaged: {path.name} cannot be read ({e})") from None
+            # Commands size their work by the manifest's counts (inspect's totals, the batch
+            # against the corpus): a count the file does not hold is damage, found here.
+            if f.metadata.num_rows != record["rows"]:
+                raise self._damaged(shard_id, f"is damaged: the manifest counts {record['rows']:,} rows, "
+                                              f"{path.name} holds {f.metadata.num_rows:,}")
             self._parquet[shard_id] = f
             if len(self._parquet) > _OPEN_FILES:
                 self._parquet.popitem(last=False)
@@ -368,9 +423,36 @@ class Cache:
 
     def _read_dense(self, shard_id: int, name: str, start: int, stop: int) -> np.ndarray:
         direct = self.direct_array(shard_id, name)
+        array = direct if direct is not None else self.zarr_group(shard_id)[name]
+        if (shard_id, name) not in self._sized:
+            self._check_size(shard_id, name, array, direct is None)
+            self._sized.add((shard_id, name))
         if direct is not None:
             return direct.read(start, stop)
-        return self.zarr_group(shard_id)[name][start:stop]
+        if stop > array.shape[0]:  # zarr would return fewer rows, and the offsets would go wrong
+            raise ValueError(f"rows {start}:{stop} lie outside the array's {array.shape[0]}")
+        return array[start:stop]
+
+    def _check_size(self, shard_id: int, name: str, array, compressed: bool) -> None:
+        """A dense array's row width (zarr.json) against the manifest's dim, and a compressed
+        array's chunk against its file: zarr decodes a whole chunk at once, and no zstd or lz4
+        chunk expands more than MAX_EXPANSION-fold, so a zarr.json claiming more is refused
+        before anything is allocated. (Uncompressed chunks: DirectArray.check_chunk_files.)"""
+        spec = self.dense_specs[name]
+        width = () if spec.layout == "keys" else (spec.dim,)
+        if tuple(array.shape[1:]) != width:
+            raise ValueError(f"its zarr.json gives rows of shape {tuple(array.shape[1:])}, the manifest {width}")
+        if not compressed:
+            array.check_chunk_files()
+            return
+        if not array.shape[0]:
+            return
+        chunk_bytes = int(np.prod(array.chunks, dtype=object)) * array.dtype.itemsize
+        first = zarr_path(self.path, shard_id) / name / "c" / "/".join(["0"] * len(array.shape))
+        stored = first.stat().st_size if first.is_file() else 0
+        if chunk_bytes > max(ZARR_CHUNK_BYTES, stored * MAX_EXPANSION):
+            raise ValueError(f"its zarr.json says chunks of {chunk_bytes:,} bytes, more than its {stored:,}-byte "
+                             f"chunk 0 can hold")
 
     def _row_group_start(self, shard_id: int, name: str, row_group: int) -> int:
         """Where a row group's values start in a "keys" output (recorded by the writer)."""

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from .manifest import SHARDS, fsync_dir
 from .schema import RAGGED_COLUMNS, DenseSpec, Ragged, arrow_schema, pack_keys
+from .untrusted import remove_tree
 
 # Parquet encodings chosen by bench/storage.py (see docs/benchmarks.md): byte-stream-split
 # makes fp16/fp32 values compress (exponent bytes group together), and Zipf-distributed ids
@@ -250,7 +251,7 @@ def write_shard_files(
             _fsync_tree(tmp_zarr)
             final_zarr = zarr_path(root, shard_id)
             if final_zarr.exists():  # a leftover of an interrupted run, never listed as done
-                shutil.rmtree(final_zarr)
+                remove_tree(final_zarr)
             os.rename(tmp_zarr, final_zarr)
         os.replace(tmp_parquet, parquet_path(root, shard_id))
         fsync_dir(shards)

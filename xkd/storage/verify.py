@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from ..errors import BadInput
 from .completeness import completeness, finish_command, how_to_finish, id_ranges, what_is_missing
 from .manifest import SHARDS, read_manifest
 from .reader import Cache
@@ -78,6 +79,10 @@ def _check_contents(cache: Cache, record: dict) -> list[str]:
             if not np.array_equal(ragged_from_arrow(table[name]).lengths(), n_masked * per):
                 problems.append(f"{name} does not hold {per} value(s) per masked position")
     if cache.dense_specs:
+        try:  # the numbers in zarr.json against the chunk files, as every reader checks them on open
+            cache.check_dense_sizes(shard_id)
+        except BadInput as e:
+            return [str(e).split(" is damaged: ", 1)[-1].split(". Run `xkd verify", 1)[0]]
         group = cache.zarr_group(shard_id)
         want = {"row": table.num_rows, "token": int(n_tokens.sum()), "word": int(word_counts.sum())}
         for name, spec in cache.dense_specs.items():

@@ -8,12 +8,12 @@ writer means holding the cache's lock, so two writers on one cache are refused.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from ..errors import XkdError
 from .manifest import MANIFEST, SHARDS, CacheLock, read_manifest, write_manifest
 from .schema import SCHEMA_VERSION, DenseSpec
+from .untrusted import remove_tree
 
 XKD_VERSION = "0.1.0"
 
@@ -103,7 +103,7 @@ class CacheWriter:
         """Temp files of a killed run. Safe: we hold the lock, so no other writer is active."""
         leftovers = [*(self.root / SHARDS).glob(".*.tmp-*"), *self.root.glob(f".{MANIFEST}.tmp-*")]
         for path in leftovers:
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            remove_tree(path)
 
     def done_shards(self) -> set[int]:
         return {s["id"] for s in self.manifest["shards"] if s["state"] == "done"}

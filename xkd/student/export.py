@@ -27,12 +27,12 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from ..storage.manifest import atomic_write_bytes
+from ..storage.untrusted import remove_tree
 
 STUDENT_INFO = "xkd_student.json"
 EVALUATION = "evaluation.json"
@@ -165,7 +165,7 @@ def remove_sentence_transformers(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
     for entry in out.iterdir() if out.is_dir() else ():
         if entry.is_dir() and SENTENCE_MODULE_DIR.match(entry.name):
-            shutil.rmtree(entry)
+            remove_tree(entry)  # a link is removed, never followed
 
 
 def _versions() -> dict:

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInput
-from ..options import check_number
+from ..options import check_memory, check_number, machine_memory
 from ..segments import takes_token_types
-from ..weights import weights_problem
+from ..weights import config_size_problem, custom_code_problem, load_error_reason, safe_load_problem, weights_problem
 
 ARCHITECTURES = ("bert", "xlm-roberta")  # StudentConfig.architecture, train-student --architecture
 
@@ -48,6 +48,50 @@ class StudentConfig:
         check_number("--dropout", self.dropout, low=0, high=1, high_open=True, hint="a probability below 1")
         if self.hidden % self.heads:
             raise BadInput(f"--hidden {self.hidden} must be a multiple of --heads {self.heads}")
+        check_student_memory(self, vocab_size=0)  # the vocab's share is checked once it is known (build_student)
+
+
+# Training holds each parameter four times in fp32: the weight, its gradient and Adam's two moments.
+TRAINING_BYTES_PER_PARAMETER = 16
+
+
+def student_parameters(config: StudentConfig, vocab_size: int, pad_id: int = 0) -> dict[str, int]:
+    """The parameters a student of this shape holds, by the option that sizes them (biases and
+    layer norms, a few per mille, left out): the embeddings (vocab and positions x embedding
+    width, plus ALBERT's projection), the layers (four attention matrices and the
+    feed-forward pair each), and the masked-LM head's transform (its decoder is the tied
+    embedding)."""
+    width = config.hidden
+    embedding = config.embedding_dim or width
+    intermediate = config.intermediate or 4 * width
+    positions = config.max_length + (pad_id + 1 if config.architecture == "xlm-roberta" else 0)
+    embeddings = (vocab_size + 2 + positions) * embedding + (embedding * width if embedding != width else 0) \
+        + width * embedding
+    layers = config.layers * (4 * width * width + 2 * width * intermediate)
+    # Named by the option that grows them: the embedding width, and the layers' width or count
+    return {"--embedding-dim" if config.embedding_dim else "--hidden": embeddings,
+            "--layers" if config.layers > width else "--hidden": layers}
+
+
+def check_student_memory(config: StudentConfig, vocab_size: int, pad_id: int = 0) -> None:
+    """One paragraph when training a student of this shape cannot fit in this machine's
+    memory, naming the option that sizes most of it; before anything is allocated."""
+    parts = student_parameters(config, vocab_size, pad_id)
+    total = sum(parts.values())
+    option = max(parts, key=parts.get)
+    value = {"--embedding-dim": config.embedding_dim, "--hidden": config.hidden, "--layers": config.layers}[option]
+    shape = (f"--hidden {config.hidden} --layers {config.layers} --max-length {config.max_length}"
+             + (f" --embedding-dim {config.embedding_dim}" if config.embedding_dim else "")
+             + (f" over a vocab of {vocab_size:,} tokens" if vocab_size else ""))
+    largest = None
+    if option == "--embedding-dim" and vocab_size:  # its parameters grow linearly with it: the largest that fits
+        per_unit = vocab_size + 2 + config.max_length + 2 * config.hidden
+        layers = total - parts["--embedding-dim"]
+        largest = max(0, (machine_memory() // TRAINING_BYTES_PER_PARAMETER - layers) // per_unit)
+    check_memory(option, value, total * TRAINING_BYTES_PER_PARAMETER,
+                 f"a student of {total:,} parameters ({shape}), trained with {TRAINING_BYTES_PER_PARAMETER} bytes per "
+                 "parameter (fp32 weights, gradients and Adam's two moments),", largest=largest,
+                 after="Give a smaller student. Nothing was written.")
 
 
 # Saved models ---------------------------------------------------------------------------
@@ -72,7 +116,35 @@ def check_model_dir(path, what: str) -> dict:
         file, problem = found
         raise BadInput(f"{what}: {file} is damaged: {problem}. Copy it again or re-run the command that wrote it "
                        "(for a student, train-student; its checkpoints are kept).")
+    oversized = config_size_problem(path, config)  # the model is built from config.json before its weights load
+    if oversized is not None:
+        raise BadInput(f"{what}: {config_path}: {oversized}. Copy the model again or re-run the command that wrote it.")
+    check_loadable(path, what)
     return config
+
+
+def check_loadable(path: Path, what: str) -> None:
+    """What would stop transformers loading the model, as one paragraph naming the directory,
+    checked before it is loaded: code of its own (auto_map; xkd never passes
+    trust_remote_code), weights the safe loader refuses, a config transformers cannot read."""
+    custom = custom_code_problem(path)
+    if custom is not None:
+        raise BadInput(f"{what} {path}: {custom[0]} asks for the model's own Python code (auto_map: {custom[1]}), which "
+                       "xkd never runs (it does not pass trust_remote_code), and without it transformers would build "
+                       "another model. Give a model of an architecture transformers has built in, saved without auto_map.")
+    refused = safe_load_problem(path)
+    if refused is not None:
+        raise BadInput(f"{what} {path}: {refused[0]}: {refused[1]}. Save the model as model.safetensors from a copy "
+                       "you trust (save_pretrained), or give another model.")
+    from transformers import AutoConfig
+
+    from . import mblm  # noqa: F401  (registers MBLM students with the Auto classes)
+
+    try:
+        AutoConfig.from_pretrained(str(path))
+    except Exception as e:  # transformers raises several types; all mean "cannot build this model"
+        raise BadInput(f"{what} {path}: transformers cannot read {Path(path) / 'config.json'} ({load_error_reason(e)}). "
+                       "Give a directory that save_pretrained wrote.") from None
 
 
 @dataclass(frozen=True)
@@ -123,6 +195,7 @@ def build_student(config: StudentConfig, vocab_size: int, pad_id: int):
     """
     from transformers import AlbertConfig, AlbertForMaskedLM, BertConfig, BertForMaskedLM
 
+    check_student_memory(config, vocab_size, pad_id)  # before a matrix is allocated
     common = dict(
         vocab_size=vocab_size, hidden_size=config.hidden, num_hidden_layers=config.layers,
         num_attention_heads=config.heads, intermediate_size=config.intermediate or 4 * config.hidden,

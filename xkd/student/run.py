@@ -9,18 +9,23 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from ..errors import BadInput
+from ..errors import BadInput, XkdError
 from ..options import check_number
 from ..storage import open_cache
-from ..storage.manifest import fsync_dir
+from ..storage.manifest import DirLock, fsync_dir
 from . import export
 from .data import StreamConfig, StreamingDataset
 from .methods import method_config, prepare
 from .models import StudentConfig
-from .trainer import TrainConfig, Trainer, check_device, distributed_context, seed_everything
+from .trainer import TrainConfig, Trainer, amp_dtype, check_device, distributed_context, seed_everything
 
 # What train-student writes in --out besides the student's own files; --overwrite removes these.
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "losses.png", "tensorboard", "train_summary.json")
+# What a run has written in --out before its first checkpoint (with checkpoints/ holding no
+# step-*): nothing to resume from and nothing to lose, so such an --out starts again at step 0.
+BEFORE_FIRST_CHECKPOINT = ("checkpoints", "metrics.jsonl", "tensorboard")
+# The lock of a run on its --out: one run per --out (docs/reliability.md, "One run, one output").
+OUT_LOCK = ".lock"
 
 
 def open_caches(paths, allow_incomplete: bool = False, warn=None) -> list:
@@ -36,6 +41,21 @@ def open_caches(paths, allow_incomplete: bool = False, warn=None) -> list:
             (warn or (lambda msg: sys.stderr.write(msg + "\n")))(
                 f"xkd: warning: {cache.incomplete_message()} Using only {cache.finished_shards()} (--allow-incomplete).")
     return opened
+
+
+def check_batch_size(batch_size: int, caches) -> None:
+    """A batch holds at most the rows the caches hold: a larger one repeats rows within the
+    batch, and one of 100000 on 120 rows died in the allocator. The rows are counted from
+    the manifests, each shard's checked against its Parquet footer (Cache.parquet_file)."""
+    for cache in caches:
+        for shard_id in cache.shard_ids:
+            cache.parquet_file(shard_id)
+    rows = sum(len(c) for c in caches)
+    if rows and batch_size > rows:  # no rows at all: the loader says so, naming the caches
+        held = ", ".join(f"{c.path}: {len(c):,}" for c in caches[:4]) + (", ..." if len(caches) > 4 else "")
+        raise BadInput(f"--batch-size {batch_size:,}: the caches hold {rows:,} rows in all ({held}), and a batch cannot "
+                       f"hold more rows than the corpus: each would repeat about {batch_size // max(rows, 1):,} times. "
+                       f"Give at most {rows:,}. Nothing was trained.")
 
 
 def incomplete_summary(caches) -> dict:
@@ -82,60 +102,72 @@ def train_student(
 
     # Every option is checked before anything is read or written (TrainConfig and
     # StudentConfig check theirs when they are made).
-    check_number("--batch-size", batch_size, low=1)
+    check_number("--batch-size", batch_size, low=1, whole=True)
     check_number("--alpha", alpha, low=0, high=1, hint="q_l ∝ p_l^alpha: 1 samples languages by size, 0 uniformly")
     if copies not in ("all", "best"):
         raise BadInput(f"--copies must be 'all' or 'best', not {copies!r}")
     check_device(device)
+    amp_dtype(train.amp, device)  # an --amp that cannot apply on this device is refused, not dropped
     check_out(out, caches, vocab_dir, resume=resume, overwrite=overwrite)
     config = method_config(method, method_options or {})  # bad options fail before anything is opened
     rank, world = distributed_context()
-    opened = open_caches(caches, allow_incomplete, warn=None if rank == 0 else (lambda msg: None))
-    vocab = load_vocab(vocab_dir)
-    seed_everything(train.seed)
-    prepared = prepare(method, config, opened, vocab, student=student, init_from=init_from,
-                       init_teacher=init_teacher, total_steps=train.steps)
-    model, impl, plan = prepared.model, prepared.method, prepared.plan
-    tables = remap_tables(opened, vocab, plan.columns)
-    dataset = StreamingDataset(
-        opened,
-        StreamConfig(
-            batch_size=batch_size, seed=train.seed, alpha=alpha, copies=copies,
-            columns=plan.columns, dense=plan.dense, mix=plan.mix, world_size=world, rank=rank,
-        ),
-        remap_tables=tables,
-        collate=impl.collate,
-    )
-    out_dir = Path(out)
-    base = {
-        "out": str(out_dir),
-        "method": method,
-        "caches": [str(c.path) for c in opened],
-        # evaluate checks a student against the vocab it was trained with, and names it
-        "vocab": str(vocab.path.resolve()),
-        "vocab_hash": vocab.hash,
-        "languages": dataset.probs,
-        **({"incomplete_caches": incomplete_summary(opened)} if allow_incomplete else {}),
-    }
-    run = run_config(method, config, opened, vocab, student, init_from, init_teacher, train,
-                     batch_size=batch_size, alpha=alpha, copies=copies, world=world)
-    trainer = Trainer(model, impl, dataset, train, device=device, rank=rank, world=world, run=run, summary=base)
-    if resume:
-        trainer.resume()
-    elif overwrite and rank == 0:
-        clear_run_outputs(out_dir)  # only now: a run refused above leaves the old one whole
-    summary = trainer.train()
-    if rank == 0:
-        export.name_classes(model, impl, opened)  # the teachers' class names, not LABEL_0, in config.json
-        # Routes each language as training did; AutoTokenizer gets the default route's (docs/vocab.md).
-        save_student(model, StudentTokenizer.from_vocab(vocab, model.config), out_dir)
-        # sentence-transformers files, xkd_student.json and the model card (docs/students.md)
-        export.write_student_extras(out_dir, impl, model, opened, init_from=init_from, vocab=vocab)
-    # Last, so that a complete summary means a complete student; the card then tells its numbers.
-    result = trainer.write_summary(summary.pop("final"), **summary)
-    if rank == 0:
-        export.write_model_card(out_dir)
-    return result
+    check_number("--steps", train.steps, low=1, high=(2**63 - 1) // (batch_size * train.grad_accum * world), whole=True,
+                 hint=f"the loader counts the rows it serves, --steps x --grad-accum x --batch-size x {world} process(es), "
+                      "in 64-bit integers")
+    # Only now, when the options are sound: the lock (taken before --overwrite clears anything)
+    # is held until the student is saved, and released if anything below fails.
+    claim, start = claim_out(Path(out), resume=resume, overwrite=overwrite, rank=rank, world=world)
+    try:
+        opened = open_caches(caches, allow_incomplete, warn=None if rank == 0 else (lambda msg: None))
+        vocab = load_vocab(vocab_dir)
+        vocab.check_whole()  # a damaged vocab would fail only at the save, after every step
+        seed_everything(train.seed)
+        prepared = prepare(method, config, opened, vocab, student=student, init_from=init_from,
+                           init_teacher=init_teacher, total_steps=train.steps)
+        model, impl, plan = prepared.model, prepared.method, prepared.plan
+        tables = remap_tables(opened, vocab, plan.columns)
+        check_batch_size(batch_size, opened)  # after the method's own checks of the caches, before any batch
+        dataset = StreamingDataset(
+            opened,
+            StreamConfig(
+                batch_size=batch_size, seed=train.seed, alpha=alpha, copies=copies,
+                columns=plan.columns, dense=plan.dense, mix=plan.mix, world_size=world, rank=rank,
+            ),
+            remap_tables=tables,
+            collate=impl.collate,
+        )
+        out_dir = Path(out)
+        base = {
+            "out": str(out_dir),
+            "method": method,
+            "caches": [str(c.path) for c in opened],
+            # evaluate checks a student against the vocab it was trained with, and names it
+            "vocab": str(vocab.path.resolve()),
+            "vocab_hash": vocab.hash,
+            "languages": dataset.probs,
+            **({"incomplete_caches": incomplete_summary(opened)} if allow_incomplete else {}),
+        }
+        run = run_config(method, config, opened, vocab, student, init_from, init_teacher, train,
+                         batch_size=batch_size, alpha=alpha, copies=copies, world=world)
+        trainer = Trainer(model, impl, dataset, train, device=device, rank=rank, world=world, run=run, summary=base)
+        if start == "resume":
+            trainer.resume()
+        elif start == "replace" and rank == 0:
+            clear_run_outputs(out_dir)  # only now: a run refused above leaves the old one whole
+        summary = trainer.train()
+        if rank == 0:
+            export.name_classes(model, impl, opened)  # the teachers' class names, not LABEL_0, in config.json
+            # Routes each language as training did; AutoTokenizer gets the default route's (docs/vocab.md).
+            save_student(model, StudentTokenizer.from_vocab(vocab, model.config), out_dir)
+            # sentence-transformers files, xkd_student.json and the model card (docs/students.md)
+            export.write_student_extras(out_dir, impl, model, opened, init_from=init_from, vocab=vocab)
+        # Last, so that a complete summary means a complete student; the card then tells its numbers.
+        result = trainer.write_summary(summary.pop("final"), student_on_disk=True, **summary)
+        if rank == 0:
+            export.write_model_card(out_dir)
+        return result
+    finally:
+        claim.release()
 
 
 def check_out(out: str, caches: list[str], vocab_dir: str, *, resume: bool, overwrite: bool) -> None:
@@ -166,15 +198,92 @@ def check_out(out: str, caches: list[str], vocab_dir: str, *, resume: bool, over
     if not os.access(existing, os.W_OK | os.X_OK):
         raise BadInput(f"--out {out}: {existing} is not writable by this user (permissions or a read-only file "
                        "system). Give a directory you can write to.")
-    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if resume and not path.is_dir():
+        raise BadInput(f"--resume: {out} does not exist, so there is no run to continue; start without --resume.")
+
+
+class OutClaim:
+    """A run's hold on its --out: the lock (rank 0's), and whether this run made the directory
+    (then it is removed again if the run leaves it empty, refused before writing anything)."""
+
+    def __init__(self, out: Path, lock: DirLock | None, made: bool):
+        self.out, self.lock, self.made = out, lock, made
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+        if self.made:
+            try:
+                self.out.rmdir()  # only when empty
+            except OSError:
+                pass
+
+
+def lock_out(out: Path) -> DirLock:
+    return DirLock(out / OUT_LOCK, lambda holder: (
+        f"--out {out} is being written by another train-student run ({holder}). Two runs into one --out would "
+        "overwrite each other's checkpoints and student, and one would be lost: wait for that run to finish (or "
+        "stop it, then continue it with --resume), or give another --out."), remove=True)
+
+
+def claim_out(out: Path, *, resume: bool, overwrite: bool, rank: int, world: int) -> tuple[OutClaim, str]:
+    """Lock --out for this run, then decide from what it holds how the run starts: "resume",
+    "fresh" or "replace" (remove the previous run's outputs first). The lock comes first, so
+    that a second run is refused naming the first, and --overwrite clears nothing another run
+    is writing. Under torchrun rank 0 alone locks and decides; every rank learns its decision,
+    or its refusal, and raises the same error (ranks left waiting would hang)."""
+    claim, start, refusal = OutClaim(out, None, False), None, None
+    if rank == 0:
+        try:
+            claim.made = not out.exists()
+            out.mkdir(parents=True, exist_ok=True)
+            claim.lock = lock_out(out).acquire()
+            start = out_start(out, resume=resume, overwrite=overwrite)
+        except (XkdError, OSError) as e:  # an OSError too: the other ranks must not wait for rank 0
+            claim.release()
+            refusal = e
+    if world > 1:
+        import torch.distributed as dist
+
+        shared = [start, refusal]
+        dist.broadcast_object_list(shared, src=0)
+        start, refusal = shared
+    if refusal is not None:
+        raise refusal
+    return claim, start
+
+
+def out_start(out: Path, *, resume: bool, overwrite: bool) -> str:
+    """How a run starts in `out` (locked by it), or a refusal when that would lose a run."""
+    entries = sorted(p.name for p in out.iterdir() if p.name != OUT_LOCK)
+    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    has_checkpoint = any((out / "checkpoints").glob("step-*"))
+    # A run killed before its first checkpoint leaves these (and an atomic write's temporary file).
+    before_first = not has_checkpoint and all(
+        name in BEFORE_FIRST_CHECKPOINT or name.startswith(".metrics.jsonl.tmp-") for name in entries)
+    say = lambda msg: sys.stderr.write(f"xkd train-student: {msg}\n")  # noqa: E731
     if resume:
-        if not any((path / "checkpoints").glob("step-*")):
-            raise BadInput(f"--resume: {out} holds no checkpoint (no {path / 'checkpoints'}/step-*) to resume from; "
-                           "start without --resume.")
-    elif entries and not overwrite:
-        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-        raise BadInput(f"--out {out} is not empty (it holds {shown}): give --resume to continue the run there, "
-                       "--overwrite to replace it (its checkpoints and metrics are removed), or another --out.")
+        if has_checkpoint:
+            return "resume"
+        if entries and before_first:
+            say(f"--resume: {out} holds no checkpoint, only what a run stopped before its first one wrote ({shown}); "
+                "starting from step 0.")
+            return "replace"
+        if entries:
+            raise BadInput(f"--resume: {out} holds no checkpoint (no {out / 'checkpoints'}/step-*) to resume from, but "
+                           f"it holds {shown}: give --overwrite instead to replace it (its checkpoints and metrics are "
+                           "removed), or another --out.")
+        raise BadInput(f"--resume: {out} is empty, so there is no run to continue; start without --resume.")
+    if not entries:
+        return "fresh"
+    if overwrite:
+        return "replace"
+    if before_first:
+        say(f"{out} holds only what a run stopped before its first checkpoint wrote ({shown}); starting again from "
+            "step 0.")
+        return "replace"
+    raise BadInput(f"--out {out} is not empty (it holds {shown}): give --resume to continue the run there, "
+                   "--overwrite to replace it (its checkpoints and metrics are removed), or another --out.")
 
 
 def clear_run_outputs(out: Path) -> None:

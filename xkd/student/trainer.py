@@ -25,10 +25,13 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,9 +40,14 @@ import torch
 import torch.distributed as dist
 
 from ..errors import BadInput, XkdError
-from ..options import check_number
+from ..options import check_memory, check_number, machine_memory, size_in_words
 from ..storage.manifest import atomic_write_bytes, fsync_dir
+from ..storage.untrusted import POLICY, refuse_links, remove_tree
 from .models import Student
+
+WHOLE_TRAIN_OPTIONS = ("--steps", "--grad-accum", "--save-every", "--log-every", "--workers", "--stop-after",
+                       "--keep-checkpoints")
+WORKER_BYTES = 100 * 10**6  # the least a DataLoader worker process takes (it imports torch: ~300 MB here)
 
 
 @dataclass
@@ -71,7 +79,15 @@ class TrainConfig:
             ("--workers", self.num_workers, 0, "DataLoader worker processes; 0: load in the training process"),
             ("--stop-after", self.stop_after, 0, "0: run to --steps"), ("--keep-checkpoints", self.keep_checkpoints, 1, ""),
         ):
-            check_number(option, value, low=low, hint=hint)
+            # Counts are whole numbers: a float such as 1e22 steps used to pass
+            check_number(option, value, low=low, hint=hint, whole=option in WHOLE_TRAIN_OPTIONS)
+        # The loader numbers batches in 64-bit integers (run.py bounds the rows they hold, with the batch size)
+        check_number("--steps", self.steps, low=1, high=(2**63 - 1) // self.grad_accum, whole=True,
+                     hint=f"the loader counts --steps x --grad-accum {self.grad_accum} batches in 64-bit integers")
+        # Each DataLoader worker is a process that imports torch and holds its own shuffle window
+        check_memory("--workers", self.num_workers, self.num_workers * WORKER_BYTES,
+                     f"{self.num_workers:,} DataLoader worker processes of at least {size_in_words(WORKER_BYTES)} each",
+                     largest=machine_memory() // WORKER_BYTES)
         # numpy seeds its legacy generator from 32 bits, and the loader's plan seeds from non-negative ints
         check_number("--seed", self.seed, low=0, high=2**32 - 1)
         if self.amp not in ("auto", "off", "bf16", "fp16"):
@@ -117,7 +133,7 @@ def check_device(device: str | None) -> None:
     except RuntimeError:
         raise BadInput(f"--device {device!r} is not a device: give cpu, cuda or cuda:N.") from None
     if chosen.type not in ("cpu", "cuda"):
-        raise BadInput(f"--device {device!r}: train-student runs on cpu or cuda, not {chosen.type}.")
+        raise BadInput(f"--device {device!r}: xkd runs on cpu or cuda, not {chosen.type}.")
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise BadInput(f"--device {device}: this machine has no usable CUDA GPU (torch {torch.__version__}, "
                        f"CUDA build {torch.version.cuda or 'none'}). Give --device cpu, or leave --device out to use "
@@ -125,6 +141,25 @@ def check_device(device: str | None) -> None:
     if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
         raise BadInput(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+
+
+def amp_dtype(amp: str, device) -> torch.dtype | None:
+    """The autocast dtype that --amp gives on `device` (None: autocast off; a device None is
+    the default one, CUDA when present). An --amp that cannot apply there is refused before
+    anything is read, never dropped: fp16 needs CUDA's gradient scaler, and bf16 on CUDA a GPU
+    that has it. CPU autocast runs bf16."""
+    device_type = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if amp == "off" or (amp == "auto" and device_type != "cuda"):
+        return None
+    on = f"--device {device}" if device is not None else "the default device (no CUDA GPU here)"
+    if amp == "fp16" and device_type != "cuda":
+        raise BadInput(f"--amp fp16 needs a CUDA device (fp16 trains with CUDA's gradient scaler), and training runs on "
+                       f"{device_type} ({on}): give --amp bf16 (CPU autocast) or --amp off, or train on a GPU.")
+    if amp == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise BadInput(f"--amp bf16: the GPU of {on} has no bf16 support: give --amp fp16 or --amp off.")
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if amp == "fp16" else torch.bfloat16
 
 
 def resolve_device(device: str | None, world: int) -> torch.device:
@@ -144,7 +179,11 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values only, so that a checkpoint loads with
+    weights_only=True (numpy's own state tuple holds an ndarray, which that refuses)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached_gaussian)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -152,7 +191,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -226,17 +266,42 @@ CHECKPOINT_KEYS = ("step", "model", "method", "optimizer", "scheduler", "rng", "
 
 
 def load_checkpoint(path: Path, map_location=None) -> dict:
-    """A checkpoint's state, or DamagedCheckpoint saying why it cannot be used."""
+    """A checkpoint's state, or DamagedCheckpoint saying why it cannot be used.
+
+    Loaded with weights_only=True: a checkpoint holds only tensors and plain values (see
+    _rng_state), so nothing in it needs unpickling code, and a file planted in a run directory
+    someone else can write cannot run any (a full unpickle ran it before the configuration
+    check could refuse the file). A file that asks for anything else is refused, not skipped:
+    xkd did not write it."""
     file = path / "state.pt"
     try:
-        state = torch.load(file, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any failure to read it back means the file is damaged
-        first = (str(e).strip().split("\n") or [""])[0][:160]
-        raise DamagedCheckpoint(f"{file} cannot be read: {type(e).__name__}: {first}") from None
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a foreign file before refusing it
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # The safe unpickler read something no torch.save of tensors and plain values writes
+        # (a global to call, an opcode it does not allow): refused, not skipped as damaged,
+        # which a crash cannot make (it truncates or tears the zip, a RuntimeError below).
+        named = re.search(r"GLOBAL (\S+)|unrecognized function (\S+)|but got (\S+)", str(e))
+        found = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+        what = (f"asks to unpickle {next(g for g in named.groups() if g)}" if named
+                else f"holds pickle content torch's safe loader refuses ({found.group(1) if found else _first_line(e)})")
+        raise BadInput(
+            f"--resume: {file} {what}, which no checkpoint written by xkd holds: xkd loads checkpoints as tensors and "
+            f"plain values only, so that a file planted in a run directory cannot run code ({POLICY}). Either someone "
+            f"else wrote it, or an older xkd did (it saved numpy's RNG state as an object): remove {path} (--resume "
+            "then continues from the checkpoint before it), or start again with --overwrite."
+        ) from None
+    except Exception as e:  # noqa: BLE001 - any other failure to read it back means the file is damaged
+        raise DamagedCheckpoint(f"{file} cannot be read: {type(e).__name__}: {_first_line(e)}") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise DamagedCheckpoint(f"{file} lacks {', '.join(missing)}")
     return state
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().split("\n") or [""])[0][:160]
 
 
 def _show(value) -> str:
@@ -368,14 +433,7 @@ class Trainer:
             self.ddp = self.module
 
     def _amp_dtype(self):
-        amp = self.config.amp
-        if amp == "off" or (amp == "auto" and self.device.type != "cuda"):
-            return None
-        if amp == "fp16":
-            return torch.float16
-        if amp == "auto":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16
+        return amp_dtype(self.config.amp, self.device)
 
     # Checkpoints ------------------------------------------------------------------------
     @property
@@ -407,8 +465,7 @@ class Trainer:
             return path
         self._check_finite_weights()
         tmp = self.checkpoint_dir / f".step-{self.step:08d}.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        remove_tree(tmp)
         tmp.mkdir(parents=True)
         try:
             self._write_state(tmp / "state.pt", loader_state, last or {})
@@ -416,15 +473,14 @@ class Trainer:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half checkpoint behind
             raise
-        if path.exists():  # a damaged checkpoint of this step that resume skipped
-            shutil.rmtree(path)
+        remove_tree(path)  # a damaged checkpoint of this step that resume skipped
         os.replace(tmp, path)
         fsync_dir(self.checkpoint_dir)
         self._saved_step = self.step
         self.write_summary(last or {}, checkpoint=path)
         self.write_loss_chart()
         for stale in self.checkpoints()[: -self.config.keep_checkpoints]:
-            shutil.rmtree(stale)
+            remove_tree(stale)
         return path
 
     def _write_state(self, file: Path, loader_state: dict, last: dict) -> None:
@@ -463,12 +519,15 @@ class Trainer:
             sys.stderr.write(f"xkd train-student: warning: {self.out / LOSS_CHART} was not drawn ({e}); training "
                              "goes on.\n")
 
-    def write_summary(self, last: dict, checkpoint: Path | None = None, **extra) -> dict:
+    def write_summary(self, last: dict, checkpoint: Path | None = None, student_on_disk: bool = False, **extra) -> dict:
         """train_summary.json, atomically: complete JSON whenever the run is killed. It says
-        `partial` (and how many steps are done) until the run has done all of --steps.
+        `partial` (and how many steps are done) until the run has done all of --steps and the
+        caller says the student's files are on disk (fsynced): the summary written with the
+        last checkpoint must not claim a student that a full disk then failed to save.
         Returns the summary (every rank; rank 0 writes it)."""
         summary = {**self.summary, **extra, "steps": self.step, "steps_total": self.config.steps,
-                   "partial": self.step < self.config.steps, "final": {k: round(v, 6) for k, v in last.items()}}
+                   "partial": self.step < self.config.steps or not student_on_disk,
+                   "final": {k: round(v, 6) for k, v in last.items()}}
         if checkpoint is None and self._saved_step == self.step:
             checkpoint = self.checkpoint_dir / f"step-{self.step:08d}"
         if checkpoint is not None:
@@ -480,6 +539,7 @@ class Trainer:
     def resume(self) -> None:
         """Continue from the newest readable checkpoint, if it was made under this run's
         configuration; a damaged one (unreadable, truncated) is skipped with one line."""
+        self._refuse_links()
         found = self.checkpoints()
         if not found:
             raise BadInput(f"--resume: {self.checkpoint_dir} holds no checkpoint to resume from; start without --resume.")
@@ -499,19 +559,23 @@ class Trainer:
                 sys.stderr.write(f"xkd train-student: checkpoint {damaged.name} is damaged ({problem}); "
                                  f"resuming from {path.name}, the newest whole one before it.\n")
         self._check_same_run(state.get("run"), path)
-        self.model.load_state_dict(state["model"])
-        self.method.modules.load_state_dict(state["method"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        self.dataset.load_state_dict(state["loader"])
-        self.step = self._saved_step = state["step"]
-        self._last = dict(state.get("last") or {})
+        try:
+            self.model.load_state_dict(state["model"])
+            self.method.modules.load_state_dict(state["method"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            _set_rng_state(state["rng"])
+            self.dataset.load_state_dict(state["loader"])
+            self.step = self._saved_step = int(state["step"])
+            self._last = dict(state.get("last") or {})
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            raise BadInput(f"--resume: {path / 'state.pt'} does not fit this run ({type(e).__name__}: {_first_line(e)}); "
+                           "it was not written by xkd for these options. Remove it, or start again with --overwrite.") from None
 
     def _check_same_run(self, saved: dict | None, path: Path) -> None:
-        if not isinstance(saved, dict) or "options" not in saved:
+        if not isinstance(saved, dict) or not isinstance(saved.get("options"), dict):
             raise BadInput(f"--resume: {path} records no run configuration (an older xkd wrote it), so nothing says "
                            "it was trained with these options. Start again with --overwrite.")
         diffs = run_differences(saved["options"], self.run["options"])
@@ -530,11 +594,21 @@ class Trainer:
         """Drop what a killed run left behind: temporary checkpoint directories, and the
         damaged checkpoints resume skipped (the next save of their step would replace them,
         and pruning must not keep them instead of good ones)."""
+        self._refuse_links()
         if self.rank != 0 or not self.checkpoint_dir.is_dir():
             return
         for leftover in [*self.checkpoint_dir.glob(".step-*"), *self._damaged]:
-            if leftover.is_dir():
-                shutil.rmtree(leftover)
+            remove_tree(leftover)
+
+    def _refuse_links(self) -> None:
+        """A run directory holds only what xkd wrote, and xkd rewrites and prunes there: a link
+        among its entries or its checkpoints is refused before anything is read or trained
+        (a linked step directory used to be resumed from, trained to the end, and then fail
+        the pruning with an error naming no path)."""
+        if self.out.is_dir():
+            refuse_links(self.out, sorted(p.name for p in self.out.iterdir()), "run")
+        if self.checkpoint_dir.is_dir():
+            refuse_links(self.checkpoint_dir, sorted(p.name for p in self.checkpoint_dir.iterdir()), "run")
 
     # Metrics ---------------------------------------------------------------------------
     def _truncate_metrics(self) -> None:

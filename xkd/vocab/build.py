@@ -1,13 +1,18 @@
 """`xkd build-vocab`: teachers in, a vocab directory out (layout in vocabdir.py).
 
-The directory is written under a temporary name and renamed into place, so a failed run
-leaves any previous vocab at `out` untouched. The same inputs give byte-identical files, so
-a vocab already at `out` is kept when the build equals it, and refused (unless overwrite)
-when it differs: students and remapped caches made with it name it by its directory.
+The directory is written under a temporary name beside `out` and swapped into place in one
+rename (RENAME_EXCHANGE), so a failed or killed run leaves at `out` the previous vocab or the
+new one, whole; what a killed run leaves beside it (`.NAME.tmp-PID`) is removed by the next
+build once that PID is gone. One build at a time per `out`: a lock beside it
+(`.NAME.lock`) refuses a second, naming the first. The same inputs give byte-identical
+files, so a vocab already at `out` is kept when the build equals it, and refused (unless
+overwrite) when it differs: students and remapped caches made with it name it by its directory.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -17,6 +22,8 @@ import numpy as np
 
 from ..errors import BadInput
 from ..names import language_code
+from ..storage.manifest import DirLock, fsync_dir
+from ..storage.untrusted import remove_tree
 from .canonical import SPECIAL_ROLES
 from .teachers import TeacherVocab, load_teacher_vocab
 from .tokenizer import default_route, save_union_tokenizer, union_casing
@@ -98,17 +105,87 @@ def _keep_or_refuse(tmp: Path, out: Path, overwrite: bool) -> bool:
     )
 
 
-def _prepare_out(out: Path) -> Path:
+def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file; give a directory for the vocab.")
     if out.is_dir() and any(out.iterdir()) and not (out / META).is_file():
         raise BadInput(f"--out {out} is a non-empty directory that is not an xkd vocab; give a new or empty directory.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    return tmp
+
+
+def _lock(out: Path) -> DirLock:
+    """Beside `out`, not in it: the directory itself is swapped for the new one."""
+    return DirLock(out.with_name(f".{out.name}.lock"), lambda holder: (
+        f"{out} is being built by another build-vocab ({holder}). Two builds into one vocab would replace each "
+        "other's files: wait for it to finish (or stop it), then run again."), remove=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """What killed builds of `out` left beside it, each named after its process: a temporary
+    vocab (`.NAME.tmp-PID`, after a swap the old vocab being deleted), or the old vocab moved
+    aside where no atomic swap exists (`.NAME.old-PID`: put back when `out` is missing, which
+    is its only copy then). Only those of processes that are gone: a live PID may be another
+    host's build on a shared file system, or a reused PID; its directory is left alone."""
+    prefix = f".{out.name}."
+    for left in sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix)):
+        kind, _, pid = left.name[len(prefix):].rpartition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or not left.is_dir() or _pid_alive(int(pid)):
+            continue
+        if kind == "old" and not out.exists():
+            os.replace(left, out)
+        else:
+            remove_tree(left)  # a link is removed, never followed
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or file system has no such call."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Put the vocab built in `tmp` at `out`, replacing one there in one step: a kill at any
+    instant leaves the old vocab or the new one at `out`, whole (deleting the old one used to
+    be the first step, and a kill during it left half a vocab)."""
+    for path in sorted(tmp.rglob("*")):  # its files on disk before any name points to them
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    if not out.exists():
+        os.replace(tmp, out)
+    elif _exchange(tmp, out):
+        fsync_dir(out.parent)
+        remove_tree(tmp)  # the old vocab now (a link if --out was one); a kill here leaves it to _remove_stale
+    else:  # no atomic swap: the old vocab aside, then the new one in (_remove_stale puts it back if killed between)
+        aside = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, aside)
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+        remove_tree(aside)
+    fsync_dir(out.parent)
 
 
 def build_vocab(teachers: list[str], out: str | os.PathLike, lang_teacher: dict[str, str] | None = None,
@@ -117,10 +194,19 @@ def build_vocab(teachers: list[str], out: str | os.PathLike, lang_teacher: dict[
     bare vocab files) into `out`; return a summary (sizes, overlaps, paths). A vocab already
     at `out` is kept when it is identical (summary "reused": true), and replaced only with
     `overwrite` when it differs."""
-    say = progress or (lambda msg: None)
     if not teachers:
         raise BadInput("--teachers: give at least one teacher (an alias, model id, directory or vocab file).")
     out = Path(out)
+    _check_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Held for the whole build, so that a second build of `out` is refused at once, not after
+    # it has replaced the first one's vocab.
+    with _lock(out):
+        _remove_stale(out)
+        return _build(teachers, out, lang_teacher, progress or (lambda msg: None), overwrite)
+
+
+def _build(teachers: list[str], out: Path, lang_teacher: dict[str, str] | None, say, overwrite: bool) -> dict:
     loaded: list[TeacherVocab] = []
     for name in teachers:
         say(f"reading the vocabulary of {name}")
@@ -138,7 +224,11 @@ def build_vocab(teachers: list[str], out: str | os.PathLike, lang_teacher: dict[
 
     union = build_union(loaded, slugs)
     report = union_report(union, loaded, slugs)
-    tmp = _prepare_out(out)
+    _check_out(out)  # again, under the lock
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
     try:
         (tmp / VOCAB_TXT).write_bytes(("\n".join(union.tokens) + "\n").encode("utf-8"))
         (tmp / MAPS).mkdir()
@@ -173,9 +263,7 @@ def build_vocab(teachers: list[str], out: str | os.PathLike, lang_teacher: dict[
         if reused:
             say(f"{out} already holds this vocab (identical files); kept it")
         else:
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
+            _swap_in(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInput
+from ..weights import load_error_reason
 from .canonical import BYTELEVEL, CANONICAL_SPECIALS, WORDPIECE, surface_text
 from .teachers import tokenizer_fingerprint
 from .vocabdir import Vocab, load_vocab
@@ -180,7 +181,12 @@ def student_from_teacher(teacher: str, vocab: Vocab | str, teacher_name: str | N
     entry = _find_teacher(vocab, resolved.path, [n for n in (teacher_name, teacher, resolved.model_id) if n])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # a head the checkpoint lacks is initialised reproducibly
-        model = AutoModelForMaskedLM.from_pretrained(str(resolved.path), dtype=torch.float32)
+        try:
+            model = AutoModelForMaskedLM.from_pretrained(str(resolved.path), dtype=torch.float32)
+        except Exception as e:  # transformers raises many types (shapes, dtypes, files); all mean "cannot load"
+            raise BadInput(f"--init-from {teacher!r}: transformers cannot load the model in {resolved.path} "
+                           f"({load_error_reason(e)}). Give a directory that save_pretrained wrote, whose config.json "
+                           "describes its weights.") from None
     config = model.config
     if config.model_type in _POSITIONS_FROM_PAD and config.pad_token_id != vocab.pad_id:
         _move_position_pad(model, teacher, int(config.pad_token_id), vocab.pad_id)

@@ -49,16 +49,33 @@ def _concat_columns(blocks: list[dict]) -> dict:
     return out
 
 
+def check_copy_out(out: Path, cache: Path, vocab_dir: Path) -> None:
+    """The copy's --out, before anything is read: not the source cache or the vocab, not inside
+    them or holding them, and not inside another cache (as train-student refuses for a
+    student): the copy's manifest and shards would mix with the files there."""
+    resolved = out.resolve()
+    for what, given in (("the cache to remap", cache), ("the vocab given with --vocab", vocab_dir)):
+        root = given.resolve()
+        where = "is" if resolved == root else "is inside" if root in resolved.parents else \
+            "holds" if resolved in root.parents else None
+        if where:
+            raise BadInput(f"--out {out} {where} {what}, {given}: the copy's manifest and shards would be written "
+                           "among its files. Give a directory of its own (e.g. caches/NAME-union).")
+    for parent in resolved.parents:
+        if (parent / "manifest.json").is_file():
+            raise BadInput(f"--out {out} is inside the cache directory {parent} (it holds manifest.json): the copy would "
+                           "mix with that cache. Give a directory of its own (e.g. caches/NAME-union).")
+
+
 def remap_cache(cache: str | os.PathLike, vocab: str | os.PathLike | Vocab, out: str | os.PathLike,
                 teacher: str | None = None, progress=None) -> dict:
     """Write a union-vocab copy of `cache` to `out`; return a summary."""
     say = progress or (lambda msg: None)
+    out = Path(out)
+    check_copy_out(out, Path(cache), vocab.path if isinstance(vocab, Vocab) else Path(vocab))
     src = open_cache(cache)
     vocab = vocab if isinstance(vocab, Vocab) else load_vocab(vocab)
     manifest = src.manifest
-    out = Path(out)
-    if out.resolve() == src.path.resolve():
-        raise BadInput(f"--out {out} is the cache itself; give another directory for the copy.")
     if manifest.get("vocab"):
         raise BadInput(
             f"{src.path} already holds union ids (vocab {manifest['vocab'].get('dir')}); remap its source cache "

@@ -36,6 +36,7 @@ import numpy as np
 from ..errors import BadInput
 from ..names import normalize_language
 from ..segments import second_segment_start, takes_token_types
+from ..storage.untrusted import is_inside, load_id_table, refuse_links_out, remove_tree
 from .canonical import BYTELEVEL, from_canonical
 from .remap import remap_lists
 
@@ -242,8 +243,7 @@ def save_student_tokenizer(vocab, out_dir: str | os.PathLike, *, model_config=No
     max_length = _model_max_length(vocab, used, config)
     remapped = {slug: remapped_tokenizer(vocab, slug, model_max_length=max_length, token_types=token_types)
                 for slug in used}
-    if (out / TOKENIZERS).is_dir():
-        shutil.rmtree(out / TOKENIZERS)  # a previous save's routes
+    remove_tree(out / TOKENIZERS)  # a previous save's routes
 
     tokenizers: dict[str, dict] = {}
     auto_is_default_route = remapped[default] is not None
@@ -383,7 +383,8 @@ class StudentTokenizer:
 
                 entry = self.info["tokenizers"][slug]
                 where = self._root / entry["dir"]
-                table = np.load(where / entry["map"]) if entry.get("ids") == "teacher" else None
+                table = (load_id_table(where / entry["map"], f"save the student's tokenizer again ({self._root / XKD_TOKENIZER} "
+                                       "names it).") if entry.get("ids") == "teacher" else None)
                 found = (AutoTokenizer.from_pretrained(str(where)), table)
             self._routes[slug] = found
         return found
@@ -480,9 +481,25 @@ class StudentTokenizer:
             if (self._root / name).is_file():
                 shutil.copy2(self._root / name, out / name)
         if (self._root / TOKENIZERS).is_dir():
-            if (out / TOKENIZERS).exists():
-                shutil.rmtree(out / TOKENIZERS)
+            remove_tree(out / TOKENIZERS)
             shutil.copytree(self._root / TOKENIZERS, out / TOKENIZERS)
+
+
+def _check_routes(root: Path, info_file: Path, info: dict) -> None:
+    """Every route's directory and map stays inside the student directory: a route of
+    "../elsewhere" (or a link) would load a tokenizer and ids from any directory."""
+    routes = info.get("tokenizers", {})
+    if not isinstance(routes, dict) or not all(isinstance(e, dict) and isinstance(e.get("dir"), str)
+                                               and isinstance(e.get("map", ""), str) for e in routes.values()):
+        raise BadInput(f"{info_file}: \"tokenizers\" must map each teacher to {{\"dir\": PATH, ...}}; save the student's "
+                       "tokenizer again (xkd.vocab.save_student_tokenizer(vocab, dir)).")
+    for entry in routes.values():
+        for where in (root / entry["dir"], root / entry["dir"] / entry.get("map", "")):
+            if os.path.isabs(entry["dir"]) or not is_inside(root, where):
+                raise BadInput(f"{info_file} routes to {where}, outside the student directory {root}: xkd loads a "
+                               "student's tokenizers from inside it only (docs/reliability.md, \"Untrusted files\"). "
+                               "Save the student's tokenizer again (xkd.vocab.save_student_tokenizer(vocab, dir)).")
+    refuse_links_out(root, "student directory")
 
 
 def load_student_tokenizer(path: str | os.PathLike) -> StudentTokenizer:
@@ -500,6 +517,7 @@ def load_student_tokenizer(path: str | os.PathLike) -> StudentTokenizer:
                            "(xkd.vocab.save_student_tokenizer(vocab, dir)).") from None
         if info.get("format", 0) > FORMAT:
             raise BadInput(f"{info_file} has format {info.get('format')}; this xkd reads up to {FORMAT}. Upgrade xkd.")
+        _check_routes(root, info_file, info)
         missing = sorted(s for s, e in info.get("tokenizers", {}).items() if not (root / e["dir"]).is_dir())
         if missing:
             raise BadInput(f"{root} is incomplete: {XKD_TOKENIZER} names the tokenizers of {', '.join(missing)} under "

@@ -19,6 +19,7 @@ from pathlib import Path
 from ..errors import BadInput
 from ..lines import read_lines
 from ..names import resolve_teacher
+from ..weights import config_size_problem
 from .canonical import (
     BYTELEVEL,
     CANONICAL_SPECIALS,
@@ -346,9 +347,15 @@ def _from_model_dir(path: Path, name: str, model_id: str, source: str) -> Teache
     config = path / "config.json"
     if config.is_file():
         try:
-            model_vocab_size = json.loads(config.read_text(encoding="utf-8")).get("vocab_size")
+            sizes = json.loads(config.read_text(encoding="utf-8"))
+            sizes = sizes if isinstance(sizes, dict) else {}
+            model_vocab_size = sizes.get("vocab_size")
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BadInput(f"{config} is not valid JSON ({e}).") from None
+        # The teacher->student map has a row per id the model can emit: a vocab_size the weights
+        # cannot hold (10**12) would allocate terabytes.
+        if (oversized := config_size_problem(path, sizes)) is not None:
+            raise BadInput(f"{where}: {config}: {oversized}.")
     return _from_tokenizer(tokenizer, name, model_id, source, where, model_vocab_size, path)
 
 

@@ -50,6 +50,25 @@ def vocab_hash(root: Path, slugs: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _meta_problem(meta) -> str | None:
+    """What is wrong with the fields of xkd-vocab.json that a vocab's users rely on; None if nothing."""
+    if not isinstance(meta, dict):
+        return "is not a JSON object"
+    if not (isinstance(meta.get("size"), int) and meta["size"] > 0) or not isinstance(meta.get("hash"), str):
+        return "lacks the vocab's size or hash"
+    specials = meta.get("specials")
+    if not (isinstance(specials, dict) and all(isinstance(specials.get(r), int) for r in SPECIAL_ROLES)):
+        return "lacks the ids of the special tokens"
+    teachers = meta.get("teachers")
+    if not (isinstance(teachers, list) and teachers and all(
+            isinstance(t, dict) and isinstance(t.get("slug"), str) and t["slug"] and "/" not in t["slug"]
+            and isinstance(t.get("map_size"), int) for t in teachers)):
+        return "lacks its list of teachers (each with a slug and a map size)"
+    if not isinstance(meta.get("routes"), dict) or meta.get("default_teacher") not in [t["slug"] for t in teachers]:
+        return "lacks its language routes or names a default teacher it does not have"
+    return None
+
+
 class Vocab:
     """A union vocabulary: its tokens, one id map per teacher, and the tokenizers."""
 
@@ -62,6 +81,9 @@ class Vocab:
                 f"{self.path} is not an xkd vocab directory ({what}). Make one with "
                 "`xkd build-vocab --teachers A B --out DIR`."
             )
+        from ..storage.untrusted import refuse_links_out
+
+        refuse_links_out(self.path, "vocab")  # a vocab is small: one walk covers every file read from it
         try:
             self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -190,12 +212,56 @@ class Vocab:
                 + "; ".join(problems) + ". They are different tokenizers: rebuild the vocab from the cache's teacher."
             )
 
+    def check_whole(self) -> None:
+        """Every file of the vocab is there and sound: xkd-vocab.json's fields, vocab.txt, each
+        map (size and range), each teacher's tokenizer, the union tokenizer's files, and the
+        recorded hash of the tokens and maps. For work that uses the vocab only at its end:
+        train-student checks before step 1, as a damaged vocab used to fail at the save, after
+        every step. Each problem is one paragraph naming the file."""
+        rebuild = "Rebuild the vocab with `xkd build-vocab` (--overwrite replaces a damaged one)."
+        problem = _meta_problem(self.meta)
+        if problem:
+            raise BadInput(f"{self.path / META} {problem}. {rebuild}")
+        try:
+            self.tokens  # noqa: B018 (its line count is checked against the size)
+        except OSError as e:
+            raise BadInput(f"{self.path / VOCAB_TXT} cannot be read ({e.strerror or e}). {rebuild}") from None
+        slugs = [t["slug"] for t in self.meta["teachers"]]
+        for entry in self.meta["teachers"]:
+            slug, file = entry["slug"], self.path / MAPS / f"{entry['slug']}.npy"
+            table = self.map_for(slug)
+            if table.size != entry["map_size"]:
+                raise BadInput(f"{file} maps {table.size} teacher ids, but {META} says teacher {slug} has {entry['map_size']}. "
+                               + rebuild)
+            if table.size and not (0 <= int(table.min()) and int(table.max()) < self.size):
+                raise BadInput(f"{file} sends teacher ids outside the union's 0..{self.size - 1}. {rebuild}")
+            try:
+                self.teacher_tokenizer(slug)
+            except BadInput:
+                raise
+            except Exception as e:  # whatever transformers raises for damaged tokenizer files
+                reason = str(e).strip().split("\n")[0][:200] or type(e).__name__
+                raise BadInput(f"{self.path / TEACHERS / slug}: the tokenizer of teacher {slug} cannot be loaded "
+                               f"({reason}). {rebuild}") from None
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            try:
+                json.loads((self.path / name).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise BadInput(f"{self.path / name} is missing or damaged ({e}). {rebuild}") from None
+        found = vocab_hash(self.path, slugs)
+        if found != self.hash:
+            raise BadInput(f"{self.path / VOCAB_TXT} or a map in {self.path / MAPS} changed after the vocab was built: "
+                           f"they hash to {found}, {META} records {self.hash}. {rebuild}")
+
     def map_for(self, teacher) -> np.ndarray:
         """The int32 teacher id -> union id table of a teacher (see `teacher` for keys)."""
         slug = teacher if isinstance(teacher, str) and teacher in self._maps else self.teacher(teacher)["slug"]
         table = self._maps.get(slug)
         if table is None:
-            table = self._maps[slug] = np.load(self.path / MAPS / f"{slug}.npy")
+            from ..storage.untrusted import load_id_table, require_inside
+
+            file = require_inside(self.path, self.path / MAPS / f"{slug}.npy", "vocab")  # a slug from JSON, maybe "../x"
+            table = self._maps[slug] = load_id_table(file, "rebuild the vocab with `xkd build-vocab`.")
             table.flags.writeable = False
         return table
 
@@ -270,7 +336,10 @@ class Vocab:
         slug = self.teacher(teacher)["slug"]
         tok = self._tokenizers.get(slug)
         if tok is None:
-            tok = self._tokenizers[slug] = AutoTokenizer.from_pretrained(str(self.path / TEACHERS / slug))
+            from ..storage.untrusted import require_inside
+
+            where = require_inside(self.path, self.path / TEACHERS / slug, "vocab")
+            tok = self._tokenizers[slug] = AutoTokenizer.from_pretrained(str(where))
         return tok
 
     def tokenize(self, texts, lang: str | None = None, text_pairs=None, *, max_length: int | None = None,

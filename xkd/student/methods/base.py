@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ...errors import BadInput
+from ...options import check_memory
 from ...segments import token_type_ids
 from ...storage import CacheView, Ragged
 from ..data import padded_with_mask
@@ -148,7 +149,30 @@ def _convert(spec: OptionSpec, value):
         raise ValueError(f"give a value in {spec.allowed}")
     if spec.high is not None and (out > spec.high or (spec.high_open and out == spec.high)):
         raise ValueError(f"give a value in {spec.allowed}")
+    if isinstance(out, int) and not isinstance(out, bool) and not -MAX_INT <= out <= MAX_INT:
+        raise ValueError(f"give a whole number from {-MAX_INT:,} to {MAX_INT:,} (seeds and sizes go to torch and numpy as "
+                         "64-bit integers)")
     return out
+
+
+MAX_INT = 2**63 - 1  # any whole-number option, whatever its declared range: torch and numpy take int64
+
+
+# Training holds each trainable parameter four times in fp32 (weight, gradient, Adam's two
+# moments) and each frozen one once.
+TRAINABLE_BYTES, FROZEN_BYTES = 16, 4
+
+
+def check_head_memory(method: str, sizes: dict[str, int], trainable: int, frozen: int = 0) -> None:
+    """One paragraph when a method's heads, sized by its options `sizes` (name -> value),
+    cannot be trained in this machine's memory; called by build_heads before it allocates.
+    The message names the largest of the options and the parameters they imply."""
+    name = max(sizes, key=sizes.get)
+    given = " ".join(f"-o {k}={v}" for k, v in sizes.items())
+    check_memory(f"--option {name}={sizes[name]}", None, trainable * TRAINABLE_BYTES + frozen * FROZEN_BYTES,
+                 f"--method {method}'s heads ({given}) hold {trainable:,} trainable parameters at {TRAINABLE_BYTES} bytes "
+                 f"(fp32 weights, gradients and Adam's two moments) and {frozen:,} frozen ones at {FROZEN_BYTES}, which",
+                 after="Give smaller head widths. Nothing was written.")
 
 
 def describe_options(specs: list[OptionSpec]) -> str:

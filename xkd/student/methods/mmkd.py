@@ -48,7 +48,7 @@ from ..text import (
     tokenize_pairs,
 )
 from . import register
-from .base import TEXT_NEED, Method, Need, Plan, option, require, same_width
+from .base import TEXT_NEED, Method, Need, Plan, check_head_memory, option, require, same_width
 
 WORD_NEED = "--hidden-layers L --hidden-positions word"
 WORD_HIDDEN_NEED = Need("hidden.*", WORD_NEED)
@@ -133,6 +133,10 @@ class MMKD(Method):
         # One draw from the global RNG seeds every trainable head, each by its own offset, so
         # that a head starts the same whichever other objectives are switched on.
         base_seed = int(torch.randint(0, 2**31 - 1, ()))
+        objectives = sum(1 for name in ("senta", "struca") if getattr(c, name))
+        check_head_memory(self.name, {"head_hidden": c.head_hidden, "head_out": c.head_out},  # before allocating them
+                          trainable=objectives * (c.head_hidden * (width + 3 * c.head_out) + 2 * c.head_out),
+                          frozen=objectives * c.head_hidden * (plan.cls_width + c.head_out))
 
         def seeded(offset: int, build):
             with torch.random.fork_rng(devices=[]):
