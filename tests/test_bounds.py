@@ -27,6 +27,7 @@ from test_reliability_caches import copy_of, edit_manifest, tree_digest
 from xkd.errors import BadInput
 from xkd.options import machine_memory
 from xkd.pipeline import CacheTeachersOptions, cache_teachers
+from xkd.pipeline.run import usable_cpus
 from xkd.storage.shard import digest_of
 from xkd.student.models import StudentConfig
 from xkd.student.trainer import TrainConfig
@@ -149,6 +150,11 @@ MANIFEST_CASES = {
     "bytes": (bytes_huge, "counts 1,000,000,000,000,000 bytes, but its files add up to"),
     "masked": (masked_huge, "masked positions among only"),
     "max-length": (max_length_huge, "`view.max_length` is 1000000000"),
+    "tokens": (lambda m: shard(0)(m).update(tokens=HUGE), "tokens, more than its 15 rows of at most"),
+    "langs": (lambda m: shard(0)(m).update(langs={"en": 10**12}), "rows by language (`langs`), more than its 15 rows"),
+    "model-vocab-size": (lambda m: m["teacher"].update(model_vocab_size=-5), "`teacher.model_vocab_size` is -5"),
+    "hidden-size": (lambda m: m["teacher"].update(hidden_size=10**9), "`teacher.hidden_size` is 1000000000, not the width"),
+    "example-ids": (lambda m: shard(1)(m).update(example_ids=[0, 10**18]), "`example_ids` [0, 1000000000000000000]"),
 }
 
 
@@ -259,7 +265,8 @@ def oversized_config(directory: Path, **sizes) -> Path:
 
 
 @pytest.mark.parametrize("sizes", [{"vocab_size": 10**9}, {"hidden_size": 10**6, "intermediate_size": 10**6},
-                                   {"num_hidden_layers": 10**6}])
+                                   {"num_hidden_layers": 10**6}, {"num_labels": 10**9},
+                                   {"max_position_embeddings": 10**9}, {"intermediate_size": 10**9}])
 def test_a_config_json_describing_more_than_its_weights_is_refused_before_building(made, tmp_path, sizes):
     """A teacher's (cache-teachers, on the client; build-vocab) and a checkpoint's (--init-from) config.json."""
     teacher = oversized_config(shutil.copytree(made["teacher"], tmp_path / "teacher"), **sizes)
@@ -350,6 +357,8 @@ def test_a_batch_larger_than_the_caches_rows_is_refused_naming_the_rows(made, tm
     (["--shard-size", 10**12], "--shard-size 1000000000000: a shard, built in one worker's memory at once"),
     (["--workers", 10**7], "--workers 10000000: 10,000,000 local worker processes"),
     (["--seed", 10**30], "--seed 1000000000000000000000000000000: give a whole number in [0, "),
+    (["--cpu-threads", 10**6], "--cpu-threads 1000000: give a whole number in [1, 4096]"),  # any scheduler's machine
+    (["--cpu-threads", usable_cpus() + 1], f"give a whole number in [1, {usable_cpus()}] (this machine has"),
 ])
 def test_cache_teachers_options_are_bounded_before_anything_is_read(tmp_path, option, said):
     if option[0] == "--mask-epochs" and option[1] == 60000:

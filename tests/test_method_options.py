@@ -51,11 +51,14 @@ def test_every_option_has_help_a_default_of_its_type_and_the_defaults_parse(name
             base = spec.type_name.split(" ")[0]
             assert type(spec.default).__name__ == base, (name, spec.name, spec.default)
     defaults = method_config(name, {})
-    # Each default, given back as the text a user would type, parses to itself.
+    # Each default, given back as the text a user would type, parses to itself; an option read
+    # only under another option's value (used_when) is given with that value, or it is refused.
     from xkd.student.methods.base import show
 
-    typed = method_config(name, {s.name: show(s.default) for s in specs})
-    assert typed == defaults
+    for s in specs:
+        read = not s.used_when or any(getattr(defaults, other) in allowed for other, allowed in s.used_when)
+        context = {} if read else {s.used_when[0][0]: show(s.used_when[0][1][0])}
+        assert getattr(method_config(name, {**context, s.name: show(s.default)}), s.name) == s.default, (name, s.name)
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -80,8 +83,8 @@ def test_unknown_names_wrong_types_and_out_of_range_values_are_refused_listing_t
 def test_values_parse_to_their_types():
     c = method_config("mergedistill", {"lambda_start": "0.3", "lambda_schedule": "constant"})
     assert c.lambda_start == 0.3 and isinstance(c.lambda_start, float) and c.lambda_schedule == "constant"
-    c = method_config("mmkd", {"xwcl": "off", "xwcl_layer": "none", "max_length": "64"})
-    assert c.xwcl is False and c.xwcl_layer is None and c.max_length == 64
+    c = method_config("mmkd", {"tlm": "off", "xwcl_layer": "none", "max_length": "64"})
+    assert c.tlm is False and c.xwcl_layer is None and c.max_length == 64
     c = method_config("tinybert", {"stage": "2", "gold_weight": "0"})
     assert c.stage == 2 and c.gold_weight == 0.0
     assert math.isclose(method_config("multikd", {"temperature": "8"}).temperature, 8.0)

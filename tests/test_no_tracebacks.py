@@ -412,3 +412,55 @@ def test_build_vocab_on_a_full_disk_is_one_paragraph_naming_out(made, teacher, t
         one_paragraph(r.stderr, 1, r.returncode, target, "File too large", "free space")
     assert not (out / "xkd-vocab.json").exists()
     assert snapshot(made["vocab"]) == before
+
+
+# 8. JSON nested deeper than Python's stack, in any JSON file xkd reads --------------------------
+
+DEEP = "[" * 200_000 + "]" * 200_000  # json raises RecursionError on it, not a JSONDecodeError
+
+
+def deep_json_case(made, teacher, tmp_path, case) -> tuple[Path, list, int]:
+    """(the file made deep, the command that reads it, its exit code)."""
+    if case in ("manifest", "xkd-vocab.json"):
+        copy = shutil.copytree(made["cache"] if case == "manifest" else made["vocab"], tmp_path / "copy")
+        vocab = copy if case == "xkd-vocab.json" else made["vocab"]
+        command = ["train-student", "--method", "mlm", "--caches", copy if case == "manifest" else made["cache"],
+                   "--vocab", vocab, "--out", tmp_path / "student", "--steps", 2, "--batch-size", 4, "--hidden", 32,
+                   "--layers", 1, "--heads", 2]
+        return copy / ("manifest.json" if case == "manifest" else "xkd-vocab.json"), command, 2
+    model = shutil.copytree(teacher, tmp_path / "model")
+    if case == "teacher config.json":
+        return model / "config.json", ["cache-teachers", "--teacher", model, "--corpus", f"text:{made['corpus']}@en",
+                                       "--out", tmp_path / "caches"], 2
+    if case in ("train_summary.json", "xkd_student.json"):  # unreadable: evaluated as a model saved by other means
+        (model / "train_summary.json").write_text("{}")  # a student: evaluate records its result and redraws its card
+        return model / case, ["evaluate", model, "--caches", made["cache"], "--vocab", made["vocab"]], 0
+    if case == "rdt":
+        return tmp_path / "student.json", ["rdt", tmp_path / "student.json", "--teacher", tmp_path / "student.json"], 2
+    (tmp_path / "ws" / "students" / "a").mkdir(parents=True)  # ls --workspace: a student without its summary
+    return tmp_path / "ws" / "students" / "a" / "train_summary.json", ["ls", "--workspace", tmp_path / "ws"], 0
+
+
+@pytest.mark.parametrize("case", ["manifest", "xkd-vocab.json", "teacher config.json", "train_summary.json",
+                                  "xkd_student.json", "rdt", "ls"])
+def test_json_nested_too_deeply_is_a_damaged_file_not_a_traceback(made, teacher, tmp_path, case):
+    file, command, code = deep_json_case(made, teacher, tmp_path, case)
+    file.write_text(DEEP)
+    before = snapshot(made["root"])
+    r = run_xkd(*command, timeout=120)
+    assert r.returncode == code and "Traceback" not in r.stderr + r.stdout, r.stderr[-3000:]
+    if code == 2:
+        one_paragraph(r.stderr, 2, r.returncode, file, "nested too deeply")
+    assert snapshot(made["root"]) == before
+    if case == "manifest":  # verify and inspect read it the same way
+        for other in ("verify", "inspect"):
+            one_paragraph(run_xkd(other, file.parent).stderr, 2, 2, file, "nested too deeply")
+
+
+def test_load_student_tokenizer_on_json_nested_too_deeply_raises_bad_input(tmp_path):
+    from xkd import load_student_tokenizer
+    from xkd.errors import BadInput
+
+    (tmp_path / "xkd_tokenizer.json").write_text(DEEP)
+    with pytest.raises(BadInput, match="xkd_tokenizer.json is not valid JSON"):
+        load_student_tokenizer(tmp_path)

@@ -25,6 +25,7 @@ from test_reliability_training import assert_one_paragraph, env, make_en_hi_setu
 from typer.testing import CliRunner
 
 from xkd.cli import app
+from xkd.storage.untrusted import refuse_out_inside_other_output
 from xkd.vocab import build_vocab, load_vocab
 
 from conftest import VOCABS
@@ -263,8 +264,28 @@ def meta_without_default(vocab: Path):
     return file
 
 
+def delete_one_tokenizer_file(vocab: Path):
+    """tokenizer_config.json left alone still loads (as another tokenizer): only the recorded sha256 tells."""
+    file = next((vocab / "teachers").iterdir()) / "tokenizer.json"
+    file.unlink()
+    return file
+
+
+def add_a_file(vocab: Path):
+    file = next((vocab / "teachers").iterdir()) / "added_tokens.json"
+    file.write_text('{"zzz": 5}')
+    return file
+
+
+def edit_a_tokenizer_config(vocab: Path):
+    file = next((vocab / "teachers").iterdir()) / "tokenizer_config.json"
+    file.write_text(file.read_text().replace('"do_lower_case": true', '"do_lower_case": false'))
+    return file
+
+
 @pytest.mark.parametrize("damage", [damage_map, damage_teacher_tokenizer, damage_union_tokenizer, swap_two_tokens,
-                                    map_out_of_range, meta_without_default])
+                                    map_out_of_range, meta_without_default, delete_one_tokenizer_file, add_a_file,
+                                    edit_a_tokenizer_config])
 def test_a_damaged_vocab_is_refused_before_step_1(setup, tmp_path, damage):
     vocab = tmp_path / "vocab"
     shutil.copytree(setup["vocab"], vocab)
@@ -364,3 +385,70 @@ def test_remap_out_inside_the_vocab_or_a_cache_is_refused(setup, tmp_path):
         assert_one_paragraph(r.output, f"--out {out}")
     assert {cache: tree_sha(cache), vocab: tree_sha(vocab)} == before
     assert not (cache.parent / "manifest.json").exists() and not (vocab / "copy").exists()
+
+
+# 7. train-student --out never is, holds or lies inside an input ----------------------------
+
+
+def test_out_that_is_inside_or_holds_an_input_is_refused_even_with_overwrite(setup, tmp_path):
+    init = tmp_path / "holder" / "init"
+    shutil.copytree(setup["teachers"]["en"], init)
+    caches, vocab = [Path(c) for c in setup["caches"].values()], Path(setup["vocab"])
+    before = {p: tree_sha(p) for p in (init, vocab, *caches)}
+    cases = {init: "--init-from", init / "s": "--init-from", init.parent: "--init-from",
+             caches[0].parent: "--caches", vocab.parent: "--caches", tmp_path / "v" / "..": "--init-from"}
+    for out, option in cases.items():
+        r = invoke("train-student", "--method", "mergedistill", "--caches", caches[0], "--caches", caches[1],
+                   "--vocab", vocab, "--init-from", init, "--out", out, "--steps", 2, "--batch-size", 4, "--overwrite")
+        assert r.exit_code == 2, (out, r.output)
+        assert_one_paragraph(r.output, f"--out {out}", option)
+    assert {p: tree_sha(p) for p in before} == before
+    shutil.copytree(vocab, tmp_path / "vocab-holder" / "vocab")
+    r = invoke(*train_args(setup, tmp_path / "vocab-holder", vocab=tmp_path / "vocab-holder" / "vocab", steps=2))
+    assert r.exit_code == 2, r.output
+    assert_one_paragraph(r.output, "holds the vocab", "--vocab")
+
+
+def test_remap_out_into_a_directory_that_is_not_a_cache_is_refused(setup, tmp_path):
+    cache, vocab = Path(setup["caches"]["en"]), Path(setup["vocab"])
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / "xkd_student.json").write_text("{}")
+    teacher = tmp_path / "teacher"
+    shutil.copytree(setup["teachers"]["en"], teacher)
+    for out in (student, teacher):
+        before = tree_sha(out)
+        r = invoke("remap", cache, "--vocab", vocab, "--out", out)
+        assert r.exit_code == 2, (out, r.output)
+        assert_one_paragraph(r.output, f"--out {out}", "not a cache")
+        assert tree_sha(out) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert invoke("remap", cache, "--vocab", vocab, "--out", empty).exit_code == 0
+    assert invoke("remap", cache, "--vocab", vocab, "--out", empty).exit_code == 0  # a remap resumed or kept
+
+
+def test_cache_teachers_out_in_another_output_is_refused_and_build_vocab_never_deletes_a_cache(setup, tmp_path):
+    vocab = tmp_path / "vocab"
+    shutil.copytree(setup["vocab"], vocab)
+    student = tmp_path / "student"
+    (student / "checkpoints").mkdir(parents=True)
+    (student / "train_summary.json").write_text("{}")  # what a run writes with its first checkpoint
+    teacher = setup["teachers"]["en"]
+    for out in (vocab, vocab / "caches", student / "caches", Path(teacher) / "caches"):
+        r = invoke("cache-teachers", "--teacher", teacher, "--corpus", "sample", "--out", out, "--max-pairs", 4)
+        assert r.exit_code == 2, (out, r.output)
+        assert_one_paragraph(r.output, f"--out {out}")
+        assert out == vocab or not out.exists()  # nothing written
+    # A project folder with a bare config.json or checkpoints/ (no weights beside it) marks no model or run.
+    project = tmp_path / "project"
+    (project / "checkpoints").mkdir(parents=True)
+    (project / "config.json").write_text("{}")
+    refuse_out_inside_other_output(project / "caches", "--out")
+    # A cache that got into a vocab anyway (copied there) is never deleted by a rebuild.
+    shutil.copytree(setup["caches"]["en"], vocab / "caches" / "en")
+    before = tree_sha(vocab)
+    r = invoke(*vocab_args(setup, vocab, setup["teachers"]["en"]))
+    assert r.exit_code == 2, r.output
+    assert_one_paragraph(r.output, f"--out {vocab}", "manifest.json")
+    assert tree_sha(vocab) == before

@@ -83,8 +83,10 @@ def setup(thread_client, tmp_path_factory):
         "test": write(root / "test.tsv", [f"{w}\t{t}" for w, t in zip(words[:4], topics)]),
         "ids": write(root / "ids.tsv", [f"{w}\t{i % 2}" for i, w in enumerate(words)]),
     }
+    (root / "cache-link").symlink_to(cache)  # a second path to the same cache
     return {"root": root, "teacher": teacher, "encoder": encoder, "classifier": classifier, "cache": cache,
-            "vocab": root / "vocab", "student": student, "lines": lines, "mono": mono, "task": task,
+            "cache_link": root / "cache-link", "vocab": root / "vocab", "student": student, "lines": lines, "mono": mono,
+            "task": task,
             "scheduler": thread_client.scheduler.address}
 
 
@@ -108,8 +110,8 @@ def as_is(s):
             "--out", s["root"] / "eval-as-is"]
 
 
-def train(s, shape=True):
-    return ["train-student", "--method", "mergedistill", "--caches", s["cache"], "--vocab", s["vocab"], "--steps", 2,
+def train(s, shape=True, method="mergedistill"):
+    return ["train-student", "--method", method, "--caches", s["cache"], "--vocab", s["vocab"], "--steps", 2,
             "--batch-size", 4, *(["--hidden", 32, "--layers", 1, "--heads", 2] if shape else [])]
 
 
@@ -160,6 +162,30 @@ CASES = {
     "--seed with an unmasked encoder": lambda s: ([*cache(s, "encoder"), "--seed", 3], ("--seed 3", "--mask-prob")),
     "--workers with --scheduler": lambda s: ([*cache(s), "--workers", 2], ("--workers", "--scheduler")),
     "cache --workspace with --out": lambda s: ([*cache(s), "--workspace", s["root"] / "ws"], ("--workspace", "--out")),
+    # a method option that only applies under another option's value (option(used_when=...))
+    "-o lambda_end with lambda_schedule=constant": lambda s: (
+        [*train(s), "-o", "lambda_schedule=constant", "-o", "lambda_end=0.5"], ("lambda_end", "lambda_schedule=constant")),
+    "mlm -o mask_prob with source=cache": lambda s: ([*train(s, method="mlm"), "-o", "mask_prob=0.3"],
+                                                     ("mask_prob", "source=cache", "source=text")),
+    "mlm -o max_length with source=cache": lambda s: ([*train(s, method="mlm"), "-o", "max_length=64"],
+                                                      ("max_length", "source=cache")),
+    # options the caches or the other options give nothing to do
+    "--copies with one cache per corpus": lambda s: ([*train(s), "--copies", "best"], ("--copies best", str(s["cache"]))),
+    "--copies all with one cache per corpus": lambda s: ([*train(s), "--copies", "all"], ("--copies all",)),
+    "--alpha with one language": lambda s: ([*train(s), "--alpha", 0.3], ("--alpha 0.3", "one language (en)")),
+    "--stop-after beyond --steps": lambda s: ([*train(s), "--stop-after", 5], ("--stop-after 5", "--steps 2")),
+    "--stop-after at --steps": lambda s: ([*train(s), "--stop-after", 2], ("--stop-after 2", "--steps 2")),
+    "--save-every beyond --steps": lambda s: ([*train(s), "--save-every", 2], ("--save-every 2", "--steps 2")),
+    "--keep-checkpoints without --save-every": lambda s: ([*train(s), "--keep-checkpoints", 5],
+                                                          ("--keep-checkpoints", "--save-every")),
+    # one cache twice: typed twice, or two paths to one directory
+    "train --caches C C": lambda s: ([*train(s), "--caches", s["cache"]], ("--caches", str(s["cache"]), "twice")),
+    "train --caches C LINK": lambda s: ([*train(s), "--caches", s["cache_link"]], ("--caches", str(s["cache_link"]),
+                                                                                 str(s["cache"]))),
+    "train --caches C C/../C": lambda s: ([*train(s), "--caches", Path(s["cache"]) / ".." / Path(s["cache"]).name],
+                                          ("--caches", "one directory")),
+    "evaluate --caches C C": lambda s: ([*mlm(s), "--caches", s["cache"]], ("--caches", str(s["cache"]), "twice")),
+    "evaluate --caches C LINK": lambda s: ([*mlm(s), "--caches", s["cache_link"]], ("--caches", str(s["cache_link"]))),
 }
 
 
@@ -183,7 +209,8 @@ def test_the_base_commands_run(setup, tmp_path):
     """The control: the base commands of the cases above are sound (exit 0), so a case is
     refused for its pointless option, not for anything else."""
     for args in (mlm(setup), bitext(setup), as_is(setup), [*cache(setup), "--no-mask", "--out", tmp_path / "caches"],
-                 [*train(setup), "--device", "cpu", "--amp", "bf16", "--out", tmp_path / "student"]):
+                 [*train(setup), "--device", "cpu", "--amp", "bf16", "--out", tmp_path / "student"],
+                 [*train(setup, method="mlm"), "--out", tmp_path / "student-mlm"]):
         r = invoke(*args)
         assert r.exit_code == 0, (args, r.output)
 
@@ -235,6 +262,76 @@ def test_device_cuda_without_cuda_is_refused_before_fine_tuning(setup, tmp_path,
     assert r.exit_code == 2, r.output
     assert_refused(r.output, "--device cuda", "--device cpu")
     assert not (tmp_path / "out").exists()
+
+
+def test_mixing_and_checkpoint_options_run_where_they_have_work(setup, thread_client, tmp_path):
+    """The controls of the refusals above: --copies with two teachers' caches of one corpus,
+    --alpha with two languages, --stop-after below --steps, --keep-checkpoints with
+    --save-every, and two caches of one corpus in two directories (not one cache twice)."""
+    again = cache_teacher(thread_client, tmp_path / "again", setup["teacher"], TATOEBA, sides="src", max_pairs=12, topk=8,
+                          shard_size=12)
+    both = cache_teacher(thread_client, tmp_path / "both", setup["teacher"], TATOEBA, sides="both", max_pairs=6, topk=8,
+                         shard_size=12)
+    base = ["train-student", "--method", "mergedistill", "--vocab", setup["vocab"], "--batch-size", 4, "--hidden", 32,
+            "--layers", 1, "--heads", 2]
+    for name, (caches, args) in {
+        "copies": ([setup["cache"], again], ["--copies", "best", "--steps", 2]),
+        "alpha": ([both], ["--alpha", 0.3, "--steps", 2]),
+        "stop-after, keep-checkpoints": ([setup["cache"]], ["--steps", 3, "--stop-after", 2, "--save-every", 1,
+                                                            "--keep-checkpoints", 1]),
+    }.items():
+        r = invoke(*base, *[x for c in caches for x in ("--caches", c)], *args, "--out", tmp_path / name)
+        assert r.exit_code == 0, (name, r.output)
+
+
+# A method option read only under another option's value (declared with option(used_when=...)):
+# given while that value is off, it is refused before any cache is read.
+# (method, options, what the message names, the option with a value that makes it read: accepted)
+METHOD_OPTIONS = [
+    ("mmkd", ["tlm=false", "xwcl=false", "mask_seed=3"], ("mask_seed", "tlm=false", "xwcl=false"), ["tlm=false"]),
+    ("mmkd", ["xwcl=false", "xwcl_tau=0.2"], ("xwcl_tau", "xwcl=false"), []),
+    ("mmkd", ["struca=false", "struca_weight=2"], ("struca_weight", "struca=false"), []),
+    ("mmkd", ["senta=false", "struca=false", "head_out=64"], ("head_out", "senta=false"), ["senta=false"]),
+    ("tinybert", ["stage=2", "kd_target=tail"], ("kd_target", "stage=2"), ["stage=1"]),
+    ("mmkd", ["tlm=false", "xwcl=false", "mask_prob=0.3"], ("mask_prob", "tlm=false"), ["xwcl=true"]),
+    ("multikd", ["branch_layers=2"], ("branch_layers", "student=plain"), ["student=mblm"]),
+    ("xd", ["target=class_logits", "pooling=cls"], ("pooling", "target=class_logits"), ["target=pooled"]),
+    ("mergedistill", ["lambda_schedule=constant", "lambda_end=0"], ("lambda_end", "lambda_schedule=constant"), []),
+]
+
+
+@pytest.mark.parametrize("method, options, names, read", METHOD_OPTIONS)
+def test_a_method_option_that_its_other_options_turn_off_is_refused(setup, tmp_path, method, options, names, read):
+    from xkd.student.methods import method_config
+
+    r = invoke(*train(setup, method=method), *[x for o in options for x in ("-o", o)], "--out", tmp_path / "out")
+    assert r.exit_code == 2, r.output
+    assert_refused(r.output, "--option", f"--method {method}", "not used", *names)
+    assert not (tmp_path / "out").exists()
+    method_config(method, dict(o.split("=") for o in [*read, options[-1]]))  # where it is read, it is accepted
+
+
+@pytest.mark.parametrize("args, names", [
+    (["cache-teachers", "--topk", 8, "--topk", 4], ("--topk 8", "--topk 4")),
+    (["cache-teachers", "--text", "--no-text"], ("--text", "--no-text")),
+    (["cache-teachers", "--max-length=64", "--max-length", 32], ("--max-length 64", "--max-length 32")),
+    (["train-student", "--steps", 3], ("--steps 2", "--steps 3")),  # the base command gives --steps 2
+    (["train-student", "--seed", 1, "--seed", 1], ("--seed 1",)),
+    (["train-student", "--lr", 1e-3, "--lr=2e-3"], ("--lr 0.001", "--lr 2e-3")),
+    (["evaluate", "--mode", "mlm", "--mode", "bitext"], ("--mode mlm", "--mode bitext")),
+    (["build-vocab", "--out", "{tmp}/a", "--out", "{tmp}/b"], ("--out {tmp}/a", "--out {tmp}/b")),
+])
+def test_a_single_valued_option_given_twice_is_refused(setup, tmp_path, args, names):
+    """The real `xkd`: click keeps the last value of a repeated option; xkd refuses it, naming
+    the option and both values, before anything is read (the rest of the command is sound)."""
+    rest = {"cache-teachers": cache(setup)[1:] + ["--out", tmp_path / "out"],
+            "train-student": train(setup)[1:] + ["--out", tmp_path / "out"],
+            "evaluate": [setup["student"], "--caches", setup["cache"]],
+            "build-vocab": ["--teachers", setup["teacher"]]}[args[0]]
+    r = run_xkd(args[0], *rest, *[str(a).format(tmp=tmp_path) for a in args[1:]])
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert_refused(r.stderr, "given twice", *[n.format(tmp=tmp_path) for n in names])
+    assert not any((tmp_path / name).exists() for name in ("out", "a", "b"))
 
 
 # hf: labels follow the labeled-file rule ------------------------------------------------

@@ -413,3 +413,82 @@ def test_an_untouched_student_tokenizer_loads_and_routes(student_tokenizer_dir, 
     tokenizer = load_student_tokenizer(student_tokenizer_dir[0])
     vocab = load_vocab(setup["vocab"])
     assert tokenizer("नमस्ते दुनिया", language="hi")["input_ids"] == vocab.tokenize("नमस्ते दुनिया", "hi").tolist()
+
+
+# 5. Lock files: never written through a link ----------------------------------------------
+
+
+def plant_link(link: Path, victim: Path) -> Path:
+    victim.write_text("not xkd's\n")
+    link.symlink_to(victim)
+    return victim
+
+
+def test_a_lock_planted_as_a_link_is_refused_and_never_written_through(setup, tmp_path):
+    from xkd.storage.writer import CacheWriter
+
+    run = copy_run(setup, tmp_path)
+    vocab = tmp_path / "vocab"
+    shutil.copytree(setup["vocab"], vocab)
+    cache = tmp_path / "cache"
+    cases = {"run": (run / ".lock", lambda: invoke(*train_args(setup, run, "--resume"))),
+             "vocab": (tmp_path / ".vocab.lock",
+                       lambda: invoke("build-vocab", "--teachers", VOCABS / "bert-base-cased.vocab.txt", "--out", vocab,
+                                      "--overwrite"))}
+    for name, (lock, command) in cases.items():
+        victim = plant_link(lock, tmp_path / f"victim-{name}.txt")
+        r = command()
+        assert r.exit_code == 2, (name, r.output)
+        assert_one_paragraph(r.output, lock)
+        assert victim.read_text() == "not xkd's\n", name
+        lock.unlink()
+    # the cache writer's lock (cache-teachers, remap)
+    cache.mkdir()
+    lock = cache / ".lock"
+    victim = plant_link(lock, tmp_path / "victim-cache.txt")
+    with pytest.raises(BadInput, match=str(lock)):
+        with CacheWriter(cache, "key", {}):
+            pass
+    assert victim.read_text() == "not xkd's\n"
+
+
+# 6. A student's model files are loaded from inside it only ---------------------------------
+
+
+@pytest.mark.parametrize("entry", ["model.safetensors", "config.json"])
+def test_a_link_out_of_a_student_is_refused_when_it_is_loaded(setup, tmp_path, entry):
+    out = copy_run(setup, tmp_path)
+    assert invoke(*train_args(setup, out, "--resume")).exit_code == 0
+    outside = tmp_path / f"outside-{entry}"
+    shutil.move(out / entry, outside)
+    (out / entry).symlink_to(outside)
+    before = tree_sha(out)
+    for args in (["evaluate", out, "--caches", setup["caches"][0], "--vocab", setup["vocab"], "--max-rows", 8],
+                 ["train-student", "--method", "mergedistill", "--caches", setup["caches"][0], "--vocab", setup["vocab"],
+                  "--init-from", out, "--out", tmp_path / "next", "--steps", 2, "--batch-size", 4]):
+        r = invoke(*args)
+        assert r.exit_code == 2, (args[0], r.output)
+        assert_one_paragraph(r.output, out / entry, "outside the student directory")
+    assert tree_sha(out) == before and not (tmp_path / "next").exists()
+
+
+# 7. Weights an index lists are checked like the others, and stay in the model's directory ---
+
+
+@pytest.mark.parametrize("listed", ["../outside_evil.bin", "weights-00001-of-00001.bin"])
+def test_a_pickle_reached_through_a_weight_index_never_runs(setup, tmp_path, listed):
+    marker = payload(tmp_path, lambda m: pickle.dumps(CreatesMarker(m)))
+    teacher = tmp_path / "models" / "teacher"
+    shutil.copytree(setup["root"] / "en-teacher", teacher)
+    (teacher / "model.safetensors").unlink()
+    (teacher / listed).write_bytes(pickle.dumps(CreatesMarker(marker)))
+    (teacher / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"bert.embeddings": listed}}))
+    r = invoke("cache-teachers", "--teacher", teacher, "--corpus", "sample", "--out", tmp_path / "caches",
+               "--max-pairs", 4)
+    assert r.exit_code == 2, r.output
+    assert_one_paragraph(r.output, teacher)
+    assert not marker.exists() and not (tmp_path / "caches").exists()
+    # build-vocab reads a teacher's tokenizer (and sizes its weight files): nothing is unpickled
+    r = invoke("build-vocab", "--teachers", teacher, "--out", tmp_path / "vocab")
+    assert r.exit_code in (0, 2) and "Traceback" not in r.output, r.output
+    assert not marker.exists()

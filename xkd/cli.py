@@ -345,6 +345,17 @@ TRAIN_STUDENT_UNUSED = (
     *((name, lambda v, g: "init_from" in g,
        f"shapes a random student, but --init-from starts from a checkpoint and keeps its shape, architecture and "
        f"dropout: leave --{name.replace('_', '-')} out, or leave --init-from out.") for name in _STUDENT_SHAPE),
+    ("stop_after", lambda v, g: 1 <= v["steps"] <= v["stop_after"],
+     lambda v: f"{v['stop_after']} leaves after that many steps of this run, and --steps {v['steps']} ends the run "
+               "first, so it changes nothing: leave --stop-after out, or give fewer steps than --steps."),
+    ("save_every", lambda v, g: 1 <= v["steps"] <= v["save_every"],
+     lambda v: f"{v['save_every']} never comes before --steps {v['steps']} ends the run (the final checkpoint is written "
+               "anyway): leave --save-every out, or give fewer steps than --steps."),
+    # A fresh run without --save-every writes one checkpoint (the final one, or --stop-after's),
+    # so there is nothing to prune; a resumed run prunes those of the runs before it.
+    ("keep_checkpoints", lambda v, g: v["save_every"] == 0 and not v["resume"],
+     "prunes the checkpoints written every --save-every steps, and --save-every is 0: this run writes one checkpoint. "
+     "Leave --keep-checkpoints out, or give --save-every N."),
     _workspace_unused(("caches", "vocab", "out")),
 )
 
@@ -402,6 +413,7 @@ def train_student_cmd(
 ):
     """Train a student from cached teacher outputs, with any registered method."""
     refuse_unused(ctx, TRAIN_STUDENT_UNUSED)
+    given = given_options(ctx)
     from .student.models import StudentConfig
     from .student.run import train_student
     from .student.trainer import TrainConfig
@@ -436,7 +448,9 @@ def train_student_cmd(
                           keep_checkpoints=keep_checkpoints),
         batch_size=batch_size,
         student=student,
-        init_from=init_from, init_teacher=init_teacher, alpha=alpha, copies=copies,
+        # None: not given, so a cache set that cannot use it (one language, one cache per corpus) is no error
+        init_from=init_from, init_teacher=init_teacher, alpha=alpha if "alpha" in given else None,
+        copies=copies if "copies" in given else None,
         method_options=method_options, resume=resume, overwrite=overwrite, device=device, allow_incomplete=allow_incomplete,
     )
     if as_json:
@@ -686,11 +700,45 @@ def ls_cmd(
     emit_json(info) if as_json else typer.echo(format_listing(info))
 
 
+def repeated_option(argv: list[str]) -> tuple[str, str] | None:
+    """(command, one paragraph) when an option that takes one value is given twice: click would
+    keep the last one silently. Options that take several (--caches, -o, --teacher) may repeat."""
+    # By attribute, not isinstance: typer may bring its own click.
+    name = next((t for t in argv if not t.startswith("-")), None)
+    command = getattr(typer.main.get_command(app), "commands", {}).get(name)
+    if command is None:
+        return None
+    params = {opt: p for p in command.params if p.param_type_name == "option" and not p.multiple and p.nargs == 1
+              for opt in (*p.opts, *p.secondary_opts)}
+    takes_value = {opt for opt, p in params.items() if not p.is_flag and not p.count}
+    seen: dict[str, str] = {}
+    tokens = iter(argv[argv.index(name) + 1:])
+    for token in tokens:
+        if token == "--":
+            break
+        flag, has_value, value = token.partition("=") if token.startswith("--") else (token, "", "")
+        if flag not in params:
+            continue
+        if flag in takes_value and not has_value:
+            value = next(tokens, "")
+        typed = f"{flag} {value}" if flag in takes_value else flag
+        param = params[flag].name
+        if param in seen:
+            return name, (f"{seen[param].split(' ')[0]} is given twice ({seen[param]} and {typed}): it takes one value, "
+                          "and the last one would silently win. Give it once.")
+        seen[param] = typed
+    return None
+
+
 def main() -> None:
     from .workspace import spread_multi_value_options
 
     quiet_transformers_by_default()
-    app(args=spread_multi_value_options(sys.argv[1:]), prog_name="xkd")
+    argv = spread_multi_value_options(sys.argv[1:])
+    if repeated := repeated_option(argv):
+        typer.echo(f"xkd {repeated[0]}: error: {repeated[1]}", err=True)
+        raise SystemExit(2)
+    app(args=argv, prog_name="xkd")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import numpy as np
 from .errors import BadInput
 from .finetune import Encoded, Recipe, TaskEncoder, fit, pick_device, predict
 from .metrics import is_bio, rdt, span_f1, token_accuracy
+from .storage.untrusted import parse_json
 from .tasks import TaskSet, read_tasks, task_labels
 
 MODES = ("classify", "tag")
@@ -75,7 +76,7 @@ def model_tokenizer(model_dir: Path, vocab_dir: str | None):
 
     if vocab_dir is None:
         try:
-            trained_with = json.loads((model_dir / "train_summary.json").read_text(encoding="utf-8")).get("vocab")
+            trained_with = parse_json((model_dir / "train_summary.json").read_text(encoding="utf-8")).get("vocab")
         except (OSError, ValueError, AttributeError):  # not an xkd student (or its summary is unreadable)
             trained_with = None
         if trained_with:
@@ -112,7 +113,7 @@ def resolve_model(name: str) -> Path:
 def own_labels(model_dir: Path, mode: str, tests: list[TaskSet]) -> list[str]:
     """--as-is: MODEL's classes in its own id order (config.json id2label), which the test
     data's labels must be. Unnamed classes (LABEL_0, ...) are the class ids 0, 1, ...."""
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    config = parse_json((model_dir / "config.json").read_text(encoding="utf-8"))
     head = "ForSequenceClassification" if mode == "classify" else "ForTokenClassification"
     if not any(a.endswith(head) for a in config.get("architectures") or []):
         raise BadInput(f"--as-is: MODEL {model_dir} is a {', '.join(config.get('architectures') or ['model'])}, not a "
@@ -280,9 +281,9 @@ def _read_result(item: str, option: str) -> tuple[str, dict, list[str] | None]:
     try:
         text = file.read_text(encoding="utf-8")
         try:
-            result = json.loads(text)  # a results.json
+            result = parse_json(text)  # a results.json
         except ValueError:  # captured stdout of --json: the object is its last line
-            result = json.loads([line for line in text.split("\n") if line.strip()][-1])
+            result = parse_json([line for line in text.split("\n") if line.strip()][-1])
     except (ValueError, IndexError, UnicodeDecodeError) as e:
         raise BadInput(f"{option} {item!r}: {file} is not the JSON of an xkd evaluation ({e}).") from None
     if not isinstance(result, dict) or "metric" not in result:

@@ -1,7 +1,8 @@
 """Is a saved model's weight file whole? Checked from headers and sizes alone (cheap), before
 a teacher goes to the dask workers or a student is loaded: a truncated download otherwise
 surfaces as a deserialisation traceback deep in transformers (or, on workers, as retries).
-A leaf, shared by the pipeline (teachers) and the students; it imports nothing of xkd.
+A leaf, shared by the pipeline (teachers) and the students; it imports nothing of xkd but the
+JSON parser for untrusted files (storage.untrusted, itself a leaf).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import math
 import re
 import zipfile
 from pathlib import Path
+
+from .storage.untrusted import parse_json
 
 # Bytes per element of each safetensors dtype.
 SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2,
@@ -29,7 +32,7 @@ def safetensors_problem(file: Path) -> str | None:
         if n > size - 8:
             return f"its header should take {n:,} bytes but the file has {size:,}"
         try:
-            header = json.loads(f.read(n).decode("utf-8"))
+            header = parse_json(f.read(n).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             return f"its header is not valid JSON ({e})"
     end = 0
@@ -77,21 +80,44 @@ def weights_problem(path: Path) -> tuple[Path, str] | None:
             return file, problem
     for file in sorted(path.glob("*.index.json")):
         try:
-            index = json.loads(file.read_text(encoding="utf-8"))
+            index = parse_json(file.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             return file, f"it is not valid JSON ({e})"
         shards = set((index.get("weight_map") or {}).values()) if isinstance(index, dict) else set()
+        outside = sorted(str(s) for s in shards if not _inside(path, path / str(s)))
+        if outside:  # transformers would load (and unpickle) whatever the entry points to
+            return file, (f"it names weight files outside {path}: {', '.join(outside[:3])}; a model's weights are "
+                          "loaded from its own directory only")
         missing = sorted(s for s in shards if not (path / str(s)).is_file())
         if missing:
             return file, f"it names weight files that are not there: {', '.join(missing[:3])}"
     return None
 
 
+def _inside(root: Path, path: Path) -> bool:
+    root, path = root.resolve(), path.resolve()
+    return path == root or root in path.parents
+
+
+def _index_listed(path: Path) -> list[Path]:
+    """The weight files an index (*.index.json) lists: a sharded model's, whatever their names."""
+    listed = set()
+    for file in path.glob("*.index.json"):
+        try:
+            index = parse_json(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue  # weights_problem names a damaged index
+        if isinstance(index, dict) and isinstance(index.get("weight_map"), dict):
+            listed.update(path / str(name) for name in index["weight_map"].values())
+    return sorted(listed)
+
+
 def loaded_weight_files(path: Path) -> list[Path]:
     """The weight files transformers loads from a saved-model directory: the safetensors ones
     when there are any (it then ignores *.bin), else the PyTorch ones."""
     path = Path(path)
-    return sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    found = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    return sorted({*found, *(f for f in _index_listed(path) if f.is_file() and _inside(path, f))})
 
 
 def safe_load_problem(path: Path) -> tuple[Path, str] | None:
@@ -130,7 +156,7 @@ def custom_code_problem(path: Path) -> tuple[Path, str] | None:
     for name in ("config.json", "tokenizer_config.json"):
         file = Path(path) / name
         try:
-            config = json.loads(file.read_text(encoding="utf-8"))
+            config = parse_json(file.read_text(encoding="utf-8"))
         except (OSError, ValueError):  # absent or unreadable: the readers of the file say so
             continue
         if isinstance(config, dict) and config.get("auto_map"):
@@ -153,24 +179,34 @@ def config_size_problem(path: Path, config: dict) -> str | None:
     """config.json's sizes against what the weight files can hold, in words, or None.
 
     transformers builds a model from its config, allocating every matrix, before it loads
-    the weights into it: a config claiming a vocab_size of 10**9 or a hidden_size of 10**6
-    died in the allocator (or swapped the machine to a halt). A model stores at least its
-    embedding matrix (vocab x embedding width) and four width x width attention matrices per
-    distinct layer, and no weight takes less than half a byte (4-bit packing)."""
+    the weights into it: a config claiming a vocab_size of 10**9, a hidden_size of 10**6 or
+    num_labels of 10**9 died in the allocator (or swapped the machine to a halt). So every
+    number that sizes a matrix counts: the embeddings (vocab, positions and token types x
+    embedding width), per distinct layer four width x width attention matrices and two
+    width x intermediate ones, and the classifier head (num_labels x width). No weight takes
+    less than half a byte (4-bit packing)."""
     files = loaded_weight_files(path)
     if not files:
         return None  # no weights: the readers of the directory say so
     stored = sum(f.stat().st_size for f in files)
     width = _size(config, "hidden_size", "dim", "d_model")
     embedding = _size(config, "embedding_size") or width
-    vocab = _size(config, "vocab_size")
     layers = _size(config, "num_hidden_groups", "num_hidden_layers", "n_layers")
-    implied = vocab * embedding + layers * 4 * width * width
+    intermediate = _size(config, "intermediate_size", "hidden_dim", "d_ff", "ffn_dim")  # DistilBERT: hidden_dim
+    matrices = [(f"vocab_size {_size(config, 'vocab_size'):,}", _size(config, "vocab_size"), embedding),
+                (f"max_position_embeddings {_size(config, 'max_position_embeddings', 'n_positions'):,}",
+                 _size(config, "max_position_embeddings", "n_positions"), embedding),
+                (f"type_vocab_size {_size(config, 'type_vocab_size'):,}", _size(config, "type_vocab_size"), embedding),
+                (f"num_labels {_size(config, 'num_labels'):,}", _size(config, "num_labels"), width),
+                (f"{layers:,} layer(s) of 4 x width", layers * 4 * width, width),
+                (f"{layers:,} layer(s) of 2 x intermediate_size {intermediate:,}", layers * 2 * intermediate, width)]
+    implied = sum(rows * columns for _, rows, columns in matrices)
     if implied <= 2 * stored:
         return None
-    return (f"its config.json describes a model of at least {implied:,} weights (vocab_size {vocab:,} x embedding width "
-            f"{embedding:,}, plus {layers:,} layer(s) of width {width:,}), but its weight files hold {stored:,} bytes, "
-            f"at most {2 * stored:,} weights: the config does not belong to these weights")
+    largest = sorted((rows * columns, f"{what} x width {columns:,}") for what, rows, columns in matrices if rows)[::-1]
+    return (f"its config.json describes a model of at least {implied:,} weights (largest: "
+            f"{'; '.join(what for _, what in largest[:3])}), but its weight files hold {stored:,} bytes, at most "
+            f"{2 * stored:,} weights: the config does not belong to these weights")
 
 
 def load_error_reason(error: Exception) -> str:

@@ -130,6 +130,15 @@ def expand_cache_paths(values: list[str]) -> list[str]:
             out.extend(matches)
         else:
             out.append(value)
+    # One cache twice (typed twice, or two paths to one directory) would weigh its rows double
+    # in training and be scored twice by evaluate.
+    seen: dict[Path, str] = {}
+    for value in out:
+        resolved = Path(value).expanduser().resolve()
+        if resolved in seen:
+            same = "is given twice" if seen[resolved] == value else f"and --caches {seen[resolved]} are one directory"
+            raise BadInput(f"--caches {value} {same} ({resolved}): each cache would count twice. Give each cache once.")
+        seen[resolved] = value
     return out
 
 

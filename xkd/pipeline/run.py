@@ -32,6 +32,7 @@ from ..names import parse_corpus, resolve_teacher
 from ..options import check_memory, check_number, machine_memory, size_in_words
 from ..storage import CacheWriter, cache_key, outputs_json, read_manifest
 from ..storage.manifest import MAX_MASK_EPOCHS, MAX_SHARDS
+from ..storage.untrusted import refuse_out_inside_other_output
 from .corpus import Cleaning, CorpusPlan, plan_corpus
 from .masking import MaskConfig
 from .teachers import (
@@ -110,6 +111,9 @@ class Interrupted(XkdError):
     exit_code = 130
 
 
+# Torch threads per worker on another scheduler's machines, whose cores the client cannot count:
+# more than any one machine has (a huge count dies in every worker's allocator).
+MAX_CPU_THREADS = 4096
 # Every numeric option: (field, low, high, hint); all whole numbers but --mask-prob. Checked
 # on the client before anything is read or started, so a bad value never reaches a worker.
 NUMERIC_OPTIONS = (
@@ -123,7 +127,7 @@ NUMERIC_OPTIONS = (
     ("shard_size", 1, None, "examples per shard"),
     ("token_budget", 1, None, "padded tokens per batch"),
     ("workers", 1, None, "local worker processes; leave it out for the default"),
-    ("cpu_threads", 1, None, "torch threads per worker; leave it out for the default"),
+    ("cpu_threads", 1, MAX_CPU_THREADS, "torch threads per worker; leave it out for the default"),
 )
 
 
@@ -135,6 +139,11 @@ def check_options(opts: "CacheTeachersOptions") -> None:
     for name, low, high, hint in NUMERIC_OPTIONS:
         if getattr(opts, name) is not None:
             check_number("--" + name.replace("_", "-"), getattr(opts, name), low=low, high=high, whole=True, hint=hint)
+    if opts.cpu_threads is not None and opts.scheduler == "local":
+        # More torch threads than cores only contend, and 1,000,000 killed every worker with a
+        # MemoryError (a thread pool that size): a local cluster's workers share this machine's cores.
+        check_number("--cpu-threads", opts.cpu_threads, low=1, high=usable_cpus(), whole=True,
+                     hint=f"this machine has {usable_cpus()} usable cores; leave it out to share them among the workers")
     choices = (("sides", "--sides", SIDES), ("hidden_positions", "--hidden-positions", tuple(HIDDEN_POSITIONS)),
                ("dtype", "--dtype", DTYPES))
     for name, option, allowed in choices:
@@ -145,6 +154,7 @@ def check_options(opts: "CacheTeachersOptions") -> None:
         bad = [v for v in layers if not isinstance(v, int) or isinstance(v, bool)]
         if bad:
             raise BadInput(f"{option} {bad}: layers are whole numbers, e.g. {option} 3,6.")
+    refuse_out_inside_other_output(Path(opts.out), "--out")
     check_implied_memory(opts)
 
 

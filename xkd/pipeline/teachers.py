@@ -31,6 +31,7 @@ from ..names import ResolvedTeacher
 from ..segments import takes_token_types
 from ..storage import DenseSpec
 from ..storage.shard import sha256_file
+from ..storage.untrusted import parse_json
 from ..weights import config_size_problem, custom_code_problem, safe_load_problem, weights_problem
 from .batching import PaddedBatch
 from .masking import Vocabulary
@@ -66,7 +67,7 @@ class TeacherLoadFailed(BadInput):
 def read_json(file: Path, what: str) -> object:
     """A JSON file of a teacher directory, or one paragraph naming the file and the line."""
     try:
-        return json.loads(file.read_bytes().decode("utf-8"))
+        return parse_json(file.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadInput(f"teacher {what}: {file} is not valid JSON ({e}). {DAMAGED}") from None
 
@@ -87,6 +88,8 @@ def read_config(path: Path, name: str) -> dict:
     config = read_json(file, repr(name))
     if not isinstance(config, dict):
         raise BadInput(f"teacher {name!r}: {file} holds {type(config).__name__}, not a JSON object. {DAMAGED}")
+    if (oversized := config_size_problem(path, config)) is not None:  # before AutoConfig: it allocates num_labels names
+        raise BadInput(f"teacher {name!r}: {file}: {oversized}. {DAMAGED}")
     from transformers import AutoConfig
 
     try:
@@ -277,8 +280,6 @@ def describe_teacher(resolved: ResolvedTeacher) -> TeacherSpec:
             raise BadInput(f"teacher {resolved.name!r}: downloading {resolved.model_id} failed ({e}).") from None
     config = read_config(path, resolved.name)
     check_weight_files(path, resolved.name)
-    if (oversized := config_size_problem(path, config)) is not None:  # before any worker builds it
-        raise BadInput(f"teacher {resolved.name!r}: {path / 'config.json'}: {oversized}. {DAMAGED}")
     kind = kind_of(config)
     tokenizer = load_tokenizer(path)
     max_positions = int(config.get("max_position_embeddings", 512))

@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ import numpy as np
 from ..errors import BadInput, XkdError
 from .completeness import finish_command
 from .schema import ALIGNS, CODECS, LAYOUTS, SCHEMA_VERSION
+from .untrusted import parse_json
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
@@ -83,7 +85,7 @@ def read_manifest(root: str | os.PathLike) -> dict:
                 hint = " It contains caches: " + ", ".join(str(p) for p in found) + "."
         raise BadInput(f"{root} is not an xkd cache: it has no {MANIFEST}.{hint}")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = parse_json(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadInput(f"{path} is not valid JSON ({e}). {_restore(root, None)}") from None
     except OSError as e:
@@ -136,6 +138,9 @@ MAX_MASK_EPOCHS = 2**16
 MAX_EXPANSION = 2**16
 # Tokens per row: segment starts are stored as uint16 (cache-teachers' --max-length bound).
 MAX_LENGTH = 65535
+# Token ids (top-k ids) are stored as uint32; no transformer is wider than 2**16.
+MAX_TOKEN_ID = 2**32
+MAX_WIDTH = 2**16
 
 
 def _counts_problem(manifest: dict) -> str | None:
@@ -170,15 +175,43 @@ def _counts_problem(manifest: dict) -> str | None:
     epochs = (view.get("mask") or {}).get("epochs", 1) if isinstance(view.get("mask"), dict) else 1
     if not (_is_int(epochs, 1) and epochs <= MAX_MASK_EPOCHS):
         return f"`view.mask.epochs` is {epochs!r}, not a count from 1 to {MAX_MASK_EPOCHS:,} (mask_epoch is stored as uint16)"
+    return _teacher_sizes_problem(manifest.get("teacher") or {}, (manifest.get("outputs") or {}).get("dense") or {})
+
+
+def _teacher_sizes_problem(teacher: dict, dense: dict) -> str | None:
+    """The teacher's sizes that readers size tables and heads by: its vocabulary (the map from
+    its ids to the student's has a row per id) and its width (a method's projection to it)."""
+    vocab = teacher.get("model_vocab_size")
+    if vocab is not None and not (_is_int(vocab, 1) and vocab <= MAX_TOKEN_ID):
+        return f"`teacher.model_vocab_size` is {vocab!r}, not a vocabulary size from 1 to {MAX_TOKEN_ID:,} (ids are uint32)"
+    width = teacher.get("hidden_size")
+    stored = {spec.get("dim") for name, spec in dense.items()  # hidden states and sentence vectors are teacher-wide
+              if isinstance(spec, dict) and not name.startswith("attn.") and name != "class_logits"}
+    if width is not None and not (_is_int(width, 1) and (width in stored if stored else width <= MAX_WIDTH)):
+        bound = f"the width {sorted(stored)} of its dense outputs" if stored else f"a width from 1 to {MAX_WIDTH:,}"
+        return f"`teacher.hidden_size` is {width!r}, not {bound}"
     return None
 
 
-def _shard_counts_problem(where: str, record: dict) -> str | None:
-    """A finished shard's counts against each other and its file list (see _counts_problem)."""
+def _shard_counts_problem(where: str, record: dict, manifest: dict) -> str | None:
+    """A finished shard's counts against each other, its file list and the view's numbers (see
+    _counts_problem)."""
     if record["id"] >= MAX_SHARDS:
         return f"{where} has id {record['id']:,}, beyond the {MAX_SHARDS:,} shards a cache can hold"
     if record["masked"] > record["tokens"]:
         return f"{where} has {record['masked']:,} masked positions among only {record['tokens']:,} tokens"
+    max_length = (manifest.get("view") or {}).get("max_length") or MAX_LENGTH  # checked by _counts_problem
+    if record["tokens"] > record["rows"] * max_length:
+        return (f"{where} has {record['tokens']:,} tokens, more than its {record['rows']:,} rows of at most "
+                f"{max_length:,} tokens hold")
+    in_langs = sum((record.get("langs") or {}).values())
+    if in_langs > record["rows"]:  # at most: rows against the Parquet footer are the reader's check, below
+        return f"{where} counts {in_langs:,} rows by language (`langs`), more than its {record['rows']:,} rows"
+    ids, records = record.get("example_ids"), (manifest.get("corpus") or {}).get("records")
+    if ids is not None and not (isinstance(ids, list) and len(ids) == 2 and all(_is_int(i) for i in ids)
+                                and ids[0] <= ids[1] and (records is None or ids[1] < records)):
+        return (f"{where} has `example_ids` {ids!r}, not [first, last] of the corpus's "
+                f"{f'{records:,} ' if records is not None else ''}records")
     on_disk = sum(size for size, _ in record["files"].values())
     if record["bytes"] != on_disk:
         return f"{where} counts {record['bytes']:,} bytes, but its files add up to {on_disk:,}"
@@ -231,7 +264,7 @@ def manifest_problem(manifest: dict) -> str | None:
             value = record.get(field)
             if value is not None and not (isinstance(value, dict) and all(_is_int(v) for v in value.values())):
                 return f"{where} has a `{field}` that is not an object of counts"
-        problem = _shard_counts_problem(where, record) or _dense_size_problem(where, record, manifest)
+        problem = _shard_counts_problem(where, record, manifest) or _dense_size_problem(where, record, manifest)
         if problem:
             return problem
     return None
@@ -305,7 +338,7 @@ class DirLock:
 
     def acquire(self) -> "DirLock":
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -324,6 +357,26 @@ class DirLock:
         os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode())
         self._fd = fd
         return self
+
+    def _open(self) -> int:
+        """Open (or create) the lock file itself, never what a link or a second name leads to:
+        acquire writes "pid N on host" into it, which written through a planted link (or a hard
+        link) would overwrite a file outside the run."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            fd = None
+        if fd is not None:
+            info = os.fstat(fd)
+            if stat.S_ISREG(info.st_mode) and info.st_nlink <= 1:  # 0: the previous holder removed it (acquire retries)
+                return fd
+            os.close(fd)
+        raise BadInput(
+            f"{self.path} is a link or not a plain file, where xkd keeps its lock file; xkd writes into its lock, "
+            "so it never opens one that leads elsewhere (writing through it would change a file outside this "
+            f"directory). Check what {self.path} points to, remove it (rm {self.path}), and run again.")
 
     def holder(self) -> str:
         """Who holds the lock, as its file says ("unknown" in the instant before it says)."""

@@ -6,7 +6,6 @@ shard plus the matching slices of its dense arrays); per-example dicts are views
 
 from __future__ import annotations
 
-import json
 import os
 from collections import OrderedDict
 from functools import cached_property
@@ -21,6 +20,7 @@ from .completeness import completeness, finish_command, incomplete_message
 from .manifest import MAX_EXPANSION, SHARDS, read_manifest
 from .schema import RAGGED_COLUMNS, DenseSpec, Ragged, key_counts, pack_keys, ragged_from_arrow, unpack_keys
 from .shard import ZARR_CHUNK_BYTES, digest_of, parquet_path, sha256_file, zarr_path
+from .untrusted import parse_json
 
 _OPEN_FILES = 8  # open Parquet/Zarr handles kept per cache
 
@@ -66,7 +66,7 @@ class DirectArray:
         """The array at `path` when its chunks are raw values + CRC32C, else None."""
         if google_crc32c is None:
             return None
-        meta = json.loads((path / "zarr.json").read_text())
+        meta = parse_json((path / "zarr.json").read_text())
         codecs = [c.get("name") for c in meta.get("codecs") or []]
         endian = ((meta.get("codecs") or [{}])[0].get("configuration") or {}).get("endian", "little")
         grid = meta.get("chunk_grid") or {}
@@ -236,7 +236,7 @@ class Cache:
             return
         spec = self.dense_specs[parts[1]]
         try:
-            shape = tuple(json.loads(path.read_bytes()).get("shape") or ())
+            shape = tuple(parse_json(path.read_bytes()).get("shape") or ())
         except (ValueError, AttributeError):
             shape = None
         width = () if spec.layout == "keys" else (spec.dim,)

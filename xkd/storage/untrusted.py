@@ -7,6 +7,7 @@ Here, in storage, because every layer uses it and storage imports nothing of xkd
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -16,6 +17,16 @@ import numpy as np
 from ..errors import BadInput
 
 POLICY = 'docs/reliability.md, "Untrusted files"'
+
+
+def parse_json(text: str | bytes) -> object:
+    """json.loads for text read from a file xkd may not have written. A document nested deeper than
+    Python's stack (`[[[[...]]]]`) raises RecursionError in json; here it is a json.JSONDecodeError
+    (a ValueError) like any other malformed file, so the caller's message names the file."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("arrays or objects nested too deeply to read", "", 0) from None
 
 
 def is_inside(root: Path, path: Path) -> bool:
@@ -44,6 +55,28 @@ def refuse_links_out(root: Path, kind: str, under: Path | None = None) -> None:
             entry = Path(top) / name
             if entry.is_symlink():
                 require_inside(root, entry, kind)
+
+
+# What marks a directory xkd (or a model's author) wrote for something else: a cache written
+# into one would mix with its files, and the owner's next --overwrite would delete the cache.
+# Files only xkd writes, and a model's config beside its weights: a bare config.json or a
+# checkpoints/ folder higher up (a home directory, a project) marks nothing.
+OTHER_OUTPUTS = ((("xkd-vocab.json",), "a vocab"), (("xkd_student.json",), "a student"),
+                 (("train_summary.json",), "a student run"),
+                 (("config.json", "model.safetensors"), "a model (teacher or student)"),
+                 (("config.json", "pytorch_model.bin"), "a model (teacher or student)"))
+
+
+def refuse_out_inside_other_output(out: Path, option: str, markers=OTHER_OUTPUTS) -> None:
+    """Refuse an `option` directory that is, or lies inside, a directory of another kind."""
+    resolved = Path(out).resolve()
+    for parent in (resolved, *resolved.parents):
+        for files, kind in markers:
+            if all((parent / name).exists() for name in files):
+                raise BadInput(
+                    f"{option} {out} is {'' if parent == resolved else 'inside '}{parent}, the directory of {kind} (it "
+                    f"holds {' and '.join(files)}): what is written there would mix with its files, and rebuilding it "
+                    f"(e.g. with --overwrite) would delete them. Give a directory of its own (e.g. caches/).")
 
 
 def refuse_links(root: Path, names, kind: str) -> None:

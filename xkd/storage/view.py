@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .schema import DenseSpec
+from .untrusted import parse_json
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,6 @@ def _teacher_labels(teacher: dict) -> tuple[str, ...] | None:
     if labels is None and teacher.get("kind") == "classifier":
         config = Path(str(teacher.get("path") or "")) / "config.json"
         if config.is_file():
-            id2label = json.loads(config.read_text()).get("id2label") or {}
+            id2label = parse_json(config.read_text()).get("id2label") or {}
             labels = [id2label[k] for k in sorted(id2label, key=int)]
     return tuple(str(x) for x in labels) if labels else None

@@ -11,7 +11,6 @@ which `xkd evaluate --mode classify|tag` then `xkd rdt` compute (xkd/downstream.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from ..errors import BadInput
 from ..options import check_number
 from ..pooling import MODES as POOLINGS, pool_tokens
+from ..storage.untrusted import parse_json
 from .data import _block_rows, _concat_rows, _remap_rows, _take_rows, num_rows
 from .export import evaluation_key, record_evaluation, trained_sentence_head
 from .methods.base import collate_masked_lm, masked_log_probs
@@ -53,7 +53,7 @@ def check_student_vocab(path: Path, config: dict, vocab) -> None:
     """The student's vocabulary is the union `vocab`: the same size and, where the student's
     train_summary.json records it, the same union (hash)."""
     try:
-        summary = json.loads((path / "train_summary.json").read_text(encoding="utf-8"))
+        summary = parse_json((path / "train_summary.json").read_text(encoding="utf-8"))
         summary = summary if isinstance(summary, dict) else {}
     except (OSError, ValueError):
         summary = {}  # a student saved by other means: its size is all there is to compare

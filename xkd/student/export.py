@@ -32,7 +32,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..storage.manifest import atomic_write_bytes
-from ..storage.untrusted import remove_tree
+from ..storage.untrusted import parse_json, remove_tree
 
 STUDENT_INFO = "xkd_student.json"
 EVALUATION = "evaluation.json"
@@ -152,7 +152,7 @@ def read_json(path: Path):
     """A JSON file's content, or None when it is missing or unreadable (a card is drawn from
     what there is)."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return parse_json(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from ..errors import BadInput
 from ..options import check_memory, check_number, machine_memory
 from ..segments import takes_token_types
+from ..storage.untrusted import parse_json, refuse_links_out
 from ..weights import config_size_problem, custom_code_problem, load_error_reason, safe_load_problem, weights_problem
 
 ARCHITECTURES = ("bert", "xlm-roberta")  # StudentConfig.architecture, train-student --architecture
@@ -102,11 +102,14 @@ def check_model_dir(path, what: str) -> dict:
     whole: a truncated weights file otherwise surfaces as a deserialisation traceback deep in
     transformers. `what` names the option or argument in the message."""
     path = Path(path)
+    if any((path / name).is_file() for name in ("xkd_student.json", "train_summary.json")):
+        # A student xkd wrote: what is loaded from it stays inside it, as for its tokenizer.
+        refuse_links_out(path, "student directory")
     config_path = path / "config.json"
     if not config_path.is_file():
         raise BadInput(f"{what} {path} is not a saved model (no config.json): give a directory that save_pretrained wrote.")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = parse_json(config_path.read_text(encoding="utf-8"))
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as e:
@@ -342,7 +345,7 @@ def _copy_head(model, init_from: str, num_labels: int) -> None:
     from ..names import resolve_teacher
 
     path = resolve_teacher(init_from).path
-    config = json.loads((Path(path) / "config.json").read_text())
+    config = parse_json((Path(path) / "config.json").read_text())
     source_is_classifier = any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
     if source_is_classifier and len(config.get("id2label") or {}) == num_labels:
         source = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)

@@ -43,6 +43,24 @@ def open_caches(paths, allow_incomplete: bool = False, warn=None) -> list:
     return opened
 
 
+def check_mixing_options(caches, alpha: float | None, copies: str | None) -> None:
+    """--alpha weighs languages against each other and --copies chooses among several teachers'
+    copies of one example (one corpus, one side: data._scan): given for caches with one language,
+    or with no two caches of one corpus and side, they would change nothing."""
+    from ..storage import view_of
+
+    views = [view_of(c) for c in caches]
+    languages = {lang for v in views for lang in v.languages}
+    if alpha is not None and len(languages) == 1 and all(v.languages for v in views):
+        raise BadInput(f"--alpha {alpha:g} weighs languages against each other, and the caches hold one language "
+                       f"({languages.pop()}): it changes nothing. Leave --alpha out, or add caches of other languages.")
+    keys = [(v.corpus, side) for v in views for side in set(v.sides)]
+    if copies is not None and len(keys) == len(set(keys)):
+        raise BadInput(f"--copies {copies} chooses among several teachers' copies of one example, and no two of the "
+                       f"{len(views)} cache(s) given hold the same corpus and side ({', '.join(str(v.path) for v in views)}): "
+                       "it changes nothing. Leave --copies out, or add another teacher's cache of the same corpus.")
+
+
 def check_batch_size(batch_size: int, caches) -> None:
     """A batch holds at most the rows the caches hold: a larger one repeats rows within the
     batch, and one of 100000 on 120 rows died in the allocator. The rows are counted from
@@ -90,8 +108,8 @@ def train_student(
     student: StudentConfig = StudentConfig(),
     init_from: str | None = None,
     init_teacher: str | None = None,
-    alpha: float = 0.7,
-    copies: str = "all",
+    alpha: float | None = None,
+    copies: str | None = None,
     method_options: dict | None = None,
     resume: bool = False,
     device: str | None = None,
@@ -101,14 +119,17 @@ def train_student(
     from ..vocab import StudentTokenizer, load_vocab
 
     # Every option is checked before anything is read or written (TrainConfig and
-    # StudentConfig check theirs when they are made).
+    # StudentConfig check theirs when they are made). alpha and copies are None when not
+    # given: then caches that give them nothing to do are no error (check_mixing_options).
+    alpha_given, copies_given = alpha is not None, copies is not None
+    alpha, copies = 0.7 if alpha is None else alpha, "all" if copies is None else copies
     check_number("--batch-size", batch_size, low=1, whole=True)
     check_number("--alpha", alpha, low=0, high=1, hint="q_l ∝ p_l^alpha: 1 samples languages by size, 0 uniformly")
     if copies not in ("all", "best"):
         raise BadInput(f"--copies must be 'all' or 'best', not {copies!r}")
     check_device(device)
     amp_dtype(train.amp, device)  # an --amp that cannot apply on this device is refused, not dropped
-    check_out(out, caches, vocab_dir, resume=resume, overwrite=overwrite)
+    check_out(out, caches, vocab_dir, resume=resume, overwrite=overwrite, init_from=init_from)
     config = method_config(method, method_options or {})  # bad options fail before anything is opened
     rank, world = distributed_context()
     check_number("--steps", train.steps, low=1, high=(2**63 - 1) // (batch_size * train.grad_accum * world), whole=True,
@@ -119,6 +140,7 @@ def train_student(
     claim, start = claim_out(Path(out), resume=resume, overwrite=overwrite, rank=rank, world=world)
     try:
         opened = open_caches(caches, allow_incomplete, warn=None if rank == 0 else (lambda msg: None))
+        check_mixing_options(opened, alpha if alpha_given else None, copies if copies_given else None)
         vocab = load_vocab(vocab_dir)
         vocab.check_whole()  # a damaged vocab would fail only at the save, after every step
         seed_everything(train.seed)
@@ -170,22 +192,27 @@ def train_student(
         claim.release()
 
 
-def check_out(out: str, caches: list[str], vocab_dir: str, *, resume: bool, overwrite: bool) -> None:
-    """--out, before anything is read: not a cache, inside one or the vocab (a student written
-    there would mix with what it learns from), a directory that can be made and written, and
-    not someone else's results unless --resume or --overwrite says what to do with them."""
+def check_out(out: str, caches: list[str], vocab_dir: str, *, resume: bool, overwrite: bool,
+              init_from: str | None = None) -> None:
+    """--out, before anything is read: not an input (a cache, the vocab, the --init-from
+    directory), inside one or holding one (a student written there would mix with what it
+    learns from, and --overwrite would remove it), a directory that can be made and written,
+    and not someone else's results unless --resume or --overwrite says what to do with them."""
     path = Path(out)
     if resume and overwrite:
         raise BadInput("--resume continues the run in --out and --overwrite replaces it: give one of them.")
     resolved = path.resolve()
-    vocab = Path(vocab_dir).resolve()
-    for given in caches:
-        if resolved == Path(given).resolve():
-            raise BadInput(f"--out {out} is the cache given with --caches {given}: the student would be written into "
-                           "the cache it learns from. Give another --out (e.g. students/NAME).")
-    if resolved == vocab or vocab in resolved.parents:
-        raise BadInput(f"--out {out} is {'the' if resolved == vocab else 'inside the'} vocab given with --vocab "
-                       f"{vocab_dir}: give another --out (e.g. students/NAME).")
+    inputs = [*(("cache", "--caches", given) for given in caches), ("vocab", "--vocab", vocab_dir)]
+    if init_from is not None and Path(init_from).is_dir():  # else a teacher's name, not a directory here
+        inputs.append(("checkpoint", "--init-from", init_from))
+    for what, option, given in inputs:
+        input_dir = Path(given).resolve()
+        where = ("is" if resolved == input_dir else "is inside" if input_dir in resolved.parents
+                 else "holds" if resolved in input_dir.parents else None)
+        if where:
+            raise BadInput(f"--out {out} {where} the {what} given with {option} {given}: the student would be written "
+                           "among what it learns from (and --overwrite would remove or replace it). Give another --out "
+                           "(e.g. students/NAME).")
     for parent in (resolved, *resolved.parents):
         if (parent / "manifest.json").is_file():
             raise BadInput(f"--out {out} is {'a' if parent == resolved else 'inside the'} cache directory {parent} "

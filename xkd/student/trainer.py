@@ -42,7 +42,7 @@ import torch.distributed as dist
 from ..errors import BadInput, XkdError
 from ..options import check_memory, check_number, machine_memory, size_in_words
 from ..storage.manifest import atomic_write_bytes, fsync_dir
-from ..storage.untrusted import POLICY, refuse_links, remove_tree
+from ..storage.untrusted import POLICY, parse_json, refuse_links, remove_tree
 from .models import Student
 
 WHOLE_TRAIN_OPTIONS = ("--steps", "--grad-accum", "--save-every", "--log-every", "--workers", "--stop-after",
@@ -336,7 +336,7 @@ def loss_series(metrics: Path) -> dict[str, tuple[list[float], list[float]]]:
         return series
     for line in lines:
         try:
-            record = json.loads(line)
+            record = parse_json(line)
         except ValueError:
             continue
         if not isinstance(record, dict) or not isinstance(record.get("step"), (int, float)):
@@ -620,7 +620,7 @@ class Trainer:
         kept = []
         for line in path.read_text(encoding="utf-8").split("\n"):
             try:
-                record = json.loads(line)
+                record = parse_json(line)
             except ValueError:
                 continue  # an empty or torn line
             if isinstance(record, dict) and record.get("step", math.inf) <= self.step:

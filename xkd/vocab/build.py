@@ -23,12 +23,12 @@ import numpy as np
 from ..errors import BadInput
 from ..names import language_code
 from ..storage.manifest import DirLock, fsync_dir
-from ..storage.untrusted import remove_tree
+from ..storage.untrusted import parse_json, remove_tree
 from .canonical import SPECIAL_ROLES
 from .teachers import TeacherVocab, load_teacher_vocab
 from .tokenizer import default_route, save_union_tokenizer, union_casing
 from .union import build_union, teacher_slug, union_report
-from .vocabdir import FORMAT, MAPS, META, REPORT, TEACHERS, VOCAB_TXT, vocab_hash
+from .vocabdir import FORMAT, MAPS, META, REPORT, TEACHERS, VOCAB_TXT, file_digests, vocab_hash
 
 XKD_VERSION = "0.1.0"
 
@@ -93,7 +93,7 @@ def _keep_or_refuse(tmp: Path, out: Path, overwrite: bool) -> bool:
 
     def described(root: Path) -> str:
         try:
-            meta = json.loads((root / META).read_text(encoding="utf-8"))
+            meta = parse_json((root / META).read_text(encoding="utf-8"))
             return f"teachers {', '.join(t['name'] for t in meta['teachers'])}, hash {meta['hash']}"
         except (OSError, ValueError, KeyError, TypeError):
             return "unreadable"
@@ -110,6 +110,15 @@ def _check_out(out: Path) -> None:
         raise BadInput(f"--out {out} is a file; give a directory for the vocab.")
     if out.is_dir() and any(out.iterdir()) and not (out / META).is_file():
         raise BadInput(f"--out {out} is a non-empty directory that is not an xkd vocab; give a new or empty directory.")
+    if (out / META).is_file():
+        # Replacing the vocab deletes all it holds: never another output written into it.
+        for top, _, files in os.walk(out):
+            for marker in ("manifest.json", "xkd_student.json", "train_summary.json"):
+                if marker in files:
+                    raise BadInput(
+                        f"--out {out} holds {Path(top) / marker}, which is not a vocab's own file (a cache or a student "
+                        "written into the vocab): build-vocab would delete it with the old vocab. Move that directory out "
+                        "of the vocab first, or give another --out.")
 
 
 def _lock(out: Path) -> DirLock:
@@ -257,6 +266,7 @@ def _build(teachers: list[str], out: Path, lang_teacher: dict[str, str] | None, 
             "routes": routes,
             "default_teacher": default_route(loaded, slugs),
             "union_tokenizer": union_casing(loaded),
+            "files": file_digests(tmp),
         }
         _write_json(tmp / META, meta)
         reused = _keep_or_refuse(tmp, out, overwrite)

@@ -65,6 +65,16 @@ def check_copy_out(out: Path, cache: Path, vocab_dir: Path) -> None:
         if (parent / "manifest.json").is_file():
             raise BadInput(f"--out {out} is inside the cache directory {parent} (it holds manifest.json): the copy would "
                            "mix with that cache. Give a directory of its own (e.g. caches/NAME-union).")
+    # A cache's own writer (a remap stopped before its manifest) leaves only these; anything else
+    # is someone else's directory (a student, a teacher), where a manifest and shards/ would mix in.
+    if out.is_dir() and not (out / "manifest.json").is_file():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in ("shards", ".lock", ".damaged")
+                         and not p.name.startswith(".manifest.json.tmp-"))
+        if foreign:
+            raise BadInput(f"--out {out} is a non-empty directory that is not a cache (it holds "
+                           f"{', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}): the copy's manifest.json "
+                           "and shards/ would be written among its files. Give a new or empty directory (e.g. "
+                           "caches/NAME-union), or the directory of an earlier remap of this cache to resume it.")
 
 
 def remap_cache(cache: str | os.PathLike, vocab: str | os.PathLike | Vocab, out: str | os.PathLike,

@@ -36,7 +36,7 @@ import numpy as np
 from ..errors import BadInput
 from ..names import normalize_language
 from ..segments import second_segment_start, takes_token_types
-from ..storage.untrusted import is_inside, load_id_table, refuse_links_out, remove_tree
+from ..storage.untrusted import is_inside, load_id_table, parse_json, refuse_links_out, remove_tree
 from .canonical import BYTELEVEL, from_canonical
 from .remap import remap_lists
 
@@ -220,7 +220,7 @@ def _save_transformers_tokenizer(tokenizer, directory: Path) -> None:
     pipeline from its own defaults and the teacher's vocabulary positions."""
     tokenizer.save_pretrained(str(directory))
     config_file = directory / "tokenizer_config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config = parse_json(config_file.read_text(encoding="utf-8"))
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -233,7 +233,7 @@ def save_student_tokenizer(vocab, out_dir: str | os.PathLike, *, model_config=No
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if model_config is None and (out / "config.json").is_file():
-        model_config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        model_config = parse_json((out / "config.json").read_text(encoding="utf-8"))
     config = _config_dict(model_config)
     token_types = takes_token_types(_Attributes(config)) if config else True
     default = vocab.meta["default_teacher"]
@@ -511,7 +511,7 @@ def load_student_tokenizer(path: str | os.PathLike) -> StudentTokenizer:
     info_file = root / XKD_TOKENIZER
     if info_file.is_file():
         try:
-            info = json.loads(info_file.read_text(encoding="utf-8"))
+            info = parse_json(info_file.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BadInput(f"{info_file} is not valid JSON ({e}); save the student's tokenizer again "
                            "(xkd.vocab.save_student_tokenizer(vocab, dir)).") from None
@@ -529,13 +529,13 @@ def load_student_tokenizer(path: str | os.PathLike) -> StudentTokenizer:
     if (root / META).is_file():
         return StudentTokenizer.from_vocab(load_vocab(root))
     try:
-        trained_with = json.loads((root / "train_summary.json").read_text(encoding="utf-8")).get("vocab")
+        trained_with = parse_json((root / "train_summary.json").read_text(encoding="utf-8")).get("vocab")
     except (OSError, ValueError, AttributeError):
         trained_with = None
     if trained_with and (Path(trained_with) / META).is_file():
         config = root / "config.json"
         return StudentTokenizer.from_vocab(load_vocab(trained_with),
-                                           json.loads(config.read_text(encoding="utf-8")) if config.is_file() else None)
+                                           parse_json(config.read_text(encoding="utf-8")) if config.is_file() else None)
     what = "no such directory" if not root.exists() else f"it has no {XKD_TOKENIZER}"
     gone = f" (its train_summary.json names the vocab {trained_with}, which is gone)" if trained_with else ""
     raise BadInput(f"{root} holds no xkd student tokenizer ({what}){gone}. Give a student directory written by "

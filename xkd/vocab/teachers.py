@@ -19,6 +19,7 @@ from pathlib import Path
 from ..errors import BadInput
 from ..lines import read_lines
 from ..names import resolve_teacher
+from ..storage.untrusted import parse_json
 from ..weights import config_size_problem
 from .canonical import (
     BYTELEVEL,
@@ -271,7 +272,7 @@ def _bpe_from_files(vocab_json: Path, name: str) -> TeacherVocab:
     if not merges.is_file():
         raise BadInput(f"{vocab_json}: a BPE vocab.json needs merges.txt beside it; {merges} does not exist.")
     try:
-        vocab = json.loads(vocab_json.read_text(encoding="utf-8"))
+        vocab = parse_json(vocab_json.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadInput(f"{vocab_json} is not a JSON vocabulary ({e}).") from None
     if not isinstance(vocab, dict) or not vocab:
@@ -337,17 +338,11 @@ def _from_model_dir(path: Path, name: str, model_id: str, source: str) -> Teache
     from transformers import AutoTokenizer
 
     where = f"teacher {name!r} ({path})"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:  # transformers' message says what is missing
-        raise BadInput(f"{where}: its tokenizer cannot be loaded ({type(e).__name__}: {e}).") from None
-    if not hasattr(tokenizer, "backend_tokenizer"):
-        raise BadInput(f"{where}: only tokenizers with a fast (tokenizers) backend are supported.")
     model_vocab_size = None
     config = path / "config.json"
-    if config.is_file():
+    if config.is_file():  # first: AutoTokenizer may build the model's config, which allocates num_labels names
         try:
-            sizes = json.loads(config.read_text(encoding="utf-8"))
+            sizes = parse_json(config.read_text(encoding="utf-8"))
             sizes = sizes if isinstance(sizes, dict) else {}
             model_vocab_size = sizes.get("vocab_size")
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -356,6 +351,12 @@ def _from_model_dir(path: Path, name: str, model_id: str, source: str) -> Teache
         # cannot hold (10**12) would allocate terabytes.
         if (oversized := config_size_problem(path, sizes)) is not None:
             raise BadInput(f"{where}: {config}: {oversized}.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # transformers' message says what is missing
+        raise BadInput(f"{where}: its tokenizer cannot be loaded ({type(e).__name__}: {e}).") from None
+    if not hasattr(tokenizer, "backend_tokenizer"):
+        raise BadInput(f"{where}: only tokenizers with a fast (tokenizers) backend are supported.")
     return _from_tokenizer(tokenizer, name, model_id, source, where, model_vocab_size, path)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import BadInput
 from ..lines import read_lines
 from ..names import normalize_language
+from ..storage.untrusted import parse_json
 from .canonical import CANONICAL_SPECIALS, SPECIAL_ROLES, from_canonical
 from .remap import remap, remap_rows, stack_tables
 from .tokenizer import route_tokenize
@@ -50,6 +51,22 @@ def vocab_hash(root: Path, slugs: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def file_digests(root: Path) -> dict[str, list]:
+    """Every file of a vocab but xkd-vocab.json (which records them): relative path -> [size,
+    sha256]. build-vocab records them, and check_whole compares, so that any file deleted,
+    changed or added after the build is named (a teacher's tokenizer.json deleted while its
+    tokenizer_config.json remains still loads, as another tokenizer)."""
+    found = {}
+    for top, _, files in os.walk(root):
+        for name in files:
+            file = Path(top) / name
+            relative = file.relative_to(root).as_posix()
+            if relative != META:
+                data = file.read_bytes()
+                found[relative] = [len(data), hashlib.sha256(data).hexdigest()]
+    return dict(sorted(found.items()))
+
+
 def _meta_problem(meta) -> str | None:
     """What is wrong with the fields of xkd-vocab.json that a vocab's users rely on; None if nothing."""
     if not isinstance(meta, dict):
@@ -66,6 +83,9 @@ def _meta_problem(meta) -> str | None:
         return "lacks its list of teachers (each with a slug and a map size)"
     if not isinstance(meta.get("routes"), dict) or meta.get("default_teacher") not in [t["slug"] for t in teachers]:
         return "lacks its language routes or names a default teacher it does not have"
+    files = meta.get("files", {})
+    if not (isinstance(files, dict) and all(isinstance(v, list) and len(v) == 2 for v in files.values())):
+        return "has a damaged \"files\" record (each file's [size, sha256])"
     return None
 
 
@@ -85,7 +105,7 @@ class Vocab:
 
         refuse_links_out(self.path, "vocab")  # a vocab is small: one walk covers every file read from it
         try:
-            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            self.meta = parse_json(meta_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BadInput(f"{meta_path} is not valid JSON ({e}); rebuild the vocab with xkd build-vocab.") from None
         if self.meta.get("format", 0) > FORMAT:
@@ -245,13 +265,22 @@ class Vocab:
                                f"({reason}). {rebuild}") from None
         for name in ("tokenizer.json", "tokenizer_config.json"):
             try:
-                json.loads((self.path / name).read_text(encoding="utf-8"))
+                parse_json((self.path / name).read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, ValueError) as e:
                 raise BadInput(f"{self.path / name} is missing or damaged ({e}). {rebuild}") from None
         found = vocab_hash(self.path, slugs)
         if found != self.hash:
             raise BadInput(f"{self.path / VOCAB_TXT} or a map in {self.path / MAPS} changed after the vocab was built: "
                            f"they hash to {found}, {META} records {self.hash}. {rebuild}")
+        recorded = self.meta.get("files")  # absent in vocabs built before build-vocab recorded it
+        if recorded is not None:
+            now = file_digests(self.path)
+            differences = [f"{self.path / name} {how}" for name in sorted({*recorded, *now}) for how in [
+                "is missing" if name not in now else "was added" if name not in recorded
+                else "changed" if now[name] != recorded[name] else None] if how]
+            if differences:
+                raise BadInput(f"{'; '.join(differences[:4])}{' ...' if len(differences) > 4 else ''} since the vocab was "
+                               f"built ({META} records every file's size and sha256). {rebuild}")
 
     def map_for(self, teacher) -> np.ndarray:
         """The int32 teacher id -> union id table of a teacher (see `teacher` for keys)."""

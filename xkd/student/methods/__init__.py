@@ -18,7 +18,11 @@ METHODS: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
-    option_specs(cls.Config)  # every field declared with option(...), or fail at import
+    specs = option_specs(cls.Config)  # every field declared with option(...), or fail at import
+    names = {s.name for s in specs}
+    for spec in specs:
+        if unknown := [other for other, _ in spec.used_when if other not in names]:
+            raise TypeError(f"{cls.__name__}.Config.{spec.name}: used_when names {unknown}, not options of the method")
     METHODS[cls.name] = cls
     return cls
 

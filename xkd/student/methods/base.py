@@ -37,11 +37,14 @@ from ..data import padded_with_mask
 
 
 def option(default, help: str, *, paper=None, choices: tuple | None = None, low: float | None = None,
-           high: float | None = None, low_open: bool = False, high_open: bool = False):
+           high: float | None = None, low_open: bool = False, high_open: bool = False, used_when: dict | None = None):
     """A config field: its default, one line of help, the paper's value (if the paper gives
-    one) and the values allowed (choices, or a range [low, high]; *_open excludes the end)."""
+    one) and the values allowed (choices, or a range [low, high]; *_open excludes the end).
+    `used_when` {other option: its values} says when the method reads this option at all (any
+    one entry holding is enough): given while none holds, it is refused, not ignored."""
     return field(default=default, metadata={"help": help, "paper": paper, "choices": choices, "low": low,
-                                            "high": high, "low_open": low_open, "high_open": high_open})
+                                            "high": high, "low_open": low_open, "high_open": high_open,
+                                            "used_when": tuple((k, tuple(v)) for k, v in (used_when or {}).items())})
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class OptionSpec:
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
+    used_when: tuple = ()  # ((other option, (values, ...)), ...): read only when one of them holds
 
     @property
     def optional(self) -> bool:
@@ -198,7 +202,23 @@ def parse_options(method: str, config_cls, given: dict) -> Any:
             raise BadInput(f"--option {name}={value} for --method {method}: {reason} ({specs[name].help}; "
                            f"default {show(specs[name].default)}). Its options: "
                            f"{describe_options(list(specs.values()))}.") from None
+    refuse_unused_options(method, specs, values)
     return config_cls(**values)
+
+
+def refuse_unused_options(method: str, specs: dict, values: dict) -> None:
+    """An option given while the options it depends on (its `used_when`, given or default)
+    make the method skip it would be silently ignored: one paragraph instead."""
+    for name in values:
+        conditions = specs[name].used_when
+        current = {other: values.get(other, specs[other].default) for other, _ in conditions}
+        if not conditions or any(current[other] in allowed for other, allowed in conditions):
+            continue
+        wanted = " or ".join(f"{other}={'|'.join(show(v) for v in allowed)}" for other, allowed in conditions)
+        here = ", ".join(f"{other}={show(value)}" for other, value in current.items())
+        fix = " or ".join(f"-o {other}={show(allowed[0])}" for other, allowed in conditions)
+        raise BadInput(f"--option {name}={show(values[name])} is not used by --method {method}: it applies only when "
+                       f"{wanted}, and here {here}. Leave {name} out, or give {fix}.")
 
 
 # Cache needs and the loader's plan ---------------------------------------------------

@@ -43,7 +43,8 @@ class Config:
     lambda_schedule: str = option("anneal", "λ over training: linear from lambda_start to lambda_end, or constant",
                                   paper="anneal", choices=("anneal", "constant"))
     lambda_start: float = option(1.0, "λ (weight of L_KD) at the first step", paper=1.0, low=0.0, high=1.0)
-    lambda_end: float = option(0.0, "λ at the last step (anneal only)", paper=0.0, low=0.0, high=1.0)
+    lambda_end: float = option(0.0, "λ at the last step (anneal only)", paper=0.0, low=0.0, high=1.0,
+                                used_when={"lambda_schedule": ("anneal",)})
 
     def __post_init__(self):
         if self.kd_target == "tail" and self.temperature != 1.0:

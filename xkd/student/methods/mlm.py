@@ -18,6 +18,7 @@ from . import register
 from .base import TEXT_NEED, Method, Plan, collate_masked_lm, masked_logits, option, require
 
 CACHE_COLUMNS = ("example_id", "lang", "input_ids", "masked_positions", "labels")
+TEXT_SOURCE = {"source": ("text",)}  # the cache's own masks need no masking options
 
 
 @dataclass(frozen=True)
@@ -25,9 +26,9 @@ class Config:
     source: str = option("cache", "masked inputs: the cache's own masks, or masks drawn from the rows' text",
                          choices=("cache", "text"))
     mask_prob: float = option(0.15, "source=text: share of tokens masked (80/10/10)", paper=0.15, low=0.0, high=1.0,
-                              low_open=True, high_open=True)
-    mask_seed: int = option(0, "source=text: seed of the masks", low=0)
-    max_length: int = option(128, "source=text: tokens per side", low=2)
+                              low_open=True, high_open=True, used_when=TEXT_SOURCE)
+    mask_seed: int = option(0, "source=text: seed of the masks", low=0, used_when=TEXT_SOURCE)
+    max_length: int = option(128, "source=text: tokens per side", low=2, used_when=TEXT_SOURCE)
 
 
 @register

@@ -55,26 +55,33 @@ WORD_HIDDEN_NEED = Need("hidden.*", WORD_NEED)
 CLS_NEED = Need("cls", "--sentence cls")
 
 
+# Which objectives read an option: given with all of them off, it would be ignored.
+XWCL, STRUCA = {"xwcl": (True,)}, {"struca": (True,)}
+MASKED = {"tlm": (True,), "xwcl": (True,)}  # the student-side masks
+SENTENCE = {"senta": (True,), "struca": (True,)}  # the projector and predictor heads
+
+
 @dataclass(frozen=True)
 class Config:
     tlm: bool = option(True, "L_TLM: masked LM over [CLS] en [SEP] x [SEP]", paper=True)
     xwcl: bool = option(True, "L_XWCL: word-level InfoNCE to the teacher's word vectors", paper=True)
     senta: bool = option(True, "L_SentA: sentence alignment of projected [CLS] vectors", paper=True)
     struca: bool = option(True, "L_StrucA: structure alignment within the batch", paper=True)
-    struca_weight: float = option(1.0, "α, the weight of L_StrucA (eq. 6)", low=0.0)
-    xwcl_tau: float = option(0.1, "τ of XWCL's InfoNCE (the paper gives no value)", low=0.0, low_open=True)
-    struca_tau: float = option(0.1, "τ of StrucA's softmax (the paper gives no value)", low=0.0, low_open=True)
+    struca_weight: float = option(1.0, "α, the weight of L_StrucA (eq. 6)", low=0.0, used_when=STRUCA)
+    xwcl_tau: float = option(0.1, "τ of XWCL's InfoNCE (the paper gives no value)", low=0.0, low_open=True, used_when=XWCL)
+    struca_tau: float = option(0.1, "τ of StrucA's softmax (the paper gives no value)", low=0.0, low_open=True,
+                               used_when=STRUCA)
     xwcl_similarity: str = option("dot", "XWCL similarity: dot product (the paper) or cosine", paper="dot",
-                                  choices=("dot", "cosine"))
+                                  choices=("dot", "cosine"), used_when=XWCL)
     xwcl_layer: int | None = option(None, "teacher layer of the word vectors; none: the highest word-aligned one cached",
-                                    low=0)
+                                    low=0, used_when=XWCL)
     mask_prob: float = option(0.15, "share of tokens (TLM) and of English words (XWCL) masked", paper=0.15, low=0.0,
-                              high=1.0, low_open=True, high_open=True)
-    mask_seed: int = option(0, "seed of the student-side masks", low=0)
+                              high=1.0, low_open=True, high_open=True, used_when=MASKED)
+    mask_seed: int = option(0, "seed of the student-side masks", low=0, used_when=MASKED)
     max_length: int = option(128, "student tokens per side", paper=128, low=2)
-    head_hidden: int = option(768, "hidden width of the projector and predictor MLPs", paper=768, low=1)
-    head_out: int = option(128, "output width of the projector and predictor MLPs", paper=128, low=1)
-    projector_seed: int = option(0, "seed of the frozen teacher projectors", low=0)
+    head_hidden: int = option(768, "hidden width of the projector and predictor MLPs", paper=768, low=1, used_when=SENTENCE)
+    head_out: int = option(128, "output width of the projector and predictor MLPs", paper=128, low=1, used_when=SENTENCE)
+    projector_seed: int = option(0, "seed of the frozen teacher projectors", low=0, used_when=SENTENCE)
 
     def __post_init__(self):
         if not (self.tlm or self.xwcl or self.senta or self.struca):

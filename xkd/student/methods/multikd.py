@@ -70,7 +70,8 @@ COLUMNS = ("example_id", "lang", "class_label", "text")
 class Config:
     student: str = option("plain", "plain: a sequence classifier; mblm: multi-branch, one branch per supervised language",
                           choices=("plain", "mblm"))
-    branch_layers: int = option(4, "student=mblm: K, the bottom layers replicated per language", paper=4, low=1)
+    branch_layers: int = option(4, "student=mblm: K, the bottom layers replicated per language", paper=4, low=1,
+                                used_when={"student": ("mblm",)})
     temperature: float = option(8.0, "τ of the soft cross-entropy (eq. 3)", paper=8.0, low=0.0, low_open=True)
     t2: bool = option(False, "multiply the KD term by τ² (Hinton et al.); eq. 3 has no such factor", paper=False)
     label_weight: float = option(0.0, "weight of the gold-label cross-entropy where rows carry labels (0: eq. 3 alone)",

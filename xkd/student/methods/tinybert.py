@@ -41,7 +41,6 @@ into the union vocab), so the cached token-aligned hidden states line up with it
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +50,7 @@ from numba import njit
 from torch import nn
 
 from ...errors import BadInput
+from ...storage.untrusted import parse_json
 from .. import losses as L
 from ..data import padded
 from ..models import classifier_student, quiet_transformers, use_pre_dropout_attention
@@ -89,7 +89,7 @@ class Config:
                                 paper=1.0, low=0.0)
     temperature: float = option(1.0, "τ of L_pred", paper=1.0, low=0.0, low_open=True)
     kd_target: str = option("topk", "stage 1 L_pred target: renormalised top-k, or top-k plus the exact tail",
-                            paper="topk", choices=("topk", "tail"))
+                            paper="topk", choices=("topk", "tail"), used_when={"stage": (1,)})
 
     def __post_init__(self):
         if self.kd_target == "tail" and self.temperature != 1.0:
@@ -393,7 +393,7 @@ def classifier_from_student(path: str, vocab, num_labels: int):
     over the union vocab, under a fresh classification head (and pooler)."""
     from transformers import AutoModelForSequenceClassification
 
-    size = int(json.loads((Path(path) / "config.json").read_text()).get("vocab_size") or 0)
+    size = int(parse_json((Path(path) / "config.json").read_text()).get("vocab_size") or 0)
     if size != vocab.size:
         raise BadInput(f"--init-from {path}: this student has a {size}-token vocabulary, but --vocab has {vocab.size}; "
                        "give the union vocab it was trained with.")

@@ -47,6 +47,7 @@ from .base import TEXT_NEED, Method, Need, Plan, model_inputs, option, require, 
 
 TARGET_NEEDS = {"class_logits": Need("class_logits", "--class-logits"), "pooled": Need("pooled", "--sentence pooled")}
 COLUMNS = ("example_id", "lang", "side", "text", "pair_text")
+POOLED = {"target": ("pooled", None)}
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,11 @@ class Config:
     keep_source: bool = option(True, "also match the teacher on the English source, so English is not forgotten",
                                paper=True)
     max_length: int = option(128, "student tokens per text", low=2)
-    pooling: str | None = option(None, "target=pooled: the student's pooling; none: the teacher's", choices=POOLING_MODES)
-    normalize: bool | None = option(None, "target=pooled: L2-normalise the student's vector; none: as the teacher does")
+    # target=none may turn out pooled: plan_for refuses these when the caches make it class_logits
+    pooling: str | None = option(None, "target=pooled: the student's pooling; none: the teacher's", choices=POOLING_MODES,
+                                 used_when=POOLED)
+    normalize: bool | None = option(None, "target=pooled: L2-normalise the student's vector; none: as the teacher does",
+                                    used_when=POOLED)
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,9 @@ class XD(Method):
         require(cls.name, caches, [TARGET_NEEDS[target]], f" --option target={target}")
         pairs = one_side_pairs(caches, cls.name)
         pooling, normalize = "mean", False
+        if target != "pooled" and (config.pooling is not None or config.normalize is not None):
+            raise BadInput(f"--method xd --option pooling/normalize apply to target=pooled, and the caches give "
+                           f"target={target} (every cache holds it): leave them out, or give --option target=pooled.")
         if target == "pooled":
             teacher = _teacher_pooling(caches)
             mode = teacher.get("mode", "mean")
