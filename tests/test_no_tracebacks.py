@@ -402,6 +402,11 @@ def test_rdt_on_a_json_without_its_scores_is_one_paragraph(tmp_path, case, side)
     one_paragraph(r.output, 2, r.exit_code, bad, "STUDENT" if side == "student" else "--teacher")
 
 
+def test_rdt_on_a_directory_says_it_is_a_directory(tmp_path):
+    r = invoke("rdt", tmp_path, "--teacher", tmp_path)
+    one_paragraph(r.output, 2, r.exit_code, tmp_path, "is a directory")
+
+
 # 7. build-vocab on a full disk ----------------------------------------------------------------
 
 def test_build_vocab_on_a_full_disk_is_one_paragraph_naming_out(made, teacher, tmp_path):

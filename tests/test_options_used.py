@@ -225,6 +225,12 @@ def test_evaluate_without_model_asks_for_model_not_vocab(setup):
     assert r.returncode == 2, r.stderr
     line = assert_refused(r.stderr, "MODEL", "--init-from")
     assert "--vocab" not in line
+    # A MODEL that is not there is about MODEL too, not about the --vocab its summary would name.
+    missing = setup["root"] / "no-such-student"
+    r = run_xkd("evaluate", missing, "--caches", setup["cache"])
+    assert r.returncode == 2, r.stderr
+    line = assert_refused(r.stderr, f"MODEL {missing}", "does not exist")
+    assert "--vocab" not in line
 
 
 def test_ls_of_a_workspace_that_does_not_exist_is_refused(tmp_path):

@@ -276,7 +276,8 @@ def _read_result(item: str, option: str) -> tuple[str, dict, list[str] | None]:
     path, at, langs = item.rpartition("@") if "@" in item else (item, "", "")
     file = Path(path)
     if not file.is_file():
-        raise BadInput(f"{option} {item!r}: {file} does not exist. Give the JSON that `xkd evaluate ... --json` printed "
+        problem = "is a directory" if file.is_dir() else "does not exist"
+        raise BadInput(f"{option} {item!r}: {file} {problem}. Give the JSON that `xkd evaluate ... --json` printed "
                        "(its last line) or the results.json it wrote.")
     try:
         text = file.read_text(encoding="utf-8")
