@@ -298,6 +298,8 @@ NOWHERE = "/nonexistent/cache"  # refused before it is looked at: the option's p
     (["--hidden", 10**6, "--heads", 1], "--hidden 1000000: a student of"),
     (["--layers", 10**9], "--layers 1000000000: a student of"),
     (["--embedding-dim", 10**9], "--embedding-dim 1000000000: a student of"),
+    (["--warmup", "1e30", "--steps", 2], "--warmup 1e+30 steps is more than --steps 2"),
+    (["--warmup", 3, "--steps", 2], "--warmup 3 steps is more than --steps 2"),
 ])
 def test_train_student_options_are_bounded_before_anything_is_read(made, tmp_path, option, said):
     result = xkd("train-student", "--method", "mlm", "--caches", NOWHERE, "--vocab", made["vocab"],

@@ -81,6 +81,12 @@ class TrainConfig:
         ):
             # Counts are whole numbers: a float such as 1e22 steps used to pass
             check_number(option, value, low=low, hint=hint, whole=option in WHOLE_TRAIN_OPTIONS)
+        # Warm-up is a fraction below 1 or a number of steps; more steps than the run has would
+        # keep the learning rate below --lr to the end (1e30 trained the whole run at about 0).
+        if self.warmup >= 1 and self.warmup > self.steps:
+            raise BadInput(f"--warmup {self.warmup:g} steps is more than --steps {self.steps}: the learning rate would "
+                           f"never reach --lr. Give at most {self.steps} steps, or a fraction of --steps below 1 "
+                           "(e.g. 0.1).")
         # The loader numbers batches in 64-bit integers (run.py bounds the rows they hold, with the batch size)
         check_number("--steps", self.steps, low=1, high=(2**63 - 1) // self.grad_accum, whole=True,
                      hint=f"the loader counts --steps x --grad-accum {self.grad_accum} batches in 64-bit integers")
