@@ -278,8 +278,9 @@ def describe_teacher(resolved: ResolvedTeacher) -> TeacherSpec:
             path = Path(snapshot_download(resolved.model_id))
         except Exception as e:  # network, auth, missing repo: all mean "cannot get it"
             raise BadInput(f"teacher {resolved.name!r}: downloading {resolved.model_id} failed ({e}).") from None
-    config = read_config(path, resolved.name)
+    # The weight files first: a truncated one is named as such, not as weights the config does not fit
     check_weight_files(path, resolved.name)
+    config = read_config(path, resolved.name)
     kind = kind_of(config)
     tokenizer = load_tokenizer(path)
     max_positions = int(config.get("max_position_embeddings", 512))

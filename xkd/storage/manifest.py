@@ -207,11 +207,12 @@ def _shard_counts_problem(where: str, record: dict, manifest: dict) -> str | Non
     in_langs = sum((record.get("langs") or {}).values())
     if in_langs > record["rows"]:  # at most: rows against the Parquet footer are the reader's check, below
         return f"{where} counts {in_langs:,} rows by language (`langs`), more than its {record['rows']:,} rows"
+    # records 0 or absent: a writer outside the pipeline that did not count them (nothing is sized by the ids)
     ids, records = record.get("example_ids"), (manifest.get("corpus") or {}).get("records")
     if ids is not None and not (isinstance(ids, list) and len(ids) == 2 and all(_is_int(i) for i in ids)
-                                and ids[0] <= ids[1] and (records is None or ids[1] < records)):
+                                and ids[0] <= ids[1] and (not records or ids[1] < records)):
         return (f"{where} has `example_ids` {ids!r}, not [first, last] of the corpus's "
-                f"{f'{records:,} ' if records is not None else ''}records")
+                f"{f'{records:,} ' if records else ''}records")
     on_disk = sum(size for size, _ in record["files"].values())
     if record["bytes"] != on_disk:
         return f"{where} counts {record['bytes']:,} bytes, but its files add up to {on_disk:,}"
