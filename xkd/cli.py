@@ -598,7 +598,7 @@ def evaluate_cmd(
     if model is None and (mode == "mlm" or init_from is None):
         raise BadInput(f"--mode {mode} needs MODEL: a trained student (the --out of train-student)"
                        + (", or --init-from TEACHER for the student before training." if mode == "bitext" else "."))
-    if model is not None and not Path(model).is_dir():
+    if model is not None and vocab is None and not Path(model).is_dir():  # else: "needs --vocab", about the wrong thing
         raise BadInput(f"MODEL {model}: {'is not a directory' if Path(model).exists() else 'does not exist'}; --mode "
                        f"{mode} evaluates a trained student: give its directory (the --out of train-student).")
     if vocab is None and model is not None:
