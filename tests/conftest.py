@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import s3server
 import testdata
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,3 +138,45 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def started_s3_server(directory: Path) -> s3server.S3Server:
+    """A running S3 server (tests/s3server.py) with the bucket "xkd-test". Without the weed binary
+    the test fails, saying how to install it: a skip would hide that object storage went untested."""
+    if s3server.weed_binary() is None:
+        pytest.fail(s3server.WEED_MISSING, pytrace=False)
+    server = s3server.S3Server(directory)
+    server.start()
+    server.create_bucket(s3server.TEST_BUCKET)
+    return server
+
+
+def s3_test_url(server: s3server.S3Server, request, monkeypatch) -> str:
+    """Point this test's AWS_* environment at `server`; a prefix URL in its "xkd-test" bucket that no
+    other test uses."""
+    for name, value in server.env.items():
+        monkeypatch.setenv(name, value)
+    return s3server.unique_prefix_url(request.node.name)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One real S3 server (SeaweedFS on loopback) per pytest process: a start takes 3-8 s here."""
+    server = started_s3_server(tmp_path_factory.mktemp("s3server"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_url(s3_server, request, monkeypatch) -> str:
+    """s3://xkd-test/<test name>-<uuid8> on the shared server, with AWS_* set for this test."""
+    return s3_test_url(s3_server, request, monkeypatch)
+
+
+@pytest.fixture
+def private_s3_server(tmp_path):
+    """A server of this test's own (own directory and ports) that it may kill and restart; get a URL
+    on it with s3_test_url(private_s3_server, request, monkeypatch)."""
+    server = started_s3_server(tmp_path / "s3server")
+    yield server
+    server.stop()

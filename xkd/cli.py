@@ -90,6 +90,48 @@ def user_errors(fn):
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object as the last line of stdout.")
 WorkspaceOpt = typer.Option(
     None, "--workspace", help="The workspace root holding caches/, vocabs/ and students/ (default: $XKD_HOME, else ./xkd-runs).")
+# Caches on object storage (s3://, gs://, az://) are read through a bounded local directory.
+CacheDirOpt = typer.Option(None, "--cache-dir", help="Caches given as URLs (s3://...): where their fetched bytes are kept "
+                           "(default: $XDG_CACHE_HOME/xkd/remote, else ~/.cache/xkd/remote).")
+CacheSizeOpt = typer.Option("20G", "--cache-size", help="Caches given as URLs: the most --cache-dir holds (e.g. 500M, 20G); "
+                            "the least recently used bytes go first.")
+
+
+def remote_fetch(option_caches: list[str], cache_dir, cache_size: str):
+    """The local fetch cache for the caches that are URLs, None when all are local."""
+    from .storage.fetch import FetchCache
+    from .storage.remote import is_url
+
+    if not any(is_url(c) for c in option_caches):
+        return None
+    return FetchCache(cache_dir, parse_size(cache_size, "--cache-size"))
+
+
+def parse_size(value: str, option: str) -> int:
+    from .errors import BadInput
+
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    text = value.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
+    try:
+        size = float(number) * units[unit]
+    except ValueError:
+        raise BadInput(f"{option} {value!r}: give a size such as 500M or 20G.") from None
+    if not 2**20 <= size < 2**60:
+        raise BadInput(f"{option} {value!r}: give at least 1M (a row group and a chunk must fit).")
+    return int(size)
+
+
+def _remote_only(option: str):
+    """A rule for refuse_unused: an option about caches on object storage, with none given."""
+    def unused(v, g):
+        from .storage.remote import is_url
+
+        return not any(is_url(c) for c in v.get("caches") or ())
+    return (option, unused, "applies to caches given as URLs (s3://...), and every --caches here is a local directory: "
+            f"leave --{option.replace('_', '-')} out.")
+
+
 AllowIncompleteOpt = typer.Option(
     False, "--allow-incomplete",
     help="Use caches whose cache-teachers run has not finished (only their finished shards); says what is missing.")
@@ -133,7 +175,7 @@ def _workspace_unused(defaults: tuple[str, ...]):
 @app.command("inspect")
 @user_errors
 def inspect_cmd(
-    cache: Path = typer.Argument(..., help="A cache directory (holds manifest.json)."),
+    cache: str = typer.Argument(..., help="A cache directory (holds manifest.json), or its URL (s3://bucket/prefix/...)."),
     as_json: bool = JsonOpt,
 ):
     """What a cache holds: rows, tokens, masked positions, outputs, bytes per position, languages,
@@ -150,7 +192,7 @@ def inspect_cmd(
 @app.command("verify")
 @user_errors
 def verify_cmd(
-    cache: Path = typer.Argument(..., help="A cache directory (holds manifest.json)."),
+    cache: str = typer.Argument(..., help="A cache directory (holds manifest.json), or its URL (s3://bucket/prefix/...)."),
     as_json: bool = JsonOpt,
 ):
     """Check every shard's checksums, schema and offsets, and that no planned shard is missing.
@@ -207,8 +249,8 @@ def cache_teachers_cmd(
         "model dir; repeat for several."),
     corpus: str = typer.Option(..., "--corpus", help="A corpus name (sample, opus-en-hi) or spec: text:PATH@LANG, "
         "labeled:PATH@LANG (text<TAB>label), parallel:SRC@L1,TGT@L2, tsv:PATH@L1,L2, hf:DATASET[:CONFIG]."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Cache root: each teacher's cache is OUT/<teacher>-<key> (default: "
-        "the workspace's caches/)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Cache root, a directory or an object-store URL (s3://bucket/prefix): "
+        "each teacher's cache is OUT/<teacher>-<key> (default: the workspace's caches/)."),
     corpus_files: Optional[str] = typer.Option(None, "--corpus-files", help="Read a named hub corpus from local files: SRC,TGT "
         "or one TSV (e.g. opus-en-hi offline)."),
     split: str = typer.Option("train", "--split", help="Split of an hf: dataset."),
@@ -318,9 +360,10 @@ def build_vocab_cmd(
 @app.command("remap")
 @user_errors
 def remap_cmd(
-    cache: Path = typer.Argument(..., help="A teacher cache (teacher vocabulary ids)."),
+    cache: str = typer.Argument(..., help="A teacher cache (teacher vocabulary ids): a directory or a URL (s3://...)."),
     vocab: Path = typer.Option(..., "--vocab", help="A vocab dir from build-vocab that includes the cache's teacher."),
-    out: Path = typer.Option(..., "--out", help="Where to write the union-vocab copy (a cache; passes xkd verify)."),
+    out: str = typer.Option(..., "--out", help="Where to write the union-vocab copy (a cache; passes xkd verify): a "
+                            "directory or a URL."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="The cache's teacher in the vocab, if its manifest does not "
         "identify it."),
     as_json: bool = JsonOpt,
@@ -357,6 +400,7 @@ TRAIN_STUDENT_UNUSED = (
      "prunes the checkpoints written every --save-every steps, and --save-every is 0: this run writes one checkpoint. "
      "Leave --keep-checkpoints out, or give --save-every N."),
     _workspace_unused(("caches", "vocab", "out")),
+    _remote_only("cache_dir"), _remote_only("cache_size"),
 )
 
 
@@ -365,8 +409,8 @@ TRAIN_STUDENT_UNUSED = (
 def train_student_cmd(
     ctx: typer.Context,
     method: str = typer.Option(..., "--method", help="Distillation method (see `xkd methods`)."),
-    caches: List[Path] = typer.Option([], "--caches", help="Cache directories to learn from: several after one --caches, globs, "
-        "or repeat it (default: the workspace caches the method can use, when they are one corpus)."),
+    caches: List[str] = typer.Option([], "--caches", help="Caches to learn from, directories or URLs (s3://...): several after "
+        "one --caches, globs, or repeat it (default: the workspace caches the method can use, when they are one corpus)."),
     vocab: Optional[Path] = typer.Option(None, "--vocab", help="Vocab dir from `xkd build-vocab` over the caches' teachers "
         "(default: the workspace vocab covering them, built if missing)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output dir: the student (HF format), checkpoints, metrics. New or "
@@ -408,6 +452,8 @@ def train_student_cmd(
         "lists them, e.g. -o lambda_start=0.9 -o temperature=2)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda if available)."),
     allow_incomplete: bool = AllowIncompleteOpt,
+    cache_dir: Optional[Path] = CacheDirOpt,
+    cache_size: str = CacheSizeOpt,
     workspace: Optional[Path] = WorkspaceOpt,
     as_json: bool = JsonOpt,
 ):
@@ -452,6 +498,7 @@ def train_student_cmd(
         init_from=init_from, init_teacher=init_teacher, alpha=alpha if "alpha" in given else None,
         copies=copies if "copies" in given else None,
         method_options=method_options, resume=resume, overwrite=overwrite, device=device, allow_incomplete=allow_incomplete,
+        fetch=remote_fetch(caches, cache_dir, cache_size),
     )
     if as_json:
         emit_json(result)
@@ -505,7 +552,7 @@ def methods_cmd(
 # run on the CPU, so --device is classify/tag's only.
 _FINE_TUNING = ("train", "seeds", "seed", "epochs", "lr", "warmup", "weight_decay", "freeze_embeddings")
 EVALUATE_MODE_OPTIONS = {
-    "mlm": {"vocab", "caches", "batch_size", "max_rows", "allow_incomplete"},
+    "mlm": {"vocab", "caches", "batch_size", "max_rows", "allow_incomplete", "cache_dir", "cache_size"},
     "bitext": {"vocab", "src", "tgt", "init_from", "pooling", "batch_size", "max_rows"},
     "classify": {"vocab", "test", "max_length", "out", "device", "batch_size", "as_is", *_FINE_TUNING},
     "tag": {"vocab", "test", "max_length", "out", "device", "batch_size", "as_is", *_FINE_TUNING},
@@ -525,6 +572,7 @@ EVALUATE_UNUSED = (
     *((option, lambda v, g: v["as_is"],
        "is a fine-tuning option, and --as-is scores MODEL's own head without fine-tuning: leave one of them out.")
       for option in _FINE_TUNING if option not in ("train", "seeds")),  # TaskEvalOptions refuses these two itself
+    _remote_only("cache_dir"), _remote_only("cache_size"),
 )
 
 
@@ -539,8 +587,8 @@ def evaluate_cmd(
         "span F1 or accuracy)."),
     vocab: Optional[Path] = typer.Option(None, "--vocab", help="The vocab dir the student was trained with (default: the one "
         "its train_summary.json names)."),
-    caches: List[Path] = typer.Option([], "--caches", help="mlm mode: held-out caches (one teacher each; several after one "
-        "--caches, or globs)."),
+    caches: List[str] = typer.Option([], "--caches", help="mlm mode: held-out caches, directories or URLs (one teacher each; "
+        "several after one --caches, or globs)."),
     src: Optional[str] = typer.Option(None, "--src", help="bitext mode: PATH@LANG, a sentence a line."),
     tgt: Optional[str] = typer.Option(None, "--tgt", help="bitext mode: PATH@LANG, line-aligned with --src."),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="bitext mode: evaluate the untrained student initialised "
@@ -572,6 +620,8 @@ def evaluate_cmd(
     max_rows: Optional[int] = typer.Option(None, "--max-rows", help="Evaluate on at most this many rows (lines) per cache "
         "(file)."),
     allow_incomplete: bool = AllowIncompleteOpt,
+    cache_dir: Optional[Path] = CacheDirOpt,
+    cache_size: str = CacheSizeOpt,
     as_json: bool = JsonOpt,
 ):
     """Evaluate a model: masked-LM quality against held-out caches, bitext retrieval, or the papers'
@@ -626,7 +676,8 @@ def evaluate_cmd(
     from .workspace import expand_cache_paths
 
     held_out = expand_cache_paths([str(c) for c in caches])
-    result = evaluate_mlm(str(model), held_out, str(vocab), batch_size, max_rows, allow_incomplete)
+    result = evaluate_mlm(str(model), held_out, str(vocab), batch_size, max_rows, allow_incomplete,
+                          fetch=remote_fetch(held_out, cache_dir, cache_size))
     if as_json:
         emit_json(result)
         return
@@ -692,7 +743,8 @@ def finetune_teacher_cmd(
 @app.command("ls")
 @user_errors
 def ls_cmd(
-    workspace: Optional[Path] = WorkspaceOpt,
+    workspace: Optional[str] = typer.Option(None, "--workspace", help="The workspace root (default: $XKD_HOME, else "
+                                            "./xkd-runs), or an object-store URL whose caches to list (URL/caches/*, URL/*)."),
     as_json: bool = JsonOpt,
 ):
     """What the workspace holds: caches (teacher, corpus, rows, outputs, size, complete), vocabs

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BadInput
+from .storage.remote import glob_urls, is_url, location
 
 HOME_ENV = "XKD_HOME"
 DEFAULT_ROOT = "xkd-runs"
@@ -36,6 +37,8 @@ class Workspace:
     def find(cls, option: str | os.PathLike | None = None) -> "Workspace":
         """--workspace, else $XKD_HOME, else ./xkd-runs (made when something is written)."""
         chosen = option or os.environ.get(HOME_ENV) or DEFAULT_ROOT
+        if is_url(chosen):  # caches only: `xkd ls` lists them (describe)
+            return cls(location(chosen))
         root = Path(chosen).expanduser()
         if root.exists() and not root.is_dir():
             source = "--workspace" if option else (f"${HOME_ENV}" if os.environ.get(HOME_ENV) else "the default workspace")
@@ -122,7 +125,17 @@ def expand_cache_paths(values: list[str]) -> list[str]:
     unquoted ones). A glob that matches nothing is an error, not an empty list."""
     out: list[str] = []
     for value in values:
-        if _GLOB.search(value) and not Path(value).exists():
+        if is_url(value):
+            value = str(location(value))
+            if not _GLOB.search(value):
+                out.append(value)
+                continue
+            matches = glob_urls(value, "manifest.json")
+            if not matches:
+                raise BadInput(f"--caches {value}: the pattern matches no cache on the object store (no "
+                               "PREFIX/manifest.json under it). Check the pattern and the bucket.")
+            out.extend(matches)
+        elif _GLOB.search(value) and not Path(value).exists():
             matches = sorted(glob.glob(os.path.expanduser(value)))
             if not matches:
                 raise BadInput(f"--caches {value}: the pattern matches no file or directory. Check the pattern, or run "
@@ -132,9 +145,9 @@ def expand_cache_paths(values: list[str]) -> list[str]:
             out.append(value)
     # One cache twice (typed twice, or two paths to one directory) would weigh its rows double
     # in training and be scored twice by evaluate.
-    seen: dict[Path, str] = {}
+    seen: dict[Path | str, str] = {}
     for value in out:
-        resolved = Path(value).expanduser().resolve()
+        resolved = value if is_url(value) else Path(value).expanduser().resolve()
         if resolved in seen:
             same = "is given twice" if seen[resolved] == value else f"and --caches {seen[resolved]} are one directory"
             raise BadInput(f"--caches {value} {same} ({resolved}): each cache would count twice. Give each cache once.")
@@ -291,7 +304,12 @@ def trained_vocab(model_dir: str | os.PathLike) -> Path | None:
 
 def describe(ws: Workspace) -> dict:
     """What the workspace holds: caches, vocabs and students, each a dict of plain values.
-    A workspace that does not exist is refused: listing it as empty would hide a mistyped path."""
+    A workspace that does not exist is refused: listing it as empty would hide a mistyped path.
+    A workspace on object storage (--workspace s3://...) holds caches only: those under
+    URL/caches/ (as cache-teachers --out URL/caches writes them) and directly under URL."""
+    if is_url(ws.root):
+        found = glob_urls(f"{ws.root}/caches/*", "manifest.json") + glob_urls(f"{ws.root}/*", "manifest.json")
+        return {"workspace": str(ws.root), "caches": [_describe_cache(url) for url in found], "vocabs": [], "students": []}
     if not ws.root.is_dir():
         raise BadInput(f"workspace {ws.root} does not exist (from --workspace, ${HOME_ENV} or the default ./{DEFAULT_ROOT}): "
                        "give the directory that cache-teachers, build-vocab and train-student wrote to.")
@@ -325,7 +343,7 @@ def _describe_cache(path: Path) -> dict:
         "languages": (m.get("corpus") or {}).get("langs"),
         "rows": int((m.get("totals") or {}).get("rows", 0)),
         "outputs": [o for o in named if o],
-        "bytes": _dir_bytes(path),
+        "bytes": int((m.get("totals") or {}).get("bytes", 0)) if is_url(path) else _dir_bytes(path),
         "complete": bool(cache.complete),
     }
 

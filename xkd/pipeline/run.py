@@ -32,6 +32,7 @@ from ..names import parse_corpus, resolve_teacher
 from ..options import check_memory, check_number, machine_memory, size_in_words
 from ..storage import CacheWriter, cache_key, outputs_json, read_manifest
 from ..storage.manifest import MAX_MASK_EPOCHS, MAX_SHARDS
+from ..storage.remote import is_url, join, location
 from ..storage.untrusted import refuse_out_inside_other_output
 from .corpus import Cleaning, CorpusPlan, plan_corpus
 from .masking import MaskConfig
@@ -154,7 +155,8 @@ def check_options(opts: "CacheTeachersOptions") -> None:
         bad = [v for v in layers if not isinstance(v, int) or isinstance(v, bool)]
         if bad:
             raise BadInput(f"{option} {bad}: layers are whole numbers, e.g. {option} 3,6.")
-    refuse_out_inside_other_output(Path(opts.out), "--out")
+    if not is_url(opts.out):
+        refuse_out_inside_other_output(Path(opts.out), "--out")
     check_implied_memory(opts)
 
 
@@ -191,7 +193,7 @@ class Job:
 
     teacher: TeacherSpec
     view: View
-    root: Path
+    root: Path | str  # a URL for a cache on object storage
     key: str
     meta: dict
     writer: CacheWriter | None = None
@@ -255,7 +257,7 @@ def plan_job(spec: TeacherSpec, plan: CorpusPlan, opts: CacheTeachersOptions, co
         "view": view_json,
         "outputs": outputs_json(outputs.topk or None, dense, text=opts.text, pairs=plan.source.has_pairs),
     }
-    root = Path(opts.out) / f"{teacher_slug(spec.name)}-{key}"
+    root = join(location(opts.out), f"{teacher_slug(spec.name)}-{key}")
     return Job(spec, view, root, key, meta)
 
 
@@ -388,7 +390,7 @@ def run_on_worker(task: ShardTask, local_gpus: bool) -> dict:
             raise
         # Errors of write() name no file (zarr's and pyarrow's): the shard was going to its cache's shards/.
         return {"write_refused": {"errno": e.errno, "strerror": e.strerror or os.strerror(e.errno),
-                                  "path": e.filename or str(Path(task.cache_root) / "shards")}}
+                                  "path": e.filename or str(join(task.cache_root, "shards"))}}
 
 
 # Progress ------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from .remote import is_url
+
 
 def completeness(manifest: dict) -> dict:
     """{"complete", "planned_shards", "done_shards", "missing_shards", "missing_rows" (None
@@ -81,6 +83,14 @@ def what_is_missing(info: dict) -> str:
     return what
 
 
+def parent_and_name(root) -> tuple[str, str]:
+    """A cache's --out and its own name, for a local path or a URL."""
+    if is_url(root):
+        parent, _, name = str(root).rstrip("/").rpartition("/")
+        return parent, name
+    return str(Path(root).parent), Path(root).name
+
+
 def finish_command(root: str | Path, manifest: dict) -> str | None:
     """The command that finishes the cache at `root`, rebuilt from what its manifest records
     (the same settings give the same cache key, so the run resumes this directory and
@@ -89,7 +99,6 @@ def finish_command(root: str | Path, manifest: dict) -> str | None:
     The options mirror `xkd cache-teachers` (xkd/cli.py); every setting that enters the key
     is given explicitly, so defaults that change between versions do not change the key.
     """
-    root = Path(root)
     vocab = manifest.get("vocab")
     if isinstance(vocab, dict):  # a union-vocab copy made by `xkd remap`
         source = (vocab.get("source_cache") or {}).get("path")
@@ -97,7 +106,8 @@ def finish_command(root: str | Path, manifest: dict) -> str | None:
             return None
         return shlex.join(["xkd", "remap", str(source), "--vocab", str(vocab["dir"]), "--out", str(root)])
     key = manifest.get("key")
-    if key and not root.name.endswith(f"-{key}"):
+    parent, name = parent_and_name(root)
+    if key and not name.endswith(f"-{key}"):
         return None  # moved or renamed: cache-teachers would write OUT/<teacher>-<key>, not this directory
     teacher = (manifest.get("teacher") or {}).get("name")
     corpus, view = manifest.get("corpus") or {}, manifest.get("view") or {}
@@ -108,7 +118,7 @@ def finish_command(root: str | Path, manifest: dict) -> str | None:
         args += ["--corpus-files", ",".join(map(str, corpus["paths"]))]  # a named corpus read from local files
     if corpus.get("split"):
         args += ["--split", str(corpus["split"])]
-    args += ["--out", str(root.parent)]
+    args += ["--out", parent]
     mask, outputs, cleaning = view.get("mask") or {}, view.get("outputs") or {}, view.get("cleaning") or {}
     if "shard_size" in view:
         args += ["--shard-size", str(view["shard_size"])]

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import BadInput, XkdError
 from .completeness import finish_command
+from .remote import is_url
 from .schema import ALIGNS, CODECS, LAYOUTS, SCHEMA_VERSION
 from .untrusted import parse_json
 
@@ -62,8 +63,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def manifest_bytes(manifest: dict) -> bytes:
+    return json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n"
+
+
 def write_manifest(root: Path, manifest: dict) -> None:
-    atomic_write_bytes(root / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n")
+    atomic_write_bytes(root / MANIFEST, manifest_bytes(manifest))
 
 
 def read_manifest(root: str | os.PathLike) -> dict:
@@ -73,6 +78,8 @@ def read_manifest(root: str | os.PathLike) -> dict:
     manifest is one paragraph naming the file in every command, never a KeyError deep in
     a reader.
     """
+    if is_url(root):
+        return _check_manifest(root, f"{root}/{MANIFEST}", _remote_manifest_text(root))
     root = Path(root)
     if not root.exists():
         raise BadInput(f"{root}: no such directory. Give the path of a cache directory (one with a {MANIFEST}).")
@@ -85,11 +92,28 @@ def read_manifest(root: str | os.PathLike) -> dict:
                 hint = " It contains caches: " + ", ".join(str(p) for p in found) + "."
         raise BadInput(f"{root} is not an xkd cache: it has no {MANIFEST}.{hint}")
     try:
-        manifest = parse_json(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadInput(f"{path} is not valid JSON ({e}). {_restore(root, None)}") from None
+        text = path.read_bytes()
     except OSError as e:
         raise BadInput(f"{path} cannot be read ({e.strerror or e}).") from None
+    return _check_manifest(root, path, text)
+
+
+def _remote_manifest_text(root: str) -> bytes:
+    from .remote import Remote
+
+    try:
+        return Remote(root).get(MANIFEST)
+    except FileNotFoundError:
+        raise BadInput(f"{root} is not an xkd cache: the object store has no {root}/{MANIFEST}. Give the URL of a cache "
+                       "(cache-teachers writes each one under --out as <teacher>-<key>; `xkd ls --workspace URL` "
+                       "lists them).") from None
+
+
+def _check_manifest(root, path, text: bytes) -> dict:
+    try:
+        manifest = parse_json(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"{path} is not valid JSON ({e}). {_restore(root, None)}") from None
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if not isinstance(version, int) or isinstance(version, bool):
         raise BadInput(f"{path} has no integer schema_version: it is not an xkd manifest. {_restore(root, manifest)}")

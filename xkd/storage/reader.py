@@ -17,9 +17,12 @@ import pyarrow.parquet as pq
 
 from ..errors import BadInput, XkdError
 from .completeness import completeness, finish_command, incomplete_message
-from .manifest import MAX_EXPANSION, SHARDS, read_manifest
+from .fetch import Damaged, FetchCache
+from .files import files_of, shard_file
+from .manifest import MAX_EXPANSION, read_manifest
+from .remote import Remote, location
 from .schema import RAGGED_COLUMNS, DenseSpec, Ragged, key_counts, pack_keys, ragged_from_arrow, unpack_keys
-from .shard import ZARR_CHUNK_BYTES, digest_of, parquet_path, sha256_file, zarr_path
+from .shard import ZARR_CHUNK_BYTES, digest_of, shard_name
 from .untrusted import parse_json
 
 _OPEN_FILES = 8  # open Parquet/Zarr handles kept per cache
@@ -60,13 +63,31 @@ class DirectArray:
         self.row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
         self._chunk_prefix = f"{path}/c/"  # a string: pathlib's joins cost more than reading a chunk
         self._suffix = "/0" * (len(shape) - 1)
+        # Where chunk k's file is on this machine, and its size (None: missing). A remote
+        # cache replaces both: chunks are fetched, checked, into the local fetch cache.
+        self.locate = self._local_chunk
+        self.chunk_size = self._local_chunk_size
+
+    def chunk_name(self, k: int) -> str:
+        """Chunk k's file, relative to the array's directory."""
+        return f"c/{k}{self._suffix}"
+
+    def _local_chunk(self, k: int) -> str:
+        return f"{self._chunk_prefix}{k}{self._suffix}"
+
+    def _local_chunk_size(self, k: int) -> int | None:
+        try:
+            return os.stat(self._local_chunk(k)).st_size
+        except FileNotFoundError:
+            return None
 
     @classmethod
-    def of(cls, path: Path) -> "DirectArray | None":
-        """The array at `path` when its chunks are raw values + CRC32C, else None."""
+    def of(cls, path, metadata: bytes | None = None) -> "DirectArray | None":
+        """The array at `path` (its zarr.json: `metadata`, read from `path` if not given)
+        when its chunks are raw values + CRC32C, else None."""
         if google_crc32c is None:
             return None
-        meta = parse_json((path / "zarr.json").read_text())
+        meta = parse_json(metadata if metadata is not None else (Path(path) / "zarr.json").read_bytes())
         codecs = [c.get("name") for c in meta.get("codecs") or []]
         endian = ((meta.get("codecs") or [{}])[0].get("configuration") or {}).get("endian", "little")
         grid = meta.get("chunk_grid") or {}
@@ -88,30 +109,32 @@ class DirectArray:
         if not self.shape[0]:
             return
         last = (self.shape[0] - 1) // self.chunk_rows
-        first = Path(f"{self._chunk_prefix}0{self._suffix}")
-        size = first.stat().st_size if first.is_file() else None
+        size = self.chunk_size(0)
         if size != self.chunk_rows * self.row_bytes + 4:
             held = "is missing" if size is None else f"holds {size:,} bytes"
             raise ValueError(f"chunk 0 {held}, where its zarr.json's chunks of {self.chunk_rows:,} x {self.row_bytes:,} "
                              "bytes need that and 4 (a truncated chunk, or an edited zarr.json)")
-        if not Path(f"{self._chunk_prefix}{last}{self._suffix}").is_file():
+        if self.chunk_size(last) is None:
             raise ValueError(f"its zarr.json says {self.shape[0]:,} rows in {last + 1:,} chunks, but chunk {last:,} is missing")
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as a new array; ValueError/OSError when a chunk is damaged."""
         if stop > start and (stop > self.shape[0] or start < 0):  # before allocating: a bad span can be huge
             raise ValueError(f"rows {start}:{stop} lie outside the array's {self.shape[0]}")
-        out = np.empty((max(0, stop - start),) + self.shape[1:], dtype=self.dtype)
         if stop <= start:
-            return out
-        dest = out.reshape(-1).view(np.uint8)
+            return np.empty((0,) + self.shape[1:], dtype=self.dtype)
+        # A recycled buffer: a fresh one is new memory, whose every page the kernel faults in
+        # and zeroes as readinto writes it; the training loader reads a window of these per
+        # shuffle window, and the faults cost it more than the copy did (docs/benchmarks.md).
+        dest = READ_BUFFERS.take((stop - start) * self.row_bytes)
+        out = dest.view(self.dtype).reshape((stop - start,) + self.shape[1:])
         rows, rb = self.chunk_rows, self.row_bytes
         for k in range(start // rows, (stop - 1) // rows + 1):
             first, last = k * rows, min(k * rows + rows, self.shape[0])
             lo, hi = max(start, first), min(stop, last)
             before, inside = (lo - first) * rb, (hi - lo) * rb
             after = rows * rb - before - inside  # an edge chunk is stored at full size
-            with open(f"{self._chunk_prefix}{k}{self._suffix}", "rb", buffering=0) as f:
+            with open(self.locate(k), "rb", buffering=0) as f:
                 crc = google_crc32c.extend(0, _read_exactly(f, before)) if before else 0
                 window = dest[(lo - start) * rb : (hi - start) * rb]
                 got = 0
@@ -129,6 +152,57 @@ class DirectArray:
             if crc != int.from_bytes(stored, "little"):
                 raise ValueError(f"chunk {k}: stored and computed checksums do not match")
         return out
+
+
+class RecycledBuffers:
+    """Byte buffers handed out again once nothing references them any more.
+
+    Large arrays read or built per shuffle window or per batch (MBs each, over and over)
+    would otherwise be new memory every time: the kernel faults in and zeroes each page on
+    its first write, which on dense teacher outputs cost as much as copying the values. A
+    buffer is free when the only references left are this pool's: numpy views, and torch
+    tensors made from them, all hold a reference to the buffer that owns their memory, so
+    nothing still using it can be written over. Free buffers are kept up to the bytes in
+    use (or `floor`), so the pool follows the working set instead of growing with a cache."""
+
+    def __init__(self, floor: int = 64 << 20):
+        import sys
+        import threading
+
+        self._buffers: list[np.ndarray] = []
+        self._lock = threading.Lock()
+        self._refs = sys.getrefcount
+        self._floor = floor
+        probe = [np.empty(0, dtype=np.uint8)]
+        self._idle = min(self._refs(buf) for buf in probe)  # a buffer only the pool holds, seen as the loop sees it
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """An uninitialised uint8 array of nbytes, recycled where a free buffer fits."""
+        with self._lock:
+            best, free, used = None, [], 0
+            for buf in self._buffers:
+                if self._refs(buf) > self._idle:
+                    used += len(buf)
+                else:
+                    free.append(buf)
+                    if nbytes <= len(buf) <= 2 * nbytes and (best is None or len(buf) < len(best)):
+                        best = buf
+            if best is None:  # some slack, so that the next, slightly larger request fits too
+                best = np.empty(nbytes + nbytes // 8, dtype=np.uint8)
+                self._buffers.append(best)
+            else:
+                free = [buf for buf in free if buf is not best]  # by identity: == on arrays compares values
+            used += len(best)
+            spare = sum(len(buf) for buf in free)
+            for buf in sorted(free, key=len, reverse=True):
+                if spare <= max(used, self._floor):
+                    break
+                self._buffers = [b for b in self._buffers if b is not buf]
+                spare -= len(buf)
+            return best[:nbytes]
+
+
+READ_BUFFERS = RecycledBuffers()  # DirectArray.read's arrays
 
 
 def _read_exactly(f, n: int) -> bytes:
@@ -192,8 +266,11 @@ class Cache:
     silently use part of a corpus call `require_complete()`.
     """
 
-    def __init__(self, path: str | os.PathLike, *, check: bool = True):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, *, check: bool = True, fetch: FetchCache | None = None):
+        self.path = location(path)
+        # The files, local or on object storage (then fetched through `fetch`, a bounded
+        # local cache; by default ~/.cache/xkd/remote).
+        self.files = files_of(self.path, fetch)
         self.manifest = read_manifest(self.path)
         self._shards = {s["id"]: s for s in self.manifest["shards"] if s["state"] == "done"}
         self._parquet: OrderedDict[int, pq.ParquetFile] = OrderedDict()
@@ -204,30 +281,33 @@ class Cache:
             self._check_cheaply()
 
     def _check_cheaply(self) -> None:
-        shards = self.path / SHARDS
         for shard_id in self.shard_ids:
             record = self._shards[shard_id]
             if digest_of(record["files"]) != record["sha256"]:
                 raise self._damaged(
                     shard_id, "has a file list that does not match its recorded sha256 (the manifest was edited)")
-            for rel, (size, sha) in sorted(record["files"].items()):
-                if not is_metadata_file(rel):
-                    continue  # Parquet pages and Zarr chunks: big, and CRC-checked on every read
-                path = shards / rel
-                if not path.is_file():
-                    group = shards / rel.split("/", 1)[0]
-                    missing = group.name if not group.is_dir() else str(path)
-                    raise self._damaged(shard_id, f"is listed as done but {missing} is missing")
-                actual = path.stat().st_size
-                if actual != size:
-                    raise self._damaged(shard_id, f"is damaged: {path} has {actual} bytes, the manifest records {size}")
-                if sha256_file(path) != sha:
-                    raise self._damaged(
-                        shard_id, f"is damaged: {path} differs from the manifest (sha256); it says how the "
-                        "arrays' bytes are decoded, so reading through it would give wrong numbers")
-                self._check_width(shard_id, rel, path)
+            for rel in sorted(record["files"]):
+                if is_metadata_file(rel):  # Parquet pages and Zarr chunks: big, and CRC-checked on every read
+                    self._check_width(shard_id, rel, self.metadata_file(shard_id, rel))
 
-    def _check_width(self, shard_id: int, rel: str, path: Path) -> None:
+    def metadata_file(self, shard_id: int, rel: str) -> str:
+        """The local path of a shard's small metadata file `rel` once checked against the
+        manifest (size and sha256): it says how the arrays' bytes are decoded, so an edited
+        one would read, without any error, as wrong numbers."""
+        record = self._shards[shard_id]
+        name = shard_file(record, rel)
+        try:
+            return self.files.checked(name, *record["files"][rel])
+        except FileNotFoundError:
+            group = self.files.where(shard_file(record, rel.split("/", 1)[0]))
+            whole_group = self.files.remote is None and not Path(group).is_dir()
+            missing = group.rsplit("/", 1)[-1] if whole_group else self.files.where(name)
+            raise self._damaged(shard_id, f"is listed as done but {missing} is missing") from None
+        except Damaged as e:
+            raise self._damaged(shard_id, f"is damaged: {e}; it says how the arrays' bytes are decoded, so reading "
+                                          "through it would give wrong numbers") from None
+
+    def _check_width(self, shard_id: int, rel: str, path: str) -> None:
         """An array's row width in its zarr.json against the manifest's dim, on open: methods
         size their heads by the dim, which the manifest bounds by the files' bytes (and the
         first read checks zarr.json's other numbers against the chunk files)."""
@@ -236,12 +316,13 @@ class Cache:
             return
         spec = self.dense_specs[parts[1]]
         try:
-            shape = tuple(parse_json(path.read_bytes()).get("shape") or ())
+            shape = tuple(parse_json(Path(path).read_bytes()).get("shape") or ())
         except (ValueError, AttributeError):
             shape = None
         width = () if spec.layout == "keys" else (spec.dim,)
         if shape is None or shape[1:] != width:
-            raise self._damaged(shard_id, f"is damaged: {path} gives rows of shape {shape[1:] if shape else None}, "
+            where = self.files.where(shard_file(self._shards[shard_id], rel))
+            raise self._damaged(shard_id, f"is damaged: {where} gives rows of shape {shape[1:] if shape else None}, "
                                           f"the manifest's dim {width}")
 
     def check_dense_sizes(self, shard_id: int) -> None:
@@ -254,7 +335,7 @@ class Cache:
                 try:
                     self._check_size(shard_id, name, direct, compressed=False)
                 except ValueError as e:
-                    where = f"{zarr_path(self.path, shard_id)}/{name}"
+                    where = self.files.where(shard_file(self._shards[shard_id], f"{shard_name(shard_id)}.zarr/{name}"))
                     raise self._damaged(shard_id, f"is damaged: {where} cannot be read ({e})") from None
                 self._sized.add((shard_id, name))
 
@@ -356,24 +437,22 @@ class Cache:
         f = self._parquet.get(shard_id)
         if f is None:
             record = self._record(shard_id)
-            path = parquet_path(self.path, shard_id)
-            if not path.is_file():
-                raise self._damaged(shard_id, f"is listed as done but {path.name} is missing")
-            recorded = record.get("files", {}).get(path.name, [None])[0]
-            size = path.stat().st_size
-            if recorded is not None and size != recorded:
-                raise self._damaged(
-                    shard_id, f"is damaged: {path.name} has {size} bytes, the manifest records {recorded}"
-                )
+            rel = f"{shard_name(shard_id)}.parquet"
+            if rel not in record["files"]:
+                raise self._damaged(shard_id, f"lists no {rel} among its files (the manifest was edited)")
             try:
-                f = pq.ParquetFile(path, page_checksum_verification=True)
+                f = self.open_parquet(shard_id)
+            except FileNotFoundError:
+                raise self._damaged(shard_id, f"is listed as done but {rel} is missing") from None
+            except Damaged as e:
+                raise self._damaged(shard_id, f"is damaged: {e}") from None
             except (OSError, pa.ArrowException) as e:
-                raise self._damaged(shard_id, f"is damaged: {path.name} cannot be read ({e})") from None
+                raise self._damaged(shard_id, f"is damaged: {rel} cannot be read ({e})") from None
             # Commands size their work by the manifest's counts (inspect's totals, the batch
             # against the corpus): a count the file does not hold is damage, found here.
             if f.metadata.num_rows != record["rows"]:
                 raise self._damaged(shard_id, f"is damaged: the manifest counts {record['rows']:,} rows, "
-                                              f"{path.name} holds {f.metadata.num_rows:,}")
+                                              f"{rel} holds {f.metadata.num_rows:,}")
             self._parquet[shard_id] = f
             if len(self._parquet) > _OPEN_FILES:
                 self._parquet.popitem(last=False)
@@ -381,19 +460,31 @@ class Cache:
             self._parquet.move_to_end(shard_id)
         return f
 
+    def open_parquet(self, shard_id: int) -> pq.ParquetFile:
+        """A shard's Parquet file, opened afresh, its row count not compared with the manifest
+        (verify reports that itself); page CRCs are checked as pages are read."""
+        record = self._record(shard_id)
+        rel = f"{shard_name(shard_id)}.parquet"
+        return pq.ParquetFile(self.files.parquet(shard_file(record, rel), *record["files"][rel]),
+                              page_checksum_verification=True)
+
     def zarr_group(self, shard_id: int):
         import zarr
 
         g = self._zarr.get(shard_id)
         if g is None:
-            self._record(shard_id)
-            path = zarr_path(self.path, shard_id)
-            if not path.is_dir():
-                raise self._damaged(shard_id, f"is listed as done but {path.name} is missing")
+            record = self._record(shard_id)
+            name = shard_file(record, f"{shard_name(shard_id)}.zarr")
+            if self.files.remote is not None:  # compressed arrays on object storage: zarr reads them itself
+                store = zarr.storage.ObjectStore(Remote(self.files.where(name)).store, read_only=True)
+            elif not Path(self.files.where(name)).is_dir():
+                raise self._damaged(shard_id, f"is listed as done but {shard_name(shard_id)}.zarr is missing")
+            else:
+                store = zarr.storage.LocalStore(self.files.where(name), read_only=True)
             try:
-                g = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")
+                g = zarr.open_group(store, mode="r")
             except Exception as e:  # unreadable group metadata is the finding itself
-                raise self._damaged(shard_id, f"is damaged: {path / 'zarr.json'} cannot be read ({e})") from None
+                raise self._damaged(shard_id, f"is damaged: {self.files.where(name)}/zarr.json cannot be read ({e})") from None
             self._zarr[shard_id] = g
             if len(self._zarr) > _OPEN_FILES:
                 self._zarr.popitem(last=False)
@@ -411,14 +502,30 @@ class Cache:
         else:
             self._direct.move_to_end(shard_id)
         if name not in arrays:
-            path = zarr_path(self.path, shard_id) / name
+            record = self._shards[shard_id]
+            array_rel = f"{shard_name(shard_id)}.zarr/{name}"
+            if f"{array_rel}/zarr.json" not in record["files"]:
+                if not any(rel.startswith(f"{shard_name(shard_id)}.zarr/") for rel in record["files"]):
+                    raise self._damaged(shard_id, f"is listed as done but {shard_name(shard_id)}.zarr is missing")
+                arrays[name] = None  # zarr v2 metadata (schema 1): zarr reads it
+                return None
+            metadata = self.metadata_file(shard_id, f"{array_rel}/zarr.json")
+            where = self.files.where(shard_file(record, array_rel))
             try:
-                arrays[name] = DirectArray.of(path)
+                direct = DirectArray.of(where, Path(metadata).read_bytes())
             except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable metadata is the finding itself
-                if not zarr_path(self.path, shard_id).is_dir():
-                    raise self._damaged(
-                        shard_id, f"is listed as done but {zarr_path(self.path, shard_id).name} is missing") from None
-                raise self._damaged(shard_id, f"is damaged: {path / 'zarr.json'} cannot be read ({e})") from None
+                raise self._damaged(shard_id, f"is damaged: {where}/zarr.json cannot be read ({e})") from None
+            if direct is not None and self.files.remote is not None:
+                def chunk_size(k: int, rel=array_rel, direct=direct) -> int | None:
+                    return record["files"].get(f"{rel}/{direct.chunk_name(k)}", [None])[0]
+
+                def locate(k: int, rel=array_rel, direct=direct) -> str:
+                    chunk = f"{rel}/{direct.chunk_name(k)}"
+                    if chunk not in record["files"]:
+                        raise ValueError(f"chunk {k} is missing")
+                    return self.files.chunk(shard_file(record, chunk), *record["files"][chunk])
+                direct.chunk_size, direct.locate = chunk_size, locate
+            arrays[name] = direct
         return arrays[name]
 
     def _read_dense(self, shard_id: int, name: str, start: int, stop: int) -> np.ndarray:
@@ -448,8 +555,8 @@ class Cache:
         if not array.shape[0]:
             return
         chunk_bytes = int(np.prod(array.chunks, dtype=object)) * array.dtype.itemsize
-        first = zarr_path(self.path, shard_id) / name / "c" / "/".join(["0"] * len(array.shape))
-        stored = first.stat().st_size if first.is_file() else 0
+        first = f"{shard_name(shard_id)}.zarr/{name}/c/" + "/".join(["0"] * len(array.shape))
+        stored = self._shards[shard_id]["files"].get(first, [0])[0]
         if chunk_bytes > max(ZARR_CHUNK_BYTES, stored * MAX_EXPANSION):
             raise ValueError(f"its zarr.json says chunks of {chunk_bytes:,} bytes, more than its {stored:,}-byte "
                              f"chunk 0 can hold")
@@ -476,7 +583,7 @@ class Cache:
                 return f.read(columns=columns)
             return f.read_row_group(row_group, columns=columns)
         except (OSError, pa.ArrowException) as e:  # page checksums fail here on a flipped byte
-            name = parquet_path(self.path, shard_id).name
+            name = f"{shard_name(shard_id)}.parquet"
             raise self._damaged(shard_id, f"is damaged: {name} cannot be read ({e})") from None
 
     def read_block(self, shard_id: int, row_group: int, columns=None, dense=None, packed_keys: bool = False) -> Block:
@@ -508,7 +615,7 @@ class Cache:
             except XkdError:
                 raise
             except Exception as e:  # a failed chunk CRC or decompression is the finding itself
-                where = f"{zarr_path(self.path, shard_id).name}/{name}"
+                where = f"{shard_name(shard_id)}.zarr/{name}"
                 raise self._damaged(shard_id, f"is damaged: {where} cannot be read ({e})") from None
             if spec.layout == "keys" or (packed_keys and self.is_attention(name)):
                 if spec.layout != "keys":  # schema 1: drop the zero padding past each row's length
@@ -571,11 +678,12 @@ class Cache:
         return out
 
 
-def open_cache(path: str | os.PathLike, allow_incomplete: bool = True) -> Cache:
-    """Open the cache at `path` for reading (see DESIGN.md, "Python API"). A damaged
-    manifest or metadata file is refused; an incomplete cache too unless `allow_incomplete`
-    (`cache.completeness` says what is missing)."""
-    cache = Cache(path)
+def open_cache(path: str | os.PathLike, allow_incomplete: bool = True, fetch: FetchCache | None = None) -> Cache:
+    """Open the cache at `path`, a directory or a URL (s3://...), for reading (see DESIGN.md,
+    "Python API"). A damaged manifest or metadata file is refused; an incomplete cache too
+    unless `allow_incomplete` (`cache.completeness` says what is missing). `fetch`: where a
+    remote cache's bytes are kept locally (default: FetchCache(), ~/.cache/xkd/remote)."""
+    cache = Cache(path, fetch=fetch)
     if not allow_incomplete:
         cache.require_complete()
     return cache

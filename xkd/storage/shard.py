@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from .manifest import SHARDS, fsync_dir
+from .remote import Remote, is_url
 from .schema import RAGGED_COLUMNS, DenseSpec, Ragged, arrow_schema, pack_keys
 from .untrusted import remove_tree
 
@@ -228,7 +230,15 @@ def write_shard_files(
     array (scalars) or a Ragged / list of arrays (lists). `dense` maps each name of
     `dense_specs` to an array whose first axis follows the spec's alignment. `has_topk` and
     `has_text` must agree with the manifest's outputs (see writer.outputs_json).
+
+    A `root` on object storage (a URL): the shard is written to a local temporary directory
+    and uploaded under shards/<shard>-<digest>/ (see upload_shard).
     """
+    if is_url(root):
+        with tempfile.TemporaryDirectory(prefix="xkd-shard-") as local:
+            record = write_shard_files(local, shard_id, rows, dense, dense_specs, has_topk, has_text, has_pairs,
+                                       row_group_size)
+            return upload_shard(Remote(str(root)), Path(local), record)
     root = Path(root)
     dense = dense or {}
     dense_specs = dense_specs or {}
@@ -281,6 +291,23 @@ def write_shard_files(
         "sha256": digest_of(files),
         "state": "done",
     }
+
+
+def upload_shard(remote: Remote, local_root: Path, record: dict) -> dict:
+    """Upload a shard written under `local_root` to the cache at `remote`, under a folder named
+    by its content (shard id and digest): an object store cannot rename, so a shard cannot be
+    written under a temporary name and moved; instead, no attempt can put different bytes under
+    this name, and a retry of the same shard writes the same bytes to the same objects. The
+    shard is visible only once the manifest lists it; objects of attempts that never make it
+    into the manifest are removed by the writer (CacheWriter.remove_leftovers)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = f"{shard_name(record['id'])}-{record['sha256'][:16]}"
+    # Zarr chunks are ~1 MiB objects: requests in flight at once, not one after another.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda rel: remote.put(f"{SHARDS}/{folder}/{rel}", local_root / SHARDS / rel),
+                      sorted(record["files"])))
+    return {**record, "dir": folder}
 
 
 def _bytes_by_output(parquet_file: Path, dense_specs: dict, files: dict, name: str) -> dict:

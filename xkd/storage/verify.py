@@ -9,35 +9,36 @@ manifest are wrong; this includes a manifest that says complete but lacks planne
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from ..errors import BadInput
 from .completeness import completeness, finish_command, how_to_finish, id_ranges, what_is_missing
-from .manifest import SHARDS, read_manifest
+from .files import shard_file
+from .manifest import read_manifest
 from .reader import Cache
+from .remote import location
 from .schema import arrow_schema, key_counts, ragged_from_arrow
-from .shard import digest_of, parquet_path, sha256_file
+from .shard import digest_of
 
 
-def _check_files(root: Path, record: dict) -> list[str]:
+def _check_files(files, record: dict) -> list[str]:
+    """Every file of a finished shard against its recorded size and sha256 (`files`: the
+    cache's LocalFiles or RemoteFiles; a remote object is downloaded to be hashed)."""
     problems = []
-    shards = root / SHARDS
     if digest_of(record["files"]) != record["sha256"]:
         problems.append("its file list does not match its recorded sha256 (the manifest was edited)")
     for rel, (size, sha) in sorted(record["files"].items()):
-        path = shards / rel
-        if not path.is_file():
+        try:
+            actual, digest = files.measure(shard_file(record, rel))
+        except FileNotFoundError:
             problems.append(f"file {rel} is missing")
             continue
-        actual = path.stat().st_size
         if actual < size:
             problems.append(f"file {rel} is truncated ({actual} of {size} bytes)")
         elif actual != size:
             problems.append(f"file {rel} has {actual} bytes, {size} recorded")
-        elif sha256_file(path) != sha:
+        elif digest != sha:
             problems.append(f"file {rel} is corrupted (sha256 differs from the manifest)")
     return problems
 
@@ -46,7 +47,7 @@ def _check_contents(cache: Cache, record: dict) -> list[str]:
     """Schema and offsets; only run on shards whose bytes are intact."""
     shard_id = record["id"]
     try:
-        table = pq.read_table(parquet_path(cache.path, shard_id))
+        table = cache.open_parquet(shard_id).read()
     except Exception as e:  # any unreadable footer or page is the finding itself
         return [f"its Parquet file cannot be read ({e})"]
     k = cache.topk_k
@@ -107,13 +108,13 @@ def _check_contents(cache: Cache, record: dict) -> list[str]:
 def verify_cache(path: str | os.PathLike) -> dict:
     """Every problem found, by shard, and what is missing. Raises only when the path is not
     a readable cache."""
-    root = Path(path)
+    root = location(path)
     manifest = read_manifest(root)
     cache = Cache(root, check=False)  # everything is checked below, and reported by shard
     by_shard: dict[int, list[str]] = {}
     done = [s for s in manifest["shards"] if s["state"] == "done"]  # others count as missing
     for record in done:
-        problems = _check_files(root, record)
+        problems = _check_files(cache.files, record)
         if not problems:
             problems = _check_contents(cache, record)
         if problems:

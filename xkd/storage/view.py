@@ -14,7 +14,7 @@ from .untrusted import parse_json
 
 @dataclass(frozen=True)
 class CacheView:
-    path: Path
+    path: Path | str  # a URL for a cache on object storage
     teacher: str  # the alias or path the teacher was given as
     teacher_path: str
     teacher_layers: int
@@ -61,7 +61,7 @@ def view_of(cache) -> CacheView:
     teacher, corpus, view = m.get("teacher") or {}, m.get("corpus") or {}, m.get("view") or {}
     labels = corpus.get("labels")
     return CacheView(
-        path=Path(cache.path),
+        path=cache.path,
         teacher=str(teacher.get("name") or ""),
         teacher_path=str(teacher.get("path") or ""),
         teacher_layers=int(teacher.get("num_layers") or 0),

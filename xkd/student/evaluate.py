@@ -92,13 +92,13 @@ def iter_row_batches(cache, table, batch_size: int, columns, max_rows: int | Non
 
 @torch.inference_mode()
 def evaluate_mlm(model_dir: str, caches: list[str], vocab_dir: str, batch_size: int = 32, max_rows: int | None = None,
-                 allow_incomplete: bool = False) -> dict:
+                 allow_incomplete: bool = False, fetch=None) -> dict:
     from ..vocab import load_vocab
 
     check_number("--batch-size", batch_size, low=1)
     if max_rows is not None:
         check_number("--max-rows", max_rows, low=1)
-    opened = open_caches(caches, allow_incomplete)  # refuse bad caches before loading the model
+    opened = open_caches(caches, allow_incomplete, fetch=fetch)  # refuse bad caches before loading the model
     vocab = load_vocab(vocab_dir)
     student = Student(load_student(model_dir, vocab))
     columns = ("example_id", "lang", "input_ids", "masked_positions", "labels", "topk_ids", "topk_logits", "lognorm")

@@ -13,6 +13,7 @@ from ..errors import BadInput, XkdError
 from ..options import check_number
 from ..storage import open_cache
 from ..storage.manifest import DirLock, fsync_dir
+from ..storage.remote import absolute, is_url
 from . import export
 from .data import StreamConfig, StreamingDataset
 from .methods import method_config, prepare
@@ -28,12 +29,13 @@ BEFORE_FIRST_CHECKPOINT = ("checkpoints", "metrics.jsonl", "tensorboard")
 OUT_LOCK = ".lock"
 
 
-def open_caches(paths, allow_incomplete: bool = False, warn=None) -> list:
+def open_caches(paths, allow_incomplete: bool = False, warn=None, fetch=None) -> list:
     """Open caches to learn from or evaluate on. An incomplete one (a cache-teachers run not
-    finished) is refused unless `allow_incomplete`; then `warn` is told what is missing."""
+    finished) is refused unless `allow_incomplete`; then `warn` is told what is missing.
+    `fetch`: the local fetch cache (storage.fetch.FetchCache) of caches given as URLs."""
     if not paths:
         raise BadInput("--caches: give at least one cache directory (made by `xkd cache-teachers`).")
-    opened = [open_cache(p) for p in paths]
+    opened = [open_cache(p, fetch=fetch) for p in paths]
     for cache in opened:
         if not allow_incomplete:
             cache.require_complete()
@@ -115,6 +117,7 @@ def train_student(
     device: str | None = None,
     allow_incomplete: bool = False,
     overwrite: bool = False,
+    fetch=None,
 ) -> dict:
     from ..vocab import StudentTokenizer, load_vocab
 
@@ -139,7 +142,7 @@ def train_student(
     # is held until the student is saved, and released if anything below fails.
     claim, start = claim_out(Path(out), resume=resume, overwrite=overwrite, rank=rank, world=world)
     try:
-        opened = open_caches(caches, allow_incomplete, warn=None if rank == 0 else (lambda msg: None))
+        opened = open_caches(caches, allow_incomplete, warn=None if rank == 0 else (lambda msg: None), fetch=fetch)
         check_mixing_options(opened, alpha if alpha_given else None, copies if copies_given else None)
         vocab = load_vocab(vocab_dir)
         vocab.check_whole()  # a damaged vocab would fail only at the save, after every step
@@ -206,6 +209,8 @@ def check_out(out: str, caches: list[str], vocab_dir: str, *, resume: bool, over
     if init_from is not None and Path(init_from).is_dir():  # else a teacher's name, not a directory here
         inputs.append(("checkpoint", "--init-from", init_from))
     for what, option, given in inputs:
+        if is_url(given):  # on object storage: no local --out can be it or lie inside it
+            continue
         input_dir = Path(given).resolve()
         where = ("is" if resolved == input_dir else "is inside" if input_dir in resolved.parents
                  else "holds" if resolved in input_dir.parents else None)
@@ -337,7 +342,7 @@ def run_config(method, config, opened, vocab, student, init_from, init_teacher, 
     options = {
         "--method": method,
         **{f"--option {k}": v for k, v in asdict(config).items()},
-        "--caches": [f"{(c.manifest.get('teacher') or {}).get('name')} (key {c.manifest.get('key') or c.path.resolve()}, "
+        "--caches": [f"{(c.manifest.get('teacher') or {}).get('name')} (key {c.manifest.get('key') or absolute(c.path)}, "
                      f"{len(c.shard_ids)} shards)" for c in opened],
         "--vocab": f"{vocab.size} tokens (hash {vocab.hash})",
         "--init-from": init_from,
@@ -351,7 +356,7 @@ def run_config(method, config, opened, vocab, student, init_from, init_teacher, 
         "processes (torchrun)": world,
     }
     return {"options": options,
-            "paths": {"--vocab": str(vocab.path.resolve()), "--caches": [str(c.path.resolve()) for c in opened]}}
+            "paths": {"--vocab": str(vocab.path.resolve()), "--caches": [absolute(c.path) for c in opened]}}
 
 
 def save_student(model, tokenizer, out: Path) -> None:

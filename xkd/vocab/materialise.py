@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import BadInput
 from ..storage import CacheWriter, Ragged, cache_key, open_cache, write_shard_files
+from ..storage.remote import absolute, is_url, location
 from .vocabdir import ID_COLUMNS, Vocab, load_vocab
 
 # Keys the cache writer owns; everything else in a manifest describes the cache and is copied.
@@ -81,8 +82,9 @@ def remap_cache(cache: str | os.PathLike, vocab: str | os.PathLike | Vocab, out:
                 teacher: str | None = None, progress=None) -> dict:
     """Write a union-vocab copy of `cache` to `out`; return a summary."""
     say = progress or (lambda msg: None)
-    out = Path(out)
-    check_copy_out(out, Path(cache), vocab.path if isinstance(vocab, Vocab) else Path(vocab))
+    out = location(out)
+    if not is_url(out):
+        check_copy_out(out, Path(cache), vocab.path if isinstance(vocab, Vocab) else Path(vocab))
     src = open_cache(cache)
     vocab = vocab if isinstance(vocab, Vocab) else load_vocab(vocab)
     manifest = src.manifest
@@ -102,7 +104,7 @@ def remap_cache(cache: str | os.PathLike, vocab: str | os.PathLike | Vocab, out:
         "dir": str(vocab.path.resolve()),
         "teacher": slug,
         "specials": vocab.special_ids,
-        "source_cache": {"path": str(src.path.resolve()), "key": manifest.get("key")},
+        "source_cache": {"path": absolute(src.path), "key": manifest.get("key")},
     }
     key = cache_key(manifest.get("teacher", {}), manifest.get("corpus", {}),
                     {"source_key": manifest.get("key"), "vocab": vocab.hash, "teacher_map": slug})

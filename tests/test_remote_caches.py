@@ -1,0 +1,149 @@
+"""Caches on object storage, against a real S3 server (SeaweedFS on loopback, tests/s3server.py):
+cache-teachers writes to s3://, verify and inspect read there, and a student trained from the
+remote cache is byte-identical to one trained from a local copy of it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xkd import open_cache
+from xkd.storage.fetch import FetchCache
+from xkd.storage.remote import Remote
+from xkd.vocab import build_vocab
+
+from conftest import TATOEBA, VOCABS, build_tiny_bert, cache_teacher
+from s3server import unique_prefix_url
+
+
+def run_xkd(*args, env=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "xkd.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc
+
+
+def download(url: str, dest: Path) -> Path:
+    """A plain copy of every object under `url` into `dest` (what `aws s3 sync` would make)."""
+    remote = Remote(url)
+    for name in remote.list():
+        path = dest / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(remote.get(name))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def remote_setup(s3_server, tmp_path_factory):
+    """Two tiny teachers (English uncased, mBERT for Hindi) cached straight to the object store by
+    the real pipeline on a LocalCluster of two worker processes, each in a working directory of
+    its own, so nothing a worker writes locally can be seen by the client (a worker's paths are
+    not the client's); hidden states at every token too, so dense arrays travel as well; the
+    union vocab."""
+    from distributed import Client, LocalCluster
+
+    root = tmp_path_factory.mktemp("remote")
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in s3_server.env.items():  # before the workers start: they inherit it
+            mp.setenv(name, value)
+        url = unique_prefix_url("remote-setup")
+        cluster = LocalCluster(host="127.0.0.1", n_workers=2, threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=logging.ERROR)
+        client = Client(cluster)
+        workdirs = client.run(_own_working_directory, str(root / "workers"))
+        en = build_tiny_bert(root / "en", VOCABS / "bert-base-uncased.vocab.txt", lowercase=True, seed=11, init_range=1.0)
+        hi = build_tiny_bert(root / "hi", VOCABS / "bert-base-multilingual-cased.vocab.txt", lowercase=False, seed=12,
+                             init_range=1.0)
+        caches = [
+            cache_teacher(client, f"{url}/caches", en, TATOEBA, sides="src", max_pairs=60, topk=8, shard_size=25,
+                          hidden_layers=(1, 2)),
+            cache_teacher(client, f"{url}/caches", hi, TATOEBA, sides="tgt", max_pairs=40, topk=8, shard_size=25),
+        ]
+        client.close()
+        cluster.close()
+        build_vocab([str(en), str(hi)], root / "vocab", lang_teacher={"en": str(en), "hi": str(hi)})
+        yield {"url": url, "caches": caches, "vocab": root / "vocab", "root": root, "env": dict(s3_server.env),
+               "workdirs": workdirs}
+
+
+def _own_working_directory(base: str) -> str:
+    path = Path(base) / f"worker-{os.getpid()}"
+    path.mkdir(parents=True)
+    os.chdir(path)
+    return str(path)
+
+
+def test_cache_teachers_writes_the_object_store_and_nothing_local(remote_setup, tmp_path):
+    for cache in remote_setup["caches"]:
+        assert cache.startswith(remote_setup["url"] + "/caches/")
+        names = Remote(cache).list()
+        assert "manifest.json" in names and ".lock" not in names  # the lease is released
+        manifest = json.loads(Remote(cache).get("manifest.json"))
+        assert manifest["complete"]
+        # every object is a listed shard file: no leftovers of attempts
+        listed = {f"shards/{s['dir']}/{rel}" for s in manifest["shards"] for rel in s["files"]}
+        assert set(names) - {"manifest.json"} == listed
+    assert not Path("s3:").exists()  # the old bug: a local directory named after the URL
+    # the workers ran in directories of their own, and left nothing there: each shard went up from a
+    # temporary directory the worker removed after its upload
+    assert len(set(remote_setup["workdirs"].values())) == 2
+    for workdir in remote_setup["workdirs"].values():
+        assert [p.name for p in Path(workdir).iterdir()] == []
+
+
+def test_verify_and_inspect_read_the_remote_cache(remote_setup):
+    env = remote_setup["env"]
+    for cache in remote_setup["caches"]:
+        proc = run_xkd("verify", cache, "--json", env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout.strip().splitlines()[-1])["status"] == "ok"
+        proc = run_xkd("inspect", cache, env=env)
+        assert proc.returncode == 0, proc.stderr
+    proc = run_xkd("ls", "--workspace", remote_setup["url"], "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    listed = sorted(c["path"] for c in json.loads(proc.stdout.strip().splitlines()[-1])["caches"])
+    assert listed == sorted(remote_setup["caches"])
+
+
+def test_remote_reads_equal_local_reads_of_a_copy(remote_setup, tmp_path):
+    """Every column and dense array of every row group, read through the fetch cache, equals
+    what the local reader reads from a plain copy of the objects."""
+    fetch = FetchCache(tmp_path / "fetch", limit=2**30)
+    for i, url in enumerate(remote_setup["caches"]):
+        local = open_cache(download(url, tmp_path / f"copy{i}"))
+        remote = open_cache(url, fetch=fetch)
+        assert remote.shard_ids == local.shard_ids and len(remote) == len(local)
+        for a, b in zip(remote.iter_blocks(), local.iter_blocks(), strict=True):
+            assert a.columns.keys() == b.columns.keys() and a.dense.keys() == b.dense.keys()
+            for name in a.columns:
+                x, y = a.columns[name], b.columns[name]
+                if hasattr(x, "values"):
+                    assert np.array_equal(x.values, y.values) and np.array_equal(x.offsets, y.offsets), name
+                else:
+                    assert np.array_equal(x, y), name
+            for name in a.dense:
+                assert a.dense[name].dtype == b.dense[name].dtype
+                assert np.array_equal(a.dense[name], b.dense[name]), name
+    assert fetch.misses and fetch.size() <= 2**30
+
+
+def test_student_trained_from_s3_is_byte_identical_to_one_from_a_local_copy(remote_setup, tmp_path):
+    env = remote_setup["env"]
+    local = [str(download(url, tmp_path / f"copy{i}")) for i, url in enumerate(remote_setup["caches"])]
+    common = ["--method", "mergedistill", "--vocab", remote_setup["vocab"], "--steps", "5", "--batch-size", "8",
+              "--hidden", "32", "--layers", "2", "--heads", "2", "--seed", "3", "--workers", "2", "--json"]
+    a = run_xkd("train-student", "--caches", *remote_setup["caches"], "--out", tmp_path / "from-s3",
+                "--cache-dir", tmp_path / "fetch", "--cache-size", "64M", *common, env=env)
+    assert a.returncode == 0, a.stderr[-3000:]
+    b = run_xkd("train-student", "--caches", *local, "--out", tmp_path / "from-local", *common, env=env)
+    assert b.returncode == 0, b.stderr[-3000:]
+    weights = "model.safetensors"
+    assert (tmp_path / "from-s3" / weights).read_bytes() == (tmp_path / "from-local" / weights).read_bytes()
+    assert json.loads(a.stdout.strip().splitlines()[-1])["final"] == json.loads(b.stdout.strip().splitlines()[-1])["final"]

@@ -1,0 +1,196 @@
+"""The local side of a remote cache: a bounded directory of fetched bytes (train-student's
+--cache-dir and --cache-size), shared by every process that reads (DataLoader workers, DDP
+ranks, later runs).
+
+Two kinds of entries, both named by content so that an entry can never be stale:
+- whole objects (Zarr chunks and metadata), named by the sha256 the manifest records for
+  them, and checked against it as they arrive: a flipped remote byte never enters the cache;
+- byte ranges of Parquet files (a footer, a row group), named by the file's recorded sha256
+  and the range; every Parquet page carries a CRC that each read checks.
+
+Entries are written under a temporary name and renamed, so a reader sees a whole entry or
+none, also while another process writes the same one. When the directory grows past its
+limit, the least recently used entries are removed (a hit touches its entry); entries younger
+than EVICT_AFTER_S are kept, so a file another process has just fetched and is about to open
+is not taken from under it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+
+from ..errors import BadInput
+
+EVICT_AFTER_S = 30
+DEFAULT_LIMIT = 20 * 2**30
+PARQUET_FOOTER_BYTES = 64 * 1024  # pyarrow's first read of a footer
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "xkd" / "remote"
+
+
+class Damaged(ValueError):
+    """Fetched bytes that do not match the manifest."""
+
+
+class FetchCache:
+    def __init__(self, directory: str | os.PathLike | None = None, limit: int = DEFAULT_LIMIT):
+        self.directory = Path(directory) if directory is not None else default_cache_dir()
+        self.limit = int(limit)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BadInput(f"--cache-dir {self.directory}: cannot create it ({e.strerror or e}); give a directory this "
+                           "user may write to.") from None
+        self._lock = threading.Lock()
+        self._added = 0  # bytes this process added since it last measured the directory
+        self._total: int | None = None
+        self.hits = self.misses = self.fetched_bytes = 0
+
+    def __reduce__(self):  # DataLoader workers and dask: the same directory, counters start again
+        return (FetchCache, (self.directory, self.limit))
+
+    # Whole objects ------------------------------------------------------------------
+    def object(self, remote, name: str, size: int, sha256: str) -> str:
+        """The local path of object `name`, fetched and checked against `size` and
+        `sha256` unless already here. Raises Damaged when the remote bytes differ."""
+        path = self.directory / "objects" / sha256[:2] / sha256
+        if self._touch(path):
+            return str(path)
+        data = remote.get(name)
+        if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+            raise Damaged(f"{remote.url}/{name} holds {len(data):,} bytes that differ from the manifest's "
+                          f"({size:,} bytes, sha256 {sha256[:12]}...)")
+        self._store(path, data)
+        return str(path)
+
+    # Byte ranges --------------------------------------------------------------------
+    def range(self, remote, name: str, sha256: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of object `name` (whose whole content has `sha256`)."""
+        path = self.directory / "ranges" / sha256[:2] / f"{sha256}-{start}-{end}"
+        if self._touch(path):
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:  # removed by another process in between: fetch it again
+                pass
+        data = remote.get_range(name, start, end)
+        if len(data) != end - start:
+            raise Damaged(f"{remote.url}/{name} is shorter than the manifest records (no bytes {start:,}-{end:,})")
+        self._store(path, data)
+        return data
+
+    # The directory ------------------------------------------------------------------
+    def _touch(self, path: Path) -> bool:
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            self.misses += 1
+            return False
+        self.hits += 1
+        return True
+
+    def _store(self, path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # no fsync: a lost entry is fetched again, and every use re-checks it
+        self.fetched_bytes += len(data)
+        with self._lock:
+            self._added += len(data)
+            if self._total is None or self._total + self._added > self.limit:
+                self._evict()
+
+    def _evict(self) -> None:
+        entries = []
+        for sub in ("objects", "ranges"):
+            for dirpath, _, files in os.walk(self.directory / sub):
+                for name in files:
+                    try:
+                        info = os.stat(os.path.join(dirpath, name))
+                    except FileNotFoundError:
+                        continue
+                    entries.append((info.st_mtime, info.st_size, os.path.join(dirpath, name)))
+        total = sum(size for _, size, _ in entries)
+        if total > self.limit:
+            young = time.time() - EVICT_AFTER_S
+            for mtime, size, path in sorted(entries):
+                if total <= self.limit * 0.8 or mtime > young:
+                    break
+                try:
+                    os.unlink(path)
+                    total -= size
+                except FileNotFoundError:
+                    pass
+        self._total, self._added = total, 0
+
+    def size(self) -> int:
+        """Bytes in the directory now."""
+        return sum(os.path.getsize(os.path.join(d, f)) for sub in ("objects", "ranges")
+                   for d, _, files in os.walk(self.directory / sub) for f in files)
+
+
+class RangedFile(io.RawIOBase):
+    """A remote Parquet file as a seekable file for pyarrow, served from fetched ranges: the
+    reader fetches a row group's whole span first (`fetch`), so pyarrow's reads of its column
+    chunks are copies from memory. A read outside every fetched range fetches just that range
+    (pyarrow's footer reads)."""
+
+    def __init__(self, cache: FetchCache, remote, name: str, size: int, sha256: str, keep: int = 4):
+        super().__init__()
+        self._cache, self._remote, self._name = cache, remote, name
+        self._size, self._sha = size, sha256
+        self._pos = 0
+        self._ranges: OrderedDict[tuple[int, int], bytes] = OrderedDict()  # the last `keep` ranges, in memory
+        self._keep = keep
+        footer = max(0, size - PARQUET_FOOTER_BYTES)
+        self.fetch(footer, size)
+
+    def fetch(self, start: int, end: int) -> None:
+        start, end = max(0, start), min(self._size, end)
+        if end <= start or (start, end) in self._ranges:
+            return
+        self._ranges[(start, end)] = self._cache.range(self._remote, self._name, self._sha, start, end)
+        while len(self._ranges) > self._keep + 1:  # +1: the footer stays
+            oldest = next(k for k in self._ranges if k[1] != self._size)
+            del self._ranges[oldest]
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = {0: offset, 1: self._pos + offset, 2: self._size + offset}[whence]
+        return self._pos
+
+    def size(self) -> int:
+        return self._size
+
+    def readinto(self, buffer) -> int:
+        start = self._pos
+        end = min(self._size, start + len(buffer))
+        if end <= start:
+            return 0
+        for (lo, hi), data in self._ranges.items():  # noqa: B007 (the range found is used below)
+            if lo <= start and end <= hi:
+                break
+        else:
+            self.fetch(start, end)
+            lo, hi, data = start, end, self._ranges[(start, end)]
+        memoryview(buffer)[: end - start] = data[start - lo : end - lo]
+        self._pos = end
+        return end - start
