@@ -243,6 +243,59 @@ def mask_for(spec: TeacherSpec, opts: CacheTeachersOptions) -> MaskConfig:
     return config
 
 
+def made_by(meta: dict) -> list[str]:
+    """The cache-teachers command (all but --out) that makes, or finishes, the cache described
+    by `meta`, recorded in its manifest (`made_by`; storage.completeness adds --out): every
+    setting that enters the cache key is given explicitly, so defaults that change between
+    versions do not change the key."""
+    teacher = (meta.get("teacher") or {}).get("name")
+    corpus, view = meta.get("corpus") or {}, meta.get("view") or {}
+    if not teacher or not corpus.get("spec") or not view:
+        return []
+    args = ["xkd", "cache-teachers", "--teacher", str(teacher), "--corpus", str(corpus["spec"])]
+    if ":" not in str(corpus["spec"]) and corpus.get("kind") not in ("hf", "sample") and corpus.get("paths"):
+        args += ["--corpus-files", ",".join(map(str, corpus["paths"]))]  # a named corpus read from local files
+    if corpus.get("split"):
+        args += ["--split", str(corpus["split"])]
+    mask, outputs, cleaning = view.get("mask") or {}, view.get("outputs") or {}, view.get("cleaning") or {}
+    if "shard_size" in view:
+        args += ["--shard-size", str(view["shard_size"])]
+    if "max_length" in view:
+        args += ["--max-length", str(view["max_length"])]
+    if "prob" in mask:
+        args += ["--mask-prob", str(mask["prob"])]
+    if mask.get("whole_word"):
+        args += ["--whole-word"]
+    if mask.get("epochs", 1) != 1:
+        args += ["--mask-epochs", str(mask["epochs"])]
+    if mask.get("seed", 0) != 0:
+        args += ["--seed", str(mask["seed"])]
+    if "topk" in outputs:
+        args += ["--topk", str(outputs["topk"])]
+    if outputs.get("hidden_layers"):
+        args += ["--hidden-layers", ",".join(map(str, outputs["hidden_layers"]))]
+        args += ["--hidden-positions", str(outputs.get("hidden_positions") or "all")]
+    if outputs.get("attention_layers"):
+        args += ["--attention-layers", ",".join(map(str, outputs["attention_layers"]))]
+    if "sentence" in outputs:
+        args += ["--sentence", ",".join(outputs["sentence"]) or "none"]
+    if "class_logits" in outputs:
+        args += ["--class-logits" if outputs["class_logits"] else "--no-class-logits"]
+    sides = view.get("sides") or []
+    if "mono" not in sides and sides:
+        args += ["--sides", "both" if len(sides) == 2 else str(sides[0])]
+    if view.get("text") is False:
+        args += ["--no-text"]
+    for name in ("min_tokens", "max_tokens", "max_pairs"):
+        if cleaning.get(name):
+            args += [f"--{name.replace('_', '-')}", str(cleaning[name])]
+    if cleaning.get("skip_bad_lines"):
+        args += ["--skip-bad-lines"]
+    if view.get("compute_dtype"):
+        args += ["--dtype", str(view["compute_dtype"])]
+    return args
+
+
 def plan_job(spec: TeacherSpec, plan: CorpusPlan, opts: CacheTeachersOptions, compute_dtype: str) -> Job:
     outputs = outputs_for(spec, opts)
     view = View(opts.max_length, mask_for(spec, opts), opts.sides, outputs, opts.text, compute_dtype)
@@ -257,6 +310,7 @@ def plan_job(spec: TeacherSpec, plan: CorpusPlan, opts: CacheTeachersOptions, co
         "view": view_json,
         "outputs": outputs_json(outputs.topk or None, dense, text=opts.text, pairs=plan.source.has_pairs),
     }
+    meta["made_by"] = {"args": made_by(meta), "out": "parent"}
     root = join(location(opts.out), f"{teacher_slug(spec.name)}-{key}")
     return Job(spec, view, root, key, meta)
 

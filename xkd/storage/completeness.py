@@ -92,70 +92,20 @@ def parent_and_name(root) -> tuple[str, str]:
 
 
 def finish_command(root: str | Path, manifest: dict) -> str | None:
-    """The command that finishes the cache at `root`, rebuilt from what its manifest records
-    (the same settings give the same cache key, so the run resumes this directory and
-    computes only the missing shards). None when the manifest records too little.
-
-    The options mirror `xkd cache-teachers` (xkd/cli.py); every setting that enters the key
-    is given explicitly, so defaults that change between versions do not change the key.
-    """
-    vocab = manifest.get("vocab")
-    if isinstance(vocab, dict):  # a union-vocab copy made by `xkd remap`
-        source = (vocab.get("source_cache") or {}).get("path")
-        if not source or not vocab.get("dir"):
-            return None
-        return shlex.join(["xkd", "remap", str(source), "--vocab", str(vocab["dir"]), "--out", str(root)])
-    key = manifest.get("key")
-    parent, name = parent_and_name(root)
-    if key and not name.endswith(f"-{key}"):
-        return None  # moved or renamed: cache-teachers would write OUT/<teacher>-<key>, not this directory
-    teacher = (manifest.get("teacher") or {}).get("name")
-    corpus, view = manifest.get("corpus") or {}, manifest.get("view") or {}
-    if not teacher or not corpus.get("spec") or not view:
+    """The command that finishes the cache at `root`: the one its writer recorded in the
+    manifest (`made_by`: the command's arguments but --out, and whether --out is the cache's
+    parent, as for cache-teachers, or the cache itself, as for remap), with this location as
+    --out. The same settings give the same cache key, so that run resumes this cache and
+    computes only what is missing. None for caches written before commands were recorded,
+    and for a cache-teachers cache moved under another name (it would write OUT/<teacher>-<key>)."""
+    made = manifest.get("made_by")
+    if not (isinstance(made, dict) and isinstance(made.get("args"), list) and made.get("out") in ("parent", "self")):
         return None
-    args = ["xkd", "cache-teachers", "--teacher", str(teacher), "--corpus", str(corpus["spec"])]
-    if ":" not in str(corpus["spec"]) and corpus.get("kind") not in ("hf", "sample") and corpus.get("paths"):
-        args += ["--corpus-files", ",".join(map(str, corpus["paths"]))]  # a named corpus read from local files
-    if corpus.get("split"):
-        args += ["--split", str(corpus["split"])]
-    args += ["--out", parent]
-    mask, outputs, cleaning = view.get("mask") or {}, view.get("outputs") or {}, view.get("cleaning") or {}
-    if "shard_size" in view:
-        args += ["--shard-size", str(view["shard_size"])]
-    if "max_length" in view:
-        args += ["--max-length", str(view["max_length"])]
-    if "prob" in mask:
-        args += ["--mask-prob", str(mask["prob"])]
-    if mask.get("whole_word"):
-        args += ["--whole-word"]
-    if mask.get("epochs", 1) != 1:
-        args += ["--mask-epochs", str(mask["epochs"])]
-    if mask.get("seed", 0) != 0:
-        args += ["--seed", str(mask["seed"])]
-    if "topk" in outputs:
-        args += ["--topk", str(outputs["topk"])]
-    if outputs.get("hidden_layers"):
-        args += ["--hidden-layers", ",".join(map(str, outputs["hidden_layers"]))]
-        args += ["--hidden-positions", str(outputs.get("hidden_positions") or "all")]
-    if outputs.get("attention_layers"):
-        args += ["--attention-layers", ",".join(map(str, outputs["attention_layers"]))]
-    if "sentence" in outputs:
-        args += ["--sentence", ",".join(outputs["sentence"]) or "none"]
-    if "class_logits" in outputs:
-        args += ["--class-logits" if outputs["class_logits"] else "--no-class-logits"]
-    sides = view.get("sides") or []
-    if "mono" not in sides and sides:
-        args += ["--sides", "both" if len(sides) == 2 else str(sides[0])]
-    if view.get("text") is False:
-        args += ["--no-text"]
-    for name in ("min_tokens", "max_tokens", "max_pairs"):
-        if cleaning.get(name):
-            args += [f"--{name.replace('_', '-')}", str(cleaning[name])]
-    if cleaning.get("skip_bad_lines"):
-        args += ["--skip-bad-lines"]
-    if view.get("compute_dtype"):
-        args += ["--dtype", str(view["compute_dtype"])]
-    return shlex.join(args)
+    parent, name = parent_and_name(root)
+    key = manifest.get("key")
+    if made["out"] == "parent" and key and not name.endswith(f"-{key}"):
+        return None
+    return shlex.join([*map(str, made["args"]), "--out", str(root) if made["out"] == "self" else parent])
 
 
 def how_to_finish(command: str | None) -> str:

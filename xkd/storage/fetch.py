@@ -150,19 +150,24 @@ class RangedFile(io.RawIOBase):
         self._cache, self._remote, self._name = cache, remote, name
         self._size, self._sha = size, sha256
         self._pos = 0
+        self._lock = threading.Lock()
         self._ranges: OrderedDict[tuple[int, int], bytes] = OrderedDict()  # the last `keep` ranges, in memory
         self._keep = keep
         footer = max(0, size - PARQUET_FOOTER_BYTES)
         self.fetch(footer, size)
 
     def fetch(self, start: int, end: int) -> None:
+        """Hold bytes [start, end) in memory (from the fetch cache, or fetched into it)."""
         start, end = max(0, start), min(self._size, end)
-        if end <= start or (start, end) in self._ranges:
-            return
-        self._ranges[(start, end)] = self._cache.range(self._remote, self._name, self._sha, start, end)
-        while len(self._ranges) > self._keep + 1:  # +1: the footer stays
-            oldest = next(k for k in self._ranges if k[1] != self._size)
-            del self._ranges[oldest]
+        with self._lock:
+            if end <= start or any(lo <= start and end <= hi for lo, hi in self._ranges):
+                return
+        data = self._cache.range(self._remote, self._name, self._sha, start, end)
+        with self._lock:  # the loader's read-ahead thread reads while the main thread does
+            self._ranges[(start, end)] = data
+            while len(self._ranges) > self._keep + 1:  # +1: the footer stays
+                oldest = next(k for k in self._ranges if k[1] != self._size)
+                del self._ranges[oldest]
 
     def readable(self) -> bool:
         return True
@@ -185,12 +190,13 @@ class RangedFile(io.RawIOBase):
         end = min(self._size, start + len(buffer))
         if end <= start:
             return 0
-        for (lo, hi), data in self._ranges.items():  # noqa: B007 (the range found is used below)
-            if lo <= start and end <= hi:
-                break
-        else:
+        with self._lock:
+            found = next(((lo, data) for (lo, hi), data in self._ranges.items() if lo <= start and end <= hi), None)
+        if found is None:
             self.fetch(start, end)
-            lo, hi, data = start, end, self._ranges[(start, end)]
+            with self._lock:
+                found = next(((lo, data) for (lo, hi), data in self._ranges.items() if lo <= start and end <= hi))
+        lo, data = found
         memoryview(buffer)[: end - start] = data[start - lo : end - lo]
         self._pos = end
         return end - start

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from ..errors import BadInput, XkdError
 from .completeness import completeness, finish_command, incomplete_message
-from .fetch import Damaged, FetchCache
+from .fetch import Damaged, FetchCache, RangedFile
 from .files import files_of, shard_file
 from .manifest import MAX_EXPANSION, read_manifest
 from .remote import Remote, location
@@ -171,6 +171,9 @@ class RecycledBuffers:
 
         self._buffers: list[np.ndarray] = []
         self._lock = threading.Lock()
+        # A fork while another thread (the loader's window reader) holds the lock would leave
+        # the child's copy locked for good: DataLoader workers are forked.
+        os.register_at_fork(after_in_child=lambda: setattr(self, "_lock", threading.Lock()))
         self._refs = sys.getrefcount
         self._floor = floor
         probe = [np.empty(0, dtype=np.uint8)]
@@ -465,8 +468,10 @@ class Cache:
         (verify reports that itself); page CRCs are checked as pages are read."""
         record = self._record(shard_id)
         rel = f"{shard_name(shard_id)}.parquet"
-        return pq.ParquetFile(self.files.parquet(shard_file(record, rel), *record["files"][rel]),
-                              page_checksum_verification=True)
+        source = self.files.parquet(shard_file(record, rel), *record["files"][rel])
+        f = pq.ParquetFile(source, page_checksum_verification=True)
+        f.ranged = source if isinstance(source, RangedFile) else None  # a remote file: fetched by byte range
+        return f
 
     def zarr_group(self, shard_id: int):
         import zarr
@@ -581,6 +586,8 @@ class Cache:
         try:
             if row_group is None:
                 return f.read(columns=columns)
+            if f.ranged is not None:  # one request for the row group's column chunks, not one per page
+                f.ranged.fetch(*row_group_span(f.metadata, row_group, columns))
             return f.read_row_group(row_group, columns=columns)
         except (OSError, pa.ArrowException) as e:  # page checksums fail here on a flipped byte
             name = f"{shard_name(shard_id)}.parquet"
@@ -676,6 +683,22 @@ class Cache:
                 for i in np.flatnonzero(block.columns["example_id"] == example_id):
                     out.append(block.example(int(i)))
         return out
+
+
+def row_group_span(meta: pq.FileMetaData, row_group: int, columns=None) -> tuple[int, int]:
+    """The bytes [start, end) of a Parquet file that hold a row group's column chunks (of
+    `columns`, or all of them)."""
+    group = meta.row_group(row_group)
+    wanted = None if columns is None else {c.split(".")[0] for c in columns}
+    start, end = None, 0
+    for i in range(group.num_columns):
+        chunk = group.column(i)
+        if wanted is not None and chunk.path_in_schema.split(".")[0] not in wanted:
+            continue
+        first = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+        start = first if start is None else min(start, first)
+        end = max(end, first + chunk.total_compressed_size)
+    return (start or 0), end
 
 
 def open_cache(path: str | os.PathLike, allow_incomplete: bool = True, fetch: FetchCache | None = None) -> Cache:

@@ -106,6 +106,7 @@ def remap_cache(cache: str | os.PathLike, vocab: str | os.PathLike | Vocab, out:
         "specials": vocab.special_ids,
         "source_cache": {"path": absolute(src.path), "key": manifest.get("key")},
     }
+    meta["made_by"] = {"args": ["xkd", "remap", absolute(src.path), "--vocab", str(vocab.path.resolve())], "out": "self"}
     key = cache_key(manifest.get("teacher", {}), manifest.get("corpus", {}),
                     {"source_key": manifest.get("key"), "vocab": vocab.hash, "teacher_map": slug})
     has_topk = bool(src.topk_k)
