@@ -147,3 +147,30 @@ def test_student_trained_from_s3_is_byte_identical_to_one_from_a_local_copy(remo
     weights = "model.safetensors"
     assert (tmp_path / "from-s3" / weights).read_bytes() == (tmp_path / "from-local" / weights).read_bytes()
     assert json.loads(a.stdout.strip().splitlines()[-1])["final"] == json.loads(b.stdout.strip().splitlines()[-1])["final"]
+    # evaluate reads the held-out caches the same way: the same numbers from the URL and the copy
+    scores = []
+    for caches in (remote_setup["caches"], local):
+        proc = run_xkd("evaluate", tmp_path / "from-s3", "--caches", *caches, "--vocab", remote_setup["vocab"], "--json",
+                       *(["--cache-dir", tmp_path / "fetch-eval"] if caches is not local else []), env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        scores.append([{k: v for k, v in r.items() if k != "cache"}
+                       for r in json.loads(proc.stdout.strip().splitlines()[-1])["per_cache"]])
+    assert scores[0] == scores[1]
+
+
+def test_remap_from_and_to_the_object_store(remote_setup, tmp_path):
+    """A union-vocab copy written from a remote cache to another remote prefix verifies, and holds
+    the rows a local remap of a local copy holds."""
+    env = remote_setup["env"]
+    source = remote_setup["caches"][1]
+    target = unique_prefix_url("remap-target")
+    proc = run_xkd("remap", source, "--vocab", remote_setup["vocab"], "--out", target, "--json", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_xkd("verify", target, env=env).returncode == 0
+    local = run_xkd("remap", download(source, tmp_path / "copy"), "--vocab", remote_setup["vocab"], "--out",
+                    tmp_path / "union", "--json", env=env)
+    assert local.returncode == 0, local.stderr[-3000:]
+    a, b = open_cache(target, fetch=FetchCache(tmp_path / "fetch")), open_cache(tmp_path / "union")
+    for x, y in zip(a.iter_blocks(), b.iter_blocks(), strict=True):
+        for name in ("input_ids", "topk_ids", "labels"):
+            assert np.array_equal(x.columns[name].values, y.columns[name].values), name

@@ -74,6 +74,7 @@ class Remote:
             raise BadInput(f"{url}: not an object-store URL; give scheme://bucket/prefix, e.g. s3://my-bucket/caches.")
         self.url = url.rstrip("/")
         self._store = None
+        self._pid = 0
 
     def __reduce__(self):
         return (Remote, (self.url,))
@@ -86,8 +87,10 @@ class Remote:
 
     @property
     def store(self):
-        if self._store is None:
-            self._store = _open_store(self.url)
+        # One client per process: a forked DataLoader worker opens its own rather than use
+        # connections (and a runtime) its parent made.
+        if self._store is None or self._pid != os.getpid():
+            self._store, self._pid = _open_store(self.url), os.getpid()
         return self._store
 
     # Reads ------------------------------------------------------------------------
