@@ -12,6 +12,13 @@ Parts (each a function `part_NAME` returning its markdown; `--only NAME` runs on
           ranges of 4 MiB of one 32 MiB object (Parquet row groups), with obstore and
           pyarrow.fs.S3FileSystem (and s3fs where importable), one request at a time and 8 at
           once; which of them can write conditionally (xkd's manifest commit needs it).
+  read         The training loader (StreamingDataset as train-student builds it) over a cache
+               on local disk against the same files uploaded to the server, read with an
+               empty fetch cache (cold) and with a full one (warm): a top-k cache (mergedistill)
+               and a dense one (hidden states and attention at every token, tinybert's collate).
+  first-batch  Time from opening the caches to the first collated batch, the same three ways.
+  hit-rate     The fetch cache's hits, misses and fetched bytes over two epochs, with a
+               --cache-size above the cache's size and one a third of it (LRU eviction).
 Writes its tables into docs/benchmarks.md under "## remote", each part as a "###" subsection
 of it (a part run alone replaces only its own subsection).
 """
@@ -19,12 +26,18 @@ of it (a part run alone replaces only its own subsection).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
+import functools
 import hashlib
+import io
 import os
+import pstats
+import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -122,8 +135,10 @@ def client_readers(server: S3Server) -> dict:
     return readers
 
 
-def part_client(server: S3Server, repeats: int) -> str:
+def part_client(server: S3Server, repeats: int | None) -> str:
     import obstore
+
+    repeats = repeats or REPEATS
 
     say("writing the objects")
     writer = server.store(BUCKET)
@@ -219,9 +234,347 @@ def choice(results: dict) -> str:
             "choice costs no read speed.")
 
 
+# ---- parts: the training loader over a remote cache -------------------------------------
+
+LOADER_SHARDS, LOADER_ROWS = 8, 25_000  # top-k: 200,000 rows, about 100 MB of Parquet
+DENSE_SHARDS, DENSE_ROWS = 16, 160  # dense: 2,560 rows in 16 one-row-group shards (2 shuffle windows), about 250 MB
+TARGET_READ = 0.7  # remote rows/s over local rows/s
+LOADER_REPEATS = 5  # a loader pass takes 1-7 s here: 5 keeps the three loader parts near 5 minutes
+
+
+@functools.cache
+def loader_setup(server: S3Server) -> dict:
+    """The two caches (top-k for mergedistill, dense for tinybert's collate) written on local
+    disk by bench/train.py's helpers and uploaded as they are, every file an object named by
+    its path relative to the cache (a plain copy of the directory); the union vocab and the
+    method. Made once per run, shared by the loader parts.
+
+    The top-k cache is one mBERT-vocab teacher's, English and Hindi rows interleaved, not two
+    caches of one language each: bench/train.py's caches name no corpus fingerprint, so two of
+    them share one corpus identity and the same example ids, the second's rows count as copies
+    of the first's, and its language gets sampling probability 0 (never read)."""
+    import train  # bench/train.py: its caches, vocab, method and loader passes
+
+    from xkd.storage.remote import Remote
+
+    os.environ.update(server.env)  # xkd's client reads the endpoint and credentials from here
+    work = server.directory / "loader"
+    say("writing the top-k cache and the union vocab")
+    vocab = train.build_union_vocab(work / "vocab")
+    topk = [train.make_cache(work / "topk", "hi", LOADER_SHARDS, LOADER_ROWS, tuple(train.TEACHERS)).path]
+    say("writing the dense cache")
+    dense = [train.make_dense_cache(work / "dense", DENSE_SHARDS, DENSE_ROWS)]
+    say("uploading both")
+    urls = {}
+    for name, roots in (("topk", topk), ("dense", dense)):
+        urls[name] = []
+        for root in roots:
+            url = f"s3://{BUCKET}/loader/{root.name}"
+            remote = Remote(url)
+            for path in sorted(p for p in root.rglob("*") if p.is_file()):
+                remote.put(path.relative_to(root).as_posix(), path)
+            urls[name].append(url)
+    return {"work": work, "vocab": vocab, "method": train.mergedistill(vocab), "local": {"topk": topk, "dense": dense},
+            "urls": urls, "on_disk": {name: sum(p.stat().st_size for r in roots for p in Path(r).rglob("*") if p.is_file())
+                                      for name, roots in (("topk", topk), ("dense", dense))}}
+
+
+def loader_batches(setup: dict, kind: str, locations: list, fetch=None):
+    """The batches of the loader as train-student builds it over `locations` (opened here,
+    through `fetch` when they are URLs), one epoch's rows and then more; and that row count."""
+    import train
+
+    from xkd.storage import open_cache
+
+    caches = [open_cache(location, fetch=fetch) for location in locations]
+    total = sum(len(c) for c in caches)
+    if kind == "topk":
+        ds = train.dataset(caches, setup["vocab"], setup["method"], batch_size=train.LOADER_BATCH, remap=True, collate=True)
+    else:  # no vocab covers the synthetic teacher: tinybert's collate of the dense outputs, no remap
+        ds = dense_dataset(caches[0])
+    return ds, total
+
+
+def dense_dataset(cache):
+    """bench/train.py's dense loader (dense_child): every dense output, tinybert's index arrays."""
+    import torch
+    import train
+
+    from xkd.student.data import StreamConfig, StreamingDataset
+    from xkd.student.methods.tinybert import pair_places, token_places
+
+    names = tuple(sorted(cache.dense_specs))
+
+    def collate(rows):
+        lengths = rows["input_ids"].lengths()
+        width = int(lengths.max())
+        out = {"example_id": rows["example_id"], "token_index": torch.from_numpy(token_places(lengths, width)),
+               "pair_index": torch.from_numpy(pair_places(lengths, width, train.RSS_DENSE_HEADS))}
+        out.update({name: torch.from_numpy(rows[name].values) for name in names})
+        return out
+
+    return StreamingDataset([cache], StreamConfig(batch_size=train.DENSE_BATCH, columns=("example_id", "input_ids"),
+                                                  dense=names), collate=collate)
+
+
+def epoch(setup: dict, kind: str, locations: list, fetch=None, on_batch=None) -> int:
+    """Open the caches and read one epoch's rows, or, with on_batch (called after every batch
+    with the rows read so far and the rows in an epoch), until it returns False. Rows read."""
+    ds, total = loader_batches(setup, kind, locations, fetch)
+    rows = 0
+    for batch in ds:
+        rows += len(batch["example_id"])
+        if (on_batch(rows, total) is False) if on_batch else rows >= total:
+            break
+    return rows
+
+
+class FetchDirs:
+    """Fetch caches in fresh directories: `cold()` an empty one (the last one's directory
+    removed), `warm()` a new FetchCache over the directory the last cold read filled."""
+
+    def __init__(self, base: Path, limit: int = 1 << 40):
+        self.base, self.limit, self.count, self.last = base, limit, 0, None
+
+    def cold(self):
+        from xkd.storage.fetch import FetchCache
+
+        if self.last is not None:
+            shutil.rmtree(self.last)
+        self.count += 1
+        self.last = self.base / f"fetch-{self.count}"
+        return FetchCache(self.last, self.limit)
+
+    def warm(self):
+        from xkd.storage.fetch import FetchCache
+
+        return FetchCache(self.last, self.limit)
+
+
+def part_read(server: S3Server, repeats: int | None) -> str:
+    repeats = repeats or LOADER_REPEATS
+    setup = loader_setup(server)
+    results = {}
+    for kind in ("topk", "dense"):
+        local, urls = setup["local"][kind], setup["urls"][kind]
+        dirs = FetchDirs(setup["work"] / f"read-{kind}")
+        fetched = {}
+
+        def cold(kind=kind, urls=urls, dirs=dirs, fetched=fetched):
+            fetch = dirs.cold()
+            rows = epoch(setup, kind, urls, fetch)
+            fetched.update(bytes=fetch.fetched_bytes, rows=rows)
+
+        fns = {"local": lambda kind=kind, local=local: epoch(setup, kind, local),
+               "remote, cold": cold,
+               "remote, warm": lambda kind=kind, urls=urls, dirs=dirs: epoch(setup, kind, urls, dirs.warm())}
+        say(f"read: {kind}, {repeats} interleaved repeats of local / cold / warm")
+        load = os.getloadavg()[0]
+        results[kind] = {"times": median_runs(fns, repeats, server.process.pid), **fetched,
+                         "load": (load, os.getloadavg()[0])}
+        worst = max(fns, key=lambda name: results[kind]["times"][name][0])
+        if results[kind]["times"]["local"][0] < TARGET_READ * results[kind]["times"][worst][0]:
+            say(f"read: {kind} misses the target; profiling one {worst} epoch")
+            results[kind]["profile"] = (worst, profile(lambda fn=fns[worst]: fn()))
+    return read_report(setup, results, repeats)
+
+
+def profile(fn, lines: int = 16) -> str:
+    """The functions with the most time of their own in one call of fn under cProfile, the
+    loader's read-ahead thread included (each window it reads is profiled apart and added)."""
+    from xkd.student.data import StreamingDataset
+
+    read_window, ahead = StreamingDataset._read_window, []
+
+    def profiled(self, *args):
+        if threading.current_thread() is threading.main_thread():
+            return read_window(self, *args)
+        ahead.append(cProfile.Profile())
+        return ahead[-1].runcall(read_window, self, *args)
+
+    StreamingDataset._read_window = profiled
+    try:
+        main = cProfile.Profile()
+        main.runcall(fn)
+    finally:
+        StreamingDataset._read_window = read_window
+    out = io.StringIO()
+    stats = pstats.Stats(main, stream=out)
+    for other in ahead:
+        stats.add(other)
+    stats.sort_stats("tottime").print_stats(lines)
+    return "\n".join(line for line in out.getvalue().splitlines() if "Ordered by" not in line and "List reduced" not in line)
+
+
+LOADER_NAMES = {"topk": "top-k (mergedistill: columns, remap, collate)",
+                "dense": "dense (hidden states + attention, tinybert's collate)"}
+
+
+def read_report(setup: dict, results: dict, repeats: int) -> str:
+    import train
+
+    lines = [
+        "### Training loader over a remote cache",
+        "",
+        f"Run on {datetime.date.today().isoformat()}, {machine()}; the server on the same 2 shared cores. "
+        f"Two caches written on local disk and uploaded as they are (every file one object): top-k, "
+        f"bench/train.py's synthetic top-{train.K} shards of an mBERT-vocab teacher, English and Hindi rows, remapped "
+        f"through the real table into the union vocab, {LOADER_SHARDS} shards x {LOADER_ROWS:,} rows "
+        f"({setup['on_disk']['topk'] / 1e6:.0f} MB), read by StreamingDataset as train-student "
+        f"builds it for mergedistill (batches of {train.LOADER_BATCH}); dense, synthetic shards with hidden states "
+        f"of 2 layers (768 wide, fp16) and attention of 2 layers ({train.RSS_DENSE_HEADS} heads, real keys) at every "
+        f"token, {DENSE_SHARDS} shards x {DENSE_ROWS} rows ({setup['on_disk']['dense'] / 1e6:.0f} MB), read with "
+        f"every dense output and tinybert's index arrays (batches of {train.DENSE_BATCH}; no remap: no vocab covers "
+        "the synthetic teacher). One pass = open the caches, build the dataset, read one epoch. Local: the files "
+        "on disk, page cache warm. Remote, cold: the URL with an empty fetch cache (--cache-dir) in a fresh "
+        "directory. Remote, warm: the URL again with the fetch cache the cold pass filled (a second epoch). "
+        f"Medians of {repeats} interleaved repeats (local, cold, warm in turn, one warm-up each). MB: the bytes "
+        "the loader needs (what a cold pass fetched: the columns' row-group spans, footers, dense chunks). CPU: "
+        "seconds of the bench process (all its threads) / of the server.",
+        "",
+        "| cache | read from | wall s | CPU s bench / server | rows/s | MB/s | vs local | target |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    verdicts = []
+    for kind, r in results.items():
+        local = r["times"]["local"][0]
+        for name, (wall, cpu, served) in r["times"].items():
+            ratio = local / wall
+            target = "" if name == "local" else f">= {TARGET_READ}x: {'met' if ratio >= TARGET_READ else 'MISSED'}"
+            if name != "local":
+                verdicts.append((kind, name, ratio))
+            lines.append(f"| {LOADER_NAMES[kind] if name == 'local' else ''} | {name} | {wall:.2f} | {cpu:.2f} / "
+                         f"{served:.2f} | {r['rows'] / wall:,.0f} | {r['bytes'] / 1e6 / wall:.0f} | {ratio:.2f}x "
+                         f"| {target} |")
+    lines += ["", "Load average (1 min) before / after: " + "; ".join(
+        f"{kind} {r['load'][0]:.1f} / {r['load'][1]:.1f}" for kind, r in results.items()) + "."]
+    for kind, r in results.items():
+        if "profile" in r:
+            name, text = r["profile"]
+            lines += ["", f"cProfile of one {name} epoch, {kind} (main thread and read-ahead thread together; "
+                          "own time, top entries; waits on the other thread count as lock acquire):", "", "```",
+                      *[line.rstrip() for line in text.strip().splitlines()], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def part_first_batch(server: S3Server, repeats: int | None) -> str:
+    """Seconds from opening the caches to the first collated batch."""
+    repeats = repeats or LOADER_REPEATS
+    setup = loader_setup(server)
+    results = {}
+    for kind in ("topk", "dense"):
+        local, urls = setup["local"][kind], setup["urls"][kind]
+        dirs, filled = FetchDirs(setup["work"] / f"first-{kind}"), FetchDirs(setup["work"] / f"first-{kind}-warm")
+        epoch(setup, kind, urls, filled.cold())  # fills the directory the warm reads use
+        variants = {"local": (local, lambda: None), "remote, cold": (urls, dirs.cold), "remote, warm": (urls, filled.warm)}
+        runs = {name: [] for name in variants}
+        say(f"first-batch: {kind}, {repeats} interleaved repeats")
+        for repeat in range(repeats + 1):  # the first round warms up
+            for name, (locations, fetch_cache) in variants.items():
+                fetch = fetch_cache()
+                wall, cpu = time.perf_counter(), time.process_time()
+                ds, _ = loader_batches(setup, kind, locations, fetch)
+                batches = iter(ds)
+                next(batches)
+                if repeat:
+                    runs[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+                batches.close()  # stops the read ahead
+        results[kind] = {name: tuple(statistics.median(c) for c in zip(*r)) for name, r in runs.items()}
+    lines = [
+        "### Time to first batch",
+        "",
+        f"Run on {datetime.date.today().isoformat()}, {machine()}. The caches and the three ways of reading them of "
+        "\"Training loader over a remote cache\"; from opening the caches (manifest, index scan of every row "
+        f"group's `lang` column) to the first collated batch. Medians of {repeats} interleaved repeats after one "
+        "warm-up round.",
+        "",
+        "| cache | local s | remote, cold s | remote, warm s | CPU s local / cold / warm |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for kind, r in results.items():
+        lines.append(f"| {LOADER_NAMES[kind]} | {r['local'][0]:.3f} | {r['remote, cold'][0]:.3f} | "
+                     f"{r['remote, warm'][0]:.3f} | {r['local'][1]:.2f} / {r['remote, cold'][1]:.2f} / "
+                     f"{r['remote, warm'][1]:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def part_hit_rate(server: S3Server, repeats: int | None) -> str:
+    """The fetch cache over two epochs of one dataset (as one train-student run reads them)."""
+    from xkd.storage import fetch as fetch_module
+
+    setup = loader_setup(server)
+    rows_out = []
+    for kind in ("topk", "dense"):
+        urls = setup["urls"][kind]
+        needed = None
+        for run, (label, evict_after) in enumerate((("--cache-size above the cache", None), ("a third of it", None),
+                                                    ("a third of it, no 30 s grace", 0))):
+            limit = 1 << 40 if needed is None else needed // 3
+            fetch = FetchDirs(setup["work"] / f"hits-{kind}-{run}", limit).cold()
+            counts, largest = [], [0]
+
+            def on_batch(rows, total, fetch=fetch, counts=counts, largest=largest):
+                largest[0] = max(largest[0], directory_size(fetch.directory))
+                if rows >= (len(counts) + 1) * total:
+                    counts.append((fetch.hits, fetch.misses, fetch.fetched_bytes))
+                return len(counts) < 2
+
+            grace = fetch_module.EVICT_AFTER_S
+            fetch_module.EVICT_AFTER_S = grace if evict_after is None else evict_after
+            try:
+                say(f"hit-rate: {kind}, {label}")
+                epoch(setup, kind, urls, fetch, on_batch)
+            finally:
+                fetch_module.EVICT_AFTER_S = grace
+            if needed is None:
+                needed = counts[0][2]
+            (h1, m1, b1), (h2, m2, b2) = counts
+            rows_out.append((kind, label, limit, (h1, m1, b1), (h2 - h1, m2 - m1, b2 - b1), largest[0],
+                             directory_size(fetch.directory)))
+    lines = [
+        "### Fetch cache hit rate",
+        "",
+        f"Run on {datetime.date.today().isoformat()}, {machine()}. The caches of \"Training loader over a remote "
+        "cache\", read from the URL by one dataset for two epochs (as one train-student run reads them), with an "
+        "empty --cache-dir and a --cache-size above what the loader fetches, or a third of that (least recently "
+        "used entries are evicted down to 80% of the limit; entries younger than "
+        f"{fetch_module.EVICT_AFTER_S} s are kept, so that a file another process has just fetched is not taken "
+        "from under it; the last row sets that grace to 0 in the bench, to show the eviction alone). Hit rate = "
+        "hits / (hits + misses) of fetch-cache look-ups (a Parquet row-group span or footer, a dense chunk). "
+        "Largest: the directory's size, measured after every batch.",
+        "",
+        "| cache | --cache-size | epoch 1 hit rate | epoch 1 fetched MB | epoch 2 hit rate | epoch 2 fetched MB "
+        "| largest MB | at the end MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for kind, label, limit, first, second, largest, end in rows_out:
+        size = "" if limit == 1 << 40 else f" ({limit / 1e6:.0f} MB)"
+        lines.append(f"| {LOADER_NAMES[kind]} | {label}{size} | {rate(first)} | {first[2] / 1e6:.0f} | {rate(second)} "
+                     f"| {second[2] / 1e6:.0f} | {largest / 1e6:.0f} | {end / 1e6:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def directory_size(directory: Path) -> int:
+    """Bytes of the files under `directory`; a file gone between listing and measuring counts 0.
+    (FetchCache.size() raises FileNotFoundError when the read-ahead thread renames an entry's
+    temporary file in between.)"""
+    total = 0
+    for path in directory.rglob("*"):
+        try:
+            total += path.stat().st_size if path.is_file() else 0
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def rate(counts: tuple) -> str:
+    hits, misses, _ = counts
+    return f"{hits / max(1, hits + misses):.0%} ({hits:,} / {hits + misses:,})"
+
+
 # ---- report -------------------------------------------------------------------------------
 
-PARTS = {"client": part_client}
+PARTS = {"client": part_client, "read": part_read, "first-batch": part_first_batch, "hit-rate": part_hit_rate}
 
 
 def write_part(text: str, path: Path = DOCS) -> None:
@@ -247,7 +600,8 @@ def write_part(text: str, path: Path = DOCS) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(PARTS), help="run one part (default: all)")
-    parser.add_argument("--repeats", type=int, default=REPEATS, help="timed repeats per variant (medians)")
+    parser.add_argument("--repeats", type=int, help=f"timed repeats per variant (medians; default {REPEATS} for client, "
+                        f"{LOADER_REPEATS} for the loader parts)")
     parser.add_argument("--no-docs", action="store_true", help="print the tables only")
     args = parser.parse_args()
     if weed_binary() is None:

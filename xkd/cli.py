@@ -272,6 +272,8 @@ def cache_teachers_cmd(
         "model's pooling config; default for encoders; 'none': none)."),
     class_logits: Optional[bool] = typer.Option(None, "--class-logits/--no-class-logits", help="Store class logits (default on "
         "for sequence classifiers)."),
+    output: List[str] = typer.Option([], "--output", help="Store an output kind registered in xkd/pipeline/outputs.py that has "
+        "no option of its own (repeatable; docs/pipeline.md, \"Adding an output kind\")."),
     sides: str = typer.Option("both", "--sides", help="Parallel corpora: which sides the teacher runs on: src | tgt | both."),
     text: bool = typer.Option(True, "--text/--no-text", help="Store each row's raw text and its pair's text."),
     min_tokens: int = typer.Option(0, "--min-tokens", help="Keep records whose every side has at least this many whitespace "
@@ -307,7 +309,8 @@ def cache_teachers_cmd(
         hidden_positions=hidden_positions, attention_layers=parse_list(attention_layers, "--attention-layers", cast=int),
         sentence=None if sentence is None else parse_list("" if sentence == "none" else sentence, "--sentence",
                                                           ("cls", "pooled")),
-        class_logits=class_logits, sides=sides, text=text, min_tokens=min_tokens, max_tokens=max_tokens,
+        class_logits=class_logits, extra_outputs=tuple(output), sides=sides, text=text, min_tokens=min_tokens,
+        max_tokens=max_tokens,
         max_pairs=max_pairs, skip_bad_lines=skip_bad_lines, shard_size=shard_size, token_budget=token_budget,
         dtype=dtype, scheduler=scheduler, workers=workers, cpu_threads=cpu_threads,
     )

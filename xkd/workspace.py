@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .errors import BadInput
 from .storage.remote import glob_urls, is_url, location
+from .storage.view import view_of
 
 HOME_ENV = "XKD_HOME"
 DEFAULT_ROOT = "xkd-runs"
@@ -204,37 +205,26 @@ def default_caches(ws: Workspace, method: str, options: dict, student=None, allo
         raise BadInput(f"--caches: not given, and no cache in {ws.caches} suits --method {method}: "
                        + "; ".join(refused) + ". Cache what the method needs (`xkd methods " + method
                        + "` lists it), or give --caches.")
+    views = [view_of(cache) for cache in usable]
     corpora: dict[str, list] = {}
-    for cache in usable:
-        corpus = cache.manifest.get("corpus") or {}
-        corpora.setdefault(corpus.get("fingerprint") or corpus.get("spec") or str(cache.path), []).append(cache)
+    for view in views:
+        corpora.setdefault(view.corpus, []).append(view)
     if len(corpora) > 1:
-        listed = "; ".join(f"{group[0].manifest['corpus'].get('spec')}: " + " ".join(str(c.path) for c in group)
+        listed = "; ".join(f"{group[0].corpus_spec}: " + " ".join(str(v.path) for v in group)
                            for group in corpora.values())
         raise BadInput(f"--caches: not given, and the workspace holds caches of {len(corpora)} corpora that --method "
                        f"{method} can use ({listed}). Choose with --caches DIR [DIR ...] (globs work, e.g. "
                        f"--caches '{ws.caches}/mbert-*').")
     by_teacher: dict[str, list] = {}
-    for cache in usable:
-        by_teacher.setdefault(_teacher_identity(cache.manifest), []).append(cache)
+    for view in views:
+        by_teacher.setdefault(view.teacher_identity, []).append(view)
     twins = [group for group in by_teacher.values() if len(group) > 1]
     if twins:
-        listed = "; ".join(" and ".join(f"{c.path} ({_view_summary(c.manifest)})" for c in group) for group in twins)
+        listed = "; ".join(" and ".join(f"{v.path} (max length {v.max_length}, top-k {v.topk_k}, mask {v.mask_prob}, "
+                                        f"key {v.key})" for v in group) for group in twins)
         raise BadInput(f"--caches: not given, and the workspace holds several caches of one teacher over this corpus "
                        f"({listed}). Choose with --caches DIR [DIR ...].")
     return [str(c.path) for c in usable]
-
-
-def _teacher_identity(manifest: dict) -> str:
-    teacher = manifest.get("teacher") or {}
-    return f"{teacher.get('weights_sha256') or teacher.get('model_id')}/{teacher.get('tokenizer_sha256')}"
-
-
-def _view_summary(manifest: dict) -> str:
-    view = manifest.get("view") or {}
-    outputs = view.get("outputs") or {}
-    return (f"max length {view.get('max_length')}, top-k {outputs.get('topk')}, mask "
-            f"{(view.get('mask') or {}).get('prob')}, key {manifest.get('key')}")
 
 
 def default_vocab(ws: Workspace, caches: list[str], say=None) -> str:
@@ -244,13 +234,13 @@ def default_vocab(ws: Workspace, caches: list[str], say=None) -> str:
     from .vocab import load_vocab
     from .vocab.build import build_vocab
 
-    manifests = [open_cache(c).manifest for c in caches]
+    opened = [open_cache(c) for c in caches]
     covering = []
     for path in ws.vocab_dirs():
         vocab = load_vocab(path)
         try:
-            for manifest in manifests:
-                vocab.teacher(manifest)
+            for cache in opened:
+                vocab.teacher(cache.manifest)
         except BadInput:
             continue
         covering.append(path)
@@ -259,7 +249,7 @@ def default_vocab(ws: Workspace, caches: list[str], say=None) -> str:
     if len(covering) > 1:
         raise BadInput(f"--vocab: not given, and {len(covering)} vocabs in {ws.vocabs} cover the caches' teachers ("
                        + ", ".join(str(p) for p in covering) + "). Choose one with --vocab DIR.")
-    teachers, routes = _teachers_and_routes(manifests)
+    teachers, routes = _teachers_and_routes([view_of(c) for c in opened])
     out = ws.vocab_dir_for(teachers)
     n = 2
     while out.exists():  # a vocab of the same names but other tokenizers (it did not cover the caches)
@@ -270,21 +260,20 @@ def default_vocab(ws: Workspace, caches: list[str], say=None) -> str:
     return str(out)
 
 
-def _teachers_and_routes(manifests: list[dict]) -> tuple[list[str], dict[str, str]]:
+def _teachers_and_routes(views: list) -> tuple[list[str], dict[str, str]]:
     """Each distinct teacher once (its local directory when it still exists, else its name),
     and each language routed to its teacher when exactly one teacher cached it, so the
     student tokenizes each language as it saw it in training."""
     teachers: list[str] = []
     seen: dict[str, str] = {}
     langs: dict[str, set[str]] = {}
-    for manifest in manifests:
-        teacher = manifest.get("teacher") or {}
-        key = _teacher_identity(manifest)
+    for view in views:
+        key = view.teacher_identity
         if key not in seen:
-            path = teacher.get("path")
-            seen[key] = path if path and Path(path).is_dir() else (teacher.get("name") or teacher.get("model_id"))
+            path = view.teacher_path
+            seen[key] = path if path and Path(path).is_dir() else (view.teacher or view.teacher_model_id)
             teachers.append(seen[key])
-        for lang in (manifest.get("corpus") or {}).get("langs") or []:
+        for lang in view.corpus_langs:
             langs.setdefault(lang, set()).add(seen[key])
     routes = {lang: next(iter(ts)) for lang, ts in langs.items() if len(ts) == 1} if len(teachers) > 1 else {}
     return teachers, routes
@@ -325,25 +314,23 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _describe_cache(path: Path) -> dict:
+def _describe_cache(path) -> dict:
     from .storage import open_cache
 
     try:
         cache = open_cache(path)
     except Exception as e:  # a damaged cache is listed, not fatal to the listing
         return {"path": str(path), "error": str(e).split(". ")[0]}
-    m = cache.manifest
-    outputs = m.get("outputs") or {}
-    named = [f"top-{outputs['topk']['k']}" if isinstance(outputs.get("topk"), dict) else None,
-             *sorted((outputs.get("dense") or {})), "pairs" if outputs.get("pairs") else None]
+    view = view_of(cache)
+    named = [f"top-{view.topk_k}" if view.topk_k else None, *sorted(view.dense), "pairs" if view.has_pairs else None]
     return {
         "path": str(path),
-        "teacher": (m.get("teacher") or {}).get("name"),
-        "corpus": (m.get("corpus") or {}).get("spec"),
-        "languages": (m.get("corpus") or {}).get("langs"),
-        "rows": int((m.get("totals") or {}).get("rows", 0)),
+        "teacher": view.teacher,
+        "corpus": view.corpus_spec,
+        "languages": list(view.corpus_langs),
+        "rows": view.rows,
         "outputs": [o for o in named if o],
-        "bytes": int((m.get("totals") or {}).get("bytes", 0)) if is_url(path) else _dir_bytes(path),
+        "bytes": view.bytes if is_url(path) else _dir_bytes(path),  # on disk: with what a run left beside the shards
         "complete": bool(cache.complete),
     }
 

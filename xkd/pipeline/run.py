@@ -32,21 +32,20 @@ from ..names import parse_corpus, resolve_teacher
 from ..options import check_memory, check_number, machine_memory, size_in_words
 from ..storage import CacheWriter, cache_key, outputs_json, read_manifest
 from ..storage.manifest import MAX_MASK_EPOCHS, MAX_SHARDS
-from ..storage.remote import is_url, join, location
+from ..storage.remote import RemoteUnavailable, is_url, join, location
 from ..storage.untrusted import refuse_out_inside_other_output
 from .corpus import Cleaning, CorpusPlan, plan_corpus
 from .masking import MaskConfig
+from .outputs import HIDDEN_POSITIONS, KINDS, SENTENCE_VECTORS, extra_kinds
 from .teachers import (
     DTYPES,
-    HIDDEN_POSITIONS,
-    SENTENCE_VECTORS,
     Outputs,
     TeacherLoadFailed,
     TeacherSpec,
     describe_teacher,
     resolve_compute,
 )
-from .work import SIDES, ShardTask, View, process_shard, stored_specs
+from .work import SIDES, ShardTask, View, process_shard
 
 DEFAULT_TOPK = 8
 DEFAULT_MASK_PROB = 0.15
@@ -75,6 +74,7 @@ class CacheTeachersOptions:
     attention_layers: tuple[int, ...] = ()
     sentence: tuple[str, ...] | None = None
     class_logits: bool | None = None
+    extra_outputs: tuple[str, ...] = ()  # kinds registered without options of their own (--output NAME)
     sides: str = "both"
     text: bool = True
     min_tokens: int = 0
@@ -135,6 +135,11 @@ NUMERIC_OPTIONS = (
 def check_options(opts: "CacheTeachersOptions") -> None:
     """Refuse every unusable option value, naming the option and what to give instead. The
     CLI's parser already refuses text for a number; the Python API gets the same checks."""
+    unknown = [name for name in opts.extra_outputs if name not in extra_kinds()]
+    if unknown:
+        known = ", ".join(extra_kinds()) or "none is registered"
+        raise BadInput(f"--output {unknown[0]}: no such output kind (kinds taken with --output: {known}; hidden states, "
+                       "attention, sentence vectors and class logits have options of their own: see --help).")
     if opts.mask_prob is not None:
         check_number("--mask-prob", opts.mask_prob, low=0, high=1, high_open=True, hint="e.g. 0.15; 0: no masking")
     for name, low, high, hint in NUMERIC_OPTIONS:
@@ -228,7 +233,7 @@ def outputs_for(spec: TeacherSpec, opts: CacheTeachersOptions) -> Outputs:
         raise BadInput(f"--hidden-positions must be one of {', '.join(HIDDEN_POSITIONS)}, not {opts.hidden_positions!r}.")
     attention_layers = tuple(sorted(opts.attention_layers))
     outputs = Outputs(topk, tuple(sorted(opts.hidden_layers)), opts.hidden_positions, tuple(sentence), class_logits,
-                      attention_layers, opts.max_length if attention_layers else 0)
+                      attention_layers, opts.max_length if attention_layers else 0, tuple(sorted(set(opts.extra_outputs))))
     spec.check_outputs(outputs, opts.max_length)
     return outputs
 
@@ -272,15 +277,10 @@ def made_by(meta: dict) -> list[str]:
         args += ["--seed", str(mask["seed"])]
     if "topk" in outputs:
         args += ["--topk", str(outputs["topk"])]
-    if outputs.get("hidden_layers"):
-        args += ["--hidden-layers", ",".join(map(str, outputs["hidden_layers"]))]
-        args += ["--hidden-positions", str(outputs.get("hidden_positions") or "all")]
-    if outputs.get("attention_layers"):
-        args += ["--attention-layers", ",".join(map(str, outputs["attention_layers"]))]
-    if "sentence" in outputs:
-        args += ["--sentence", ",".join(outputs["sentence"]) or "none"]
-    if "class_logits" in outputs:
-        args += ["--class-logits" if outputs["class_logits"] else "--no-class-logits"]
+    for kind in KINDS.values():  # each dense output kind says how it is asked for (outputs.py)
+        args += kind.command(outputs)
+    for name in outputs.get("extra") or ():
+        args += ["--output", str(name)]
     sides = view.get("sides") or []
     if "mono" not in sides and sides:
         args += ["--sides", "both" if len(sides) == 2 else str(sides[0])]
@@ -303,7 +303,7 @@ def plan_job(spec: TeacherSpec, plan: CorpusPlan, opts: CacheTeachersOptions, co
     view_json = {**view.to_json(parallel), "cleaning": plan.cleaning.to_json(), "shard_size": plan.shard_size}
     corpus_identity = {"fingerprint": plan.fingerprint, "langs": list(plan.langs), "split": plan.to_json()["split"]}
     key = cache_key(spec.identity(), corpus_identity, view_json)
-    dense = stored_specs(outputs, spec)
+    dense = outputs.dense_specs(spec)
     meta = {
         "teacher": spec.to_json(),
         "corpus": {**plan.to_json(), "paths": list(plan.source.paths)},
@@ -439,6 +439,8 @@ def run_on_worker(task: ShardTask, local_gpus: bool) -> dict:
         return {"stop": str(e)}
     except BadInput as e:
         return {"bad_input": str(e)}
+    except RemoteUnavailable as e:  # already retried for XKD_REMOTE_RETRY_SECONDS: every other shard would wait as long
+        return {"unavailable": str(e)}
     except OSError as e:
         if e.errno not in WRITE_REFUSED:
             raise
@@ -660,6 +662,9 @@ def run_tasks(cluster: Cluster, jobs: list[Job], plan: CorpusPlan, opts, device_
                         continue
                     if "stop" in result:
                         stop = BadInput(f"{result['stop']} Kept {kept_shards(jobs)}.")
+                        break
+                    if "unavailable" in result:  # its message says what is kept and how to resume
+                        stop = XkdError(result["unavailable"])
                         break
                     if "write_refused" in result:
                         refused = result["write_refused"]

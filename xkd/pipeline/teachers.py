@@ -35,12 +35,11 @@ from ..storage.untrusted import parse_json
 from ..weights import config_size_problem, custom_code_problem, safe_load_problem, weights_problem
 from .batching import PaddedBatch
 from .masking import Vocabulary
+from .outputs import Forward, dense_specs, wanted as wanted_kinds
 from .tokenize import load_tokenizer, special_ids, tokenizer_sha256
 
 KINDS = ("mlm", "encoder", "classifier")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
-HIDDEN_POSITIONS = {"all": "token", "word": "word", "cls": "row"}  # -> DenseSpec align
-SENTENCE_VECTORS = ("cls", "pooled")
 WEIGHT_PATTERNS = ("config.json", "*.safetensors", "pytorch_model*.bin", "*.index.json")
 MAX_LOADED_TEACHERS = 2  # per worker process; more would crowd GPU memory
 LOGIT_CHUNK_ELEMENTS = 1 << 26  # fp32 logits alive at once: 256 MiB
@@ -180,22 +179,19 @@ class Outputs:
     # view's max length), so rows of any length share one dense width.
     attention_layers: tuple[int, ...] = ()
     attention_keys: int = 0
+    # Kinds registered in outputs.py without options of their own (cache-teachers --output NAME).
+    extra: tuple[str, ...] = ()
 
     def dense_specs(self, teacher: "TeacherSpec") -> dict[str, DenseSpec]:
-        specs = {
-            f"hidden.{layer}": DenseSpec(f"hidden.{layer}", HIDDEN_POSITIONS[self.hidden_positions], teacher.hidden_size)
-            for layer in self.hidden_layers
-        }
-        for layer in self.attention_layers:
-            specs[f"attn.{layer}"] = DenseSpec(f"attn.{layer}", "token", teacher.num_heads * self.attention_keys)
-        for name in self.sentence:
-            specs[name] = DenseSpec(name, "row", teacher.hidden_size)
-        if self.class_logits:
-            specs["class_logits"] = DenseSpec("class_logits", "row", teacher.num_labels)
-        return specs
+        """Every dense array, as computed and as stored (outputs.py declares each kind)."""
+        return dense_specs(self, teacher)
 
     def to_json(self) -> dict:
         d = asdict(self)
+        if not self.extra:  # absent rather than empty: the cache keys of every earlier cache stay as they were
+            del d["extra"]
+        else:
+            d["extra"] = list(self.extra)
         d["hidden_layers"] = list(self.hidden_layers)
         d["sentence"] = list(self.sentence)
         if not self.hidden_layers:
@@ -249,21 +245,10 @@ class TeacherSpec:
             )
         if outputs.topk > self.model_vocab_size:
             raise BadInput(f"--topk {outputs.topk} is larger than teacher {self.name!r}'s vocabulary ({self.model_vocab_size}).")
-        if outputs.class_logits and self.kind != "classifier":
-            raise BadInput(
-                f"teacher {self.name!r} is not a sequence classifier (no …ForSequenceClassification in its "
-                "config.json), so it has no class logits. Drop --class-logits for it."
-            )
-        bad = [layer for layer in outputs.hidden_layers if not 0 <= layer <= self.num_layers]
-        if bad:
-            raise BadInput(
-                f"--hidden-layers {bad}: teacher {self.name!r} has layers 0 (embeddings) to {self.num_layers}."
-            )
-        bad = [layer for layer in outputs.attention_layers if not 1 <= layer <= self.num_layers]
-        if bad:
-            raise BadInput(
-                f"--attention-layers {bad}: teacher {self.name!r} has attention in layers 1 to {self.num_layers}."
-            )
+        for kind in wanted_kinds(outputs):
+            problem = kind.check(outputs, self)
+            if problem:
+                raise BadInput(problem)
         if max_length > self.max_positions:
             raise BadInput(f"--max-length {max_length} exceeds teacher {self.name!r}'s {self.max_positions} positions.")
 
@@ -353,8 +338,9 @@ class LoadedTeacher:
             inputs = {"input_ids": input_ids, "attention_mask": attention}
             if batch.token_type_ids is not None and self.takes_token_types:
                 inputs["token_type_ids"] = torch.from_numpy(batch.token_type_ids).to(dev, non_blocking=True)
-            want_hidden = bool(outputs.hidden_layers)
-            want_attention = bool(outputs.attention_layers)
+            kinds = wanted_kinds(outputs)
+            want_hidden = any(kind.hidden_states for kind in kinds)
+            want_attention = any(kind.attentions for kind in kinds)
             if want_attention:
                 self.use_eager_attention()
             if self.spec.kind == "classifier":
@@ -412,25 +398,12 @@ class LoadedTeacher:
                 out["topk_logits"] = np.zeros((0, outputs.topk), np.float16)
                 out["lognorm"] = np.zeros(0, np.float32)
             out["teacher_loss"] = loss.cpu().numpy()
-            if want_hidden:
-                where = {"all": attention.bool(), "word": torch.from_numpy(batch.word_start).to(dev)}
-                for layer in outputs.hidden_layers:
-                    states = base.hidden_states[layer]
-                    picked = states[:, 0] if outputs.hidden_positions == "cls" else states[where[outputs.hidden_positions]]
-                    out[f"hidden.{layer}"] = picked.to(torch.float16).cpu().numpy()
-            if want_attention:
-                real = attention.bool()
-                for layer in outputs.attention_layers:
-                    maps = base.attentions[layer - 1]  # (batch, heads, query, key)
-                    keys = torch.nn.functional.pad(maps, (0, outputs.attention_keys - maps.shape[-1]))
-                    per_query = keys.permute(0, 2, 1, 3).reshape(n_rows, maps.shape[2], -1)
-                    out[f"attn.{layer}"] = per_query[real].to(torch.float16).cpu().numpy()
-            if "cls" in outputs.sentence:
-                out["cls"] = sequence[:, 0].to(torch.float16).cpu().numpy()
-            if "pooled" in outputs.sentence:
-                out["pooled"] = self.pool(base, attention).to(torch.float16).cpu().numpy()
-            if outputs.class_logits:
-                out["class_logits"] = logits.to(torch.float16).cpu().numpy()
+            if kinds:  # the dense outputs, each computed by its declaration (outputs.py), cast on the device
+                forward = Forward(base, logits, attention, torch.from_numpy(batch.word_start).to(dev), self.pool)
+                dtypes = {spec.name: spec.dtype for spec in dense_specs(outputs, self.spec).values()}
+                for kind in kinds:
+                    for name, values in kind.produce(forward, outputs).items():
+                        out[name] = values.to(getattr(torch, dtypes[name])).cpu().numpy()
         return out
 
     def use_eager_attention(self) -> None:

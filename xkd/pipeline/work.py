@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -94,17 +94,6 @@ def tune_allocator() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
 
 
-def stored_specs(outputs: Outputs, teacher: TeacherSpec) -> dict:
-    """The dense outputs as the cache stores them (what the manifest records): attention
-    in the "keys" layout, only each row's real keys (a row of n tokens: n x heads x n values,
-    where padding them to heads x max_length stored mostly zeros); the rest as computed."""
-    specs = outputs.dense_specs(teacher)
-    for layer in outputs.attention_layers:
-        name = f"attn.{layer}"
-        specs[name] = replace(specs[name], layout="keys", heads=teacher.num_heads)
-    return specs
-
-
 def process_shard(task: ShardTask) -> dict:
     """Run one shard end to end on this worker; return {"record", "examples", "timing"}."""
     import torch
@@ -133,7 +122,7 @@ def process_shard(task: ShardTask) -> dict:
 
     t0 = time.perf_counter()
     columns = assemble_columns(rows, outputs, view)
-    specs = stored_specs(view.outputs, task.teacher)
+    specs = view.outputs.dense_specs(task.teacher)
     record = write_shard_files(
         task.cache_root, task.slice.shard_id, columns, dense, specs,
         has_topk=bool(view.outputs.topk), has_text=view.text, has_pairs=source.has_pairs,
@@ -254,7 +243,7 @@ def run_teacher(teacher, rows: Rows, outputs: Outputs, token_budget: int) -> tup
     token_starts, masked_starts, word_starts_ = _starts(lengths), _starts(n_masked), _starts(n_words)
     specs = outputs.dense_specs(teacher.spec)
     extent = {"row": n, "token": int(lengths.sum()), "word": int(n_words.sum())}
-    dense = {name: np.zeros((extent[s.align], s.dim), dtype=np.float16) for name, s in specs.items()}
+    dense = {name: np.zeros((extent[s.align], s.dim), dtype=s.dtype) for name, s in specs.items()}
     total_masked = int(n_masked.sum())
     k = outputs.topk
     flat = {"teacher_loss": np.full(n, np.nan, dtype=np.float32)}

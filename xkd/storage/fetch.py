@@ -6,17 +6,23 @@ Two kinds of entries, both named by content so that an entry can never be stale:
 - whole objects (Zarr chunks and metadata), named by the sha256 the manifest records for
   them, and checked against it as they arrive: a flipped remote byte never enters the cache;
 - byte ranges of Parquet files (a footer, a row group), named by the file's recorded sha256
-  and the range; every Parquet page carries a CRC that each read checks.
+  and the range, each followed by the sha256 of its bytes (every Parquet page carries a CRC
+  too, but a failed CRC would blame the remote cache, which verify finds sound).
+Every use re-checks an entry, and one that differs (a byte flipped on this disk) is fetched
+again: the remote cache is the truth, and readers never see a damaged local entry.
 
 Entries are written under a temporary name and renamed, so a reader sees a whole entry or
 none, also while another process writes the same one. When the directory grows past its
 limit, the least recently used entries are removed (a hit touches its entry); entries younger
 than EVICT_AFTER_S are kept, so a file another process has just fetched and is about to open
-is not taken from under it.
+(a chunk's path is opened right after it is returned; a range is returned as bytes) is not
+taken from under it. That grace is short: while entries are younger, the directory may pass
+its limit by what was fetched in those seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -28,7 +34,7 @@ from pathlib import Path
 
 from ..errors import BadInput
 
-EVICT_AFTER_S = 30
+EVICT_AFTER_S = 2
 DEFAULT_LIMIT = 20 * 2**30
 PARQUET_FOOTER_BYTES = 64 * 1024  # pyarrow's first read of a footer
 
@@ -65,7 +71,9 @@ class FetchCache:
         `sha256` unless already here. Raises Damaged when the remote bytes differ."""
         path = self.directory / "objects" / sha256[:2] / sha256
         if self._touch(path):
-            return str(path)
+            if _holds(path, size, sha256):
+                return str(path)
+            self._forget(path)
         data = remote.get(name)
         if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
             raise Damaged(f"{remote.url}/{name} holds {len(data):,} bytes that differ from the manifest's "
@@ -79,13 +87,17 @@ class FetchCache:
         path = self.directory / "ranges" / sha256[:2] / f"{sha256}-{start}-{end}"
         if self._touch(path):
             try:
-                return path.read_bytes()
+                entry = path.read_bytes()
             except FileNotFoundError:  # removed by another process in between: fetch it again
-                pass
+                entry = b""
+            data, digest = entry[:-_DIGEST], entry[-_DIGEST:]
+            if len(data) == end - start and hashlib.sha256(data).digest() == digest:
+                return data
+            self._forget(path)
         data = remote.get_range(name, start, end)
         if len(data) != end - start:
             raise Damaged(f"{remote.url}/{name} is shorter than the manifest records (no bytes {start:,}-{end:,})")
-        self._store(path, data)
+        self._store(path, data + hashlib.sha256(data).digest())
         return data
 
     # The directory ------------------------------------------------------------------
@@ -97,6 +109,12 @@ class FetchCache:
             return False
         self.hits += 1
         return True
+
+    def _forget(self, path: Path) -> None:
+        """An entry found damaged (or gone): counted as a miss, removed so it is fetched again."""
+        self.hits -= 1
+        self.misses += 1
+        path.unlink(missing_ok=True)
 
     def _store(self, path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,9 +152,28 @@ class FetchCache:
         self._total, self._added = total, 0
 
     def size(self) -> int:
-        """Bytes in the directory now."""
-        return sum(os.path.getsize(os.path.join(d, f)) for sub in ("objects", "ranges")
-                   for d, _, files in os.walk(self.directory / sub) for f in files)
+        """Bytes in the directory now (entries another process renames or removes meanwhile
+        are counted as they are found)."""
+        total = 0
+        for sub in ("objects", "ranges"):
+            for d, _, files in os.walk(self.directory / sub):
+                for f in files:
+                    with contextlib.suppress(FileNotFoundError):
+                        total += os.path.getsize(os.path.join(d, f))
+        return total
+
+
+_DIGEST = 32  # bytes of a sha256, after a range entry's bytes
+
+
+def _holds(path: Path, size: int, sha256: str) -> bool:
+    """Whether the entry at `path` is the object of this size and sha256."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(size + 1)
+    except FileNotFoundError:  # removed by another process in between
+        return False
+    return len(data) == size and hashlib.sha256(data).hexdigest() == sha256
 
 
 class RangedFile(io.RawIOBase):

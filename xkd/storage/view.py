@@ -15,7 +15,14 @@ from .untrusted import parse_json
 @dataclass(frozen=True)
 class CacheView:
     path: Path | str  # a URL for a cache on object storage
+    key: str | None  # the cache key (None: written by hand)
+    rows: int  # rows in its finished shards
+    bytes: int  # bytes of its finished shards' files
     teacher: str  # the alias or path the teacher was given as
+    teacher_identity: str  # weights and tokenizer: caches of one teacher share it, whatever its name
+    teacher_model_id: str | None
+    teacher_kind: str | None
+    teacher_source: str | None
     teacher_path: str
     teacher_layers: int
     teacher_heads: int
@@ -23,10 +30,12 @@ class CacheView:
     teacher_labels: tuple[str, ...] | None  # class names in the teacher's own id order (classifiers)
     pooling: dict = field(hash=False)  # the teacher's sentence pooling: {"mode": ..., "normalize": ...}
     corpus: str  # corpus_identity: caches of one corpus share it, whatever the teacher
+    corpus_spec: str | None  # the corpus as cache-teachers was given it
     corpus_langs: tuple[str, ...]  # (lang,) for a monolingual corpus, (src, tgt) for a parallel one
     corpus_labels: tuple[str, ...] | None  # a labeled corpus's class names, in class-id order
     sides: tuple[str, ...]  # "mono", or the sides of a parallel corpus the teacher saw
     max_length: int
+    mask_prob: float | None
     topk_k: int | None
     has_text: bool
     has_pairs: bool  # rows are sentence pairs (segment_b; text_b with the text)
@@ -62,7 +71,14 @@ def view_of(cache) -> CacheView:
     labels = corpus.get("labels")
     return CacheView(
         path=cache.path,
+        key=m.get("key"),
+        rows=len(cache),
+        bytes=sum(int(s.get("bytes") or 0) for s in m.get("shards") or () if s.get("state") == "done"),
         teacher=str(teacher.get("name") or ""),
+        teacher_identity=f"{teacher.get('weights_sha256') or teacher.get('model_id')}/{teacher.get('tokenizer_sha256')}",
+        teacher_model_id=teacher.get("model_id"),
+        teacher_kind=teacher.get("kind"),
+        teacher_source=teacher.get("source"),
         teacher_path=str(teacher.get("path") or ""),
         teacher_layers=int(teacher.get("num_layers") or 0),
         teacher_heads=int(teacher.get("num_heads") or 0),
@@ -70,10 +86,12 @@ def view_of(cache) -> CacheView:
         teacher_labels=_teacher_labels(teacher),
         pooling=dict(teacher.get("pooling") or {}),
         corpus=corpus_identity(m),
+        corpus_spec=corpus.get("spec"),
         corpus_langs=tuple(str(x) for x in corpus.get("langs") or ()),
         corpus_labels=tuple(str(x) for x in labels) if labels else None,
         sides=tuple(view.get("sides") or ("mono",)),
         max_length=int(view.get("max_length") or 0),
+        mask_prob=(view.get("mask") or {}).get("prob"),
         topk_k=cache.topk_k,
         has_text=cache.has_text,
         has_pairs=cache.has_pairs,

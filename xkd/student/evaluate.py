@@ -21,6 +21,7 @@ from ..errors import BadInput
 from ..options import check_number
 from ..pooling import MODES as POOLINGS, pool_tokens
 from ..storage.untrusted import parse_json
+from ..storage.view import view_of
 from .data import _block_rows, _concat_rows, _remap_rows, _take_rows, num_rows
 from .export import evaluation_key, record_evaluation, trained_sentence_head
 from .methods.base import collate_masked_lm, masked_log_probs
@@ -122,7 +123,7 @@ def evaluate_mlm(model_dir: str, caches: list[str], vocab_dir: str, batch_size: 
             raise BadInput(f"{cache.path} has no masked positions to evaluate on.")
         results.append({
             "cache": str(cache.path),
-            "teacher": cache.manifest["teacher"]["name"],
+            "teacher": view_of(cache).teacher,
             "masked_positions": int(n),
             "mlm_loss": nll / n,
             "perplexity": math.exp(min(50.0, nll / n)),

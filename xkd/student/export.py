@@ -32,7 +32,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..storage.manifest import atomic_write_bytes
+from ..storage.remote import absolute
 from ..storage.untrusted import parse_json, remove_tree
+from ..storage.view import view_of
 
 STUDENT_INFO = "xkd_student.json"
 EVALUATION = "evaluation.json"
@@ -248,18 +250,14 @@ def student_info(method, model, caches, *, init_from: str | None = None, vocab=N
 
     sentence = sentence_vector(method)
     teachers, cache_rows, languages = {}, [], []
-    for cache in caches:
-        manifest = cache.manifest
-        teacher, corpus = manifest.get("teacher") or {}, manifest.get("corpus") or {}
-        name = str(teacher.get("name") or "")
-        teachers.setdefault(name, {"name": name, "model_id": teacher.get("model_id"), "kind": teacher.get("kind"),
-                                   "source": teacher.get("source"), "labels": teacher.get("labels") or None,
-                                   "pooling": teacher.get("pooling") or None})
-        langs = [str(lang) for lang in corpus.get("langs") or []]
+    for view in map(view_of, caches):
+        labels = list(view.teacher_labels) if view.teacher_labels else None
+        teachers.setdefault(view.teacher, {"name": view.teacher, "model_id": view.teacher_model_id, "kind": view.teacher_kind,
+                                           "source": view.teacher_source, "labels": labels, "pooling": view.pooling or None})
+        langs = list(view.corpus_langs)
         languages += [lang for lang in langs if lang not in languages]
-        cache_rows.append({"path": str(Path(cache.path).resolve()), "key": manifest.get("key"), "teacher": name,
-                           "corpus": corpus.get("spec"), "languages": langs,
-                           "rows": (manifest.get("totals") or {}).get("rows")})
+        cache_rows.append({"path": absolute(view.path), "key": view.key, "teacher": view.teacher,
+                           "corpus": view.corpus_spec, "languages": langs, "rows": view.rows})
     if sentence is not None:
         projection = method.modules["projection"] if sentence["projection"] else None
         sentence = {**sentence, "width": int(projection.out_features if projection is not None else model.config.hidden_size),
