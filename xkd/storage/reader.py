@@ -7,6 +7,7 @@ shard plus the matching slices of its dense arrays); per-example dicts are views
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from functools import cached_property
 from pathlib import Path
@@ -280,6 +281,7 @@ class Cache:
         self._zarr: OrderedDict[int, object] = OrderedDict()
         self._direct: OrderedDict[int, dict] = OrderedDict()  # shard -> name -> DirectArray or None
         self._sized: set[tuple[int, str]] = set()  # (shard, dense name) whose sizes _check_size accepted
+        self._lock = threading.RLock()
         if check:
             self._check_cheaply()
 
@@ -436,7 +438,23 @@ class Cache:
             )
         return record
 
+    # The read-ahead thread and read_blocks' threads read while the main thread does: the
+    # handles below are made and cached under one lock.
     def parquet_file(self, shard_id: int) -> pq.ParquetFile:
+        with self._lock:
+            return self._parquet_file(shard_id)
+
+    def zarr_group(self, shard_id: int):
+        with self._lock:
+            return self._zarr_group(shard_id)
+
+    def direct_array(self, shard_id: int, name: str) -> DirectArray | None:
+        """The dense array `name` of a shard when this reader reads its chunks itself (codec
+        "none"), else None (zarr reads it)."""
+        with self._lock:
+            return self._direct_array(shard_id, name)
+
+    def _parquet_file(self, shard_id: int) -> pq.ParquetFile:
         f = self._parquet.get(shard_id)
         if f is None:
             record = self._record(shard_id)
@@ -473,7 +491,7 @@ class Cache:
         f.ranged = source if isinstance(source, RangedFile) else None  # a remote file: fetched by byte range
         return f
 
-    def zarr_group(self, shard_id: int):
+    def _zarr_group(self, shard_id: int):
         import zarr
 
         g = self._zarr.get(shard_id)
@@ -495,9 +513,7 @@ class Cache:
                 self._zarr.popitem(last=False)
         return g
 
-    def direct_array(self, shard_id: int, name: str) -> DirectArray | None:
-        """The dense array `name` of a shard when this reader reads its chunks itself (codec
-        "none"), else None (zarr reads it)."""
+    def _direct_array(self, shard_id: int, name: str) -> DirectArray | None:
         arrays = self._direct.get(shard_id)
         if arrays is None:
             self._record(shard_id)
@@ -683,6 +699,22 @@ class Cache:
                 for i in np.flatnonzero(block.columns["example_id"] == example_id):
                     out.append(block.example(int(i)))
         return out
+
+
+# Row groups of caches on object storage read at once: their time is the network's, not the CPU's
+# (docs/benchmarks.md, "## remote": about 1.5x the throughput of one request at a time at 8).
+REMOTE_READS = 8
+
+
+def read_each(requests, read) -> list:
+    """`read(cache, shard, row_group)` for each (cache, shard, row_group), results in the order
+    given; concurrently where the caches are on object storage."""
+    if sum(1 for cache, _, _ in requests if cache.files.remote is not None) < 2:
+        return [read(*request) for request in requests]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(REMOTE_READS, thread_name_prefix="xkd-fetch") as pool:
+        return list(pool.map(lambda request: read(*request), requests))
 
 
 def row_group_span(meta: pq.FileMetaData, row_group: int, columns=None) -> tuple[int, int]:

@@ -21,6 +21,8 @@ keys. --copies best keeps, per key, the copy with the lowest teacher loss.
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +34,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import BadInput
 from ..storage import Cache, Ragged, corpus_identity
+from ..storage.reader import RecycledBuffers, read_each
 
 
 @dataclass(frozen=True)
@@ -95,13 +98,11 @@ def _scan(caches: list[Cache], copies: str, languages: tuple[str, ...]) -> dict[
     by_lang: dict[str, list] = {}
     examples: dict[str, int] = {}
     for members in corpora.values():  # keys never cross corpora: one corpus in memory at a time
-        groups = []  # (cache, shard, row group, table), caches in the order given
-        for ci in members:
-            cache = caches[ci]
-            for shard in cache.shard_ids:
-                for rg in range(len(cache.row_groups(shard))):
-                    groups.append((ci, shard, rg, cache.read_table(shard, rg, cols)))
-        tables = [g[3] for g in groups]
+        refs = [(ci, shard, rg) for ci in members for shard in caches[ci].shard_ids  # caches in the order given
+                for rg in range(len(caches[ci].row_groups(shard)))]
+        tables = read_each([(caches[ci], shard, rg) for ci, shard, rg in refs],
+                           lambda cache, shard, rg: cache.read_table(shard, rg, cols))
+        groups = [(*ref, table) for ref, table in zip(refs, tables)]
         if not tables or not sum(t.num_rows for t in tables):
             continue
         first = _one_per_key(tables, best=copies == "best")
@@ -218,6 +219,16 @@ class StreamingDataset(IterableDataset):
         self._start = {"batch": 0, "consumed": {l: 0 for l in self.langs}}
         self._windows: dict[str, tuple[tuple[int, int], _Window]] = {}
         self._layouts: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._ahead = None  # while iterating: the window read ahead, ((language, epoch, window), Future)
+        self._reader = None  # while iterating: the thread that reads it
+        self._stop = threading.Event()  # tells a read ahead that nobody will want it
+
+    def __getstate__(self):  # DataLoader workers get the dataset pickled under spawn; a thread cannot be
+        return {**self.__dict__, "_ahead": None, "_reader": None, "_stop": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._stop = threading.Event()
 
     # Resume ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -255,21 +266,68 @@ class StreamingDataset(IterableDataset):
         cached = self._windows.get(lang)
         if cached and cached[0] == (epoch, window):
             return cached[1]
-        idx = self.index[lang]
+        ahead, self._ahead, win = self._ahead, None, None
+        if ahead is not None and ahead[0] == (li, epoch, window):
+            win = ahead[1].result()  # a failed read raises here, as it would have read here
+        if win is None:
+            if ahead is not None:  # read ahead for nothing; the cache is read by one thread at a time
+                self._stop.set()
+                wait([ahead[1]])
+                self._stop.clear()
+            win = self._read_window(li, epoch, window, perm, size)
+        self._windows[lang] = ((epoch, window), win)
+        return win
+
+    def _read_ahead(self, consumed: np.ndarray) -> None:
+        """Start reading, on the reader thread, the next window of the language expected to
+        run out of its current window first (rows left / its sampling probability).
+
+        The next window's read then overlaps the current window's batches (and the training
+        step), where it used to stall the batch that first needed it: on dense teacher outputs
+        the read was half of the loader's time. One window ahead at most, so memory holds one
+        window more than the current ones, as it did while a window was being replaced."""
+        if self._ahead is not None or self._reader is None:
+            return
+        best = None
+        for li, lang in enumerate(self.langs):
+            epoch, within = divmod(int(consumed[li]), self.rows[lang])
+            _, ends = self._epoch_layout(li, epoch)
+            window = int(np.searchsorted(ends, within, side="right"))
+            cached = self._windows.get(lang)
+            if cached and cached[0] == (epoch, window):
+                left = (int(ends[window]) - within) / self._q[li]
+                wanted = (epoch, window + 1) if window + 1 < len(ends) else (epoch + 1, 0)
+            else:  # its current window is not read yet (no batch has drawn it since it began)
+                left, wanted = 0.0, (epoch, window)
+            if best is None or left < best[0]:
+                best = (left, li, wanted)
+        _, li, (epoch, window) = best
+        perm, ends = self._epoch_layout(li, epoch)
+        size = int(ends[window] - (ends[window - 1] if window else 0))
+        future = self._reader.submit(self._read_window, li, epoch, window, perm, size)
+        self._ahead = ((li, epoch, window), future)
+
+    def _read_window(self, li: int, epoch: int, window: int, perm: np.ndarray, size: int) -> _Window | None:
+        """One shuffle window, read and remapped (on the reader thread when read ahead: it
+        touches nothing of the dataset's but what iteration never changes)."""
+        idx = self.index[self.langs[li]]
         w = self.config.shuffle_window
+        if self._stop.is_set():
+            return None
+        chosen = perm[window * w : (window + 1) * w]
+        refs = [tuple(int(v) for v in idx.refs[j]) for j in chosen]
+        # Attention comes packed (only each row's real keys): a fraction of the padded bytes to
+        # gather, and what tinybert's losses read (losses.packed_attention_mse). Row groups of
+        # caches on object storage are fetched at once (read_each).
+        blocks = read_each([(self.caches[ci], shard, rg) for ci, shard, rg in refs],
+                           lambda cache, shard, rg: cache.read_block(shard, rg, columns=self.config.columns,
+                                                                     dense=self.config.dense, packed_keys=True))
         parts = []
-        for j in perm[window * w : (window + 1) * w]:
-            ci, shard, rg = (int(v) for v in idx.refs[j])
-            # Attention comes packed (only each row's real keys): a fraction of the padded
-            # bytes to gather, and what tinybert's losses read (losses.packed_attention_mse).
-            block = self.caches[ci].read_block(shard, rg, columns=self.config.columns, dense=self.config.dense,
-                                               packed_keys=True)
+        for j, (ci, _, _), block in zip(chosen, refs, blocks):
             rows = _block_rows(block, np.flatnonzero(idx.keep[j]), ci)
             parts.append(_remap_rows(rows, self.remap_tables[ci]))
         order = np.random.default_rng([self.config.seed, li, epoch, window, 2]).permutation(size)
-        win = _Window(parts, order)
-        self._windows[lang] = ((epoch, window), win)
-        return win
+        return _Window(parts, order)
 
     def _rows_for(self, li: int, positions: np.ndarray) -> list[tuple[dict, np.ndarray, np.ndarray]]:
         """Where the rows at the given positions of a language's endless stream are: per
@@ -293,10 +351,20 @@ class StreamingDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        world, rank = self.config.world_size, self.config.rank
         start = batch = self._start["batch"]
         consumed = np.array([self._start["consumed"][l] for l in self.langs], dtype=np.int64)
-        self._windows, self._layouts = {}, {}
+        self._windows, self._layouts, self._ahead = {}, {}, None
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="xkd-window")
+        try:
+            yield from self._batches(batch, start, consumed, worker, workers)
+        finally:  # the iterator closed or failed: a read ahead is stopped, not waited out
+            self._stop.set()
+            self._reader.shutdown(wait=True, cancel_futures=True)
+            self._reader, self._ahead = None, None
+            self._stop.clear()
+
+    def _batches(self, batch: int, start: int, consumed: np.ndarray, worker: int, workers: int):
+        world, rank = self.config.world_size, self.config.rank
         while True:
             # A group is one batch per rank; DataLoader workers take groups round-robin,
             # counted from this iterator's first batch: the DataLoader asks worker 0 first
@@ -316,6 +384,7 @@ class StreamingDataset(IterableDataset):
             if rows is not None:
                 out = self.collate(rows)
                 out["loader_state"] = {"batch": batch, "consumed": dict(zip(self.langs, consumed.tolist()))}
+                self._read_ahead(consumed)  # now: the batch holds copies, so the window before is free
                 yield out
 
     def _gather(self, langs: np.ndarray, positions: np.ndarray) -> dict:
@@ -386,7 +455,7 @@ def _assemble(pieces: list[tuple[dict, np.ndarray, np.ndarray]], n: int) -> dict
                 _lengths_into(rows[name].offsets, take, dest, lengths)
             offsets = np.zeros(n + 1, dtype=np.int64)
             np.cumsum(lengths, out=offsets[1:])
-            values = np.empty((int(offsets[-1]),) + first.values.shape[1:], dtype=first.values.dtype)
+            values = _new_values(int(offsets[-1]), first.values)
             if len(values):
                 dst, width = _as_words(values)
                 for rows, take, dest in pieces:
@@ -401,6 +470,18 @@ def _assemble(pieces: list[tuple[dict, np.ndarray, np.ndarray]], n: int) -> dict
 
 
 _WORDS = (np.uint64, np.uint32, np.uint16, np.uint8)
+_BATCH_BUFFERS = RecycledBuffers()  # batches' gathered ragged values
+
+
+def _new_values(rows: int, like: np.ndarray) -> np.ndarray:
+    """Uninitialised room for `rows` value rows of `like`'s shape and dtype, in a recycled
+    buffer: a batch's dense values are MBs, and new memory per batch costs a page fault per
+    page written (see RecycledBuffers)."""
+    shape = (rows,) + like.shape[1:]
+    nbytes = like.dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if nbytes < 1 << 16:  # small columns (token ids): malloc serves these from its own free lists
+        return np.empty(shape, dtype=like.dtype)
+    return _BATCH_BUFFERS.take(nbytes).view(like.dtype).reshape(shape)
 
 
 def _as_words(values: np.ndarray) -> tuple[np.ndarray, int]:
