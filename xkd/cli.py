@@ -17,7 +17,7 @@ from typing import List, Optional
 import typer
 
 from .downstream import EVALUATE_RECIPE
-from .errors import XkdError
+from .errors import XkdError, from_worker
 from .quiet import quiet_transformers_by_default
 
 app = typer.Typer(
@@ -72,9 +72,12 @@ def user_errors(fn):
         name = fn.__name__.replace('_cmd', '').replace('_', '-')
         try:
             return fn(*args, **kwargs)
-        except XkdError as e:
-            typer.echo(f"xkd {name}: error: {e}", err=True)
-            raise typer.Exit(e.exit_code) from None
+        except (XkdError, RuntimeError) as e:
+            error = from_worker(e) or e  # raised in a DataLoader worker: its paragraph, not the worker's traceback
+            if not isinstance(error, XkdError):
+                raise
+            typer.echo(f"xkd {name}: error: {error}", err=True)
+            raise typer.Exit(error.exit_code) from None
         except OSError as e:
             message, code = os_error_paragraph(e)
             typer.echo(f"xkd {name}: error: {message}", err=True)
