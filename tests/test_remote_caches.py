@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +175,25 @@ def test_remap_from_and_to_the_object_store(remote_setup, tmp_path):
     for x, y in zip(a.iter_blocks(), b.iter_blocks(), strict=True):
         for name in ("input_ids", "topk_ids", "labels"):
             assert np.array_equal(x.columns[name].values, y.columns[name].values), name
+
+
+def test_ddp_ranks_stream_from_s3_as_from_a_local_copy(remote_setup, tmp_path):
+    """Two torchrun ranks on gloo, sharing one --cache-dir, train from the object store the student
+    they train from a local copy of it, bit for bit."""
+    env = {**remote_setup["env"], "OMP_NUM_THREADS": "1"}
+    local = [str(download(url, tmp_path / f"copy{i}")) for i, url in enumerate(remote_setup["caches"])]
+    common = ["--method", "mergedistill", "--vocab", remote_setup["vocab"], "--steps", "3", "--batch-size", "4",
+              "--hidden", "32", "--layers", "2", "--heads", "2", "--seed", "5", "--device", "cpu"]
+    outs = []
+    for name, caches, extra in (("s3", remote_setup["caches"], ["--cache-dir", tmp_path / "fetch"]), ("local", local, [])):
+        out = tmp_path / f"ddp-{name}"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                               "127.0.0.1", "--master_port", str(port), "-m", "xkd.cli", "train-student", "--caches",
+                               *caches, "--out", str(out), *map(str, common), *map(str, extra)],
+                              capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        outs.append((out / "model.safetensors").read_bytes())
+    assert outs[0] == outs[1]

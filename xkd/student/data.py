@@ -290,6 +290,8 @@ class StreamingDataset(IterableDataset):
             return
         best = None
         for li, lang in enumerate(self.langs):
+            if self._q[li] <= 0:  # never drawn (--alpha and a language of no rows' weight): nothing to read ahead
+                continue
             epoch, within = divmod(int(consumed[li]), self.rows[lang])
             _, ends = self._epoch_layout(li, epoch)
             window = int(np.searchsorted(ends, within, side="right"))
@@ -301,6 +303,8 @@ class StreamingDataset(IterableDataset):
                 left, wanted = 0.0, (epoch, window)
             if best is None or left < best[0]:
                 best = (left, li, wanted)
+        if best is None:
+            return
         _, li, (epoch, window) = best
         perm, ends = self._epoch_layout(li, epoch)
         size = int(ends[window] - (ends[window - 1] if window else 0))
