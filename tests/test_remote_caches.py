@@ -197,3 +197,17 @@ def test_ddp_ranks_stream_from_s3_as_from_a_local_copy(remote_setup, tmp_path):
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         outs.append((out / "model.safetensors").read_bytes())
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("folder", ["../../outside", "00000-0000000000000000", "/tmp"])
+def test_a_shard_folder_other_than_its_digest_is_refused(remote_setup, tmp_path, folder):
+    """A shard's folder comes from the manifest: one that is not <id>-<its digest> (a path out of the
+    cache, another shard's name) is a damaged manifest, refused before any file is opened."""
+    copy = download(remote_setup["caches"][1], tmp_path / "copy")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["shards"][0]["dir"] != folder
+    manifest["shards"][0]["dir"] = folder
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    proc = run_xkd("verify", copy)
+    assert proc.returncode == 2, proc.stderr
+    assert "names its folder" in proc.stderr

@@ -34,12 +34,6 @@ class LocalFiles:
     def where(self, name: str) -> str:
         return str(self.root / name)
 
-    def size(self, name: str) -> int | None:
-        try:
-            return os.stat(self.root / name).st_size
-        except FileNotFoundError:
-            return None
-
     def checked(self, name: str, size: int, sha256: str) -> str:
         """The local path of `name` once its size and sha256 match the manifest's
         (FileNotFoundError when missing, Damaged when different)."""
@@ -77,9 +71,6 @@ class RemoteFiles:
 
     def where(self, name: str) -> str:
         return self.remote.child(name)
-
-    def size(self, name: str) -> int | None:
-        return self.remote.size(name)
 
     def checked(self, name: str, size: int, sha256: str) -> str:
         return self.fetch.object(self.remote, name, size, sha256)

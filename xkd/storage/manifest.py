@@ -285,6 +285,9 @@ def manifest_problem(manifest: dict) -> str | None:
                 return f"{where} records file {name} as {entry!r}, not [size, sha256]"
             if name.startswith("/") or ".." in name.split("/"):
                 return f"{where} names file {name}, which lies outside the cache"
+        folder = record.get("dir")  # shards uploaded to object storage: shards/<id>-<digest>/ (shard.upload_shard)
+        if folder is not None and folder != f"{record['id']:05d}-{record['sha256'][:16]}":
+            return f"{where} names its folder {folder!r}, not {record['id']:05d}-<the first 16 digits of its sha256>"
         for field in ("bytes_by_output", "langs"):
             value = record.get(field)
             if value is not None and not (isinstance(value, dict) and all(_is_int(v) for v in value.values())):
