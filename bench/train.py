@@ -776,16 +776,24 @@ DENSE_BEFORE = (  # measured with the code and format this part replaced, kept s
 )
 
 DENSE_WHY = (
-    "Why: np.load of a raw .npy is one read() into one fresh buffer; the loader, besides that read (chunk by chunk "
-    "into freshly allocated window buffers, with a CRC32C over every byte), reads the Parquet columns and gathers "
-    "each batch's rows from the shuffle window (one more copy of every value; the padded copy and the attention "
-    "maps are gone, see above). Profiled after the packed losses, the read itself (readinto from the page cache "
-    "into new buffers, page faults included) is about half of the loader's time, the gather a quarter, the CRC "
-    "6%. Left to try: recycling window buffers (no page faults), and batches that reference the window's rows "
-    "instead of copying them. DataLoader workers are slower here, not faster: a batch of dense outputs is MBs, "
-    "which a worker copies into shared memory and the main process maps back, per batch, on the same two cores "
-    "that decode; and each worker reads every window it serves. On a machine with cores to spare for workers "
-    "that trade changes."
+    "Changed on 2026-12-06 (measured then on a machine shared with other benchmarks, load average 4-8): window and batch buffers are recycled (reader.RecycledBuffers: a buffer is handed "
+    "out again once nothing references it), so chunk reads and gathers no longer fault in new pages; and the next "
+    "shuffle window is read on a reader thread while the current window's batches are gathered (one window ahead "
+    "at most; batches bit-identical, with workers and on resume). Both loaders side by side (separate processes, "
+    "alternated, 3 rounds of 3 passes, hidden states, same load): CPU per 3-epoch pass 1.39-1.61 s before, "
+    "1.04-1.22 s after; at a quieter moment (5 alternated passes), 0.92 s wall without the read ahead and 0.76 s "
+    "with it, np.load 0.25 s. Peak RSS (d4) rose from 803/814 MB to 829/878 MB: free buffers are kept up to the "
+    "bytes in use, and one window is read ahead. Why still short: per pass np.load reads the 1.08 GB once, one "
+    "read() per array, unchecked; the loader reads 1.45 GB (the pass's last batch opens a fourth window: a "
+    "quarter of the reads, for 24 rows), CRCs every byte and copies 1.08 GB into batches: on a quiet core about "
+    "0.3 s readinto, 0.13 s CRC (google_crc32c, already hardware speed), 0.3 s gather and 0.15 s Parquet, collate "
+    "and Python, 0.9 CPU-s, where the target needs 0.6 s wall; the read ahead hides the read only where a second "
+    "core is free. Left to try: batches as views of a window stored in shuffled order, which needs the read "
+    "itself to place each row (one copy where there are two now; Cache.read_block gives row groups in file order, "
+    "so a change to the reader's interface). DataLoader workers are slower here, not faster: a batch of dense "
+    "outputs is MBs, which a worker copies into shared memory and the main process maps back, per batch, on the "
+    "same two cores that decode; and each worker reads every window it serves. On a machine with cores to spare "
+    "for workers that trade changes."
 )
 
 

@@ -469,3 +469,25 @@ def test_load_student_tokenizer_on_json_nested_too_deeply_raises_bad_input(tmp_p
     (tmp_path / "xkd_tokenizer.json").write_text(DEEP)
     with pytest.raises(BadInput, match="xkd_tokenizer.json is not valid JSON"):
         load_student_tokenizer(tmp_path)
+
+
+# 9. Damage found in a DataLoader worker while training ----------------------------------------
+
+def test_damage_found_in_a_dataloader_worker_is_the_readers_paragraph(made, tmp_path):
+    """A flipped byte in the input_ids page of shard 1: the loader's scan (main process) reads
+    other columns, so the damage is found by a DataLoader worker reading its batch. torch
+    re-raises it in the training process wrapped in the worker's traceback; the user sees the
+    reader's one paragraph and exit 2, as with --workers 0."""
+    from test_remote_faults import flip_byte, parquet_page_byte
+
+    cache = shutil.copytree(made["cache"], tmp_path / "cache")
+    (parquet,) = (cache / "shards").rglob("00001.parquet")
+    data = parquet.read_bytes()
+    parquet.write_bytes(flip_byte(data, parquet_page_byte(data, "input_ids")))
+    r = run_xkd("train-student", "--method", "mlm", "--caches", cache, "--vocab", made["vocab"], "--out",
+                tmp_path / "student", "--steps", 8, "--batch-size", 4, "--hidden", 32, "--layers", 1, "--heads", 2,
+                "--workers", 2, timeout=180)
+    error = one_paragraph(r.stderr, 2, r.returncode, cache, "shard 1 is damaged", "00001.parquet")
+    assert "DataLoader worker process" not in r.stderr + r.stdout, r.stderr[-3000:]
+    assert "Traceback" not in r.stdout and "xkd verify" in error
+    assert not (tmp_path / "student" / "model.safetensors").exists()
