@@ -776,7 +776,8 @@ DENSE_BEFORE = (  # measured with the code and format this part replaced, kept s
 )
 
 DENSE_WHY = (
-    "Changed on 2026-12-06 (measured then on a machine shared with other benchmarks, load average 4-8): window and batch buffers are recycled (reader.RecycledBuffers: a buffer is handed "
+    "Changed on 2026-12-06 (measured then on a machine shared with other benchmarks, load average 4-8): window "
+    "and batch buffers are recycled (reader.RecycledBuffers: a buffer is handed "
     "out again once nothing references it), so chunk reads and gathers no longer fault in new pages; and the next "
     "shuffle window is read on a reader thread while the current window's batches are gathered (one window ahead "
     "at most; batches bit-identical, with workers and on resume). Both loaders side by side (separate processes, "
