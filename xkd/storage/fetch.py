@@ -66,12 +66,14 @@ class FetchCache:
         return (FetchCache, (self.directory, self.limit))
 
     # Whole objects ------------------------------------------------------------------
-    def object(self, remote, name: str, size: int, sha256: str) -> str:
+    def object(self, remote, name: str, size: int, sha256: str, recheck: bool = True) -> str:
         """The local path of object `name`, fetched and checked against `size` and
-        `sha256` unless already here. Raises Damaged when the remote bytes differ."""
+        `sha256` unless already here. Raises Damaged when the remote bytes differ.
+        `recheck=False`: an entry already here is not hashed again; for Zarr chunks, whose
+        CRC32C every read checks (a failed one calls `forget_object` and reads again)."""
         path = self.directory / "objects" / sha256[:2] / sha256
         if self._touch(path):
-            if _holds(path, size, sha256):
+            if not recheck or _holds(path, size, sha256):
                 return str(path)
             self._forget(path)
         data = remote.get(name)
@@ -109,6 +111,10 @@ class FetchCache:
             return False
         self.hits += 1
         return True
+
+    def forget_object(self, sha256: str) -> None:
+        """Remove an object's entry (found damaged on this disk), so that it is fetched again."""
+        (self.directory / "objects" / sha256[:2] / sha256).unlink(missing_ok=True)
 
     def _forget(self, path: Path) -> None:
         """An entry found damaged (or gone): counted as a miss, removed so it is fetched again."""
@@ -182,7 +188,7 @@ class RangedFile(io.RawIOBase):
     chunks are copies from memory. A read outside every fetched range fetches just that range
     (pyarrow's footer reads)."""
 
-    def __init__(self, cache: FetchCache, remote, name: str, size: int, sha256: str, keep: int = 4):
+    def __init__(self, cache: FetchCache, remote, name: str, size: int, sha256: str, keep: int = 16):
         super().__init__()
         self._cache, self._remote, self._name = cache, remote, name
         self._size, self._sha = size, sha256

@@ -68,6 +68,7 @@ class DirectArray:
         # cache replaces both: chunks are fetched, checked, into the local fetch cache.
         self.locate = self._local_chunk
         self.chunk_size = self._local_chunk_size
+        self.forget = None  # remote: drop chunk k's local copy, so that it is fetched again
 
     def chunk_name(self, k: int) -> str:
         """Chunk k's file, relative to the array's directory."""
@@ -489,6 +490,9 @@ class Cache:
         source = self.files.parquet(shard_file(record, rel), *record["files"][rel])
         f = pq.ParquetFile(source, page_checksum_verification=True)
         f.ranged = source if isinstance(source, RangedFile) else None  # a remote file: fetched by byte range
+        # pyarrow's reader of one file is not safe across threads (concurrent read_row_group on a
+        # Python file object crashed the process): reads of one file take turns, fetches do not.
+        f.read_lock = threading.Lock()
         return f
 
     def _zarr_group(self, shard_id: int):
@@ -545,7 +549,11 @@ class Cache:
                     if chunk not in record["files"]:
                         raise ValueError(f"chunk {k} is missing")
                     return self.files.chunk(shard_file(record, chunk), *record["files"][chunk])
-                direct.chunk_size, direct.locate = chunk_size, locate
+                def forget(k: int, rel=array_rel, direct=direct) -> None:
+                    entry = record["files"].get(f"{rel}/{direct.chunk_name(k)}")
+                    if entry is not None:
+                        self.files.fetch.forget_object(entry[1])
+                direct.chunk_size, direct.locate, direct.forget = chunk_size, locate, forget
             arrays[name] = direct
         return arrays[name]
 
@@ -556,7 +564,17 @@ class Cache:
             self._check_size(shard_id, name, array, direct is None)
             self._sized.add((shard_id, name))
         if direct is not None:
-            return direct.read(start, stop)
+            try:
+                return direct.read(start, stop)
+            except ValueError:
+                if direct.forget is None:
+                    raise
+                # Chunks of a remote cache come from the local fetch cache, checked whole when they were
+                # fetched: a failed CRC now is damage on this disk. Fetch them again (checked), and read
+                # once more; a second failure is the cache's own.
+                for k in range(start // direct.chunk_rows, max(start, stop - 1) // direct.chunk_rows + 1):
+                    direct.forget(k)
+                return direct.read(start, stop)
         if stop > array.shape[0]:  # zarr would return fewer rows, and the offsets would go wrong
             raise ValueError(f"rows {start}:{stop} lie outside the array's {array.shape[0]}")
         return array[start:stop]
@@ -600,11 +618,10 @@ class Cache:
     def read_table(self, shard_id: int, row_group: int | None = None, columns=None) -> pa.Table:
         f = self.parquet_file(shard_id)
         try:
-            if row_group is None:
-                return f.read(columns=columns)
-            if f.ranged is not None:  # one request for the row group's column chunks, not one per page
+            if row_group is not None and f.ranged is not None:  # one request for the row group's column chunks
                 f.ranged.fetch(*row_group_span(f.metadata, row_group, columns))
-            return f.read_row_group(row_group, columns=columns)
+            with f.read_lock:
+                return f.read(columns=columns) if row_group is None else f.read_row_group(row_group, columns=columns)
         except (OSError, pa.ArrowException) as e:  # page checksums fail here on a flipped byte
             name = f"{shard_name(shard_id)}.parquet"
             raise self._damaged(shard_id, f"is damaged: {name} cannot be read ({e})") from None

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import XkdError
 from .manifest import MANIFEST, SHARDS, CacheLock, manifest_bytes, read_manifest, write_manifest
-from .remote import Remote, is_url, location
+from .remote import Remote, RemoteUnavailable, is_url, location
 from .schema import SCHEMA_VERSION, DenseSpec
 from .untrusted import remove_tree
 
@@ -311,9 +311,14 @@ class Lease:
         self._stop.set()
         self._thread.join()
         self._thread = None
-        found = self.remote.get_with_etag(LEASE)
-        if found is not None and found[1] == self._etag:
-            self.remote.delete([LEASE])
+        try:
+            found = self.remote.get_with_etag(LEASE)
+            if found is not None and found[1] == self._etag:
+                self.remote.delete([LEASE])
+        except RemoteUnavailable:
+            # Leaving the lease behind is harmless (a re-run here takes over a dead pid's lease at
+            # once, elsewhere after SECONDS); raising would replace the error the run is ending with.
+            pass
 
 
 LEASE = ".lock"
