@@ -448,6 +448,9 @@ def read_report(setup: dict, results: dict, repeats: int) -> str:
                          f"| {target} |")
     lines += ["", "Load average (1 min) before / after: " + "; ".join(
         f"{kind} {r['load'][0]:.1f} / {r['load'][1]:.1f}" for kind, r in results.items()) + "."]
+    missed = [f"{kind} {name} ({ratio:.2f}x)" for kind, name, ratio in verdicts if ratio < TARGET_READ]
+    if missed:
+        lines += ["", f"Missed: {', '.join(missed)}. {READ_WHY}"]
     for kind, r in results.items():
         if "profile" in r:
             name, text = r["profile"]
@@ -455,6 +458,17 @@ def read_report(setup: dict, results: dict, repeats: int) -> str:
                           "own time, top entries; waits on the other thread count as lock acquire):", "", "```",
                       *[line.rstrip() for line in text.strip().splitlines()], "```"]
     return "\n".join(lines) + "\n"
+
+
+# Why a cold remote read stays under the target here (the profiles below show it).
+READ_WHY = (
+    "A cold read moves every byte through the server, which runs on the same two cores as the loader (its CPU "
+    "seconds are in the table), then hashes each whole object against the manifest and writes it into the "
+    "fetch cache; the local side reads from the page cache. A window's row groups are fetched 8 at a time "
+    "(reader.read_each) and the next window on the read-ahead thread, so most of the main thread's time is "
+    "waiting for that thread (lock acquire). A second epoch reads the fetch cache and meets the target. What is "
+    "left to try: more than one window ahead when the fetch cache is cold, and merging adjacent row-group ranges "
+    "of a file into one request.")
 
 
 def part_first_batch(server: S3Server, repeats: int | None) -> str:
@@ -500,15 +514,13 @@ def part_first_batch(server: S3Server, repeats: int | None) -> str:
 
 def part_hit_rate(server: S3Server, repeats: int | None) -> str:
     """The fetch cache over two epochs of one dataset (as one train-student run reads them)."""
-    from xkd.storage import fetch as fetch_module
 
     setup = loader_setup(server)
     rows_out = []
     for kind in ("topk", "dense"):
         urls = setup["urls"][kind]
         needed = None
-        for run, (label, evict_after) in enumerate((("--cache-size above the cache", None), ("a third of it", None),
-                                                    ("a third of it, no 30 s grace", 0))):
+        for run, label in enumerate(("--cache-size above the cache", "a third of it")):
             limit = 1 << 40 if needed is None else needed // 3
             fetch = FetchDirs(setup["work"] / f"hits-{kind}-{run}", limit).cold()
             counts, largest = [], [0]
@@ -519,13 +531,8 @@ def part_hit_rate(server: S3Server, repeats: int | None) -> str:
                     counts.append((fetch.hits, fetch.misses, fetch.fetched_bytes))
                 return len(counts) < 2
 
-            grace = fetch_module.EVICT_AFTER_S
-            fetch_module.EVICT_AFTER_S = grace if evict_after is None else evict_after
-            try:
-                say(f"hit-rate: {kind}, {label}")
-                epoch(setup, kind, urls, fetch, on_batch)
-            finally:
-                fetch_module.EVICT_AFTER_S = grace
+            say(f"hit-rate: {kind}, {label}")
+            epoch(setup, kind, urls, fetch, on_batch)
             if needed is None:
                 needed = counts[0][2]
             (h1, m1, b1), (h2, m2, b2) = counts
@@ -537,9 +544,7 @@ def part_hit_rate(server: S3Server, repeats: int | None) -> str:
         f"Run on {datetime.date.today().isoformat()}, {machine()}. The caches of \"Training loader over a remote "
         "cache\", read from the URL by one dataset for two epochs (as one train-student run reads them), with an "
         "empty --cache-dir and a --cache-size above what the loader fetches, or a third of that (least recently "
-        "used entries are evicted down to 80% of the limit; entries younger than "
-        f"{fetch_module.EVICT_AFTER_S} s are kept, so that a file another process has just fetched is not taken "
-        "from under it; the last row sets that grace to 0 in the bench, to show the eviction alone). Hit rate = "
+        "used entries are evicted down to 80% of the limit when a fetch passes it). Hit rate = "
         "hits / (hits + misses) of fetch-cache look-ups (a Parquet row-group span or footer, a dense chunk). "
         "Largest: the directory's size, measured after every batch.",
         "",

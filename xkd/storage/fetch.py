@@ -13,11 +13,10 @@ again: the remote cache is the truth, and readers never see a damaged local entr
 
 Entries are written under a temporary name and renamed, so a reader sees a whole entry or
 none, also while another process writes the same one. When the directory grows past its
-limit, the least recently used entries are removed (a hit touches its entry); entries younger
-than EVICT_AFTER_S are kept, so a file another process has just fetched and is about to open
-(a chunk's path is opened right after it is returned; a range is returned as bytes) is not
-taken from under it. That grace is short: while entries are younger, the directory may pass
-its limit by what was fetched in those seconds.
+limit, the least recently used entries are removed (a hit touches its entry), down to 80% of
+it. Readers hold nothing by name: a range comes back as bytes, and a chunk is opened at once
+(files.RemoteFiles.open_chunk, which fetches it again if another process evicted it in
+between), and an open file outlives its removal.
 """
 
 from __future__ import annotations
@@ -27,14 +26,12 @@ import hashlib
 import io
 import os
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
 
 from ..errors import BadInput
 
-EVICT_AFTER_S = 2
 DEFAULT_LIMIT = 20 * 2**30
 PARQUET_FOOTER_BYTES = 64 * 1024  # pyarrow's first read of a footer
 
@@ -146,9 +143,8 @@ class FetchCache:
                     entries.append((info.st_mtime, info.st_size, os.path.join(dirpath, name)))
         total = sum(size for _, size, _ in entries)
         if total > self.limit:
-            young = time.time() - EVICT_AFTER_S
-            for mtime, size, path in sorted(entries):
-                if total <= self.limit * 0.8 or mtime > young:
+            for _, size, path in sorted(entries):
+                if total <= self.limit * 0.8:
                     break
                 try:
                     os.unlink(path)

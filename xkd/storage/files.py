@@ -53,9 +53,6 @@ class LocalFiles:
             raise Damaged(f"{path.name} has {actual} bytes, the manifest records {size}")
         return str(path)
 
-    def chunk(self, name: str, size: int, sha256: str) -> str:
-        return str(self.root / name)  # chunks carry a CRC32C, checked as they are read
-
     def measure(self, name: str) -> tuple[int, str]:
         """(size, sha256) of `name` as stored; FileNotFoundError when missing."""
         path = self.root / name
@@ -78,8 +75,17 @@ class RemoteFiles:
     def parquet(self, name: str, size: int, sha256: str):
         return RangedFile(self.fetch, self.remote, name, size, sha256)
 
-    def chunk(self, name: str, size: int, sha256: str) -> str:
-        return self.fetch.object(self.remote, name, size, sha256, recheck=False)  # a CRC32C is checked as it is read
+    def open_chunk(self, name: str, size: int, sha256: str):
+        """A Zarr chunk, fetched (checked whole) into the fetch cache unless there, opened for
+        reading: once open, another process evicting it cannot take it away. It is not hashed
+        again on a hit: its CRC32C is checked as it is read."""
+        for _ in range(3):
+            path = self.fetch.object(self.remote, name, size, sha256, recheck=False)
+            try:
+                return open(path, "rb", buffering=0)
+            except FileNotFoundError:  # evicted by another process between the two: fetch it again
+                continue
+        return open(self.fetch.object(self.remote, name, size, sha256, recheck=False), "rb", buffering=0)
 
     def measure(self, name: str) -> tuple[int, str]:
         import hashlib

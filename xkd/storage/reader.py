@@ -64,9 +64,9 @@ class DirectArray:
         self.row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
         self._chunk_prefix = f"{path}/c/"  # a string: pathlib's joins cost more than reading a chunk
         self._suffix = "/0" * (len(shape) - 1)
-        # Where chunk k's file is on this machine, and its size (None: missing). A remote
-        # cache replaces both: chunks are fetched, checked, into the local fetch cache.
-        self.locate = self._local_chunk
+        # Chunk k opened for reading, and its size (None: missing). A remote cache replaces
+        # both: chunks are fetched, checked, into the local fetch cache and opened there.
+        self.open_chunk = self._open_local_chunk
         self.chunk_size = self._local_chunk_size
         self.forget = None  # remote: drop chunk k's local copy, so that it is fetched again
 
@@ -76,6 +76,9 @@ class DirectArray:
 
     def _local_chunk(self, k: int) -> str:
         return f"{self._chunk_prefix}{k}{self._suffix}"
+
+    def _open_local_chunk(self, k: int):
+        return open(self._local_chunk(k), "rb", buffering=0)
 
     def _local_chunk_size(self, k: int) -> int | None:
         try:
@@ -136,7 +139,7 @@ class DirectArray:
             lo, hi = max(start, first), min(stop, last)
             before, inside = (lo - first) * rb, (hi - lo) * rb
             after = rows * rb - before - inside  # an edge chunk is stored at full size
-            with open(self.locate(k), "rb", buffering=0) as f:
+            with self.open_chunk(k) as f:
                 crc = google_crc32c.extend(0, _read_exactly(f, before)) if before else 0
                 window = dest[(lo - start) * rb : (hi - start) * rb]
                 got = 0
@@ -544,16 +547,17 @@ class Cache:
                 def chunk_size(k: int, rel=array_rel, direct=direct) -> int | None:
                     return record["files"].get(f"{rel}/{direct.chunk_name(k)}", [None])[0]
 
-                def locate(k: int, rel=array_rel, direct=direct) -> str:
+                def open_chunk(k: int, rel=array_rel, direct=direct):
                     chunk = f"{rel}/{direct.chunk_name(k)}"
                     if chunk not in record["files"]:
                         raise ValueError(f"chunk {k} is missing")
-                    return self.files.chunk(shard_file(record, chunk), *record["files"][chunk])
+                    return self.files.open_chunk(shard_file(record, chunk), *record["files"][chunk])
+
                 def forget(k: int, rel=array_rel, direct=direct) -> None:
                     entry = record["files"].get(f"{rel}/{direct.chunk_name(k)}")
                     if entry is not None:
                         self.files.fetch.forget_object(entry[1])
-                direct.chunk_size, direct.locate, direct.forget = chunk_size, locate, forget
+                direct.chunk_size, direct.open_chunk, direct.forget = chunk_size, open_chunk, forget
             arrays[name] = direct
         return arrays[name]
 
