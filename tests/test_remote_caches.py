@@ -211,3 +211,23 @@ def test_a_shard_folder_other_than_its_digest_is_refused(remote_setup, tmp_path,
     proc = run_xkd("verify", copy)
     assert proc.returncode == 2, proc.stderr
     assert "names its folder" in proc.stderr
+
+
+def test_a_file_digest_that_is_not_a_sha256_is_refused(remote_setup, tmp_path):
+    """A file's sha256 names its entry in the local fetch cache: an edited one that is a path (here,
+    out of --cache-dir) is a damaged manifest, refused before anything is fetched or written."""
+    url = unique_prefix_url("planted-digest")
+    source = Remote(remote_setup["caches"][1])
+    target = Remote(url)
+    for name in source.list():
+        target.put(name, source.get(name))
+    manifest = json.loads(target.get("manifest.json"))
+    rel = sorted(manifest["shards"][0]["files"])[0]
+    manifest["shards"][0]["files"][rel][1] = "../../../../" + str(tmp_path / "planted")
+    target.put("manifest.json", json.dumps(manifest).encode())
+    proc = run_xkd("verify", url, env=remote_setup["env"])
+    assert proc.returncode == 2, proc.stderr
+    assert "64 hex digits" in proc.stderr
+    with pytest.raises(Exception, match="not a sha256"):
+        FetchCache(tmp_path / "fetch").object(target, f"shards/x/{rel}", 1, "../../../../" + str(tmp_path / "planted"))
+    assert not list(tmp_path.glob("planted*"))

@@ -68,7 +68,7 @@ class FetchCache:
         `sha256` unless already here. Raises Damaged when the remote bytes differ.
         `recheck=False`: an entry already here is not hashed again; for Zarr chunks, whose
         CRC32C every read checks (a failed one calls `forget_object` and reads again)."""
-        path = self.directory / "objects" / sha256[:2] / sha256
+        path = self._entry("objects", sha256, sha256)
         if self._touch(path):
             if not recheck or _holds(path, size, sha256):
                 return str(path)
@@ -83,7 +83,7 @@ class FetchCache:
     # Byte ranges --------------------------------------------------------------------
     def range(self, remote, name: str, sha256: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of object `name` (whose whole content has `sha256`)."""
-        path = self.directory / "ranges" / sha256[:2] / f"{sha256}-{start}-{end}"
+        path = self._entry("ranges", sha256, f"{sha256}-{int(start)}-{int(end)}")
         if self._touch(path):
             try:
                 entry = path.read_bytes()
@@ -100,6 +100,13 @@ class FetchCache:
         return data
 
     # The directory ------------------------------------------------------------------
+    def _entry(self, kind: str, sha256: str, name: str) -> Path:
+        """Where an entry lives. The sha256 comes from a manifest, which read_manifest checked
+        to be 64 hex digits; checked again here, as it names a path."""
+        if not (len(sha256) == 64 and all(c in "0123456789abcdef" for c in sha256)):
+            raise Damaged(f"{sha256!r} is not a sha256")
+        return self.directory / kind / sha256[:2] / name
+
     def _touch(self, path: Path) -> bool:
         try:
             os.utime(path)
@@ -111,7 +118,7 @@ class FetchCache:
 
     def forget_object(self, sha256: str) -> None:
         """Remove an object's entry (found damaged on this disk), so that it is fetched again."""
-        (self.directory / "objects" / sha256[:2] / sha256).unlink(missing_ok=True)
+        self._entry("objects", sha256, sha256).unlink(missing_ok=True)
 
     def _forget(self, path: Path) -> None:
         """An entry found damaged (or gone): counted as a miss, removed so it is fetched again."""

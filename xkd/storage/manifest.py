@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from .schema import ALIGNS, CODECS, LAYOUTS, SCHEMA_VERSION
 from .untrusted import parse_json
 
 MANIFEST = "manifest.json"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 LOCK = ".lock"
 SHARDS = "shards"
 
@@ -281,8 +283,11 @@ def manifest_problem(manifest: dict) -> str | None:
         if not isinstance(files, dict) or not files or not isinstance(record.get("sha256"), str):
             return f"{where} lacks its file list or sha256"
         for name, entry in files.items():
-            if not (isinstance(entry, list) and len(entry) == 2 and _is_int(entry[0]) and isinstance(entry[1], str)):
-                return f"{where} records file {name} as {entry!r}, not [size, sha256]"
+            # A sha256 names the file's entry in a remote cache's local fetch cache (fetch.py): 64 hex
+            # digits and nothing else, or an edited one could name a path outside that directory.
+            if not (isinstance(entry, list) and len(entry) == 2 and _is_int(entry[0]) and isinstance(entry[1], str)
+                    and _SHA256.fullmatch(entry[1])):
+                return f"{where} records file {name} as {entry!r}, not [size, sha256 (64 hex digits)]"
             if name.startswith("/") or ".." in name.split("/"):
                 return f"{where} names file {name}, which lies outside the cache"
         folder = record.get("dir")  # shards uploaded to object storage: shards/<id>-<digest>/ (shard.upload_shard)
