@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BadInput
-from .storage.remote import glob_urls, is_url, location
+from .storage.remote import WILDCARD, glob_urls, is_url, location
 from .storage.view import view_of
 
 HOME_ENV = "XKD_HOME"
@@ -118,8 +118,6 @@ def _children_with(parent: Path, marker: str) -> list[Path]:
 
 # --caches: several paths after one flag, and globs ---------------------------------------
 
-_GLOB = re.compile(r"[*?\[]")
-
 
 def expand_cache_paths(values: list[str]) -> list[str]:
     """Each --caches value as given, or the sorted matches of a quoted glob (the shell expands
@@ -128,7 +126,7 @@ def expand_cache_paths(values: list[str]) -> list[str]:
     for value in values:
         if is_url(value):
             value = str(location(value))
-            if not _GLOB.search(value):
+            if not WILDCARD.search(value):
                 out.append(value)
                 continue
             matches = glob_urls(value, "manifest.json")
@@ -136,7 +134,7 @@ def expand_cache_paths(values: list[str]) -> list[str]:
                 raise BadInput(f"--caches {value}: the pattern matches no cache on the object store (no "
                                "PREFIX/manifest.json under it). Check the pattern and the bucket.")
             out.extend(matches)
-        elif _GLOB.search(value) and not Path(value).exists():
+        elif WILDCARD.search(value) and not Path(value).exists():
             matches = sorted(glob.glob(os.path.expanduser(value)))
             if not matches:
                 raise BadInput(f"--caches {value}: the pattern matches no file or directory. Check the pattern, or run "

@@ -8,8 +8,9 @@ Two kinds of entries, both named by content so that an entry can never be stale:
 - byte ranges of Parquet files (a footer, a row group), named by the file's recorded sha256
   and the range, each followed by the sha256 of its bytes (every Parquet page carries a CRC
   too, but a failed CRC would blame the remote cache, which verify finds sound).
-Every use re-checks an entry, and one that differs (a byte flipped on this disk) is fetched
-again: the remote cache is the truth, and readers never see a damaged local entry.
+An entry damaged on this disk is fetched again, never read as the cache's data: metadata and
+ranges are hashed again on every use; a chunk, whose CRC32C every read checks, on a failed
+CRC (reader.Cache._read_dense). The remote cache is the truth.
 
 Entries are written under a temporary name and renamed, so a reader sees a whole entry or
 none, also while another process writes the same one. When the directory grows past its
@@ -138,16 +139,19 @@ class FetchCache:
             if self._total is None or self._total + self._added > self.limit:
                 self._evict()
 
-    def _evict(self) -> None:
-        entries = []
+    def _entries(self):
+        """(last use, size, path) of every entry, as found (another process may be renaming or
+        removing some meanwhile)."""
         for sub in ("objects", "ranges"):
             for dirpath, _, files in os.walk(self.directory / sub):
                 for name in files:
-                    try:
-                        info = os.stat(os.path.join(dirpath, name))
-                    except FileNotFoundError:
-                        continue
-                    entries.append((info.st_mtime, info.st_size, os.path.join(dirpath, name)))
+                    path = os.path.join(dirpath, name)
+                    with contextlib.suppress(FileNotFoundError):
+                        info = os.stat(path)
+                        yield info.st_mtime, info.st_size, path
+
+    def _evict(self) -> None:
+        entries = list(self._entries())
         total = sum(size for _, size, _ in entries)
         if total > self.limit:
             for _, size, path in sorted(entries):
@@ -161,15 +165,8 @@ class FetchCache:
         self._total, self._added = total, 0
 
     def size(self) -> int:
-        """Bytes in the directory now (entries another process renames or removes meanwhile
-        are counted as they are found)."""
-        total = 0
-        for sub in ("objects", "ranges"):
-            for d, _, files in os.walk(self.directory / sub):
-                for f in files:
-                    with contextlib.suppress(FileNotFoundError):
-                        total += os.path.getsize(os.path.join(d, f))
-        return total
+        """Bytes in the directory now."""
+        return sum(size for _, size, _ in self._entries())
 
 
 _DIGEST = 32  # bytes of a sha256, after a range entry's bytes
@@ -205,15 +202,19 @@ class RangedFile(io.RawIOBase):
     def fetch(self, start: int, end: int) -> None:
         """Hold bytes [start, end) in memory (from the fetch cache, or fetched into it)."""
         start, end = max(0, start), min(self._size, end)
-        with self._lock:
-            if end <= start or any(lo <= start and end <= hi for lo, hi in self._ranges):
-                return
+        if end <= start or self._held(start, end) is not None:
+            return
         data = self._cache.range(self._remote, self._name, self._sha, start, end)
         with self._lock:  # the loader's read-ahead thread reads while the main thread does
             self._ranges[(start, end)] = data
             while len(self._ranges) > self._keep + 1:  # +1: the footer stays
                 oldest = next(k for k in self._ranges if k[1] != self._size)
                 del self._ranges[oldest]
+
+    def _held(self, start: int, end: int) -> tuple[int, bytes] | None:
+        """(where it starts, its bytes) of a range in memory that holds [start, end)."""
+        with self._lock:
+            return next(((lo, data) for (lo, hi), data in self._ranges.items() if lo <= start and end <= hi), None)
 
     def readable(self) -> bool:
         return True
@@ -236,12 +237,10 @@ class RangedFile(io.RawIOBase):
         end = min(self._size, start + len(buffer))
         if end <= start:
             return 0
-        with self._lock:
-            found = next(((lo, data) for (lo, hi), data in self._ranges.items() if lo <= start and end <= hi), None)
+        found = self._held(start, end)
         if found is None:
             self.fetch(start, end)
-            with self._lock:
-                found = next(((lo, data) for (lo, hi), data in self._ranges.items() if lo <= start and end <= hi))
+            found = self._held(start, end)
         lo, data = found
         memoryview(buffer)[: end - start] = data[start - lo : end - lo]
         self._pos = end

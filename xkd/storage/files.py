@@ -79,13 +79,12 @@ class RemoteFiles:
         """A Zarr chunk, fetched (checked whole) into the fetch cache unless there, opened for
         reading: once open, another process evicting it cannot take it away. It is not hashed
         again on a hit: its CRC32C is checked as it is read."""
-        for _ in range(3):
-            path = self.fetch.object(self.remote, name, size, sha256, recheck=False)
+        for attempt in range(3):
             try:
-                return open(path, "rb", buffering=0)
+                return open(self.fetch.object(self.remote, name, size, sha256, recheck=False), "rb", buffering=0)
             except FileNotFoundError:  # evicted by another process between the two: fetch it again
-                continue
-        return open(self.fetch.object(self.remote, name, size, sha256, recheck=False), "rb", buffering=0)
+                if attempt == 2:
+                    raise
 
     def measure(self, name: str) -> tuple[int, str]:
         import hashlib

@@ -350,6 +350,18 @@ def _outputs_problem(outputs: dict) -> str | None:
     return None
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host still exists (another user's process counts): what a
+    writer that died leaves behind, named after its pid, may then be removed or taken over."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class DirLock:
     """An exclusive, non-blocking lock on what one process writes (a cache, a student's
     --out, a vocab), held for as long as it writes: a second writer is refused, naming the

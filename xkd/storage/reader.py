@@ -544,20 +544,22 @@ class Cache:
             except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable metadata is the finding itself
                 raise self._damaged(shard_id, f"is damaged: {where}/zarr.json cannot be read ({e})") from None
             if direct is not None and self.files.remote is not None:
-                def chunk_size(k: int, rel=array_rel, direct=direct) -> int | None:
-                    return record["files"].get(f"{rel}/{direct.chunk_name(k)}", [None])[0]
+                def chunk(k: int, rel=array_rel, direct=direct) -> tuple[str, list | None]:
+                    """Chunk k's name relative to the cache and its manifest entry [size, sha256]."""
+                    name = f"{rel}/{direct.chunk_name(k)}"
+                    return shard_file(record, name), record["files"].get(name)
 
-                def open_chunk(k: int, rel=array_rel, direct=direct):
-                    chunk = f"{rel}/{direct.chunk_name(k)}"
-                    if chunk not in record["files"]:
+                def open_chunk(k: int):
+                    name, entry = chunk(k)
+                    if entry is None:
                         raise ValueError(f"chunk {k} is missing")
-                    return self.files.open_chunk(shard_file(record, chunk), *record["files"][chunk])
+                    return self.files.open_chunk(name, *entry)
 
-                def forget(k: int, rel=array_rel, direct=direct) -> None:
-                    entry = record["files"].get(f"{rel}/{direct.chunk_name(k)}")
-                    if entry is not None:
+                def forget(k: int) -> None:
+                    if (entry := chunk(k)[1]) is not None:
                         self.files.fetch.forget_object(entry[1])
-                direct.chunk_size, direct.open_chunk, direct.forget = chunk_size, open_chunk, forget
+                direct.chunk_size = lambda k: (chunk(k)[1] or [None])[0]
+                direct.open_chunk, direct.forget = open_chunk, forget
             arrays[name] = direct
         return arrays[name]
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from ..errors import BadInput, XkdError
 
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
+WILDCARD = re.compile(r"[*?\[]")  # a glob: --caches patterns, local or on object storage
 # How long one request is retried (with exponential backoff) before the error is the run's:
 # a restarting server comes back within it; one that stays down ends the command.
 RETRY_SECONDS_ENV = "XKD_REMOTE_RETRY_SECONDS"
@@ -256,12 +257,10 @@ def glob_urls(pattern: str, marker: str) -> list[str]:
     bucket_remote = Remote(f"{scheme}://{bucket}")
     found = [""]
     for part in [p for p in path.split("/") if p]:
-        if not _WILDCARD.search(part):
+        if not WILDCARD.search(part):
             found = [f"{f}{part}/" for f in found]
             continue
         found = [f"{f}{name}/" for f in found for name in bucket_remote.folders(f) if fnmatch.fnmatchcase(name, part)]
     return sorted(f"{scheme}://{bucket}/{f.rstrip('/')}" for f in found
                   if bucket_remote.size(f"{f}{marker}") is not None)
 
-
-_WILDCARD = re.compile(r"[*?\[]")

@@ -16,10 +16,10 @@ import uuid
 from pathlib import Path
 
 from ..errors import XkdError
-from .manifest import MANIFEST, SHARDS, CacheLock, manifest_bytes, read_manifest, write_manifest
+from .manifest import MANIFEST, SHARDS, CacheLock, manifest_bytes, pid_alive, read_manifest, write_manifest
 from .remote import Remote, RemoteUnavailable, is_url, location
 from .schema import SCHEMA_VERSION, DenseSpec
-from .untrusted import remove_tree
+from .untrusted import parse_json, remove_tree
 
 XKD_VERSION = "0.1.0"
 
@@ -91,7 +91,7 @@ class CacheWriter:
                 "shards": [],
                 "totals": {"rows": 0, "tokens": 0, "masked": 0, "bytes": 0},
             }
-            self._store.write(self.manifest, create=True)
+            self._store.write(self.manifest)
         self._remove_leftovers()
 
     def _forget_damaged_shards(self) -> None:
@@ -168,7 +168,7 @@ class LocalManifest:
     def exists(self) -> bool:
         return (self.root / MANIFEST).exists()
 
-    def write(self, manifest: dict, create: bool = False) -> None:
+    def write(self, manifest: dict) -> None:
         write_manifest(self.root, manifest)
 
     def damaged(self, done: list[dict]) -> dict[int, list[str]]:
@@ -204,7 +204,7 @@ class RemoteManifest:
         self._etag = found[1] if found else None
         return found is not None
 
-    def write(self, manifest: dict, create: bool = False) -> None:
+    def write(self, manifest: dict) -> None:
         self._lease.check()
         data = manifest_bytes(manifest)
         etag = self.remote.create(MANIFEST, data) if self._etag is None else self.remote.replace(MANIFEST, data, self._etag)
@@ -327,21 +327,12 @@ LEASE = ".lock"
 def _lease_holder(data: bytes, seconds: float) -> tuple[str, bool]:
     """Who holds a lease (in words), and whether it may be taken over."""
     try:
-        lease = json.loads(data)
+        lease = parse_json(data)
         pid, host, renewed = int(lease["pid"]), str(lease["host"]), float(lease["renewed"])
     except (ValueError, KeyError, TypeError):
         return "unknown holder", True  # not a lease xkd wrote
     holder = f"pid {pid} on {host}"
-    if host == socket.gethostname() and not _alive(pid):
+    if host == socket.gethostname() and not pid_alive(pid):
         return holder, True
     return holder, time.time() - renewed > seconds
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

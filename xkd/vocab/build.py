@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import BadInput
 from ..names import language_code
-from ..storage.manifest import DirLock, fsync_dir
+from ..storage.manifest import DirLock, fsync_dir, pid_alive
 from ..storage.untrusted import parse_json, remove_tree
 from .canonical import SPECIAL_ROLES
 from .teachers import TeacherVocab, load_teacher_vocab
@@ -128,16 +128,6 @@ def _lock(out: Path) -> DirLock:
         "other's files: wait for it to finish (or stop it), then run again."), remove=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
 def _remove_stale(out: Path) -> None:
     """What killed builds of `out` left beside it, each named after its process: a temporary
     vocab (`.NAME.tmp-PID`, after a swap the old vocab being deleted), or the old vocab moved
@@ -147,7 +137,7 @@ def _remove_stale(out: Path) -> None:
     prefix = f".{out.name}."
     for left in sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix)):
         kind, _, pid = left.name[len(prefix):].rpartition("-")
-        if kind not in ("tmp", "old") or not pid.isdigit() or not left.is_dir() or _pid_alive(int(pid)):
+        if kind not in ("tmp", "old") or not pid.isdigit() or not left.is_dir() or pid_alive(int(pid)):
             continue
         if kind == "old" and not out.exists():
             os.replace(left, out)
