@@ -463,9 +463,8 @@ def train_run(run: dict) -> dict:
     processes get the same ones); its timed steps."""
     import torch
 
-    from xkd.student.models import StudentConfig
+    from xkd.student.options import TrainStudentOptions
     from xkd.student.run import train_student
-    from xkd.student.trainer import TrainConfig
 
     clock = LoaderClock()
     # Under torchrun ("auto") the trainer picks this rank's GPU itself; touching the current
@@ -477,13 +476,11 @@ def train_run(run: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()  # what this process held already (the bench's teacher)
     with clocked_data_loaders(clock):
-        train_student(
-            method=run["method"], caches=[run["cache"]], vocab_dir=run["vocab"], out=run["out"],
-            train=TrainConfig(out=run["out"], steps=run["steps"], amp=run["amp"], log_every=run["steps"],
-                              num_workers=run["workers"]),
-            batch_size=run["batch_size"], student=StudentConfig(**run["student"]),
-            device=None if run["device"] == "auto" else run["device"], overwrite=True,
-        )
+        train_student(TrainStudentOptions(
+            method=run["method"], caches=[run["cache"]], vocab=run["vocab"], out=run["out"], steps=run["steps"],
+            amp=run["amp"], log_every=run["steps"], workers=run["workers"], batch_size=run["batch_size"],
+            **run["student"], device=None if run["device"] == "auto" else run["device"], overwrite=True,
+        ))
     result = clock.summary(run["warmup_steps"])
     if run["device"] != "cpu" and torch.cuda.is_available():
         result["peak_gpu_gib"] = (torch.cuda.max_memory_allocated() - before) / 2**30

@@ -278,14 +278,16 @@ class StepRunner:
         import torch
 
         from xkd.student.models import StudentConfig, build_student
-        from xkd.student.trainer import TrainConfig, Trainer
+        from xkd.student.options import TrainStudentOptions
+        from xkd.student.trainer import Trainer
 
         torch.manual_seed(0)
         self.vocab = vocab
         self.method = mergedistill(vocab)
         self.model = build_student(StudentConfig(**STUDENT), vocab.size, vocab.pad_id)
         offline = dataset([cache], vocab, self.method, batch_size=batch_size, remap=True, collate=True)
-        self.trainer = Trainer(self.model, self.method, offline, TrainConfig(out=str(out), steps=1000), device="cpu")
+        options = TrainStudentOptions(method="mergedistill", out=str(out), steps=1000)
+        self.trainer = Trainer(self.model, self.method, offline, options, device="cpu")
         self.model.train()
         # Online KD reads what a teacher needs to see (its own ids, the masks), not the top-k.
         online_columns = [c for c in self.method.plan.columns if c not in ("topk_ids", "topk_logits", "lognorm")]
@@ -413,16 +415,14 @@ def child_main(args) -> int:
                 break
         result["rows_read"] = rows
     else:
-        from xkd.student.models import StudentConfig
+        from xkd.student.options import TrainStudentOptions
         from xkd.student.run import train_student
-        from xkd.student.trainer import TrainConfig
 
         result["peak_mb_before"] = peak_mb()
-        summary = train_student(
-            method="mergedistill", caches=[args.cache], vocab_dir=args.vocab, out=args.out,
-            train=TrainConfig(out=args.out, steps=args.steps, log_every=args.steps),
-            batch_size=args.batch_size, student=StudentConfig(hidden=64, layers=2, heads=2), device="cpu",
-        )
+        summary = train_student(TrainStudentOptions(
+            method="mergedistill", caches=[args.cache], vocab=args.vocab, out=args.out, steps=args.steps,
+            log_every=args.steps, batch_size=args.batch_size, hidden=64, layers=2, heads=2, device="cpu",
+        ))
         result["rows_read"] = summary["steps"] * args.batch_size
     result["peak_mb"] = peak_mb()
     print(json.dumps(result))

@@ -44,7 +44,7 @@ import torch
 
 from xkd.names import resolve_teacher
 from xkd.student.models import quiet_transformers
-from xkd.student.trainer import _schedule
+from xkd.student.runtime import linear_schedule, warmup_steps
 from xkd.vocab import load_vocab, student_from_teacher
 
 MAX_LENGTH = 128  # xd's default max_length: student tokens per text
@@ -104,8 +104,7 @@ def train(student, teacher, pairs, vocab, src_lang, tgt_lang, args, metrics) -> 
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.01},
                                    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
                                   lr=args.lr, fused=True)
-    warmup = int(args.warmup * args.steps) if args.warmup < 1 else int(args.warmup)
-    scheduler = _schedule(optimizer, max(1, warmup), args.steps)
+    scheduler = linear_schedule(optimizer, warmup_steps(args.warmup, args.steps), args.steps)
     torch.manual_seed(args.seed)  # dropout masks
     student.train()
     for step, rows in enumerate(batches(len(pairs), args.batch_size, args.seed), start=1):

@@ -4,7 +4,7 @@ As a script, run under torchrun (two gloo processes): every configuration of a s
 trained with train_student on this rank, and this rank's result (which holds the sha256 of
 its final student and heads) is written to <ddp_out>/rank<r>.json. One launch for all
 configurations: starting processes and the process group is most of the cost of a tiny DDP
-run. `train_kwargs` is also what test_ddp calls for the one-process references, so both sides
+run. `train_options` is also what test_ddp calls for the one-process references, so both sides
 are trained from the very same arguments.
 
     python -m torch.distributed.run --nproc_per_node 2 ... tests/_ddp_train_proc.py SPEC.json
@@ -60,17 +60,15 @@ def assert_same_metrics(single: list[dict], ddp: list[dict]) -> None:
         assert b == {k: pytest.approx(v, rel=LOSS_RTOL, abs=LOSS_ATOL) for k, v in a.items()}, a["step"]
 
 
-def train_kwargs(run: dict, out: str, *, steps: int, grad_accum: int, lr: float) -> dict:
-    """train_student's arguments for one configuration of the spec (see test_ddp.CONFIGS)."""
-    from xkd.student.models import StudentConfig
-    from xkd.student.trainer import TrainConfig
+def train_options(run: dict, out: str, *, steps: int, grad_accum: int, lr: float):
+    """train_student's options for one configuration of the spec (see test_ddp.CONFIGS)."""
+    from xkd.student.options import TrainStudentOptions
 
-    return dict(
-        method=run["method"], caches=run["caches"], vocab_dir=run["vocab"], out=out,
+    return TrainStudentOptions(
+        method=run["method"], caches=run["caches"], vocab=run["vocab"], out=out,
         # log_every 1: every step's losses are compared with the one-process run's.
-        train=TrainConfig(out=out, steps=steps, grad_accum=grad_accum, lr=lr, log_every=1, seed=run["seed"]),
-        batch_size=run["batch_size"], student=StudentConfig(**run["student"]),
-        method_options=dict(run["options"]),
+        steps=steps, grad_accum=grad_accum, lr=lr, log_every=1, seed=run["seed"],
+        batch_size=run["batch_size"], **run["student"], method_options=dict(run["options"]),
     )
 
 
@@ -83,7 +81,7 @@ def main(spec_path: str) -> None:
     for run in spec["runs"]:
         out = run["ddp_out"]
         print(f"[{sys.argv[0]}] training {run['name']}", file=sys.stderr, flush=True)  # which one, if it fails
-        result = train_student(**train_kwargs(run, out, steps=spec["steps"], grad_accum=1, lr=spec["lr"]))
+        result = train_student(train_options(run, out, steps=spec["steps"], grad_accum=1, lr=spec["lr"]))
         Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(result, sort_keys=True))
     dist.destroy_process_group()
 

@@ -12,8 +12,8 @@ STEP is one of (in the order a shard is written):
   parquet-rename   the Zarr group has its final name, the Parquet file is still temp
   commit           both final files exist, the manifest does not list the shard
   manifest-replace the new manifest is written to its temp name, not yet renamed
-The freeze wraps os.rename/os.replace as the storage modules see them; nothing else of
-the storage code is replaced.
+The freeze wraps os.rename/os.replace as the storage modules and xkd.durable (which replaces
+the manifest) see them; nothing else of the storage code is replaced.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _freeze(step: str, shard_id: int) -> None:
 
 
 class _FreezingOs:
-    """os as xkd.storage.shard and .manifest see it, freezing before one rename."""
+    """os as xkd.storage.shard and xkd.durable see it, freezing before one rename."""
 
     def __init__(self, step: str, shard_id: int, state: dict):
         self.step, self.shard_id, self.state = step, shard_id, state
@@ -108,11 +108,11 @@ def main() -> None:
             if shard_id == args.pause_shard:
                 _freeze("commit", shard_id)
     elif args.pause_before:
-        import xkd.storage.manifest as manifest_module
+        import xkd.durable as durable_module
         import xkd.storage.shard as shard_module
 
         freezing = _FreezingOs(args.pause_before, args.pause_shard, state)
-        shard_module.os = manifest_module.os = freezing
+        shard_module.os = durable_module.os = freezing
 
         def before_commit(shard_id):
             state["committing"] = shard_id == args.pause_shard

@@ -5,7 +5,7 @@ own convention (issue 13):
 - distilbert: WordPiece, the real mBERT vocabulary; no token types;
 - roberta: byte-level BPE (`Ġ` word starts), the real roberta-base vocab.json/merges.txt;
 - xlmr: SentencePiece Unigram (`▁` word starts, `<s> <pad>=1 </s> <unk>`, byte fallback),
-  trained here with the `tokenizers` library on text the project writes (xkd.toytask);
+  trained here with the `tokenizers` library on text the project writes (tests/toytask.py);
 - mdeberta: the same Unigram model as a DebertaV2 tokenizer (`[CLS] [SEP] [PAD]=0`),
   relative positions in the model.
 
@@ -42,7 +42,7 @@ def _training_text() -> tuple[str, ...]:
     on and none for 龘 or 🙂, which byte fallback spells."""
     import tempfile
 
-    from xkd.toytask import write_toy_task
+    from toytask import write_toy_task
 
     texts: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -30,7 +30,7 @@ from xkd.pipeline import CacheTeachersOptions, cache_teachers
 from xkd.pipeline.run import usable_cpus
 from xkd.storage.shard import digest_of
 from xkd.student.models import StudentConfig
-from xkd.student.trainer import TrainConfig
+from xkd.student.options import TrainStudentOptions
 
 from conftest import ROOT, TATOEBA, VOCABS, build_tiny_bert
 
@@ -375,7 +375,7 @@ def test_cache_teachers_options_are_bounded_before_anything_is_read(tmp_path, op
 
 def test_the_python_api_bounds_the_same_numbers():
     with pytest.raises(BadInput, match=r"--steps 1e\+22: give a whole number"):
-        TrainConfig(out="x", steps=1e22)
+        TrainStudentOptions(method="x", steps=1e22)
     with pytest.raises(BadInput, match="--hidden 1000000: a student of"):
         StudentConfig(hidden=10**6, heads=1)
     with pytest.raises(BadInput, match="--mask-epochs 100000000"):

@@ -207,10 +207,11 @@ def test_resume_rewrites_only_missing_shards_and_ends_byte_identical(client, tin
     assert other_seed["caches"][0]["path"] != info["path"]  # another setting, another cache
 
 
-def test_cli_runs_on_an_existing_scheduler_and_prints_json_last(client, tiny_teachers, tmp_path):
+def test_cli_runs_on_an_existing_scheduler_prints_json_last_and_replays_from_its_config(client, tiny_teachers, tmp_path):
     result = CliRunner().invoke(app, [
-        "cache-teachers", "--teacher", str(tiny_teachers["multi"]), "--corpus", "sample", "--out", str(tmp_path),
-        "--scheduler", client.scheduler.address, "--topk", "3", "--sides", "tgt", "--json",
+        "cache-teachers", "--teacher", str(tiny_teachers["multi"]), "--corpus", "sample", "--out", str(tmp_path / "a"),
+        "--scheduler", client.scheduler.address, "--topk", "3", "--sides", "tgt", "--whole-word", "--hidden-layers", "1",
+        "--json",
     ])
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -218,6 +219,19 @@ def test_cli_runs_on_an_existing_scheduler_and_prints_json_last(client, tiny_tea
     assert info["rows"] == 80 and info["masked"] > 0 and info["bytes"] > 0 and Path(info["path"]).is_dir()
     assert "shards 1/1" in result.stderr and "tokens/s" in result.stderr and "ETA" in result.stderr
     assert "cache: " + info["path"] in result.stdout
+    # The run's config.yaml replays it: the same cache, byte for byte, under another --out
+    config = Path(info["path"]) / "config.yaml"
+    replay = CliRunner().invoke(app, ["cache-teachers", "--config", str(config), "--out", str(tmp_path / "b"), "--json"])
+    assert replay.exit_code == 0, replay.stderr
+    [again] = json.loads(replay.stdout.strip().splitlines()[-1])["caches"]
+    assert Path(again["path"]).name == Path(info["path"]).name
+    assert cache_bytes(Path(again["path"])) == cache_bytes(Path(info["path"]))
+    # A flag given beside --config overrides the file: another setting, another cache
+    other = CliRunner().invoke(app, ["cache-teachers", "--config", str(config), "--out", str(tmp_path / "c"), "--topk", "2",
+                                     "--json"])
+    assert other.exit_code == 0, other.stderr
+    [changed] = json.loads(other.stdout.strip().splitlines()[-1])["caches"]
+    assert open_cache(changed["path"]).manifest["view"]["outputs"]["topk"] == 2
 
 
 def test_cli_bad_input_exits_2_with_one_paragraph(tmp_path):

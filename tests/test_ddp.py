@@ -27,7 +27,7 @@ import sys
 
 import pytest
 import torch
-from _ddp_train_proc import assert_same_metrics, train_kwargs, update_error, update_rtol
+from _ddp_train_proc import assert_same_metrics, train_options, update_error, update_rtol
 
 from xkd.pipeline import CacheTeachersOptions, cache_teachers
 from xkd.student.run import train_student
@@ -138,8 +138,8 @@ def runs(thread_client, tmp_path_factory):
         launch = torchrun(log_file, ROOT / "tests" / "_ddp_train_proc.py", spec)
     try:
         for name, run in runs.items():  # meanwhile, the one-process references
-            train_student(**train_kwargs(run, str(root / name / "single"), steps=STEPS, grad_accum=2, lr=LR))
-            train_student(**train_kwargs(run, str(root / name / "initial"), steps=1, grad_accum=1, lr=0.0))
+            train_student(train_options(run, str(root / name / "single"), steps=STEPS, grad_accum=2, lr=LR))
+            train_student(train_options(run, str(root / name / "initial"), steps=1, grad_accum=1, lr=0.0))
         launch.wait(timeout=900)
     finally:
         if launch.poll() is None:
@@ -173,7 +173,7 @@ def test_both_ranks_end_with_bitwise_equal_student_and_heads(runs, name):
     assert rank0["steps"] == rank1["steps"] == STEPS
     assert rank0["weights_sha256"] == rank1["weights_sha256"]
     # and what rank 0 saved is what it reported
-    from xkd.student.trainer import state_sha256
+    from xkd.student.checkpoints import state_sha256
 
     saved = final_state(runs[name] / "ddp")
     assert rank0["weights_sha256"] == {part: state_sha256(saved[part]) for part in ("model", "method")}

@@ -1,5 +1,5 @@
 """`xkd evaluate --mode classify|tag` and `xkd rdt` (issue 12) on the project's own toy task
-(xkd.toytask: single texts, sentence pairs, NER and POS tags in English and Spanish).
+(tests/toytask.py: single texts, sentence pairs, NER and POS tags in English and Spanish).
 
 What evaluate reports is checked against an independent computation: fine-tuned with a
 learning rate of 1e-12 the model is its initial self, so the test rebuilds it (the same seed
@@ -17,10 +17,10 @@ import torch
 from typer.testing import CliRunner
 
 from xkd.cli import app
-from xkd.metrics import bio_spans
-from xkd.toytask import write_toy_task
+from xkd.evaluation.metrics import bio_spans
 
 from conftest import VOCABS, build_tiny_bert
+from toytask import write_toy_task
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -210,12 +210,13 @@ def test_a_pair_student_is_evaluated_zero_shot_and_rdt_compares_it_with_its_teac
 
 
 def test_freeze_embeddings_keeps_the_embedding_layers_and_trains_the_rest(toy):
-    """seeds/003 fine-tunes with the embedding layers frozen: they end bit-identical, the
+    """Limitations of Knowledge Distillation for Zero-shot Transfer Learning (Soltan et al., 2021)
+    fine-tunes with the embedding layers frozen: they end bit-identical, the
     encoder and the head move."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from xkd.finetune import Recipe, TaskEncoder, fit
-    from xkd.tasks import read_tasks, task_labels
+    from xkd.evaluation.finetune import Recipe, TaskEncoder, fit
+    from xkd.evaluation.tasks import read_tasks, task_labels
 
     data = read_tasks([spec(toy, "pairs", "pairs", "en", "train")], "--train")
     labels = task_labels(data)
@@ -266,7 +267,7 @@ def test_hf_task_specs_read_a_datasets_dataset_with_its_split_and_tag_names(toy,
     DatasetDict saved to disk, its ClassLabel tag ids read back as names."""
     import datasets
 
-    from xkd.tasks import read_task
+    from xkd.evaluation.tasks import read_task
 
     sentences = [block.split("\n") for block in
                  open(f"{toy['dir']}/ner.en.test.conll", encoding="utf-8").read().strip().split("\n\n")]

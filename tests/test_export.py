@@ -20,15 +20,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from test_chart import decode_png
+from test_chart import decode_png, plot_box
 
 from xkd import load_vocab
-from xkd.chart import LINE_COLORS, SWATCH_WIDTH, line_chart_png
+from xkd.chart import LINE_COLORS
+from xkd.evaluation.bitext import evaluate_bitext, sentence_vectors
+from xkd.evaluation.students import load_student
 from xkd.student import export
-from xkd.student.evaluate import evaluate_bitext, load_student, sentence_vectors
-from xkd.student.models import StudentConfig
+from xkd.student.options import TrainStudentOptions
 from xkd.student.run import train_student
-from xkd.student.trainer import TrainConfig
 
 from conftest import ROOT, VOCABS, build_tiny_bert
 
@@ -94,10 +94,9 @@ def students(thread_client, tmp_path_factory):
     (leftover / "evaluation.json").write_text(json.dumps({"bitext:old": {"pairs": 1}}))
     out = {"root": root, "teacher": teacher, "vocab": str(root / "vocab"), "cache": cache}
     for name, (method, options, hidden) in STUDENTS.items():
-        train_student(method=method, caches=[cache], vocab_dir=out["vocab"], out=str(root / name),
-                      train=TrainConfig(out=str(root / name), steps=STEPS, log_every=1, lr=1e-3), batch_size=8,
-                      student=StudentConfig(hidden=hidden, layers=1, heads=2, dropout=0.0), method_options=options,
-                      overwrite=name == "tinybert2")
+        train_student(TrainStudentOptions(method=method, caches=[cache], vocab=out["vocab"], out=str(root / name),
+                                          steps=STEPS, log_every=1, lr=1e-3, batch_size=8, hidden=hidden, layers=1,
+                                          heads=2, dropout=0.0, method_options=options, overwrite=name == "tinybert2"))
         out[name] = root / name
     return out
 
@@ -283,7 +282,7 @@ def test_base_model_is_the_init_from_hub_id_and_yaml_scalars_read_back(tmp_path)
     local = build_tiny_bert(tmp_path / "local", VOCABS / "bert-base-uncased.vocab.txt", lowercase=True)
     assert export.base_model_id(str(local)) is None  # a local directory has no hub id
     meta = {"library_name": "transformers", "language": ["en", "no", "on", "zh-Hant"], "base_model": None,
-            "tags": ["xkd", "1.5"]}
+            "tags": ["xkd", "1.5"], "datasets": []}
     assert yaml.safe_load(export.front_matter(meta).strip().strip("-")) == {k: v for k, v in meta.items() if v}
 
 
@@ -305,7 +304,7 @@ def test_the_card_says_for_which_languages_autotokenizer_reproduces_training(stu
 
 
 def test_evaluate_records_its_results_in_the_student_and_its_card(students, tmp_path):
-    from xkd.downstream import TaskEvalOptions, evaluate_task
+    from xkd.evaluation.downstream import TaskEvalOptions, evaluate_task
 
     student = students["mean"]
     src, tgt = tmp_path / "toy.en", tmp_path / "toy.hi"
@@ -339,32 +338,13 @@ def test_every_run_draws_its_loss_curves(students):
         losses = [k for k in logged[0] if k not in ("step", "lr", "grad_norm", "lambda")]
         assert len(logged) == STEPS and "loss" in losses
         assert image.shape[1] > 560 and image.shape[0] >= 220
-        # One line per loss term, across the plot, left of its legend swatch: also where terms
+        # One line per loss term, across the plot (the legend is right of it): also where terms
         # coincide (mlm's loss is its mlm term; xd's loss lies between two close terms).
+        _, _, left, right = plot_box(image)
         for index, loss in enumerate(losses):
             columns = np.nonzero((image == LINE_COLORS[index]).all(axis=2))[1]
-            plotted = columns[columns < columns.max() - SWATCH_WIDTH - 10]
+            plotted = columns[(columns >= left) & (columns <= right)]
             assert plotted.size and plotted.max() - plotted.min() > 400, (name, loss)
-
-
-def test_a_line_chart_puts_each_point_where_its_value_says(tmp_path):
-    path = tmp_path / "chart.png"
-    line_chart_png(path, "t", {"up": ([0, 10], [0.0, 10.0]), "flat": ([0, 10], [5.0, 5.0])}, x_label="step", y_label="y")
-    image = decode_png(path)
-    up = np.argwhere((image == LINE_COLORS[0]).all(axis=2))
-    flat = np.argwhere((image == LINE_COLORS[1]).all(axis=2))
-    legend_left = up[:, 1].max() - 30  # the legend swatches sit right of the plot
-    up, flat = up[up[:, 1] < legend_left], flat[flat[:, 1] < legend_left]
-    # "up" rises left to right; "flat" is one row band halfway between the bottom and top of "up".
-    left, right = up[up[:, 1] == up[:, 1].min()], up[up[:, 1] == up[:, 1].max()]
-    assert left[:, 0].min() > right[:, 0].max()
-    bottom, top = up[:, 0].max(), up[:, 0].min()
-    assert flat[:, 0].max() - flat[:, 0].min() <= 2
-    assert abs(flat[:, 0].mean() - (bottom + top) / 2) <= 2
-    with pytest.raises(ValueError, match="finite"):
-        line_chart_png(path, "t", {"loss": ([1], [float("nan")])})
-    with pytest.raises(ValueError, match="no series"):
-        line_chart_png(path, "t", {})
 
 
 def test_sentence_files_are_removed_when_a_directory_holds_another_student(tmp_path):

@@ -155,7 +155,8 @@ def test_a_classifier_of_every_family_is_cached_as_it_computes(thread_client, te
         np.testing.assert_allclose(row["class_logits"][0], expected, rtol=2.0**-10, atol=1e-3)
 
 
-# Students whose vocabulary is their own (seeds/001: RoBERTa-family teachers, an mBERT
+# Students whose vocabulary is their own (as in Yang et al., 2022, Cross-Lingual Text Classification
+# with Multilingual Distillation and Zero-Shot-Aware Training: RoBERTa-family teachers, an mBERT
 # student). xd and multikd read text and teacher outputs only, so the vocab needs no teacher.
 
 EN = ["The team won the match yesterday.", "It rained all day in the city.", "She cooked rice with vegetables.",

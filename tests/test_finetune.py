@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 from xkd.cli import app
 from xkd.errors import BadInput
-from xkd.finetune import split_held_out
+from xkd.evaluation.finetune import split_held_out
+from xkd.evaluation.tasks import read_tasks, task_labels
 from xkd.names import parse_corpus
 from xkd.pipeline.corpus import Cleaning, plan_corpus
-from xkd.tasks import read_tasks, task_labels
 
 from conftest import ROOT, VOCABS, build_tiny_bert
 

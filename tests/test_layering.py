@@ -1,5 +1,6 @@
-"""tools/check_layers.py: the package imports along DESIGN.md's direction, and the check
-really catches each kind of import against it (planted in a copy of the package)."""
+"""tools/check_layers.py: the package imports along the direction of
+docs/design.md ("Packages and layering"), and the check really catches each kind of import
+against it (planted in a copy of the package)."""
 
 from __future__ import annotations
 
@@ -36,16 +37,22 @@ def test_each_rule_catches_a_planted_import(tmp_path):
     plant(package / "vocab" / "build.py", "from ..pipeline.corpus import read_corpus", in_function=True)
     plant(package / "vocab" / "union.py", "from xkd.student import run")
     plant(package / "student" / "methods" / "xd.py", "from ...pipeline import teachers", in_function=True)
-    plant(package / "downstream.py", "from .cli import app", in_function=True)
+    plant(package / "evaluation" / "downstream.py", "from ..cli import app", in_function=True)
+    plant(package / "student" / "export.py", "from ..evaluation import MODES", in_function=True)
+    plant(package / "evaluation" / "tasks.py", "from ..pipeline.corpus import plan_corpus", in_function=True)
+    plant(package / "readers.py", "from .names import parse_corpus", in_function=True)
     plant(package / "student" / "run.py", "from .. import cli")
     # allowed: storage's own modules and errors, a method importing the vocab and storage layers
     plant(package / "storage" / "view.py", "from ..errors import BadInput\nfrom . import shard")
     plant(package / "student" / "methods" / "mlm.py", "from ...vocab import load_vocab")
+    plant(package / "evaluation" / "finetune.py", "from ..pipeline.tokenize import load_tokenizer", in_function=True)
     r = check(package)
     assert r.returncode == 1
     lines = r.stdout.strip().split("\n")
     flagged = {line.split(":")[0].split("xkd/", 1)[1] for line in lines}
     assert flagged == {"storage/shard.py", "storage/reader.py", "names.py", "vocab/build.py", "vocab/union.py",
-                       "student/methods/xd.py", "downstream.py", "student/run.py"}, r.stdout
+                       "student/methods/xd.py", "evaluation/downstream.py", "student/run.py", "student/export.py",
+                       "evaluation/tasks.py", "readers.py"}, r.stdout
     assert any("nothing imports the CLI" in line for line in lines)
     assert any("a method never imports pipeline" in line for line in lines)
+    assert any("evaluation sits above xkd.student" in line for line in lines)

@@ -1,7 +1,8 @@
 """The MBLM student (xkd/student/mblm.py): equivalence with BERT when branches are copies,
-distinct branches and mixers against an independent implementation of seeds/001 eqs. 7-12
-(values and gradients), zero-shot-aware detaching, the mixers, save/load through the Auto
-classes, from_bert."""
+distinct branches and mixers against an independent implementation of eqs. 7-12
+of Cross-Lingual Text Classification with Multilingual Distillation and Zero-Shot-Aware
+Training (Yang et al., 2022) (values and gradients), zero-shot-aware detaching, the mixers,
+save/load through the Auto classes, from_bert."""
 
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def test_identical_branches_reproduce_bert_masked_lm():
     assert mblm.cls.predictions.decoder.weight is mblm.mblm.embeddings.word_embeddings.weight
 
 
-# (2) distinct branches against an independent implementation of seeds/001 eqs. 7-12 --------------
+# (2) distinct branches against an independent implementation of Yang et al. (2022) eqs. 7-12 -----
 #
 # The reference below is written from the paper, not from mblm.py. It reuses only plain BERT modules
 # of the model (the embeddings, one BertLayer per branch layer, the shared layers, the pooler's dense

@@ -1,4 +1,5 @@
-"""mmkd (seeds/000) and mlm's text source: offline == online for each objective, ablation
+"""mmkd (Multi-level Distillation of Semantic Knowledge for Pre-training Multilingual Language
+Model, Li et al., 2022) and mlm's text source: offline == online for each objective, ablation
 switches, deterministic TLM masking on both sides, word (not token) alignment across
 vocabularies, training through the CLI, and clear errors.
 

@@ -1,4 +1,5 @@
-"""multikd (seeds/001): one fine-tuned teacher per language, one language per batch, KD at
+"""multikd (Cross-Lingual Text Classification with Multilingual Distillation and Zero-Shot-Aware
+Training, Yang et al., 2022): one fine-tuned teacher per language, one language per batch, KD at
 tau = 8 equal to a direct computation from that language's teacher run now (offline ==
 online), the gold-label term only where labels exist, the MBLM student getting the batch's
 language, training end to end through the CLI, and clear errors.
@@ -23,7 +24,7 @@ from typer.testing import CliRunner
 from xkd import load_vocab, open_cache
 from xkd.cli import app
 from xkd.errors import BadInput
-from xkd.finetune import FinetuneOptions, finetune_teacher
+from xkd.evaluation.finetune import FinetuneOptions, finetune_teacher
 from xkd.pipeline import CacheTeachersOptions, cache_teachers
 from xkd.student.data import StreamConfig, StreamingDataset
 from xkd.student.methods import prepare

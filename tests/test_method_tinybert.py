@@ -194,6 +194,19 @@ def test_weights_and_the_gold_mlm_term(setup):
     assert not method.plan.attention and "attn.2" not in method.plan.dense
 
 
+def test_stage1_pred_at_temperature_2_is_tau_squared_times_the_soft_top_k_cross_entropy(setup):
+    """L_pred at τ = 2 from the batch's cached top-k and the student's logits, computed here:
+    τ² · −Σ_j softmax(z_T,top-k / τ)_j · log softmax(z_S / τ)_j, mean over masked positions."""
+    _, _, method, student, batch = prepared(setup, "stage1", temperature=2)
+    with torch.no_grad():
+        parts = method.losses(batch, student, step=0)
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    z_s = logits.reshape(-1, logits.shape[-1])[batch["masked_flat"]].double()
+    p = torch.softmax(batch["topk_logits"].double() / 2, -1)
+    expected = 4 * -(p * torch.log_softmax(z_s / 2, -1).gather(1, batch["topk_ids"])).sum(-1).mean()
+    assert float(parts["pred"]) == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_a_missing_hidden_layer_names_the_cache_teachers_option(setup):
     with pytest.raises(BadInput, match=r"--hidden-layers 0,1,3 --hidden-positions all"):
         prepared(setup, "stage1", layer_map="1:1,2:3")
@@ -250,7 +263,8 @@ def test_train_student_tinybert_stage2_distils_class_logits(setup, tmp_path):
         parts = method.losses(batch, student, step=0)
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     target = torch.softmax(batch["teacher_logits"] / 2, -1)
-    assert float(parts["pred"]) == pytest.approx(float(-(target * torch.log_softmax(logits / 2, -1)).sum(-1).mean()), rel=1e-5)
+    soft_ce = float(-(target * torch.log_softmax(logits / 2, -1)).sum(-1).mean())
+    assert float(parts["pred"]) == pytest.approx(2**2 * soft_ce, rel=1e-5)  # τ² (Hinton et al.), as in stage 1
     assert {"pred", "embedding", "hidden"} <= set(parts)
     common = ("--vocab", setup["vocab"], "--batch-size", 4, "--hidden", 24, "--layers", 2, "--heads", 2, "--device", "cpu")
     r = invoke("train-student", "--method", "tinybert", "--caches", setup["stage1"], "--out", tmp_path / "s1",
@@ -326,7 +340,8 @@ def test_attention_loss_uses_pre_dropout_maps_with_dropout_on(setup):
 
 
 def test_stage2_adds_the_gold_class_cross_entropy(setup, client, tmp_path):
-    """seeds/003 trains both stages with the standard cross-entropy on gold labels besides the
+    """Limitations of Knowledge Distillation for Zero-shot Transfer Learning (Soltan et al., 2021)
+    trains both stages with the standard cross-entropy on gold labels besides the
     distillation losses: in stage 2 on the task's class labels (rows without one skipped)."""
     labeled = cache_teachers(CacheTeachersOptions(teachers=[str(setup["root"] / "classifier")], out=str(tmp_path),
                                                   corpus=f"labeled:{TOY}/toy-en.tsv@en", class_logits=True,

@@ -1,4 +1,5 @@
-"""xd (seeds/002) with both targets: the loss from a cached batch equals the squared L2
+"""xd (XD: Cross-lingual Knowledge Distillation for Polyglot Sentence Embeddings, anonymous ICLR
+2020 submission) with both targets: the loss from a cached batch equals the squared L2
 distance to the teacher's outputs on the English sources run now (offline == online), a
 student initialised from the teacher reproduces it on English (the source term starts at
 zero), keep_source, training through the CLI, and clear errors.
@@ -21,7 +22,7 @@ from typer.testing import CliRunner
 
 from xkd import load_vocab, open_cache
 from xkd.cli import app
-from xkd.finetune import FinetuneOptions, finetune_teacher
+from xkd.evaluation.finetune import FinetuneOptions, finetune_teacher
 from xkd.student.data import StreamConfig, StreamingDataset
 from xkd.student.methods import prepare
 from xkd.student.models import Student, StudentConfig

@@ -1,11 +1,11 @@
-"""xkd.metrics on hand-worked examples: conlleval span rules, span F1 counts, token accuracy,
+"""xkd.evaluation.metrics on hand-worked examples: conlleval span rules, span F1 counts, token accuracy,
 and RDT with the sign MergeDistill's tables use."""
 
 from __future__ import annotations
 
 import pytest
 
-from xkd.metrics import bio_spans, is_bio, rdt, relative_deviation, span_f1, token_accuracy
+from xkd.evaluation.metrics import bio_spans, is_bio, rdt, relative_deviation, span_f1, token_accuracy
 
 
 def test_b_starts_a_span_and_o_closes_it():

@@ -374,3 +374,21 @@ def test_hf_labels_are_refused_as_a_labeled_file_with_the_same_labels_is(setup, 
         assert_refused(r.output, *names)
     assert not any((tmp_path / d).exists() for d in ("eval", "teacher", "caches"))
 
+
+
+@pytest.mark.parametrize("command", ["train-student", "cache-teachers"])
+@pytest.mark.parametrize("text, said", [
+    ("seed: 1\nno_such_option: 1\n", "'no_such_option' is not an option of this command"),
+    ("seed: ten\n", "seed: give a whole number, not 'ten'"),
+    ("- a list\n", "holds a list, not a mapping"),
+    ("seed: [1\n", "line 2: not YAML"),
+    (None, "cannot read it"),
+])
+def test_a_config_file_that_cannot_be_replayed_is_one_paragraph_naming_it(tmp_path, command, text, said):
+    config = tmp_path / "config.yaml"
+    if text is not None:
+        config.write_text(text)
+    r = invoke(command, "--config", config, "--out", tmp_path / "out")
+    assert r.exit_code == 2, r.output
+    assert f"--config {config}" in assert_refused(r.output, said)
+    assert not (tmp_path / "out").exists()

@@ -1,4 +1,4 @@
-"""xkd.toytask: the multilingual toy task (classify, pairs, NER, POS, parallel) xkd writes itself.
+"""tests/toytask.py: the multilingual toy task (classify, pairs, NER, POS, parallel) the project writes itself.
 
 The checks recompute what the files promise independently of the generator: topics from a
 keyword list built from the module's lexicon table, BIO validity, CoNLL layout, scripts.
@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from xkd import toytask
-
+import toytask
 from conftest import VOCABS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -296,7 +295,8 @@ def test_cli_runs(tmp_path):
     python = ROOT / ".venv" / "bin" / "python"
     python = python if python.exists() else Path(sys.executable)
     out = tmp_path / "cli"
-    proc = subprocess.run([str(python), "-m", "xkd.toytask", str(out), "--train", "12", "--test", "8", "--seed", "3"],
+    script = str(ROOT / "tests" / "toytask.py")
+    proc = subprocess.run([str(python), script, str(out), "--train", "12", "--test", "8", "--seed", "3"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().split("\n")
@@ -309,6 +309,6 @@ def test_cli_runs(tmp_path):
     assert (out / "classify.hi.train.tsv").read_text(encoding="utf-8").count("\n") == 12
     assert (out / "classify.en.train.tsv").read_bytes() == \
         Path(toytask.write_toy_task(tmp_path / "api", train=12, test=8, seed=3)["files"]["classify.en.train.tsv"]).read_bytes()
-    bad = subprocess.run([str(python), "-m", "xkd.toytask", str(tmp_path / "x"), "--langs", "fr"],
+    bad = subprocess.run([str(python), script, str(tmp_path / "x"), "--langs", "fr"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "langs" in bad.stderr

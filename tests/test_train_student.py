@@ -5,6 +5,7 @@ with different vocabularies (bert-base-uncased for English, mBERT for Hindi)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from xkd import load_vocab, open_cache
@@ -20,6 +22,7 @@ from xkd.cli import app
 from xkd.storage import CacheWriter, outputs_json, write_shard_files
 from xkd.storage.synthetic import synthetic_rows
 from xkd.student.data import StreamConfig, StreamingDataset
+from xkd.student.losses import distillation_cross_entropy
 from xkd.student.methods import prepare
 from xkd.student.models import Student, StudentConfig, build_student
 from xkd.vocab import build_vocab
@@ -114,6 +117,67 @@ def student_logp(student, batch):
         return masked_log_probs(student, batch)
 
 
+def reference_distillation(z_s, z_t, k, tau, target):
+    """τ² · mean over rows of −Σ_j p_j log q_j from the equations, in float64 Python arithmetic
+    over a small vocabulary: q = softmax(z_S / τ) over every token; p from the teacher's full
+    logits restricted to its top k (renormalised at τ), or its exact top-k probabilities plus
+    the tail mass 1 − Σ p_j against the student's mass outside the k tokens (τ = 1), or, with
+    k = the whole vocabulary, the full softmax."""
+    total = 0.0
+    for s_row, t_row in zip(z_s.tolist(), z_t.tolist()):
+        top = sorted(range(len(t_row)), key=lambda j: -t_row[j])[:k]
+        s_norm = sum(math.exp(v / tau) for v in s_row)
+        q = [math.exp(v / tau) / s_norm for v in s_row]
+        if target == "tail":
+            t_norm = sum(math.exp(v) for v in t_row)
+            p = {j: math.exp(t_row[j]) / t_norm for j in top}
+            tail_p, tail_q = 1 - sum(p.values()), 1 - sum(q[j] for j in top)
+            total -= sum(p[j] * math.log(q[j]) for j in top) + tail_p * math.log(tail_q)
+        else:
+            top_norm = sum(math.exp(t_row[j] / tau) for j in top)
+            total -= sum(math.exp(t_row[j] / tau) / top_norm * math.log(q[j]) for j in top)
+    return tau**2 * total / len(z_s)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_distillation_cross_entropy_equals_the_equations_over_a_small_vocabulary(tau):
+    """losses.distillation_cross_entropy, the KD term of mergedistill and tinybert, against the
+    equations computed here from full teacher logits (M = 5 positions, V = 12, k = 4)."""
+    generator = torch.Generator().manual_seed(7)
+    z_s, z_t = torch.randn(5, 12, generator=generator) * 2, torch.randn(5, 12, generator=generator) * 3
+    values, ids = z_t.topk(4, dim=-1)
+    got = float(distillation_cross_entropy(z_s, values, tau, topk_ids=ids))
+    assert got == pytest.approx(reference_distillation(z_s, z_t, 4, tau, "topk"), rel=1e-5)
+    # A classifier's logits (no ids): the full softmax, i.e. k = V.
+    assert float(distillation_cross_entropy(z_s, z_t, tau)) == pytest.approx(
+        reference_distillation(z_s, z_t, 12, tau, "topk"), rel=1e-5)
+    # The log-probabilities a method already has are reused at τ = 1 and ignored otherwise.
+    stale = torch.log_softmax(z_s, -1)
+    assert float(distillation_cross_entropy(z_s, values, tau, topk_ids=ids, student_logp=stale)) == pytest.approx(got, rel=1e-6)
+    lognorm = torch.logsumexp(z_t, -1)
+    if tau == 1.0:
+        tail = float(distillation_cross_entropy(z_s, values, tau, topk_ids=ids, lognorm=lognorm))
+        assert tail == pytest.approx(reference_distillation(z_s, z_t, 4, tau, "tail"), rel=1e-5)
+    else:
+        with pytest.raises(ValueError, match="τ = 1"):
+            distillation_cross_entropy(z_s, values, tau, topk_ids=ids, lognorm=lognorm)
+
+
+def test_mergedistill_at_temperature_2_is_tau_squared_times_the_soft_top_k_cross_entropy(setup):
+    vocab = load_vocab(setup["vocab"])
+    method = mergedistill(vocab, setup["caches"]["en"], lambda_schedule="constant", lambda_start=1.0, temperature=2)
+    _, batch = first_batch(setup["caches"]["en"], vocab, method, batch_size=4)
+    torch.manual_seed(3)
+    student = Student(build_student(TINY, vocab.size, vocab.pad_id).eval())
+    with torch.no_grad():
+        kd = float(method.losses(batch, student, step=0)["kd"])
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    z_s = logits.reshape(-1, logits.shape[-1])[batch["masked_flat"]].double()
+    p = torch.softmax(batch["topk_logits"].double() / 2, -1)
+    expected = 4 * -(p * torch.log_softmax(z_s / 2, -1).gather(1, batch["topk_ids"])).sum(-1).mean()
+    assert kd == pytest.approx(float(expected), rel=1e-5)
+
+
 @pytest.mark.parametrize("lam", [1.0, 0.3])
 def test_offline_equals_online_with_the_whole_vocabulary_as_k(setup, lam):
     """k = the teacher's whole vocabulary: the cached loss IS the full-softmax loss (up to
@@ -170,7 +234,8 @@ def test_tail_target_equals_the_coarsened_online_distribution(setup):
 
 
 def test_mergedistill_on_two_languages_and_two_teachers_equals_the_papers_loss(setup):
-    """L = λ·L_KD + (1−λ)·L_MLM (seeds/004) on one batch mixing English rows of one teacher
+    """L = λ·L_KD + (1−λ)·L_MLM (MergeDistill: Merging Pre-trained Language Models using
+    Distillation, Khanuja et al., 2021) on one batch mixing English rows of one teacher
     and Hindi rows of another, computed here from the cached rows and the student's full
     forward: no xkd loss code, and λ from the annealing formula at an inner step."""
     vocab = load_vocab(setup["vocab"])
@@ -275,19 +340,30 @@ def weights(path) -> dict:
     return AutoModelForMaskedLM.from_pretrained(path).state_dict()
 
 
-def test_stopped_and_resumed_run_ends_with_identical_weights(setup, tmp_path):
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    common = ("--dropout", 0.1, "--save-every", 4, "--seed", 3)
+def test_stopped_and_resumed_run_ends_with_identical_weights_and_its_config_replays_it(setup, tmp_path):
+    whole, split, replay = tmp_path / "whole", tmp_path / "split", tmp_path / "replay"
+    common = ("--dropout", 0.1, "--save-every", 4, "--seed", 3, "-o", "lambda_start=0.8")
     assert invoke(*train_args(setup, whole, 12, *common)).exit_code == 0
-    r = invoke(*train_args(setup, split, 12, *common, "--stop-after", 6))
+    r = invoke(*train_args(setup, split, 12, *common, "--stop-after", 5))
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in (split / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
-    r = invoke(*train_args(setup, split, 12, *common, "--resume"))
+    assert sorted(p.name for p in (split / "checkpoints").iterdir()) == ["step-00000004", "step-00000005"]
+    r = invoke(*train_args(setup, split, 12, *common, "--resume", "--workers", 1))
     assert r.exit_code == 0, r.output
     a, b = weights(whole), weights(split)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     lines = lambda p: [json.loads(l)["step"] for l in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert lines(split) == lines(whole)
+    # The run's config.yaml replays it byte for byte, and records the method's resolved options
+    r = invoke("train-student", "--config", split / "config.yaml", "--out", replay)
+    assert r.exit_code == 0, r.output
+    assert (replay / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    config = yaml.safe_load((replay / "config.yaml").read_text())
+    assert config["method_options"]["lambda_start"] == 0.8 and config["workers"] == 1 and "out" not in config
+    # A flag beside --config overrides the file's value
+    r = invoke("train-student", "--config", split / "config.yaml", "--out", tmp_path / "other", "--seed", 4)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "other" / "model.safetensors").read_bytes() != (whole / "model.safetensors").read_bytes()
+    assert yaml.safe_load((tmp_path / "other" / "config.yaml").read_text())["seed"] == 4
 
 
 def free_port() -> int:

@@ -1,5 +1,6 @@
-"""The workspace (xkd/workspace.py): the three commands of DESIGN.md work as typed, defaults
-are taken only when there is one candidate, and `xkd ls` shows what is there.
+"""The workspace (xkd/workspace.py): the three commands of docs/design.md
+("Command-line contract") work as typed, defaults are taken only when there is one candidate,
+and `xkd ls` shows what is there.
 
 The hub is unreachable here, so, as the issue allows, the corpus is given locally through
 XKD_OPUS_EN_HI and the teacher aliases are replaced by local teacher directories named like
@@ -170,6 +171,44 @@ def test_ambiguous_defaults_are_one_paragraph_listing_the_candidates(typed, tmp_
     assert sorted(summary["caches"]) == sorted(str(p) for p in (ws / "caches").iterdir())
     assert "matches no file" in error_paragraph(
         cli(["train-student", "--method", "mlm", "--caches", str(ws / "caches" / "nothing-*"), *tiny], work))
+
+
+def test_one_teacher_per_language_each_over_its_own_corpus_is_one_training_set(typed, tmp_path, thread_client):
+    """MergeDistill's own setup, typed with every default: an English teacher cached over an
+    English corpus, a Hindi one over a Hindi corpus. Their corpora cover different languages,
+    so train-student takes both caches; only a second corpus of a language one teacher already
+    has is a choice it asks for."""
+    home, _, _ = typed
+    teachers = home / "teachers"
+    work = tmp_path / "merge"
+    work.mkdir()
+    tatoeba = PARALLEL / "tatoeba"
+    (work / "wiki.en").write_text(first_lines(tatoeba / "tatoeba.hin-eng.eng", 16), encoding="utf-8")
+    (work / "wiki.hi").write_text(first_lines(tatoeba / "tatoeba.hin-eng.hin", 16), encoding="utf-8")
+    # --scheduler: the test's in-process dask worker, not a worker process per command (~20 s each)
+    scheduler = ["--scheduler", thread_client.scheduler.address]
+    for teacher, corpus in (("bert-base", "text:wiki.en@en"), ("muril", "text:wiki.hi@hi")):
+        r = cli(["cache-teachers", "--teacher", teachers / teacher, "--corpus", corpus, *scheduler], work)
+        assert r.exit_code == 0, r.output
+    r = cli(["build-vocab", "--teachers", teachers / "bert-base", teachers / "muril"], work)
+    assert r.exit_code == 0, r.output
+    tiny = ["--steps", "2", "--batch-size", "8", "--hidden", "32", "--layers", "1", "--heads", "2"]
+    r = cli(["train-student", "--method", "mergedistill", *tiny], work)
+    assert r.exit_code == 0, r.output
+    ws = work / "xkd-runs"
+    summary = json.loads((ws / "students" / "mergedistill-001" / "train_summary.json").read_text())
+    caches = sorted((ws / "caches").iterdir())
+    assert len(caches) == 2 and sorted((work / c).resolve() for c in summary["caches"]) == [c.resolve() for c in caches]
+    assert set(summary["languages"]) == {"en", "hi"}
+    assert Path(summary["vocab"]).resolve() == (ws / "vocabs" / "bert-base+muril").resolve()
+    # the Hindi teacher over a second Hindi corpus: which Hindi rows to learn from is the user's choice
+    (work / "news.hi").write_text(first_lines(tatoeba / "tatoeba.hin-eng.hin", 28).split("\n", 16)[16], encoding="utf-8")
+    r = cli(["cache-teachers", "--teacher", teachers / "muril", "--corpus", "text:news.hi@hi", *scheduler], work)
+    assert r.exit_code == 0, r.output
+    message = error_paragraph(cli(["train-student", "--method", "mergedistill", *tiny], work))
+    assert f"teacher {teachers / 'muril'}, language hi: 2 corpora" in message and "--caches DIR [DIR ...]" in message
+    assert "wiki.hi@hi" in message and "news.hi@hi" in message and "wiki.en@en" not in message
+    assert not (ws / "students" / "mergedistill-002").exists()
 
 
 def test_a_method_the_caches_cannot_serve_names_why(typed, tmp_path):

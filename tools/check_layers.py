@@ -1,14 +1,22 @@
-"""Fail when a module of xkd imports against DESIGN.md's direction.
+"""Fail when a module of xkd imports against the layering of docs/design.md.
 
     python tools/check_layers.py [PACKAGE_DIR]     # default: xkd/ next to this file's parent
 
 Dependencies point one way: cli -> pipeline/student -> vocab/storage, and pipeline and vocab
 -> names. Checked here, on every import statement (module level or inside a function, since
 lazy imports are still dependencies):
-- storage imports nothing of xkd but its errors;
-- names imports nothing of xkd but its errors;
+- errors and durable are leaves that every layer may import (durable imports nothing of xkd
+  but errors);
+- storage imports nothing of xkd but the leaves;
+- names imports nothing of xkd but the leaves and families;
+- families (the model family declarations) imports nothing of xkd but errors, so that names,
+  pipeline, vocab and student may all look a family up;
 - vocab imports neither pipeline nor student;
 - student/methods never imports pipeline (a method cannot load a teacher);
+- lines imports nothing of xkd, and readers (the reading rules the pipeline's corpora and
+  evaluation's task data share) nothing but errors and lines;
+- evaluation sits above vocab, pipeline and student (none of them imports it), and reads task
+  data through readers, never through the pipeline's corpus reader;
 - nothing imports cli.
 Exit 0 when clean; else 1, one line per offending import (file:line: what and which rule).
 """
@@ -21,14 +29,27 @@ from pathlib import Path
 
 PACKAGE = "xkd"
 
+# Below every layer: each may import them.
+LEAVES = ("xkd.errors", "xkd.durable")
+
 # (modules the rule applies to, the xkd modules they may not import, why)
 RULES = [
-    ("xkd.storage", lambda target: target != "xkd.errors", "storage imports nothing of xkd but xkd.errors"),
-    ("xkd.names", lambda target: target != "xkd.errors", "names imports nothing of xkd but xkd.errors"),
+    ("xkd.durable", lambda target: target != "xkd.errors", "durable imports nothing of xkd but xkd.errors"),
+    ("xkd.storage", lambda target: target not in LEAVES, "storage imports nothing of xkd but xkd.errors and xkd.durable"),
+    ("xkd.names", lambda target: target not in (*LEAVES, "xkd.families"),
+     "names imports nothing of xkd but xkd.errors, xkd.durable and xkd.families"),
+    ("xkd.families", lambda target: target != "xkd.errors", "families imports nothing of xkd but xkd.errors"),
     ("xkd.vocab", lambda target: target.startswith(("xkd.pipeline", "xkd.student")),
      "vocab sits below pipeline and student"),
     ("xkd.student.methods", lambda target: target.startswith("xkd.pipeline"),
      "a method never imports pipeline (it cannot load a teacher)"),
+    ("xkd.lines", lambda target: True, "lines imports nothing of xkd"),
+    ("xkd.readers", lambda target: target not in ("xkd.errors", "xkd.lines"),
+     "readers imports nothing of xkd but xkd.errors and xkd.lines"),
+    *((layer, lambda target: _within(target, "xkd.evaluation"), f"evaluation sits above {layer}: the CLI and the demo run it")
+      for layer in ("xkd.vocab", "xkd.pipeline", "xkd.student")),
+    ("xkd.evaluation", lambda target: _within(target, "xkd.pipeline.corpus"),
+     "evaluation reads task data through xkd.readers, not the pipeline's corpus reader"),
     ("xkd", lambda target: target == "xkd.cli", "nothing imports the CLI"),
 ]
 
@@ -90,9 +111,9 @@ def main(argv: list[str]) -> int:
     for line in found:
         print(line)
     if found:
-        print(f"{len(found)} import(s) against the layering of DESIGN.md (tools/check_layers.py).", file=sys.stderr)
+        print(f"{len(found)} import(s) against the layering of docs/design.md (tools/check_layers.py).", file=sys.stderr)
         return 1
-    print(f"layering: {sum(1 for _ in package_dir.rglob('*.py'))} modules of {package_dir} import along DESIGN.md's direction")
+    print(f"layering: {sum(1 for _ in package_dir.rglob('*.py'))} modules of {package_dir} import along docs/design.md's layers")
     return 0
 
 

@@ -1,6 +1,6 @@
 """xkd: cross-lingual knowledge distillation from cached teacher outputs.
 
-The public Python API (DESIGN.md): open_cache, load_vocab, remap, load_student_tokenizer.
+The public Python API (docs/design.md, "Python API"): open_cache, load_vocab, remap, load_student_tokenizer.
 Imported lazily so that `import xkd` stays light.
 """
 

@@ -7,18 +7,25 @@ failed) or 2 (bad usage or input); anything else is a bug and keeps its tracebac
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
+import inspect
 import json
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from .downstream import EVALUATE_RECIPE
 from .errors import XkdError, from_worker
+from .evaluation import FINE_TUNING, MODES as EVALUATE_MODES
+from .evaluation.downstream import EVALUATE_RECIPE
+from .pipeline.options import CacheTeachersOptions
 from .quiet import quiet_transformers_by_default
+from .student.options import STUDENT_SHAPE, TrainStudentOptions
 
 app = typer.Typer(
     add_completion=False,
@@ -159,12 +166,84 @@ def given_options(ctx: typer.Context) -> dict[str, str]:
 
 
 def refuse_unused(ctx: typer.Context, rules) -> None:
+    refuse_unused_values(ctx.params, given_options(ctx), rules)
+
+
+ConfigOpt = typer.Option(None, "--config", help="Replay a run: the config.yaml it wrote (options given here override the "
+                         "file's).")
+
+
+def _typer_type(tp):
+    """A field's type as typer takes it: List[...] for tuples and lists, Optional[...] for X | None."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (tuple, list):
+        return List[args[0]]
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        return Optional[_typer_type(inner[0])]
+    return tp
+
+
+def options_command(name: str, options_cls, rules=(), **cli_only):
+    """Register command `name` with one parameter per field of `options_cls` (xkd/options.py),
+    plus --config and the `cli_only` parameters (name: typer.Option). The decorated function
+    is called as fn(ctx, opts, given, **cli_only values): `opts` merges the field defaults,
+    the --config file and the flags typed, in that order; `given` maps what the user chose
+    (typed, or set in the file to other than the default) to its flag, for `rules`
+    (refuse_unused) and for options whose absence means something."""
+    from .options import FREE, as_field_type, declared, default_of, read_config
+
+    hints = typing.get_type_hints(options_cls)
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter("ctx", keyword, annotation=typer.Context)]
+    for f, spec in declared(options_cls):
+        default = None if spec.required else default_of(f)
+        default = list(default) if isinstance(default, (tuple, dict)) else default
+        params.append(inspect.Parameter(f.name, keyword, annotation=spec.typed_as or _typer_type(hints[f.name]),
+                                        default=typer.Option(default, *spec.flags, help=spec.help + (
+                                            " May change on --resume." if spec.resume == FREE else ""))))
+    params.append(inspect.Parameter("config", keyword, annotation=Optional[Path], default=ConfigOpt))
+    params += [inspect.Parameter(k, keyword, annotation=Optional[Path] if opt.default is None else type(opt.default),
+                                 default=opt) for k, opt in cli_only.items()]
+
+    def decorate(body):
+        def command(ctx: typer.Context, **kwargs):
+            typed = given_options(ctx)
+            values = {f.name: default_of(f) for f, _ in declared(options_cls)}
+            from_file = read_config(kwargs["config"], options_cls) if kwargs["config"] else {}
+            values.update(from_file)
+            for f, spec in declared(options_cls):
+                if f.name in typed:
+                    value = kwargs[f.name]
+                    values[f.name] = spec.parse(value, spec.flag) if spec.parse else as_field_type(value, hints[f.name],
+                                                                                                     spec.flag)
+            flags = {f.name: spec.flag for f, spec in declared(options_cls)}
+            given = {**{k: flags[k] for k, v in from_file.items() if v != _default(options_cls, k)}, **typed}
+            refuse_unused_values(values, given, rules)
+            return body(ctx, options_cls(**values), given, **{k: kwargs[k] for k in cli_only})
+
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        command.__name__, command.__doc__ = body.__name__, body.__doc__
+        app.command(name)(user_errors(command))
+        return body
+
+    return decorate
+
+
+def _default(options_cls, name: str):
+    from .options import default_of
+
+    return next(default_of(f) for f in dataclasses.fields(options_cls) if f.name == name)
+
+
+def refuse_unused_values(values: dict, given: dict[str, str], rules) -> None:
+    """refuse_unused over values already merged (defaults, --config file, flags)."""
     from .errors import BadInput
 
-    given = given_options(ctx)
     for option, ignored, why in rules:
-        if option in given and ignored(ctx.params, given):
-            raise BadInput(f"{given[option]} {why(ctx.params) if callable(why) else why}")
+        if option in given and ignored(values, given):
+            raise BadInput(f"{given[option]} {why(values) if callable(why) else why}")
 
 
 def _workspace_unused(defaults: tuple[str, ...]):
@@ -244,79 +323,15 @@ CACHE_TEACHERS_UNUSED = (
 )
 
 
-@app.command("cache-teachers")
-@user_errors
-def cache_teachers_cmd(
-    ctx: typer.Context,
-    teacher: List[str] = typer.Option(..., "--teacher", help="Alias (bert-base, mbert, muril, xlmr, minilm), HF model id or "
-        "model dir; repeat for several."),
-    corpus: str = typer.Option(..., "--corpus", help="A corpus name (sample, opus-en-hi) or spec: text:PATH@LANG, "
-        "labeled:PATH@LANG (text<TAB>label), parallel:SRC@L1,TGT@L2, tsv:PATH@L1,L2, hf:DATASET[:CONFIG]."),
-    out: Optional[str] = typer.Option(None, "--out", help="Cache root, a directory or an object-store URL (s3://bucket/prefix): "
-        "each teacher's cache is OUT/<teacher>-<key> (default: the workspace's caches/)."),
-    corpus_files: Optional[str] = typer.Option(None, "--corpus-files", help="Read a named hub corpus from local files: SRC,TGT "
-        "or one TSV (e.g. opus-en-hi offline)."),
-    split: str = typer.Option("train", "--split", help="Split of an hf: dataset."),
-    topk: Optional[int] = typer.Option(None, "--topk", help="Store the top-k logits and log-normaliser at masked positions "
-        "(masked LMs; default 8; 0: off)."),
-    mask_prob: Optional[float] = typer.Option(None, "--mask-prob", help="Masking probability (default 0.15 for masked LMs, 0 "
-        "otherwise)."),
-    no_mask: bool = typer.Option(False, "--no-mask", help="Teachers see unmasked text (same as --mask-prob 0)."),
-    whole_word: bool = typer.Option(False, "--whole-word", help="Mask whole words."),
-    mask_epochs: int = typer.Option(1, "--mask-epochs", help="Cache this many maskings of each example."),
-    seed: int = typer.Option(0, "--seed", help="Masking seed."),
-    max_length: int = typer.Option(128, "--max-length", help="Tokens per row, special tokens included."),
-    hidden_layers: Optional[str] = typer.Option(None, "--hidden-layers", help="Store hidden states of these layers, e.g. 0,6,12 "
-        "(0: embeddings)."),
-    hidden_positions: str = typer.Option("all", "--hidden-positions", help="all | word (first sub-token of each word) | cls."),
-    attention_layers: Optional[str] = typer.Option(None, "--attention-layers", help="Store the attention probabilities of these "
-        "layers (1-based): per token, each head's probabilities over the row's real keys (TinyBERT; large)."),
-    sentence: Optional[str] = typer.Option(None, "--sentence", help="Sentence vectors to store: cls,pooled (pooled follows the "
-        "model's pooling config; default for encoders; 'none': none)."),
-    class_logits: Optional[bool] = typer.Option(None, "--class-logits/--no-class-logits", help="Store class logits (default on "
-        "for sequence classifiers)."),
-    output: List[str] = typer.Option([], "--output", help="Store an output kind registered in xkd/pipeline/outputs.py that has "
-        "no option of its own (repeatable; docs/pipeline.md, \"Adding an output kind\")."),
-    sides: str = typer.Option("both", "--sides", help="Parallel corpora: which sides the teacher runs on: src | tgt | both."),
-    text: bool = typer.Option(True, "--text/--no-text", help="Store each row's raw text and its pair's text."),
-    min_tokens: int = typer.Option(0, "--min-tokens", help="Keep records whose every side has at least this many whitespace "
-        "tokens (MMKD: 10)."),
-    max_tokens: int = typer.Option(0, "--max-tokens", help="... and at most this many (MMKD: 128; 0: no bound)."),
-    max_pairs: int = typer.Option(0, "--max-pairs", help="Cap the examples of the corpus (one language pair) to the first N "
-        "kept (0: no cap)."),
-    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip and count invalid UTF-8 or malformed lines "
-        "instead of stopping."),
-    shard_size: int = typer.Option(2048, "--shard-size", help="Examples per shard (the unit of work, retry and resume)."),
-    token_budget: int = typer.Option(16384, "--token-budget", help="Padded tokens per batch (rows x longest row; "
-        "length-bucketed)."),
-    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (fp16 on CUDA, fp32 on CPU) | fp16 | bf16 | fp32."),
-    scheduler: str = typer.Option("local", "--scheduler", help="local (a LocalCluster) or a dask scheduler address "
-        "tcp://host:port."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Local workers (default: one per GPU, else 1)."),
-    cpu_threads: Optional[int] = typer.Option(None, "--cpu-threads", help="Torch threads per worker on CPU (default: cores / "
-        "local workers)."),
-    workspace: Optional[Path] = WorkspaceOpt,
-    as_json: bool = JsonOpt,
-):
+@options_command("cache-teachers", CacheTeachersOptions, CACHE_TEACHERS_UNUSED, workspace=WorkspaceOpt, as_json=JsonOpt)
+def cache_teachers_cmd(ctx, opts, given, workspace, as_json):
     """Run teachers over a corpus once and cache what students learn from (resumable)."""
-    refuse_unused(ctx, CACHE_TEACHERS_UNUSED)
-    from .pipeline import CacheTeachersOptions, cache_teachers, format_summary
-    from .pipeline.run import Interrupted, parse_list
+    from .pipeline import cache_teachers, format_summary
+    from .pipeline.run import Interrupted
     from .workspace import Workspace
 
-    out = out or Workspace.find(workspace).caches
-    opts = CacheTeachersOptions(
-        teachers=list(teacher), corpus=corpus, out=str(out), corpus_files=corpus_files, split=split, topk=topk,
-        mask_prob=0.0 if no_mask else mask_prob, whole_word=whole_word, mask_epochs=mask_epochs, seed=seed,
-        max_length=max_length, hidden_layers=parse_list(hidden_layers, "--hidden-layers", cast=int),
-        hidden_positions=hidden_positions, attention_layers=parse_list(attention_layers, "--attention-layers", cast=int),
-        sentence=None if sentence is None else parse_list("" if sentence == "none" else sentence, "--sentence",
-                                                          ("cls", "pooled")),
-        class_logits=class_logits, extra_outputs=tuple(output), sides=sides, text=text, min_tokens=min_tokens,
-        max_tokens=max_tokens,
-        max_pairs=max_pairs, skip_bad_lines=skip_bad_lines, shard_size=shard_size, token_budget=token_budget,
-        dtype=dtype, scheduler=scheduler, workers=workers, cpu_threads=cpu_threads,
-    )
+    if "out" not in given:
+        opts = dataclasses.replace(opts, out=str(Workspace.find(workspace).caches))
     try:
         result = cache_teachers(opts)
     except Interrupted as e:  # Ctrl-C: one line saying what was kept, not an error
@@ -386,14 +401,13 @@ def remap_cmd(
 
 
 # With --init-from the student is the checkpoint, its shape and dropout included.
-_STUDENT_SHAPE = ("hidden", "layers", "heads", "embedding_dim", "dropout", "architecture")
 TRAIN_STUDENT_UNUSED = (
     ("init_teacher", lambda v, g: "init_from" not in g,
      "says which vocab teacher --init-from is, and --init-from is not given: give --init-from CHECKPOINT too, or "
      "leave --init-teacher out."),
     *((name, lambda v, g: "init_from" in g,
        f"shapes a random student, but --init-from starts from a checkpoint and keeps its shape, architecture and "
-       f"dropout: leave --{name.replace('_', '-')} out, or leave --init-from out.") for name in _STUDENT_SHAPE),
+       f"dropout: leave --{name.replace('_', '-')} out, or leave --init-from out.") for name in STUDENT_SHAPE),
     ("stop_after", lambda v, g: 1 <= v["steps"] <= v["stop_after"],
      lambda v: f"{v['stop_after']} leaves after that many steps of this run, and --steps {v['steps']} ends the run "
                "first, so it changes nothing: leave --stop-after out, or give fewer steps than --steps."),
@@ -410,125 +424,38 @@ TRAIN_STUDENT_UNUSED = (
 )
 
 
-@app.command("train-student")
-@user_errors
-def train_student_cmd(
-    ctx: typer.Context,
-    method: str = typer.Option(..., "--method", help="Distillation method (see `xkd methods`)."),
-    caches: List[str] = typer.Option([], "--caches", help="Caches to learn from, directories or URLs (s3://...): several after "
-        "one --caches, globs, or repeat it (default: the workspace caches the method can use, when they are one corpus)."),
-    vocab: Optional[Path] = typer.Option(None, "--vocab", help="Vocab dir from `xkd build-vocab` over the caches' teachers "
-        "(default: the workspace vocab covering them, built if missing)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output dir: the student (HF format), checkpoints, metrics. New or "
-        "empty, unless --resume or --overwrite (default: the workspace's students/<method>-NNN)."),
-    steps: int = typer.Option(1000, "--steps"),
-    batch_size: int = typer.Option(32, "--batch-size", help="Examples per batch (per rank)."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="Batches per optimiser step."),
-    lr: float = typer.Option(5e-4, "--lr"),
-    warmup: float = typer.Option(0.1, "--warmup", help="Warm-up: a fraction of --steps (<1) or a step count."),
-    weight_decay: float = typer.Option(0.01, "--weight-decay"),
-    clip: float = typer.Option(1.0, "--clip", help="Gradient-norm clipping (0: off)."),
-    seed: int = typer.Option(0, "--seed"),
-    save_every: int = typer.Option(0, "--save-every", help="Checkpoint every N steps (0: only at the end)."),
-    log_every: int = typer.Option(10, "--log-every"),
-    amp: str = typer.Option("auto", "--amp", help="auto | off | bf16 | fp16 (auto: autocast on CUDA only)."),
-    workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out (made with the same "
-        "options; only --workers, --stop-after, --save-every, --log-every, --keep-checkpoints and --device may change)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in a non-empty --out: its checkpoints and "
-        "metrics are removed first."),
-    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Keep the newest N checkpoints (resume falls back past a "
-        "damaged one)."),
-    stop_after: int = typer.Option(0, "--stop-after", help="Leave after N steps of this run, with a checkpoint (time-limited "
-        "jobs; continue with --resume)."),
-    alpha: float = typer.Option(0.7, "--alpha", help="Language smoothing: sample language l with q ∝ p_l^alpha."),
-    copies: str = typer.Option("all", "--copies", help="Several teachers per example: all | best (lowest teacher loss)."),
-    hidden: int = typer.Option(256, "--hidden", help="Student hidden size."),
-    layers: int = typer.Option(4, "--layers"),
-    heads: int = typer.Option(4, "--heads"),
-    embedding_dim: int = typer.Option(0, "--embedding-dim", help="Reduced embedding size (0: = --hidden)."),
-    dropout: float = typer.Option(0.1, "--dropout"),
-    architecture: str = typer.Option("bert", "--architecture", help="Random student: bert | xlm-roberta (XLM-R: positions from "
-        "the union's pad id, one token type). --init-from keeps the checkpoint's."),
-    init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from this checkpoint (teacher alias or dir) "
-        "through the union-vocab embedding initialisation."),
-    init_teacher: Optional[str] = typer.Option(None, "--init-teacher", help="Which vocab teacher --init-from is (default: the "
-        "same name)."),
-    option: List[str] = typer.Option([], "--option", "-o", help="The method's own options, KEY=VALUE (repeatable; `xkd methods` "
-        "lists them, e.g. -o lambda_start=0.9 -o temperature=2)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda if available)."),
-    allow_incomplete: bool = AllowIncompleteOpt,
-    cache_dir: Optional[Path] = CacheDirOpt,
-    cache_size: str = CacheSizeOpt,
-    workspace: Optional[Path] = WorkspaceOpt,
-    as_json: bool = JsonOpt,
-):
+@options_command("train-student", TrainStudentOptions, TRAIN_STUDENT_UNUSED, workspace=WorkspaceOpt, as_json=JsonOpt)
+def train_student_cmd(ctx, opts, given, workspace, as_json):
     """Train a student from cached teacher outputs, with any registered method."""
-    refuse_unused(ctx, TRAIN_STUDENT_UNUSED)
-    given = given_options(ctx)
-    from .student.models import StudentConfig
     from .student.run import train_student
-    from .student.trainer import TrainConfig
     from .workspace import Workspace, default_caches, default_vocab, expand_cache_paths, remove_if_empty
 
-    method_options = parse_key_values(option)
-    student = StudentConfig(hidden=hidden, layers=layers, heads=heads, embedding_dim=embedding_dim, dropout=dropout,
-                            architecture=architecture)
-    caches = expand_cache_paths([str(c) for c in caches])
-    if not (caches and vocab and out):
+    opts = dataclasses.replace(opts, caches=expand_cache_paths(list(opts.caches)))
+    if not (opts.caches and opts.vocab and opts.out):
         ws = Workspace.find(workspace)
         say = lambda msg: typer.echo(f"train-student: {msg}", err=True)  # noqa: E731
-        if resume and out is None:
+        if opts.resume and opts.out is None:
             from .errors import BadInput
 
             raise BadInput("--resume continues a run: give its directory with --out (`xkd ls` lists the students).")
-        if not caches:
-            caches = default_caches(ws, method, method_options, student, allow_incomplete)
-            say("--caches (workspace): " + " ".join(caches))
-        if vocab is None:
-            vocab = Path(default_vocab(ws, caches, say))
-            say(f"--vocab (workspace): {vocab}")
-        if out is None:
-            out = ws.new_student_dir(method)
-            say(f"--out (workspace): {out}")
-            ctx.call_on_close(functools.partial(remove_if_empty, out))  # a run refused before writing leaves no husk
-    result = train_student(
-        method=method, caches=list(caches), vocab_dir=str(vocab), out=str(out),
-        train=TrainConfig(out=str(out), steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay,
-                          grad_accum=grad_accum, clip=clip, save_every=save_every, log_every=log_every,
-                          seed=seed, amp=amp, num_workers=workers, stop_after=stop_after,
-                          keep_checkpoints=keep_checkpoints),
-        batch_size=batch_size,
-        student=student,
-        # None: not given, so a cache set that cannot use it (one language, one cache per corpus) is no error
-        init_from=init_from, init_teacher=init_teacher, alpha=alpha if "alpha" in given else None,
-        copies=copies if "copies" in given else None,
-        method_options=method_options, resume=resume, overwrite=overwrite, device=device, allow_incomplete=allow_incomplete,
-        fetch=remote_fetch(caches, cache_dir, cache_size),
-    )
+        if not opts.caches:
+            opts = dataclasses.replace(opts, caches=default_caches(ws, opts.method, opts.method_options,
+                                                                   opts.student_config(), opts.allow_incomplete))
+            say("--caches (workspace): " + " ".join(opts.caches))
+        if opts.vocab is None:
+            opts = dataclasses.replace(opts, vocab=str(default_vocab(ws, list(opts.caches), say)))
+            say(f"--vocab (workspace): {opts.vocab}")
+        if opts.out is None:
+            opts = dataclasses.replace(opts, out=str(ws.new_student_dir(opts.method)))
+            say(f"--out (workspace): {opts.out}")
+            ctx.call_on_close(functools.partial(remove_if_empty, Path(opts.out)))  # a run refused before writing: no husk
+    result = train_student(opts, fetch=remote_fetch(list(opts.caches), opts.cache_dir, opts.cache_size))
     if as_json:
         emit_json(result)
     else:
         done = f"{result['steps']} of {result['steps_total']}" if result["partial"] else str(result["steps"])
-        typer.echo(f"trained {method} for {done} steps in {result['seconds']}s; final "
-                   + ", ".join(f"{k} {v:.4g}" for k, v in result["final"].items()) + f"\nstudent: {out}")
-
-
-def parse_key_values(items: List[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            from .errors import BadInput
-
-            raise BadInput(f"--option {item!r} must be KEY=VALUE, e.g. --option xwcl=false")
-        key = key.strip().replace("-", "_")
-        if key in out:
-            from .errors import BadInput
-
-            raise BadInput(f"--option {key} is given twice ({out[key]!r} and {value!r}); give it once.")
-        out[key] = value
-    return out
+        typer.echo(f"trained {opts.method} for {done} steps in {result['seconds']}s; final "
+                   + ", ".join(f"{k} {v:.4g}" for k, v in result["final"].items()) + f"\nstudent: {opts.out}")
 
 
 METHODS_UNUSED = (("name", lambda v, g: v["markdown"],
@@ -554,30 +481,18 @@ def methods_cmd(
     typer.echo("\n\n".join(describe(n) for n in names))
 
 
-# The options each evaluate mode reads (MODEL, --mode and --json: every mode). mlm and bitext
-# run on the CPU, so --device is classify/tag's only.
-_FINE_TUNING = ("train", "seeds", "seed", "epochs", "lr", "warmup", "weight_decay", "freeze_embeddings")
-EVALUATE_MODE_OPTIONS = {
-    "mlm": {"vocab", "caches", "batch_size", "max_rows", "allow_incomplete", "cache_dir", "cache_size"},
-    "bitext": {"vocab", "src", "tgt", "init_from", "pooling", "batch_size", "max_rows"},
-    "classify": {"vocab", "test", "max_length", "out", "device", "batch_size", "as_is", *_FINE_TUNING},
-    "tag": {"vocab", "test", "max_length", "out", "device", "batch_size", "as_is", *_FINE_TUNING},
-}
-
-
 def _modes_reading(option: str) -> str:
-    return " or ".join(m for m, used in EVALUATE_MODE_OPTIONS.items() if option in used)
+    return " or ".join(name for name, mode in EVALUATE_MODES.items() if option in mode.options)
 
 
 EVALUATE_UNUSED = (
-    *((option, lambda v, g, option=option: v["mode"] in EVALUATE_MODE_OPTIONS
-       and option not in EVALUATE_MODE_OPTIONS[v["mode"]] | {"model", "mode", "as_json"},
+    *((option, lambda v, g, option=option: v["mode"] in EVALUATE_MODES and option not in EVALUATE_MODES[v["mode"]].options,
        lambda v, option=option: f"is not used by --mode {v['mode']} (only --mode {_modes_reading(option)} reads it): "
        f"leave it out, or give --mode {_modes_reading(option).split(' or ')[0]}.")
-      for option in sorted(set().union(*EVALUATE_MODE_OPTIONS.values()))),
+      for option in sorted(set().union(*(mode.options for mode in EVALUATE_MODES.values())))),
     *((option, lambda v, g: v["as_is"],
        "is a fine-tuning option, and --as-is scores MODEL's own head without fine-tuning: leave one of them out.")
-      for option in _FINE_TUNING if option not in ("train", "seeds")),  # TaskEvalOptions refuses these two itself
+      for option in FINE_TUNING if option not in ("train", "seeds")),  # TaskEvalOptions refuses these two itself
     _remote_only("cache_dir"), _remote_only("cache_size"),
 )
 
@@ -588,9 +503,7 @@ def evaluate_cmd(
     ctx: typer.Context,
     model: Optional[str] = typer.Argument(None, help="A trained student (the --out of train-student); classify/tag: any Hugging "
         "Face encoder directory (or an alias found offline, e.g. minilm)."),
-    mode: str = typer.Option("mlm", "--mode", help="mlm (loss, accuracy, KL to teachers) | bitext (retrieval accuracy) | "
-        "classify (fine-tune and score sequence classification, zero-shot across languages) | tag (the same for CoNLL tagging: "
-        "span F1 or accuracy)."),
+    mode: str = typer.Option("mlm", "--mode", help=" | ".join(f"{name} ({m.help})" for name, m in EVALUATE_MODES.items()) + "."),
     vocab: Optional[Path] = typer.Option(None, "--vocab", help="The vocab dir the student was trained with (default: the one "
         "its train_summary.json names)."),
     caches: List[str] = typer.Option([], "--caches", help="mlm mode: held-out caches, directories or URLs (one teacher each; "
@@ -616,7 +529,7 @@ def evaluate_cmd(
     max_length: int = typer.Option(EVALUATE_RECIPE.max_length, "--max-length", help="classify/tag: tokens per example, special "
         "tokens included."),
     freeze_embeddings: bool = typer.Option(False, "--freeze-embeddings", help="classify/tag: keep the embedding layers fixed "
-        "while fine-tuning (seeds/003)."),
+        "while fine-tuning (as in Soltan et al. 2021)."),
     as_is: bool = typer.Option(False, "--as-is", help="classify/tag: score MODEL's own classification head, no fine-tuning (a "
         "distilled task student: xd, multikd, tinybert stage 2)."),
     out: Optional[Path] = typer.Option(None, "--out", help="classify/tag: where results.json and the PNG chart go (default: "
@@ -634,65 +547,15 @@ def evaluate_cmd(
     yardstick: fine-tune on one language's task data and score every language (docs/evaluation.md)."""
     from .errors import BadInput
 
-    if mode not in EVALUATE_MODE_OPTIONS:
-        raise BadInput(f"--mode must be one of {', '.join(EVALUATE_MODE_OPTIONS)}, not {mode!r}.")
+    if mode not in EVALUATE_MODES:
+        raise BadInput(f"--mode must be one of {', '.join(EVALUATE_MODES)}, not {mode!r}.")
     refuse_unused(ctx, EVALUATE_UNUSED)
-    if mode in ("classify", "tag"):
-        from .downstream import TaskEvalOptions, evaluate_task, format_result
-        from .finetune import Recipe
-
-        if model is None:
-            raise BadInput(f"--mode {mode} needs MODEL: a Hugging Face encoder directory (a student, a teacher, ...).")
-        recipe = Recipe(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, warmup=warmup,
-                        weight_decay=weight_decay, freeze_embeddings=freeze_embeddings)
-        result = evaluate_task(TaskEvalOptions(str(model), mode, list(train), list(test), recipe, seeds, seed,
-                                               str(vocab) if vocab else None, str(out) if out else None, device, as_is))
-        typer.echo(format_result(result))
-        if as_json:
-            emit_json(result)
-        return
-    if model is None and (mode == "mlm" or init_from is None):
-        raise BadInput(f"--mode {mode} needs MODEL: a trained student (the --out of train-student)"
-                       + (", or --init-from TEACHER for the student before training." if mode == "bitext" else "."))
-    if model is not None and vocab is None and not Path(model).is_dir():  # else: "needs --vocab", about the wrong thing
-        raise BadInput(f"MODEL {model}: {'is not a directory' if Path(model).exists() else 'does not exist'}; --mode "
-                       f"{mode} evaluates a trained student: give its directory (the --out of train-student).")
-    if vocab is None and model is not None:
-        from .workspace import trained_vocab
-
-        vocab = trained_vocab(model)
-    if vocab is None and model is None:
-        raise BadInput("--init-from needs --vocab: the union vocab the student is made over (xkd build-vocab).")
-    if vocab is None:
-        raise BadInput(f"--mode {mode} needs --vocab: the vocab dir the student was trained with (an xkd student's "
-                       "train_summary.json names it; this MODEL's does not, or its vocab has moved).")
-    if mode == "bitext":
-        from .student.evaluate import evaluate_bitext
-
-        if not src or not tgt:
-            raise BadInput("--mode bitext needs --src PATH@LANG and --tgt PATH@LANG.")
-        result = evaluate_bitext(str(model) if model else None, str(vocab), src, tgt, init_from, pooling, max_rows,
-                                 batch_size=batch_size)
-        emit_json(result) if as_json else typer.echo(
-            "  ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("accuracy")) + f"  ({result['pairs']} pairs)")
-        return
-    if not caches:
-        raise BadInput("--mode mlm needs at least one --caches: held-out caches of the student's teachers.")
-    from .student.evaluate import evaluate_mlm
-    from .workspace import expand_cache_paths
-
-    held_out = expand_cache_paths([str(c) for c in caches])
-    result = evaluate_mlm(str(model), held_out, str(vocab), batch_size, max_rows, allow_incomplete,
-                          fetch=remote_fetch(held_out, cache_dir, cache_size))
+    chosen = EVALUATE_MODES[mode]
+    result, text = chosen.run({**ctx.params, "fetch_for": lambda held_out: remote_fetch(held_out, cache_dir, cache_size)})
+    if chosen.text_with_json or not as_json:
+        typer.echo(text)
     if as_json:
         emit_json(result)
-        return
-    for r in result["per_cache"]:
-        typer.echo(f"{r['teacher']:<24} positions {r['masked_positions']:>8,}  mlm loss {r['mlm_loss']:.4f}  "
-                   f"acc {r['accuracy']:.4f} (teacher {r['teacher_accuracy']:.4f})  KL to teacher {r['kl_to_teacher']:.4f}")
-    if result["mlm_accuracy_deviation_percent"] is not None:
-        typer.echo(f"MLM accuracy deviation from teachers {result['mlm_accuracy_deviation_percent']:+.2f}% "
-                   "(positive: student better; MergeDistill's RDT is on task scores: xkd rdt)")
 
 
 @app.command("rdt")
@@ -702,13 +565,13 @@ def rdt_cmd(
         "printed, or its results.json; several files (one per language) are merged."),
     teacher: List[str] = typer.Option(..., "--teacher", help="A teacher's evaluation on the same task, FILE or FILE@LANG,LANG "
         "(only those languages: a monolingual teacher). Repeatable."),
-    metric: Optional[str] = typer.Option(None, "--metric", help="The score to compare (default: the one the evaluations report)."
-        "The score to compare (default: the one the evaluations report)."),
+    metric: Optional[str] = typer.Option(None, "--metric",
+                                         help="The score to compare (default: the one the evaluations report)."),
     as_json: bool = JsonOpt,
 ):
     """MergeDistill's RDT (relative deviation from teachers, Eq. 3) per language on task scores: positive when the
     student is better."""
-    from .downstream import format_rdt, rdt_from_files
+    from .evaluation.rdt import format_rdt, rdt_from_files
 
     result = rdt_from_files(list(student), list(teacher), metric)
     typer.echo(format_rdt(result))
@@ -729,13 +592,14 @@ def finetune_teacher_cmd(
     max_length: int = typer.Option(128, "--max-length", help="Tokens per example, special tokens included."),
     held_out: float = typer.Option(0.2, "--held-out", help="Fraction of each file kept out of training and scored (0: none)."),
     seed: int = typer.Option(0, "--seed"),
-    freeze_embeddings: bool = typer.Option(False, "--freeze-embeddings", help="Keep the embedding layers fixed (seeds/003)."),
+    freeze_embeddings: bool = typer.Option(False, "--freeze-embeddings", help="Keep the embedding layers fixed (as in "
+        "Soltan et al. 2021)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda if available)."),
     as_json: bool = JsonOpt,
 ):
     """Fine-tune a Hugging Face sequence classifier on labelled texts or sentence pairs: a classifier teacher for xd,
     multikd and tinybert stage 2."""
-    from .finetune import FinetuneOptions, finetune_teacher, format_summary
+    from .evaluation.finetune import FinetuneOptions, finetune_teacher, format_summary
 
     summary = finetune_teacher(FinetuneOptions(
         base=base, data=list(data), out=str(out), epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,

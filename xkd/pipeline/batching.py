@@ -1,4 +1,4 @@
-"""Length-bucketed batches under a token budget (DESIGN.md, "Stage one", step 3).
+"""Length-bucketed batches under a token budget (docs/design.md, "Stage one", step 3).
 
 A shard's rows are sorted by length and cut greedily so that rows x longest row (the padded
 size the teacher computes on) stays within the budget. Sorting makes each batch's rows

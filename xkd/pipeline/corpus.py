@@ -1,4 +1,4 @@
-"""Corpus readers, cleaning and sharding (DESIGN.md, "Stage one", step 1).
+"""Corpus readers, cleaning and sharding (docs/design.md, "Stage one", step 1).
 
 A corpus is read as a sequence of records in file order. Record i has position i (its
 0-based line number, or its row index in a `datasets` dataset), and its example id IS that
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import re
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -28,6 +27,18 @@ from typing import Iterator
 from ..errors import BadInput
 from ..lines import strip_line_end
 from ..names import CorpusSpec, language_code, normalize_language
+from ..readers import (
+    cell_text,
+    check_columns,
+    check_label,
+    class_id,
+    class_names,
+    dataset_class_id,
+    dataset_class_names,
+    load_hf_dataset,
+    not_text,
+    tab_fields,
+)
 from ..storage.shard import sha256_file
 
 SAMPLE_FILE = "sample.en-hi.tsv"
@@ -197,14 +208,9 @@ class Source:
         if self.kind == "pairs":
             return self._decode_pairs(position, cursor, texts)
         if split_tab:
-            fields = texts[0].split("\t")
-            if len(fields) != 2:
-                what = "text<TAB>label" if self.kind == "labeled" else "source<TAB>target"
-                detail = (
-                    f"{self.paths[0]}, line {position + 1}: expected 2 tab-separated fields "
-                    f"({what}), found {len(fields)}"
-                )
-                return Record(position, cursor, None, "malformed", detail)
+            fields, problem = tab_fields(texts[0], (2,), "text<TAB>label" if self.kind == "labeled" else "source<TAB>target")
+            if problem:
+                return Record(position, cursor, None, "malformed", f"{self.paths[0]}, line {position + 1}: {problem}")
             if self.kind == "labeled":
                 label = class_id(fields[1].strip(), self.label_names, f"{self.paths[0]}, line {position + 1}")
                 return Record(position, cursor, (fields[0].strip(),), label=label)
@@ -216,11 +222,9 @@ class Source:
         parallel pair corpus must be the first file's (the translation keeps the label)."""
         firsts, seconds, labels = [], [], []
         for path, line in zip(self.paths, lines):
-            fields = line.split("\t")
-            if len(fields) not in (2, 3):
-                detail = (f"{path}, line {position + 1}: expected 2 or 3 tab-separated fields (text_a<TAB>text_b"
-                          f"[<TAB>label]), found {len(fields)}")
-                return Record(position, cursor, None, "malformed", detail)
+            fields, problem = tab_fields(line, (2, 3), "text_a<TAB>text_b[<TAB>label]")
+            if problem:
+                return Record(position, cursor, None, "malformed", f"{path}, line {position + 1}: {problem}")
             firsts.append(fields[0].strip())
             seconds.append(fields[1].strip())
             labels.append(check_label(fields[2].strip(), f"{path}, line {position + 1}") if len(fields) == 3 else None)
@@ -246,7 +250,7 @@ class Source:
 
     @cached_property
     def _dataset(self):
-        return load_hf_dataset(self.dataset, self.config, self.split, self.spec)
+        return load_hf_dataset(self.dataset, self.config, self.split, f"--corpus {self.spec!r}")
 
     @cached_property
     def _columns(self) -> tuple[str, tuple[str, ...]]:
@@ -255,10 +259,7 @@ class Source:
         ds = self._dataset
         names = ds.column_names
         if self.columns:
-            missing = [c for c in (*self.columns, self.label_column) if c and c not in names]
-            if missing:
-                raise BadInput(f"--corpus {self.spec!r}: the dataset has no column {missing[0]!r}; its columns are "
-                               f"{names}.")
+            check_columns(ds, (*self.columns, self.label_column), f"--corpus {self.spec!r}")
             return "columns", self.columns
         if "translation" in names:
             first = ds[0]["translation"] if len(ds) else {}
@@ -302,33 +303,21 @@ class Source:
                 if mode == "translation":
                     pair = batch["translation"][j] or {}
                     if not isinstance(pair, dict):
-                        raise self._not_text("translation", position, pair, "a {language: text} object")
-                    texts = tuple(self._text(pair.get(lang), f"translation.{lang}", position) for lang in cols)
+                        raise not_text(self._where("translation", position), pair, "a {language: text} object")
+                    texts = tuple(cell_text(pair.get(lang), self._where(f"translation.{lang}", position)) for lang in cols)
                 else:
-                    texts = tuple(self._text(batch[c][j], c, position) for c in cols)
+                    texts = tuple(cell_text(batch[c][j], self._where(c, position)) for c in cols)
                 label = batch[label_column][j] if label_column else -1
-                label = hf_class_id(label, self.label_names, f"--corpus {self.spec!r}, column {label_column!r}, row {position}")
+                label = dataset_class_id(label, self.label_names,
+                                         f"--corpus {self.spec!r}, column {label_column!r}, row {position}")
                 if pairs:
                     yield Record(position, Cursor(position), texts[:1], label=label, texts_b=texts[1:])
                 else:
                     yield Record(position, Cursor(position), texts, label=label)
 
 
-    def _text(self, value, column: str, position: int) -> str:
-        if value is None:
-            return ""  # a missing value: an empty text, skipped and counted as such
-        if not isinstance(value, str):
-            raise self._not_text(column, position, value, "text")
-        return value.strip()
-
-    def _not_text(self, column: str, position: int, value, wanted: str) -> BadInput:
-        shown = repr(value)
-        shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        return BadInput(
-            f"--corpus {self.spec!r}: column {column!r}, row {position} holds {type(value).__name__} {shown}, not "
-            f"{wanted}. xkd reads the text columns as strings: write the texts as strings in the file, or name the "
-            "text column(s) in the spec, e.g. hf:FILE?text=COLUMN."
-        )
+    def _where(self, column: str, position: int) -> str:
+        return f"--corpus {self.spec!r}: column {column!r}, row {position}"
 
 
 def _keys_for(langs: tuple[str, ...], available) -> tuple[str, ...] | None:
@@ -339,59 +328,7 @@ def _keys_for(langs: tuple[str, ...], available) -> tuple[str, ...] | None:
     return None if any(k is None for k in keys) else keys
 
 
-def load_hf_dataset(dataset: str, config: str, split: str, spec: str):
-    """A local file (json, jsonl, csv, parquet), a directory written by save_to_disk, or a hub
-    dataset (online, or already in the datasets cache)."""
-    import datasets
-
-    path = Path(dataset).expanduser()
-    try:
-        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise BadInput(f"--corpus {spec!r}: no split {split!r}; it has {sorted(ds)} (use --split).")
-                ds = ds[split]
-            return ds
-        if path.is_file():
-            builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(path.suffix.lstrip("."))
-            if builder is None:
-                raise BadInput(f"--corpus {spec!r}: {path} is not a .json, .jsonl, .csv or .parquet file.")
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
-        return datasets.load_dataset(dataset, config or None, split=split)
-    except BadInput:
-        raise
-    except Exception as e:  # the datasets library raises many types; all mean "cannot load"
-        raise BadInput(f"--corpus {spec!r}: the dataset cannot be loaded ({type(e).__name__}: {e}).") from None
-
-
 # Labeled files -------------------------------------------------------------------------
-
-
-_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
-# The cache stores class ids as int32 (the class_label column); -1 means "no label".
-MAX_CLASS_ID = 2**31 - 1
-
-
-def _too_large(label: str | int, where: str) -> BadInput:
-    return BadInput(f"{where}: label {label} is not a usable class id: class ids are 0, 1, ... up to at most "
-                    f"{MAX_CLASS_ID:,} (the cache stores them as 32-bit integers). Labels are class names or ids of "
-                    "a classification task; regression targets are not supported.")
-
-
-def check_label(label: str, where: str) -> str:
-    """A label as written in a labeled file: a class name, or a class id (an integer >= 0)."""
-    if not label:
-        raise BadInput(f"{where}: the label (after the tab) is empty. Each line is text<TAB>label, the label "
-                       "a class name (e.g. sports) or a class id (0, 1, ...).")
-    if label.isdigit():
-        if int(label) > MAX_CLASS_ID:
-            raise _too_large(label, where)
-        return str(int(label))
-    if _NUMBER.fullmatch(label):
-        raise BadInput(f"{where}: label {label!r} is a number but not a class id (an integer >= 0). Labels are "
-                       "class names (e.g. sports) or class ids 0, 1, ...; regression targets are not supported.")
-    return label
 
 
 def label_names_of(path: str, spec: str, n_fields: int = 2) -> tuple[tuple[str, ...], str]:
@@ -411,69 +348,7 @@ def label_names_of(path: str, spec: str, n_fields: int = 2) -> tuple[tuple[str, 
                 continue
             if len(fields) == n_fields:
                 names.add(check_label(fields[-1].strip(), f"{path}, line {number}"))
-    return class_names(names, path, spec), digest.hexdigest()
-
-
-def class_names(labels: set[str], where: str, spec: str) -> tuple[str, ...]:
-    """The class names of a corpus's labels (each as check_label returns it), sorted: class
-    id i is names[i]; () when every label is a class id. A mix of both is refused, whether
-    the labels come from a labeled file or a dataset's column: "1" in a column of names
-    would silently become class 0."""
-    ids = {n for n in labels if n.isdigit()}
-    if ids and ids != labels:
-        raise BadInput(
-            f"--corpus {spec!r}: {where} mixes class ids ({', '.join(sorted(ids, key=int)[:3])}) and class names "
-            f"({', '.join(sorted(labels - ids)[:3])}) as labels. Use one kind: names (sports, food, ...; class id = "
-            "position in sorted order) or ids 0, 1, ...."
-        )
-    return () if ids else tuple(sorted(labels))
-
-
-def class_id(label: str, label_names: tuple[str, ...], where: str) -> int:
-    label = check_label(label, where)
-    if not label_names:
-        return int(label)
-    try:
-        return label_names.index(label)
-    except ValueError:
-        raise BadInput(f"{where}: label {label!r} was not in the file when it was planned "
-                       f"({', '.join(label_names)}); the file changed. Re-run the command.") from None
-
-
-def hf_class_id(value, label_names: tuple[str, ...], where: str) -> int:
-    """A dataset's label as a class id: a class name or id written as text, an integer, or a
-    float that is one (JSON readers give 2.0 for 2); None or -1 for no label."""
-    if value is None:
-        return -1
-    if isinstance(value, str):  # a string column: class names (or ids written as text)
-        return class_id(value.strip(), label_names, where)
-    number = int(value) if isinstance(value, float) and value.is_integer() else value
-    if not isinstance(number, int):  # bool is an int: False/True are classes 0/1
-        raise BadInput(f"{where}: label {value!r} ({type(value).__name__}) is not a class id (an integer >= 0) or a "
-                       "class name; regression targets and multi-label lists are not supported.")
-    if number < -1 or number > MAX_CLASS_ID:
-        raise _too_large(value, where)
-    return int(number)
-
-
-def hf_class_names(source: Source) -> tuple[str, ...]:
-    """A dataset's class names in class-id order: a ClassLabel column's, or the sorted values
-    of a string label column (class names, as in labeled files); () for integer ids."""
-    if not source.label_field:
-        return ()
-    feature = source._dataset.features.get(source.label_field)
-    if getattr(feature, "names", None):
-        return tuple(feature.names)
-    where = f"--corpus {source.spec!r}, column {source.label_field!r}"
-    if str(getattr(feature, "dtype", "")).startswith("float"):
-        # A CSV column of ids with a gap reads as floats; 2.5 is no class id (int() would make it 2).
-        fraction = next((v for v in source._dataset[source.label_field] if v is not None and v == v and v % 1), None)
-        if fraction is not None:
-            check_label(str(fraction), where)  # refuses it, as the same label in a labeled file
-    if getattr(feature, "dtype", "") not in ("string", "large_string"):
-        return ()
-    values = {check_label(str(v).strip(), where) for v in source._dataset[source.label_field] if v is not None}
-    return class_names(values, f"the dataset's column {source.label_field!r}", source.spec)
+    return class_names(names, f"--corpus {spec!r}: {path}"), digest.hexdigest()
 
 
 def source_for(spec: CorpusSpec, split: str = "train") -> Source:
@@ -485,7 +360,7 @@ def source_for(spec: CorpusSpec, split: str = "train") -> Source:
         source = Source("hf", spec.langs, dataset=spec.dataset, config=spec.config, split=split, spec=spec.spec,
                         columns=tuple(spec.options.get("columns", ())), label_column=spec.options.get("label", ""))
         source.langs = source.resolve_hf_langs()
-        source.label_names = hf_class_names(source)
+        source.label_names = dataset_class_names(source._dataset, source.label_field, f"--corpus {source.spec!r}")
         return source
     if spec.kind in ("labeled", "pairs"):
         names, digest = label_names_of(spec.paths[0], spec.spec, n_fields=3 if spec.kind == "pairs" else 2)

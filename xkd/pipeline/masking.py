@@ -1,4 +1,4 @@
-"""Deterministic BERT masking (DESIGN.md, "Stage one", step 2).
+"""Deterministic BERT masking (docs/design.md, "Stage one", step 2).
 
 The masks of a row depend only on (seed, example id, side, mask epoch) and the row's tokens,
 never on the shard, the batch or the worker, so a retried or resumed shard masks exactly as

@@ -53,7 +53,8 @@ class OutputKind:
     arrays: Callable[["Outputs", "TeacherSpec"], list[DenseSpec]]
     produce: Callable[[Forward, "Outputs"], dict]
     check: Callable[["Outputs", "TeacherSpec"], "str | None"] = lambda outputs, teacher: None
-    command: Callable[[dict], list[str]] = lambda recorded: []  # from the view's recorded outputs
+    # The cache-teachers options (field: value) that ask for it again, from the view's recorded outputs
+    options: Callable[[dict], dict] = lambda recorded: {}
     hidden_states: bool = False  # the forward pass must return every layer's states
     attentions: bool = False  # ... every layer's attention probabilities (eager attention)
     help: str = ""
@@ -101,18 +102,17 @@ def _hidden_check(outputs: "Outputs", teacher: "TeacherSpec") -> str | None:
     return f"--hidden-layers {bad}: teacher {teacher.name!r} has layers 0 (embeddings) to {teacher.num_layers}." if bad else None
 
 
-def _hidden_command(recorded: dict) -> list[str]:
+def _hidden_options(recorded: dict) -> dict:
     if not recorded.get("hidden_layers"):
-        return []
-    return ["--hidden-layers", ",".join(map(str, recorded["hidden_layers"])),
-            "--hidden-positions", str(recorded.get("hidden_positions") or "all")]
+        return {}
+    return {"hidden_layers": tuple(recorded["hidden_layers"]), "hidden_positions": recorded.get("hidden_positions") or "all"}
 
 
 HIDDEN = register(OutputKind(
     "hidden", wanted=lambda o: bool(o.hidden_layers),
     arrays=lambda o, t: [DenseSpec(f"hidden.{layer}", HIDDEN_POSITIONS[o.hidden_positions], t.hidden_size)
                          for layer in o.hidden_layers],
-    produce=_hidden_produce, check=_hidden_check, command=_hidden_command, hidden_states=True,
+    produce=_hidden_produce, check=_hidden_check, options=_hidden_options, hidden_states=True,
     help="hidden states of --hidden-layers at --hidden-positions"))
 
 
@@ -142,7 +142,7 @@ ATTENTION = register(OutputKind(
     arrays=lambda o, t: [DenseSpec(f"attn.{layer}", "token", t.num_heads * o.attention_keys, layout="keys",
                                    heads=t.num_heads) for layer in o.attention_layers],
     produce=_attention_produce, check=_attention_check, attentions=True,
-    command=lambda r: ["--attention-layers", ",".join(map(str, r["attention_layers"]))] if r.get("attention_layers") else [],
+    options=lambda r: {"attention_layers": tuple(r["attention_layers"])} if r.get("attention_layers") else {},
     help="attention probabilities of --attention-layers"))
 
 
@@ -151,7 +151,7 @@ SENTENCE = register(OutputKind(
     arrays=lambda o, t: [DenseSpec(name, "row", t.hidden_size) for name in o.sentence],
     produce=lambda f, o: {name: f.base.last_hidden_state[:, 0] if name == "cls" else f.pool(f.base, f.attention)
                           for name in o.sentence},
-    command=lambda r: ["--sentence", ",".join(r["sentence"]) or "none"] if "sentence" in r else [],
+    options=lambda r: {"sentence": tuple(r["sentence"])} if "sentence" in r else {},
     help="sentence vectors: [CLS] and the teacher's pooling (--sentence)"))
 
 
@@ -162,7 +162,7 @@ CLASS_LOGITS = register(OutputKind(
     check=lambda o, t: None if t.kind == "classifier" else (
         f"teacher {t.name!r} is not a sequence classifier (no …ForSequenceClassification in its config.json), so it "
         "has no class logits. Drop --class-logits for it."),
-    command=lambda r: (["--class-logits" if r["class_logits"] else "--no-class-logits"] if "class_logits" in r else []),
+    options=lambda r: {"class_logits": bool(r["class_logits"])} if "class_logits" in r else {},
     help="a classifier's class logits (--class-logits)"))
 
 BUILT_IN = frozenset(KINDS)

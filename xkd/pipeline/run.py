@@ -29,64 +29,28 @@ from typing import TextIO
 
 from ..errors import BadInput, XkdError
 from ..names import parse_corpus, resolve_teacher
-from ..options import check_memory, check_number, machine_memory, size_in_words
+from ..options import check_memory, check_number, command_line, config_yaml, machine_memory, size_in_words
 from ..storage import CacheWriter, cache_key, outputs_json, read_manifest
-from ..storage.manifest import MAX_MASK_EPOCHS, MAX_SHARDS
+from ..storage.manifest import MAX_SHARDS
 from ..storage.remote import RemoteUnavailable, is_url, join, location
 from ..storage.untrusted import refuse_out_inside_other_output
 from .corpus import Cleaning, CorpusPlan, plan_corpus
 from .masking import MaskConfig
-from .outputs import HIDDEN_POSITIONS, KINDS, SENTENCE_VECTORS, extra_kinds
+from .options import CacheTeachersOptions
+from .outputs import KINDS, SENTENCE_VECTORS, extra_kinds
 from .teachers import (
-    DTYPES,
     Outputs,
     TeacherLoadFailed,
     TeacherSpec,
     describe_teacher,
     resolve_compute,
 )
-from .work import SIDES, ShardTask, View, process_shard
+from .work import ShardTask, View, process_shard
 
 DEFAULT_TOPK = 8
+CONFIG_FILE = "config.yaml"
 DEFAULT_MASK_PROB = 0.15
 TASK_RETRIES = 2
-
-
-@dataclass
-class CacheTeachersOptions:
-    """The command's options. None means "by teacher kind": masked LMs get top-k (k=8) and
-    15% masking; encoders get [CLS] and pooled vectors and no masking; classifiers get class
-    logits and no masking."""
-
-    teachers: list[str]
-    corpus: str
-    out: str = "caches"
-    corpus_files: str | None = None
-    split: str = "train"
-    topk: int | None = None
-    mask_prob: float | None = None
-    whole_word: bool = False
-    mask_epochs: int = 1
-    seed: int = 0
-    max_length: int = 128
-    hidden_layers: tuple[int, ...] = ()
-    hidden_positions: str = "all"
-    attention_layers: tuple[int, ...] = ()
-    sentence: tuple[str, ...] | None = None
-    class_logits: bool | None = None
-    extra_outputs: tuple[str, ...] = ()  # kinds registered without options of their own (--output NAME)
-    sides: str = "both"
-    text: bool = True
-    min_tokens: int = 0
-    max_tokens: int = 0
-    max_pairs: int = 0
-    skip_bad_lines: bool = False
-    shard_size: int = 2048
-    token_budget: int = 16384
-    dtype: str = "auto"
-    scheduler: str = "local"
-    workers: int | None = None
-    cpu_threads: int | None = None  # torch threads per worker on CPU (None: cores / local workers)
 
 
 class _InterruptedSyncNoise(logging.Filter):
@@ -112,26 +76,6 @@ class Interrupted(XkdError):
     exit_code = 130
 
 
-# Torch threads per worker on another scheduler's machines, whose cores the client cannot count:
-# more than any one machine has (a huge count dies in every worker's allocator).
-MAX_CPU_THREADS = 4096
-# Every numeric option: (field, low, high, hint); all whole numbers but --mask-prob. Checked
-# on the client before anything is read or started, so a bad value never reaches a worker.
-NUMERIC_OPTIONS = (
-    ("topk", 0, None, "top logits kept per masked position; 0: none"),
-    ("mask_epochs", 1, MAX_MASK_EPOCHS, "a row's mask epoch is stored as uint16"),
-    ("seed", 0, 2**63 - 1, ""),
-    ("max_length", 3, 65535, "tokens per row, specials included"),
-    ("min_tokens", 0, None, "0: no lower bound"),
-    ("max_tokens", 0, None, "0: no upper bound"),
-    ("max_pairs", 0, None, "0: no cap"),
-    ("shard_size", 1, None, "examples per shard"),
-    ("token_budget", 1, None, "padded tokens per batch"),
-    ("workers", 1, None, "local worker processes; leave it out for the default"),
-    ("cpu_threads", 1, MAX_CPU_THREADS, "torch threads per worker; leave it out for the default"),
-)
-
-
 def check_options(opts: "CacheTeachersOptions") -> None:
     """Refuse every unusable option value, naming the option and what to give instead. The
     CLI's parser already refuses text for a number; the Python API gets the same checks."""
@@ -140,26 +84,11 @@ def check_options(opts: "CacheTeachersOptions") -> None:
         known = ", ".join(extra_kinds()) or "none is registered"
         raise BadInput(f"--output {unknown[0]}: no such output kind (kinds taken with --output: {known}; hidden states, "
                        "attention, sentence vectors and class logits have options of their own: see --help).")
-    if opts.mask_prob is not None:
-        check_number("--mask-prob", opts.mask_prob, low=0, high=1, high_open=True, hint="e.g. 0.15; 0: no masking")
-    for name, low, high, hint in NUMERIC_OPTIONS:
-        if getattr(opts, name) is not None:
-            check_number("--" + name.replace("_", "-"), getattr(opts, name), low=low, high=high, whole=True, hint=hint)
     if opts.cpu_threads is not None and opts.scheduler == "local":
         # More torch threads than cores only contend, and 1,000,000 killed every worker with a
         # MemoryError (a thread pool that size): a local cluster's workers share this machine's cores.
         check_number("--cpu-threads", opts.cpu_threads, low=1, high=usable_cpus(), whole=True,
                      hint=f"this machine has {usable_cpus()} usable cores; leave it out to share them among the workers")
-    choices = (("sides", "--sides", SIDES), ("hidden_positions", "--hidden-positions", tuple(HIDDEN_POSITIONS)),
-               ("dtype", "--dtype", DTYPES))
-    for name, option, allowed in choices:
-        if getattr(opts, name) not in allowed:
-            raise BadInput(f"{option} must be one of {', '.join(allowed)}, not {getattr(opts, name)!r}.")
-    # Layer numbers: their range depends on the teacher (TeacherSpec.check_outputs says which).
-    for option, layers in (("--hidden-layers", opts.hidden_layers), ("--attention-layers", opts.attention_layers)):
-        bad = [v for v in layers if not isinstance(v, int) or isinstance(v, bool)]
-        if bad:
-            raise BadInput(f"{option} {bad}: layers are whole numbers, e.g. {option} 3,6.")
     if not is_url(opts.out):
         refuse_out_inside_other_output(Path(opts.out), "--out")
     check_implied_memory(opts)
@@ -210,27 +139,10 @@ def teacher_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.") or "teacher"
 
 
-def parse_list(value: str | None, option: str, allowed=None, cast=str) -> tuple:
-    if value is None or value == "":
-        return ()
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    try:
-        items = [cast(v) for v in items]
-    except ValueError:
-        raise BadInput(f"{option} {value!r}: give a comma-separated list, e.g. {option} 3,6.") from None
-    if allowed is not None and (bad := [v for v in items if v not in allowed]):
-        raise BadInput(f"{option}: {bad} not allowed; choose from {', '.join(allowed)}.")
-    return tuple(dict.fromkeys(items))
-
-
 def outputs_for(spec: TeacherSpec, opts: CacheTeachersOptions) -> Outputs:
     topk = DEFAULT_TOPK if opts.topk is None and spec.kind == "mlm" else (opts.topk or 0)
-    if topk < 0:
-        raise BadInput(f"--topk must be >= 0, not {topk}.")
     sentence = opts.sentence if opts.sentence is not None else (SENTENCE_VECTORS if spec.kind == "encoder" else ())
     class_logits = opts.class_logits if opts.class_logits is not None else spec.kind == "classifier"
-    if opts.hidden_positions not in HIDDEN_POSITIONS:
-        raise BadInput(f"--hidden-positions must be one of {', '.join(HIDDEN_POSITIONS)}, not {opts.hidden_positions!r}.")
     attention_layers = tuple(sorted(opts.attention_layers))
     outputs = Outputs(topk, tuple(sorted(opts.hidden_layers)), opts.hidden_positions, tuple(sentence), class_logits,
                       attention_layers, opts.max_length if attention_layers else 0, tuple(sorted(set(opts.extra_outputs))))
@@ -257,43 +169,26 @@ def made_by(meta: dict) -> list[str]:
     corpus, view = meta.get("corpus") or {}, meta.get("view") or {}
     if not teacher or not corpus.get("spec") or not view:
         return []
-    args = ["xkd", "cache-teachers", "--teacher", str(teacher), "--corpus", str(corpus["spec"])]
-    if ":" not in str(corpus["spec"]) and corpus.get("kind") not in ("hf", "sample") and corpus.get("paths"):
-        args += ["--corpus-files", ",".join(map(str, corpus["paths"]))]  # a named corpus read from local files
-    if corpus.get("split"):
-        args += ["--split", str(corpus["split"])]
     mask, outputs, cleaning = view.get("mask") or {}, view.get("outputs") or {}, view.get("cleaning") or {}
-    if "shard_size" in view:
-        args += ["--shard-size", str(view["shard_size"])]
-    if "max_length" in view:
-        args += ["--max-length", str(view["max_length"])]
-    if "prob" in mask:
-        args += ["--mask-prob", str(mask["prob"])]
-    if mask.get("whole_word"):
-        args += ["--whole-word"]
-    if mask.get("epochs", 1) != 1:
-        args += ["--mask-epochs", str(mask["epochs"])]
-    if mask.get("seed", 0) != 0:
-        args += ["--seed", str(mask["seed"])]
-    if "topk" in outputs:
-        args += ["--topk", str(outputs["topk"])]
-    for kind in KINDS.values():  # each dense output kind says how it is asked for (outputs.py)
-        args += kind.command(outputs)
-    for name in outputs.get("extra") or ():
-        args += ["--output", str(name)]
     sides = view.get("sides") or []
-    if "mono" not in sides and sides:
-        args += ["--sides", "both" if len(sides) == 2 else str(sides[0])]
-    if view.get("text") is False:
-        args += ["--no-text"]
-    for name in ("min_tokens", "max_tokens", "max_pairs"):
-        if cleaning.get(name):
-            args += [f"--{name.replace('_', '-')}", str(cleaning[name])]
-    if cleaning.get("skip_bad_lines"):
-        args += ["--skip-bad-lines"]
-    if view.get("compute_dtype"):
-        args += ["--dtype", str(view["compute_dtype"])]
-    return args
+    values = {
+        "teachers": (str(teacher),), "corpus": str(corpus["spec"]),
+        # a named corpus read from local files
+        "corpus_files": ",".join(map(str, corpus["paths"])) if ":" not in str(corpus["spec"]) and corpus.get("kind")
+        not in ("hf", "sample") and corpus.get("paths") else None,
+        "split": corpus.get("split") or None, "shard_size": view.get("shard_size"), "max_length": view.get("max_length"),
+        "mask_prob": mask.get("prob"), "whole_word": bool(mask.get("whole_word")),
+        "mask_epochs": mask.get("epochs") if mask.get("epochs", 1) != 1 else None,
+        "seed": mask.get("seed") or None, "topk": outputs.get("topk"),
+        "extra_outputs": tuple(outputs.get("extra") or ()),
+        "sides": ("both" if len(sides) == 2 else str(sides[0])) if sides and "mono" not in sides else None,
+        "text": None if view.get("text") is not False else False,
+        **{name: cleaning.get(name) or None for name in ("min_tokens", "max_tokens", "max_pairs")},
+        "skip_bad_lines": bool(cleaning.get("skip_bad_lines")), "dtype": view.get("compute_dtype") or None,
+    }
+    for kind in KINDS.values():  # each dense output kind says which options ask for it (outputs.py)
+        values.update(kind.options(outputs))
+    return ["xkd", "cache-teachers", *command_line(CacheTeachersOptions, values)]
 
 
 def plan_job(spec: TeacherSpec, plan: CorpusPlan, opts: CacheTeachersOptions, compute_dtype: str) -> Job:
@@ -489,8 +384,6 @@ def cache_teachers(opts: CacheTeachersOptions, client=None, log: TextIO | None =
     Progress goes to `log` (default: stderr)."""
     log = log or sys.stderr
     t_start = time.perf_counter()
-    if not opts.teachers:
-        raise BadInput("give at least one --teacher (an alias, a model id or a model directory).")
     check_options(opts)
     corpus_spec = parse_corpus(opts.corpus, opts.corpus_files)
     cleaning = Cleaning(opts.min_tokens, opts.max_tokens, opts.max_pairs, opts.skip_bad_lines)
@@ -528,6 +421,8 @@ def cache_teachers(opts: CacheTeachersOptions, client=None, log: TextIO | None =
         with ExitStack() as stack:
             for job in jobs:
                 job.writer = stack.enter_context(CacheWriter(job.root, job.key, job.meta, len(plan.shards)))
+                # The run's resolved options, replayable with --config (beside the manifest, under its lock)
+                job.writer.put(CONFIG_FILE, config_yaml(opts, "cache-teachers"))
                 for shard_id, problems in sorted(job.writer.damaged.items()):
                     log.write(f"cache-teachers: {job.root}: shard {shard_id} is damaged ({'; '.join(problems)}); rewriting it\n")
                 done = job.writer.done_shards()

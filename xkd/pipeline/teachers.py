@@ -7,7 +7,7 @@ Three kinds, read from the checkpoint's config.json `architectures`:
   sentence vectors only.
 Every kind can store hidden states, [CLS] and pooled sentence vectors.
 
-Inference reduces on the device (DESIGN.md, "Stage one", step 3): the encoder runs once;
+Inference reduces on the device (docs/design.md, "Stage one", step 3): the encoder runs once;
 the masked positions' final hidden states are gathered and only they go through the MLM head
 (full-vocabulary logits exist for masked positions only); logsumexp, top-k and the loss are
 computed there in fp32; hidden states are gathered at the requested positions and cast to
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInput
+from ..families import position_offset
 from ..names import ResolvedTeacher
 from ..segments import takes_token_types
 from ..storage import DenseSpec
@@ -35,11 +36,11 @@ from ..storage.untrusted import parse_json
 from ..weights import config_size_problem, custom_code_problem, safe_load_problem, weights_problem
 from .batching import PaddedBatch
 from .masking import Vocabulary
+from .options import DTYPES
 from .outputs import Forward, dense_specs, wanted as wanted_kinds
 from .tokenize import load_tokenizer, special_ids, tokenizer_sha256
 
 KINDS = ("mlm", "encoder", "classifier")
-DTYPES = ("auto", "fp16", "bf16", "fp32")
 WEIGHT_PATTERNS = ("config.json", "*.safetensors", "pytorch_model*.bin", "*.index.json")
 MAX_LOADED_TEACHERS = 2  # per worker process; more would crowd GPU memory
 LOGIT_CHUNK_ELEMENTS = 1 << 26  # fp32 logits alive at once: 256 MiB
@@ -268,9 +269,9 @@ def describe_teacher(resolved: ResolvedTeacher) -> TeacherSpec:
     config = read_config(path, resolved.name)
     kind = kind_of(config)
     tokenizer = load_tokenizer(path)
-    max_positions = int(config.get("max_position_embeddings", 512))
-    if config.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
-        max_positions -= int(config.get("pad_token_id", 1)) + 1  # positions start after the padding index
+    # RoBERTa and XLM-R: positions start after the padding index
+    max_positions = int(config.get("max_position_embeddings", 512)) - position_offset(config.get("model_type"),
+                                                                                      config.get("pad_token_id", 1))
     return TeacherSpec(
         name=resolved.name, model_id=resolved.model_id, source=resolved.source, path=str(path), kind=kind,
         weights_sha256=weights_sha256(path), tokenizer_sha256=tokenizer_sha256(path),

@@ -1,4 +1,4 @@
-"""Each teacher tokenizes its own copy of every example (DESIGN.md, "Stage one", step 2).
+"""Each teacher tokenizes its own copy of every example (docs/design.md, "Stage one", step 2).
 
 Besides the ids, a row keeps its words: `word_index` gives the word of each token (-1 for
 special tokens), from the fast tokenizer's word_ids. It drives whole-word masking and the

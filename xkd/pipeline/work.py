@@ -21,10 +21,9 @@ from ..weights import load_error_reason
 from .batching import PaddedBatch, length_buckets
 from .corpus import ShardSlice
 from .masking import MaskConfig, mask_row
+from .options import SIDES
 from .teachers import DAMAGED, Outputs, TeacherLoadFailed, TeacherSpec, get_teacher, worker_device
 from .tokenize import tokenize_seen, word_starts
-
-SIDES = ("both", "src", "tgt")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The cache format (DESIGN.md, "The cache"). Imports nothing else of xkd but xkd.errors."""
+"""The cache format (docs/design.md, "The cache"). Imports nothing else of xkd but the leaves
+xkd.errors and xkd.durable."""
 
 from .completeness import completeness, finish_command
 from .inspect import format_inspect, inspect_cache

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..durable import atomic_write_bytes
 from ..errors import BadInput, XkdError
 from .completeness import finish_command
 from .remote import is_url
@@ -45,24 +46,6 @@ def cache_key(teacher: dict, corpus: dict, view: dict) -> str:
     """
     payload = canonical_json({"schema": SCHEMA_VERSION, "teacher": teacher, "corpus": corpus, "view": view})
     return hashlib.sha256(payload).hexdigest()[:16]
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def manifest_bytes(manifest: dict) -> bytes:

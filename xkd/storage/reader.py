@@ -699,7 +699,7 @@ class Cache:
                 yield self.read_block(shard_id, rg, columns=columns, dense=dense)
 
     def iter_examples(self, columns=None, dense=None, shards=None):
-        """One dict of numpy arrays per row; keys as in DESIGN.md, where stored."""
+        """One dict of numpy arrays per row; keys as in docs/design.md ("Python API"), where stored."""
         for block in self.iter_blocks(columns=columns, dense=dense, shards=shards):
             for i in range(block.num_rows):
                 yield block.example(i)
@@ -757,7 +757,7 @@ def row_group_span(meta: pq.FileMetaData, row_group: int, columns=None) -> tuple
 
 
 def open_cache(path: str | os.PathLike, allow_incomplete: bool = True, fetch: FetchCache | None = None) -> Cache:
-    """Open the cache at `path`, a directory or a URL (s3://...), for reading (see DESIGN.md,
+    """Open the cache at `path`, a directory or a URL (s3://...), for reading (see docs/design.md,
     "Python API"). A damaged manifest or metadata file is refused; an incomplete cache too
     unless `allow_incomplete` (`cache.completeness` says what is missing). `fetch`: where a
     remote cache's bytes are kept locally (default: FetchCache(), ~/.cache/xkd/remote)."""

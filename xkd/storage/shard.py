@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-from .manifest import SHARDS, fsync_dir
+from ..durable import fsync_dir
+from .manifest import SHARDS
 from .remote import Remote, is_url
 from .schema import RAGGED_COLUMNS, DenseSpec, Ragged, arrow_schema, pack_keys
 from .untrusted import remove_tree

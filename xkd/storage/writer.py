@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
+from ..durable import atomic_write_bytes
 from ..errors import XkdError
 from .manifest import MANIFEST, SHARDS, CacheLock, manifest_bytes, pid_alive, read_manifest, write_manifest
 from .remote import Remote, RemoteUnavailable, is_url, location
@@ -41,7 +42,7 @@ class CacheWriter:
     """Create or resume the cache at `root`, whose identity is `key`.
 
     `meta` is everything the manifest says about the cache besides its shards: teacher,
-    corpus, view and outputs (see DESIGN.md). Re-opening a cache with the same key resumes it;
+    corpus, view and outputs (docs/design.md, "The manifest"). Re-opening a cache with the same key resumes it;
     a different key is refused, so settings can never be mixed in one cache silently.
 
     Resuming re-checks every finished shard's files (sizes and sha256, as `xkd verify` does)
@@ -110,6 +111,11 @@ class CacheWriter:
     def done_shards(self) -> set[int]:
         return {s["id"] for s in self.manifest["shards"] if s["state"] == "done"}
 
+    def put(self, name: str, data: bytes) -> None:
+        """A file beside the manifest that readers do not need (config.yaml, how the cache was
+        made), replaced whole."""
+        self._store.put(name, data)
+
     def commit(self, record: dict) -> None:
         """Make a written shard visible: record it in the manifest, atomically."""
         shards = [s for s in self.manifest["shards"] if s["id"] != record["id"]]
@@ -171,6 +177,9 @@ class LocalManifest:
     def write(self, manifest: dict) -> None:
         write_manifest(self.root, manifest)
 
+    def put(self, name: str, data: bytes) -> None:
+        atomic_write_bytes(self.root / name, data)
+
     def damaged(self, done: list[dict]) -> dict[int, list[str]]:
         from .files import LocalFiles
         from .verify import _check_files
@@ -214,6 +223,10 @@ class RemoteManifest:
                 "writer, or a person): nothing of this run was committed over it. Check who else writes this cache, "
                 "then run the same command again: it resumes from the manifest as it is now.")
         self._etag = etag
+
+    def put(self, name: str, data: bytes) -> None:
+        self._lease.check()
+        self.remote.put(name, data)
 
     def damaged(self, done: list[dict]) -> dict[int, list[str]]:
         """Finished shards whose objects are missing or of another size (`xkd verify` checks

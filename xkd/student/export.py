@@ -31,7 +31,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from ..storage.manifest import atomic_write_bytes
+from ..durable import atomic_write_bytes
+from ..families import position_offset
 from ..storage.remote import absolute
 from ..storage.untrusted import parse_json, remove_tree
 from ..storage.view import view_of
@@ -61,7 +62,7 @@ def sentence_vector(method) -> dict | None:
       heads, on L2-normalised vectors: directions are what they train, hence Normalize). The
       heads are left out: their outputs live in the space of a random frozen projection of the
       teacher's [CLS], meaningful only beside it; the paper takes the [CLS] as the sentence
-      representation (seeds/000, sec. 5)."""
+      representation (MMKD, Li et al. 2022, sec. 5)."""
     name, config, plan = method.name, method.config, method.plan
     if name == "xd" and getattr(plan, "target", None) == "pooled":
         return {"pooling": plan.pooling, "normalize": bool(plan.normalize),
@@ -186,8 +187,7 @@ def max_seq_length(model, trained_max_length: int) -> int:
     position ids start after the pad id, so pad_id + 1 rows are not positions of tokens)."""
     config = model.config
     positions = int(getattr(config, "max_position_embeddings", trained_max_length) or trained_max_length)
-    if getattr(config, "model_type", "") in ("xlm-roberta", "roberta"):
-        positions -= int(config.pad_token_id or 0) + 1
+    positions -= position_offset(getattr(config, "model_type", ""), getattr(config, "pad_token_id", None) or 0)
     return max(1, min(int(trained_max_length), positions))
 
 
@@ -361,27 +361,14 @@ def record_evaluation(model_dir, key: str, result: dict, warn=None) -> Path | No
 
 # The model card ----------------------------------------------------------------------------
 
-_YAML_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "~"}
-
-
-def _yaml_scalar(value: str) -> str:
-    """A plain YAML scalar where that reads back as the same string, else a double-quoted one
-    (JSON's quoting is valid YAML): language codes such as `no` would otherwise read as false."""
-    if re.fullmatch(r"[A-Za-z][A-Za-z0-9._/-]*", value) and value.lower() not in _YAML_WORDS:
-        return value
-    return json.dumps(value, ensure_ascii=False)
-
-
 def front_matter(meta: dict) -> str:
-    lines = ["---"]
-    for key, value in meta.items():
-        if value is None or value == []:
-            continue
-        if isinstance(value, list):
-            lines += [f"{key}:"] + [f"- {_yaml_scalar(str(v))}" for v in value]
-        else:
-            lines.append(f"{key}: {_yaml_scalar(str(value))}")
-    return "\n".join(lines + ["---", ""])
+    """The card's YAML header, in `meta`'s order, without the empty fields. PyYAML quotes a
+    string that would read back as something else (the language code `no` stays a string, not
+    false), as huggingface_hub does when it writes a card."""
+    import yaml
+
+    fields = {key: value for key, value in meta.items() if value not in (None, [])}
+    return f"---\n{yaml.safe_dump(fields, sort_keys=False, allow_unicode=True)}---\n"
 
 
 def _fmt(value) -> str:
@@ -533,7 +520,7 @@ def model_card(student_dir) -> str:
         done, total = summary.get("steps"), summary.get("steps_total")
         lines.append(f"| steps | {done} of {total}" + (" (partial: the run has not finished)" if summary.get("partial") else "")
                      + " |")
-        from .trainer import NOT_LOSSES
+        from .report import NOT_LOSSES
 
         final = {k: v for k, v in (summary.get("final") or {}).items() if k not in NOT_LOSSES}
         if final:

@@ -35,34 +35,59 @@ def gold_nll(student_logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.nll_loss(student_logp, labels)
 
 
-def topk_cross_entropy(student_logp: torch.Tensor, topk_ids: torch.Tensor, topk_logits: torch.Tensor,
-                       tau: float = 1.0) -> torch.Tensor:
-    """MergeDistill's L_KD (seeds/004 sec. 3, top-k renormalised; TinyBERT's L_pred of eq. 2
-    with the teacher at its top k): student_logp (M, V) = log softmax(z_S / τ) over the union
-    vocab, topk_ids (M, k) union ids, topk_logits (M, k). Mean over positions of
-        -Σ_{j in top-k} softmax(z_T / τ)_j · log softmax(z_S / τ)_j."""
-    target = torch.softmax(topk_logits.float() / tau, dim=-1)
-    return -(target * student_logp.gather(1, topk_ids)).sum(-1).mean()
+def distillation_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0,
+                               topk_ids: torch.Tensor | None = None, lognorm: torch.Tensor | None = None,
+                               student_logp: torch.Tensor | None = None) -> torch.Tensor:
+    """The distillation term of every method that distils the teacher's output distribution
+    from what the cache stores (mergedistill's L_KD, Khanuja et al. 2021 sec. 3; tinybert's
+    L_pred, Soltan et al. 2021 eq. 2, in both stages): the cross-entropy between the teacher's distribution p
+    and the student's q = softmax(z_S / τ), mean over rows, times τ².
 
+    student_logits (M, V): z_S over the union vocab (or a classifier's C classes).
+    The teacher's p, from teacher_logits z_T and what else is given:
+    - topk_ids None: z_T (M, V) covers every student output (a classifier's class logits):
+          p = softmax(z_T / τ)
+    - topk_ids (M, k) union ids, z_T (M, k) their stored logits: the top-k renormalised
+      (MergeDistill's k = 8); no mass elsewhere:
+          p_j = exp(z_T,j / τ) / Σ_{i in top-k} exp(z_T,i / τ)   for j in top-k
+    - with lognorm (M,), the cached log Σ_all exp(z_T) (τ = 1 only): the exact top-k
+      probabilities p_j = exp(z_T,j − lognorm) and the tail 1 − Σ_j p_j, against the student's
+      q_j and its mass outside the k tokens: the exact cross-entropy over {the k tokens, the rest}.
+    student_logp: log softmax(z_S) if the caller already has it (a union-vocab pass it shares
+    with gold_nll); used at τ = 1, ignored otherwise.
 
-def tail_topk_cross_entropy(student_logp: torch.Tensor, topk_ids: torch.Tensor, topk_logits: torch.Tensor,
-                            lognorm: torch.Tensor) -> torch.Tensor:
-    """The exact cross-entropy over {the k tokens, everything else} (τ = 1): the teacher's
-    p_j = exp(z_j - log Z) for its top k and 1 - Σ p_j for the rest, against the student's
-    softmax; student_logp (M, V) = log softmax(z_S), topk_* (M, k), lognorm (M,). Mean over
-    positions."""
-    return tail_cross_entropy(student_logp, topk_ids, topk_logits.float(), lognorm.float()).mean()
+        loss = τ² · 1/M Σ_m −Σ_j p_mj · log q_mj      (plus −p_tail · log q_tail with lognorm)
+
+    The τ² rule (Hinton et al. 2015, sec. 2): the gradient of the cross-entropy at τ with
+    respect to z_S is (q − p)/τ, which shrinks like 1/τ² as τ grows; the τ² factor keeps the
+    gradient sizes independent of τ, so changing τ does not reweigh this term against a
+    method's other terms (MLM, hidden-state MSEs). At τ = 1, the default and the papers'
+    setting of every method that calls this, it is the identity."""
+    if lognorm is not None and (topk_ids is None or tau != 1.0):
+        raise ValueError("the tail target needs topk_ids and τ = 1: the cached log-normaliser is that of softmax(z_T)")
+    if student_logp is not None and tau == 1.0:
+        logq = student_logp
+    else:
+        logq = torch.log_softmax(student_logits.float() / tau, dim=-1)
+    if lognorm is not None:
+        per_row = tail_cross_entropy(logq, topk_ids, teacher_logits.float(), lognorm.float())
+    else:
+        p = torch.softmax(teacher_logits.float() / tau, dim=-1)
+        per_row = -(p * (logq if topk_ids is None else logq.gather(1, topk_ids))).sum(-1)
+    return per_row.mean() * tau**2
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
-    """MultiKD eq. 3 (seeds/001; TinyBERT's prediction loss on class logits): logits (B, C).
+    """MultiKD eq. 3 (Yang et al. 2022) as the paper writes it, without distillation_cross_entropy's
+    τ² factor (multikd's default τ = 8 would make its loss 64 times larger; the method's `t2`
+    option applies the factor): logits (B, C).
         -1/B Σ_i softmax(z_T,i / τ) · log softmax(z_S,i / τ)."""
     target = torch.softmax(teacher_logits.float() / tau, dim=-1)
     return -(target * torch.log_softmax(student_logits.float() / tau, dim=-1)).sum(-1).mean()
 
 
 def squared_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """XD's L2 (seeds/002 sec. 2.3): (B, D) each; 1/B Σ_i ||s_i - t_i||²."""
+    """XD's L2 (its ICLR 2020 submission, sec. 2.3): (B, D) each; 1/B Σ_i ||s_i - t_i||²."""
     return (student.float() - teacher.float()).pow(2).sum(-1).mean()
 
 
@@ -107,7 +132,7 @@ def packed_attention_mse(student: torch.Tensor, teacher: torch.Tensor, pair_inde
 
 def word_infonce(student_vectors: torch.Tensor, teacher_words: torch.Tensor, word_mask: torch.Tensor,
                  query_row: torch.Tensor, query_word: torch.Tensor, tau: float, similarity: str = "dot") -> torch.Tensor:
-    """MMKD's L_XWCL (seeds/000 eq. 1): each query q (Q, D), a masked word's student vector,
+    """MMKD's L_XWCL (Li et al. 2022, eq. 1): each query q (Q, D), a masked word's student vector,
     against the teacher vectors of every word of its own sentence, teacher_words (B, W, D)
     with word_mask (B, W); query_row (Q,) its sentence, query_word (Q,) its word. Mean over
     queries of  -log exp(s(q, t_w)/τ) / Σ_w' exp(s(q, t_w')/τ),  s = dot (or cosine)."""
@@ -123,13 +148,13 @@ def word_infonce(student_vectors: torch.Tensor, teacher_words: torch.Tensor, wor
 
 
 def normalized_squared_distance(student_prediction: torch.Tensor, teacher_projection: torch.Tensor) -> torch.Tensor:
-    """MMKD's L_SentA (seeds/000 eq. 2): (B, D) each; 1/B Σ_i ||q_i/|q_i| - z_i/|z_i|||²."""
+    """MMKD's L_SentA (Li et al. 2022, eq. 2): (B, D) each; 1/B Σ_i ||q_i/|q_i| - z_i/|z_i|||²."""
     diff = F.normalize(student_prediction.float(), dim=-1) - F.normalize(teacher_projection.float(), dim=-1)
     return diff.pow(2).sum(-1).mean()
 
 
 def structure_kl(student_prediction: torch.Tensor, teacher_projection: torch.Tensor, tau: float) -> torch.Tensor:
-    """MMKD's L_StrucA (seeds/000 eqs. 3-5): (B, D) each. With A = z zᵀ of the normalised
+    """MMKD's L_StrucA (Li et al. 2022, eqs. 3-5): (B, D) each. With A = z zᵀ of the normalised
     teacher projections and Ã likewise of the student predictions,
         1/B Σ_i KL(softmax(A_i / τ) || softmax(Ã_i / τ))."""
     z = F.normalize(teacher_projection.float(), dim=-1)

@@ -1,6 +1,6 @@
-"""MBLM: the multi-branch multilingual student of Yang et al. (AAAI 2022,
-"Cross-Lingual Text Classification with Multilingual Distillation and Zero-Shot-Aware
-Training"; seeds/001), as Hugging Face models.
+"""MBLM: the multi-branch multilingual student of Yang et al. (2022, "Cross-Lingual Text
+Classification with Multilingual Distillation and Zero-Shot-Aware Training"), as Hugging
+Face models.
 
 A BERT (or an XLM-R: `config.family`) whose bottom K transformer layers exist once per
 supervised language (a "branch").
@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -45,10 +46,20 @@ from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaClass
 from ..errors import BadInput
 
 ZERO_SHOT = -1  # branch id of a language that has no branch of its own
-# config.family -> the encoder MBLM is made from. Their layers are the same (BertLayer's
+
+
+class _Parts(NamedTuple):
+    encoder: type  # the model MBLM is made from (from_bert)
+    embeddings: type
+    classifier: type | None  # its sequence-classification head; None: BERT's (pooled [CLS], dropout, linear)
+
+
+# config.family (a family's name, xkd/families/) -> its parts. Their layers are the same (BertLayer's
 # parameters and computation); XLM-R differs in its embeddings (position ids from the pad id,
 # one token type) and its classification head (on <s>: dropout, dense, tanh, dropout, out_proj).
-FAMILIES = {"bert": BertModel, "xlm-roberta": XLMRobertaModel}
+PARTS = {"bert": _Parts(BertModel, BertEmbeddings, None),
+         "xlm-roberta": _Parts(XLMRobertaModel, XLMRobertaEmbeddings, XLMRobertaClassificationHead)}
+FAMILIES = {family: parts.encoder for family, parts in PARTS.items()}
 
 Lang = str | Sequence[str] | Sequence[int] | torch.Tensor | None
 
@@ -187,7 +198,7 @@ def _load_bert(directory: str | Path, target: type) -> PreTrainedModel:
     if target is MBLMForSequenceClassification and any(a.endswith("ForSequenceClassification") for a in architectures):
         return AutoModelForSequenceClassification.from_pretrained(directory)
     if target is MBLMForMaskedLM and any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in architectures):
-        return (BertForMaskedLM if config.model_type == "bert" else AutoModelForMaskedLM).from_pretrained(directory)
+        return AutoModelForMaskedLM.from_pretrained(directory)
     return AutoModel.from_pretrained(directory)
 
 
@@ -208,7 +219,7 @@ class MBLMModel(MBLMPreTrainedModel):
         super().__init__(config)
         n_branches, depth = len(config.branch_languages), config.branch_layers
         # XLM-R's: the same parameters as BERT's, position ids from config.pad_token_id
-        self.embeddings = (XLMRobertaEmbeddings if config.family == "xlm-roberta" else BertEmbeddings)(config)
+        self.embeddings = PARTS[config.family].embeddings(config)
         self.branches = nn.ModuleList(
             nn.ModuleList(BertLayer(config, layer_idx=i) for i in range(depth)) for _ in range(n_branches))
         self.inner_mixers = nn.ModuleList(
@@ -357,9 +368,9 @@ class MBLMForSequenceClassification(MBLMPreTrainedModel):
     def __init__(self, config: MBLMConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        if config.family == "xlm-roberta":
+        if (head := PARTS[config.family].classifier) is not None:
             self.mblm = MBLMModel(config, add_pooling_layer=False)
-            self.classifier = XLMRobertaClassificationHead(config)
+            self.classifier = head(config)
         else:
             self.mblm = MBLMModel(config)
             dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
@@ -368,7 +379,7 @@ class MBLMForSequenceClassification(MBLMPreTrainedModel):
         self.post_init()
 
     def _classify(self, outputs) -> torch.Tensor:
-        if self.config.family == "xlm-roberta":
+        if PARTS[self.config.family].classifier is not None:  # it reads <s> itself
             return self.classifier(outputs.last_hidden_state)
         return self.classifier(self.dropout(outputs.pooler_output))
 

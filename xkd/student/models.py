@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInput
+from ..families import MLM_HEADS, STUDENT_ARCHITECTURES, family_of, position_offset
 from ..options import check_memory, check_number, machine_memory
 from ..segments import takes_token_types
 from ..storage.untrusted import parse_json, refuse_links_out
 from ..weights import config_size_problem, custom_code_problem, load_error_reason, safe_load_problem, weights_problem
 
-ARCHITECTURES = ("bert", "xlm-roberta")  # StudentConfig.architecture, train-student --architecture
+ARCHITECTURES = STUDENT_ARCHITECTURES  # StudentConfig.architecture, train-student --architecture (xkd/families/)
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def student_parameters(config: StudentConfig, vocab_size: int, pad_id: int = 0) 
     width = config.hidden
     embedding = config.embedding_dim or width
     intermediate = config.intermediate or 4 * width
-    positions = config.max_length + (pad_id + 1 if config.architecture == "xlm-roberta" else 0)
+    positions = config.max_length + position_offset(config.architecture, pad_id)
     embeddings = (vocab_size + 2 + positions) * embedding + (embedding * width if embedding != width else 0) \
         + width * embedding
     layers = config.layers * (4 * width * width + 2 * width * intermediate)
@@ -192,31 +193,27 @@ def build_student(config: StudentConfig, vocab_size: int, pad_id: int):
     the 290k-row embedding) uses ALBERT's factorised embedding with one parameter group per
     layer, i.e. a BERT with an embedding projection and no layer sharing.
 
-    `architecture="xlm-roberta"`: an XLMRobertaForMaskedLM, whose position ids are computed
-    from the pad id (the k-th real token reads row pad_id + 1 + k, padding reads row pad_id),
-    so it has max_length + pad_id + 1 position rows; one token type, as XLM-R.
+    Otherwise the masked LM its family declares. `architecture="xlm-roberta"`: an
+    XLMRobertaForMaskedLM, whose position ids are computed from the pad id (the k-th real
+    token reads row pad_id + 1 + k, padding reads row pad_id), so it has max_length + pad_id +
+    1 position rows; one token type, as XLM-R.
     """
-    from transformers import AlbertConfig, AlbertForMaskedLM, BertConfig, BertForMaskedLM
+    import transformers
 
     check_student_memory(config, vocab_size, pad_id)  # before a matrix is allocated
     common = dict(
         vocab_size=vocab_size, hidden_size=config.hidden, num_hidden_layers=config.layers,
         num_attention_heads=config.heads, intermediate_size=config.intermediate or 4 * config.hidden,
-        max_position_embeddings=config.max_length, hidden_dropout_prob=config.dropout,
-        attention_probs_dropout_prob=config.dropout, pad_token_id=pad_id,
+        max_position_embeddings=config.max_length + position_offset(config.architecture, pad_id),
+        hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout, pad_token_id=pad_id,
     )
-    if config.architecture == "xlm-roberta":
-        from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
-
-        # bos/eos: XLMRobertaConfig's defaults (0, 2) are XLM-R's ids, not the union's.
-        return XLMRobertaForMaskedLM(XLMRobertaConfig(
-            **{**common, "max_position_embeddings": config.max_length + pad_id + 1}, type_vocab_size=1,
-            bos_token_id=None, eos_token_id=None))
-    if config.embedding_dim and config.embedding_dim != config.hidden:
-        albert = AlbertConfig(**common, embedding_size=config.embedding_dim,
-                              num_hidden_groups=config.layers, inner_group_num=1, hidden_act="gelu")
-        return AlbertForMaskedLM(albert)
-    return BertForMaskedLM(BertConfig(**common))
+    if config.embedding_dim and config.embedding_dim != config.hidden:  # a bert student (StudentConfig checks)
+        albert = transformers.AlbertConfig(**common, embedding_size=config.embedding_dim,
+                                           num_hidden_groups=config.layers, inner_group_num=1, hidden_act="gelu")
+        return transformers.AlbertForMaskedLM(albert)
+    family = family_of(config.architecture)  # its declaration names the classes (xkd/families/)
+    config_class, model_class = (getattr(transformers, name) for name in family.student_classes)
+    return model_class(config_class(**common, **dict(family.student_config)))
 
 
 def _pre_dropout_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -247,7 +244,6 @@ def use_pre_dropout_attention(model) -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(PRE_DROPOUT_ATTENTION, eager_mask)
     model.set_attn_implementation(PRE_DROPOUT_ATTENTION)
 
-_MLM_HEADS = ("cls", "predictions", "lm_head")  # BERT / ALBERT / RoBERTa-style attribute names
 
 
 @dataclass
@@ -277,7 +273,7 @@ class Student(torch.nn.Module):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = out.last_hidden_state
-        head = next(getattr(self.model, name) for name in _MLM_HEADS if hasattr(self.model, name))
+        head = next(getattr(self.model, name) for name in MLM_HEADS if hasattr(self.model, name))
         return StudentOutput(
             logits=head(hidden.reshape(-1, hidden.shape[-1])[masked_flat]),
             last_hidden_state=hidden,

@@ -6,25 +6,28 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
+from ..durable import atomic_write_bytes, fsync_dir
 from ..errors import BadInput, XkdError
-from ..options import check_number
+from ..options import check_number, config_yaml, resume_record
 from ..storage import open_cache
-from ..storage.manifest import DirLock, fsync_dir
+from ..storage.manifest import DirLock
 from ..storage.remote import absolute, is_url
 from . import export
 from .data import StreamConfig, StreamingDataset
 from .methods import method_config, prepare
-from .models import StudentConfig
-from .trainer import TrainConfig, Trainer, amp_dtype, check_device, distributed_context, seed_everything
+from .options import DEFAULT_ALPHA, TrainStudentOptions
+from .runtime import amp_dtype, check_device, distributed_context, seed_everything
+from .trainer import Trainer
 
 # What train-student writes in --out besides the student's own files; --overwrite removes these.
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "losses.png", "tensorboard", "train_summary.json")
+CONFIG_FILE = "config.yaml"
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "losses.png", "tensorboard", "train_summary.json", CONFIG_FILE)
 # What a run has written in --out before its first checkpoint (with checkpoints/ holding no
 # step-*): nothing to resume from and nothing to lose, so such an --out starts again at step 0.
-BEFORE_FIRST_CHECKPOINT = ("checkpoints", "metrics.jsonl", "tensorboard")
+BEFORE_FIRST_CHECKPOINT = ("checkpoints", "metrics.jsonl", "tensorboard", CONFIG_FILE)
 # The lock of a run on its --out: one run per --out (docs/reliability.md, "One run, one output").
 OUT_LOCK = ".lock"
 
@@ -90,7 +93,7 @@ def remap_tables(caches, vocab, columns=None) -> list:
     for every cache when the loader reads no teacher ids (`columns` without input_ids, labels
     or top-k: xd and multikd read text and teacher outputs only). Such methods train a
     student whose vocabulary is its own (mBERT's, say) from caches of teachers of any family,
-    as in seeds/001, where RoBERTa-family teachers train an mBERT student."""
+    as in MultiKD (Yang et al. 2022), where RoBERTa-family teachers train an mBERT student."""
     from ..vocab import needs_remap
     from ..vocab.vocabdir import ID_COLUMNS
 
@@ -99,63 +102,43 @@ def remap_tables(caches, vocab, columns=None) -> list:
     return [vocab.map_for(c.manifest) if needs_remap(c.manifest, vocab) else None for c in caches]
 
 
-def train_student(
-    *,
-    method: str,
-    caches: list[str],
-    vocab_dir: str,
-    out: str,
-    train: TrainConfig,
-    batch_size: int,
-    student: StudentConfig = StudentConfig(),
-    init_from: str | None = None,
-    init_teacher: str | None = None,
-    alpha: float | None = None,
-    copies: str | None = None,
-    method_options: dict | None = None,
-    resume: bool = False,
-    device: str | None = None,
-    allow_incomplete: bool = False,
-    overwrite: bool = False,
-    fetch=None,
-) -> dict:
+def train_student(opts: TrainStudentOptions, fetch=None) -> dict:
+    """Train a student as `opts` says (the options were checked when it was made); `fetch`:
+    the local fetch cache for caches given as URLs."""
     from ..vocab import StudentTokenizer, load_vocab
 
-    # Every option is checked before anything is read or written (TrainConfig and
-    # StudentConfig check theirs when they are made). alpha and copies are None when not
-    # given: then caches that give them nothing to do are no error (check_mixing_options).
-    alpha_given, copies_given = alpha is not None, copies is not None
-    alpha, copies = 0.7 if alpha is None else alpha, "all" if copies is None else copies
-    check_number("--batch-size", batch_size, low=1, whole=True)
-    check_number("--alpha", alpha, low=0, high=1, hint="q_l ∝ p_l^alpha: 1 samples languages by size, 0 uniformly")
-    if copies not in ("all", "best"):
-        raise BadInput(f"--copies must be 'all' or 'best', not {copies!r}")
-    check_device(device)
-    amp_dtype(train.amp, device)  # an --amp that cannot apply on this device is refused, not dropped
-    check_out(out, caches, vocab_dir, resume=resume, overwrite=overwrite, init_from=init_from)
-    config = method_config(method, method_options or {})  # bad options fail before anything is opened
+    if opts.vocab is None or opts.out is None:
+        raise BadInput("give --vocab and --out (the command line supplies them from the workspace).")
+    method, caches, out = opts.method, list(opts.caches), opts.out
+    alpha = DEFAULT_ALPHA if opts.alpha is None else opts.alpha
+    copies = "all" if opts.copies is None else opts.copies
+    student = opts.student_config()
+    check_device(opts.device)
+    amp_dtype(opts.amp, opts.device)  # an --amp that cannot apply on this device is refused, not dropped
+    check_out(out, caches, opts.vocab, resume=opts.resume, overwrite=opts.overwrite, init_from=opts.init_from)
+    config = method_config(method, opts.method_options)  # bad options fail before anything is opened
     rank, world = distributed_context()
-    check_number("--steps", train.steps, low=1, high=(2**63 - 1) // (batch_size * train.grad_accum * world), whole=True,
+    check_number("--steps", opts.steps, low=1, high=(2**63 - 1) // (opts.batch_size * opts.grad_accum * world), whole=True,
                  hint=f"the loader counts the rows it serves, --steps x --grad-accum x --batch-size x {world} process(es), "
                       "in 64-bit integers")
     # Only now, when the options are sound: the lock (taken before --overwrite clears anything)
     # is held until the student is saved, and released if anything below fails.
-    claim, start = claim_out(Path(out), resume=resume, overwrite=overwrite, rank=rank, world=world)
+    claim, start = claim_out(Path(out), resume=opts.resume, overwrite=opts.overwrite, rank=rank, world=world)
     try:
-        opened = open_caches(caches, allow_incomplete, warn=None if rank == 0 else (lambda msg: None), fetch=fetch)
-        check_mixing_options(opened, alpha if alpha_given else None, copies if copies_given else None)
-        vocab = load_vocab(vocab_dir)
+        opened = open_caches(caches, opts.allow_incomplete, warn=None if rank == 0 else (lambda msg: None), fetch=fetch)
+        check_mixing_options(opened, opts.alpha, opts.copies)
+        vocab = load_vocab(opts.vocab)
         vocab.check_whole()  # a damaged vocab would fail only at the save, after every step
-        seed_everything(train.seed)
-        prepared = prepare(method, config, opened, vocab, student=student, init_from=init_from,
-                           init_teacher=init_teacher, total_steps=train.steps)
+        seed_everything(opts.seed)
+        prepared = prepare(method, config, opened, vocab, student=student, init_from=opts.init_from,
+                           init_teacher=opts.init_teacher, total_steps=opts.steps)
         model, impl, plan = prepared.model, prepared.method, prepared.plan
         tables = remap_tables(opened, vocab, plan.columns)
-        check_batch_size(batch_size, opened)  # after the method's own checks of the caches, before any batch
+        check_batch_size(opts.batch_size, opened)  # after the method's own checks of the caches, before any batch
         dataset = StreamingDataset(
             opened,
             StreamConfig(
-                batch_size=batch_size, seed=train.seed, alpha=alpha, copies=copies,
+                batch_size=opts.batch_size, seed=opts.seed, alpha=alpha, copies=copies,
                 columns=plan.columns, dense=plan.dense, mix=plan.mix, world_size=world, rank=rank,
             ),
             remap_tables=tables,
@@ -170,22 +153,24 @@ def train_student(
             "vocab": str(vocab.path.resolve()),
             "vocab_hash": vocab.hash,
             "languages": dataset.probs,
-            **({"incomplete_caches": incomplete_summary(opened)} if allow_incomplete else {}),
+            **({"incomplete_caches": incomplete_summary(opened)} if opts.allow_incomplete else {}),
         }
-        run = run_config(method, config, opened, vocab, student, init_from, init_teacher, train,
-                         batch_size=batch_size, alpha=alpha, copies=copies, world=world)
-        trainer = Trainer(model, impl, dataset, train, device=device, rank=rank, world=world, run=run, summary=base)
+        resolved = replace(opts, method_options=asdict(config))
+        run = run_config(resolved, opened, vocab, alpha=alpha, copies=copies, world=world)
+        trainer = Trainer(model, impl, dataset, opts, device=opts.device, rank=rank, world=world, run=run, summary=base)
         if start == "resume":
             trainer.resume()
         elif start == "replace" and rank == 0:
             clear_run_outputs(out_dir)  # only now: a run refused above leaves the old one whole
+        if rank == 0:  # the resolved options, replayable with --config (rewritten on resume: FREE options may change)
+            atomic_write_bytes(out_dir / CONFIG_FILE, config_yaml(resolved, "train-student"))
         summary = trainer.train()
         if rank == 0:
             export.name_classes(model, impl, opened)  # the teachers' class names, not LABEL_0, in config.json
             # Routes each language as training did; AutoTokenizer gets the default route's (docs/vocab.md).
             save_student(model, StudentTokenizer.from_vocab(vocab, model.config), out_dir)
             # sentence-transformers files, xkd_student.json and the model card (docs/students.md)
-            export.write_student_extras(out_dir, impl, model, opened, init_from=init_from, vocab=vocab)
+            export.write_student_extras(out_dir, impl, model, opened, init_from=opts.init_from, vocab=vocab)
         # Last, so that a complete summary means a complete student; the card then tells its numbers.
         result = trainer.write_summary(summary.pop("final"), student_on_disk=True, **summary)
         if rank == 0:
@@ -329,28 +314,26 @@ def clear_run_outputs(out: Path) -> None:
             target.unlink()
 
 
-def run_config(method, config, opened, vocab, student, init_from, init_teacher, train, *, batch_size, alpha, copies,
-               world) -> dict:
+def run_config(opts: TrainStudentOptions, opened, vocab, *, alpha, copies, world) -> dict:
     """What a checkpoint records of the run, keyed by option: resume refuses a checkpoint whose
-    options differ (see trainer.RESUMABLE_OPTIONS for those that may change). Caches and the
-    vocab are compared by identity (cache key and shards; vocab size and hash), not by path,
-    so that moved directories still resume; their paths are kept for the message."""
-    training = {("--workers" if k == "num_workers" else "--" + k.replace("_", "-")): v
-                for k, v in asdict(train).items() if k != "out"}
+    options differ (those declared FREE may change). Caches and the vocab are compared by
+    identity (cache key and shards; vocab size and hash), not by path, so that moved
+    directories still resume; their paths are kept for the message. `opts.method_options`
+    is the method's resolved config."""
+    init_from = opts.init_from
     if init_from and Path(init_from).exists():
         init_from = str(Path(init_from).resolve())
+    recorded = resume_record(opts)
+    if opts.architecture == "bert":  # the default, left out so that checkpoints from before the option resume
+        del recorded["--architecture"]
     options = {
-        "--method": method,
-        **{f"--option {k}": v for k, v in asdict(config).items()},
+        "--method": opts.method,
+        **{f"--option {k}": v for k, v in opts.method_options.items()},
         "--caches": [f"{(c.manifest.get('teacher') or {}).get('name')} (key {c.manifest.get('key') or absolute(c.path)}, "
                      f"{len(c.shard_ids)} shards)" for c in opened],
         "--vocab": f"{vocab.size} tokens (hash {vocab.hash})",
+        **recorded,
         "--init-from": init_from,
-        "--init-teacher": init_teacher,
-        # --architecture bert (the default) is left out, so that checkpoints recorded before the option existed resume
-        **{"--" + k.replace("_", "-"): v for k, v in asdict(student).items() if (k, v) != ("architecture", "bert")},
-        **training,
-        "--batch-size": batch_size,
         "--alpha": alpha,
         "--copies": copies,
         "processes (torchrun)": world,

@@ -1,5 +1,5 @@
 """Vocabulary union, teacher->student id maps, numba remap kernels, the student tokenizer,
-and embedding initialisation for a union-vocab student (DESIGN.md, "build-vocab";
+and embedding initialisation for a union-vocab student (docs/design.md, "build-vocab";
 docs/vocab.md). Heavy libraries (transformers, torch) are imported only where used."""
 
 from .build import build_vocab

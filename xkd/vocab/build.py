@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..durable import fsync_dir
 from ..errors import BadInput
 from ..names import language_code
-from ..storage.manifest import DirLock, fsync_dir, pid_alive
+from ..storage.manifest import DirLock, pid_alive
 from ..storage.untrusted import parse_json, remove_tree
 from .canonical import SPECIAL_ROLES
 from .teachers import TeacherVocab, load_teacher_vocab

@@ -24,15 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInput
+from ..families import MLM_HEADS, positions_after_pad
 from ..weights import load_error_reason
 from .canonical import BYTELEVEL, CANONICAL_SPECIALS, WORDPIECE, surface_text
 from .teachers import tokenizer_fingerprint
 from .vocabdir import Vocab, load_vocab
-
-# Model families whose position ids are computed from the pad id (fairseq's make_positions:
-# a real token's position is pad_id + 1 + its index among real tokens, padding gets pad_id):
-# moving the pad id to the union's shifts the position table with it (_move_position_pad).
-_POSITIONS_FROM_PAD = {"roberta", "xlm-roberta", "camembert", "longformer", "xlm-roberta-xl", "data2vec-text"}
 
 
 @dataclass
@@ -188,7 +184,9 @@ def student_from_teacher(teacher: str, vocab: Vocab | str, teacher_name: str | N
                            f"({load_error_reason(e)}). Give a directory that save_pretrained wrote, whose config.json "
                            "describes its weights.") from None
     config = model.config
-    if config.model_type in _POSITIONS_FROM_PAD and config.pad_token_id != vocab.pad_id:
+    # Position ids computed from the pad id (RoBERTa, XLM-R: a real token's position is pad_id +
+    # 1 + its index among real tokens, padding gets pad_id): the union's pad id shifts the table.
+    if positions_after_pad(config.model_type) and config.pad_token_id != vocab.pad_id:
         _move_position_pad(model, teacher, int(config.pad_token_id), vocab.pad_id)
     std = float(getattr(config, "initializer_range", 0.02)) if noise_std is None else noise_std
     plan = plan_rows(vocab, entry)
@@ -204,11 +202,12 @@ def student_from_teacher(teacher: str, vocab: Vocab | str, teacher_name: str | N
         if old_out.bias is not None:
             new_out.bias = nn.Parameter(apply_plan(plan, old_out.bias))
         model.set_output_embeddings(new_out)
-        head = getattr(model, "lm_head", None)
-        if isinstance(getattr(head, "bias", None), nn.Parameter) and new_out.bias is not None:
-            # RoBERTa/XLM-R: lm_head.bias is the decoder's bias (tied when saved and loaded),
-            # but set_output_embeddings leaves it at the teacher's size.
-            head.bias = new_out.bias
+        for name in MLM_HEADS:  # the head, whatever its family calls it
+            head = getattr(model, name, None)
+            if isinstance(getattr(head, "bias", None), nn.Parameter) and new_out.bias is not None:
+                # RoBERTa/XLM-R: lm_head.bias is the decoder's bias (tied when saved and loaded),
+                # but set_output_embeddings leaves it at the teacher's size.
+                head.bias = new_out.bias
     config.vocab_size = vocab.size
     table = vocab.map_for(entry["slug"])
     for attr in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id"):

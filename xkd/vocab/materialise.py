@@ -1,6 +1,6 @@
 """`xkd remap`: write a copy of a cache whose ids are in a union vocabulary.
 
-Students normally remap as they read (DESIGN.md): one cache serves every union it takes part
+Students normally remap as they read (docs/design.md, "The cache"): one cache serves every union it takes part
 in. A materialised copy trades disk for a loader that does no remapping, and lets tools
 that know nothing of xkd's maps read union ids directly. The copy is a cache like any other
 (same shards, row groups, dense arrays and checks, `xkd verify` passes), and its manifest

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInput
+from ..families import position_offset
 from ..names import normalize_language
 from ..segments import second_segment_start, takes_token_types
 from ..storage.untrusted import is_inside, load_id_table, parse_json, refuse_links_out, remove_tree
@@ -55,8 +56,6 @@ REMAPPABLE_MODELS = ("WordPiece", "BPE", "WordLevel")
 UNREACHABLE = " "
 # Tokenizers report "no limit" as a huge number.
 _NO_LIMIT = 10**9
-# Position ids of these start after the pad id, so pad_id + 1 rows of the table are not inputs.
-_POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert")
 _SPECIAL_ATTRIBUTES = ("unk_token", "pad_token", "cls_token", "sep_token", "mask_token", "bos_token", "eos_token")
 
 
@@ -198,9 +197,10 @@ def _input_positions(config: dict) -> int | None:
     positions = config.get("max_position_embeddings")
     if not isinstance(positions, int) or positions <= 0:
         return None
-    if config.get("model_type") in _POSITIONS_AFTER_PAD or config.get("family") in _POSITIONS_AFTER_PAD:
-        positions -= int(config.get("pad_token_id") or 0) + 1
-    return positions
+    # Position ids that start after the pad id (RoBERTa, XLM-R) leave pad_id + 1 rows of the
+    # table to no input; an MBLM's (model_type xkd-mblm) are its encoder family's.
+    model_type = config.get("family") or config.get("model_type")
+    return positions - position_offset(model_type, config.get("pad_token_id") or 0)
 
 
 def _model_max_length(vocab, slugs: list[str], config: dict) -> int:

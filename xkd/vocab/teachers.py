@@ -22,9 +22,12 @@ from ..names import resolve_teacher
 from ..storage.untrusted import parse_json
 from ..weights import config_size_problem
 from .canonical import (
+    BL_SPACE,
     BYTELEVEL,
     CANONICAL_SPECIALS,
+    CONTINUATION,
     SENTENCEPIECE,
+    SP_WORD_START,
     SPECIAL_ROLES,
     SPECIAL_SPELLINGS,
     WORDPIECE,
@@ -208,7 +211,7 @@ def check_one_convention(tokens: list[str], expected: str, where: str) -> None:
     threshold = max(10, len(tokens) // 1000)
     foreign = [k for k, v in counts.items() if k != expected and v >= threshold]
     if foreign and counts[expected] >= threshold:
-        marker = {WORDPIECE: "##", SENTENCEPIECE: "\u2581", BYTELEVEL: "\u0120"}
+        marker = {WORDPIECE: CONTINUATION, SENTENCEPIECE: SP_WORD_START, BYTELEVEL: BL_SPACE}
         described = {WORDPIECE: "'##' continuations", SENTENCEPIECE: "'▁' word starts", BYTELEVEL: "'Ġ' word starts"}
         m = marker[foreign[0]]
         examples = [f"line {i + 1}: {t!r}" for i, t in enumerate(tokens) if t.startswith(m) and len(t) > len(m)][:3]

@@ -1,8 +1,8 @@
 """The union of several teachers' vocabularies, and each teacher's id map into it.
 
-Order (deterministic, DESIGN.md): the five unified special tokens first, [PAD] [UNK] [CLS]
-[SEP] [MASK] at ids 0-4, then each teacher's tokens in its own id order, teachers in the
-order given, each canonical spelling once.
+Order (deterministic; docs/design.md, "build-vocab"): the five unified special tokens
+first, [PAD] [UNK] [CLS] [SEP] [MASK] at ids 0-4, then each teacher's tokens in its own id
+order, teachers in the order given, each canonical spelling once.
 """
 
 from __future__ import annotations

@@ -406,5 +406,5 @@ class Vocab:
 
 
 def load_vocab(path: str | os.PathLike) -> Vocab:
-    """The union vocab in `path` (DESIGN.md, "Python API")."""
+    """The union vocab in `path` (docs/design.md, "Python API")."""
     return Vocab(path)

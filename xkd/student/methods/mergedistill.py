@@ -1,11 +1,13 @@
-"""mergedistill (Khanuja et al., seeds/004): L = λ·L_KD + (1−λ)·L_MLM, λ annealed.
+"""mergedistill ("MergeDistill: Merging Pre-trained Language Models using Distillation",
+Khanuja et al. 2021): L = λ·L_KD + (1−λ)·L_MLM, λ annealed.
 
 L_KD is the cross-entropy between the teacher's distribution and the student's softmax over
 the whole union vocabulary at each masked position (sec. 3, eq. 2). The teacher's
 distribution comes from the cached top-k, in one of two forms (`kd_target`):
 - "topk" (the paper, k = 8): softmax over the k stored logits (at temperature τ), i.e. the
   top-k renormalised; the rest of the vocabulary gets no mass. With τ != 1 the term is
-  multiplied by τ² (Hinton et al.) so gradient sizes stay comparable across τ.
+  multiplied by τ² (Hinton et al.; the rule of losses.distillation_cross_entropy, which
+  computes both forms) so gradient sizes stay comparable across τ.
 - "tail": the exact top-k probabilities exp(logit − lognorm) plus the tail mass
   1 − Σ top-k, matched against the student's mass outside those k tokens: the exact
   cross-entropy between the two distributions coarsened to {top-k tokens, everything else}.
@@ -54,7 +56,7 @@ class Config:
 @register
 class MergeDistill(Method):
     name = "mergedistill"
-    paper = "MergeDistill (Khanuja et al. 2021), seeds/004"
+    paper = "MergeDistill: Merging Pre-trained Language Models using Distillation (Khanuja et al. 2021)"
     Config = Config
     needs = (NEED,)
 
@@ -66,18 +68,14 @@ class MergeDistill(Method):
     def collate(self, rows):
         return collate_masked_lm(rows, self.vocab.pad_id)
 
-    def kd(self, logits, logp, batch):
-        c = self.config
-        if c.kd_target == "tail":
-            return L.tail_topk_cross_entropy(logp, batch["topk_ids"], batch["topk_logits"], batch["lognorm"])
-        at_tau = logp if c.temperature == 1.0 else torch.log_softmax(logits / c.temperature, dim=-1)
-        return L.topk_cross_entropy(at_tau, batch["topk_ids"], batch["topk_logits"], c.temperature) * c.temperature**2
-
     def losses(self, batch, student, step):
         c = self.config
         logits = masked_logits(student, batch)
         logp = torch.log_softmax(logits, dim=-1)  # once, for both terms: (M, V) over the union vocab
-        parts = {"kd": self.kd(logits, logp, batch), "mlm": L.gold_nll(logp, batch["labels"])}
+        lognorm = batch["lognorm"] if c.kd_target == "tail" else None
+        kd = L.distillation_cross_entropy(logits, batch["topk_logits"], c.temperature, topk_ids=batch["topk_ids"],
+                                          lognorm=lognorm, student_logp=logp)
+        parts = {"kd": kd, "mlm": L.gold_nll(logp, batch["labels"])}
         lam = lambda_at(c.lambda_schedule, c.lambda_start, c.lambda_end, step, self.total_steps)
         return {"loss": L.weighted_sum(parts, {"kd": lam, "mlm": 1 - lam}), **parts,
                 "lambda": logits.new_tensor(lam)}

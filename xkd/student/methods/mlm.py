@@ -34,7 +34,7 @@ class Config:
 @register
 class MaskedLM(Method):
     name = "mlm"
-    paper = "MergeDistill's SM2 baseline (seeds/004)"
+    paper = "MergeDistill's SM2 baseline, gold labels only (Khanuja et al. 2021)"
     Config = Config
     needs = ()
 

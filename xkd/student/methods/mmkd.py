@@ -1,5 +1,6 @@
-"""mmkd (Multi-level Multilingual Knowledge Distillation, seeds/000): an English teacher
-taught to a multilingual student over parallel en-X pairs, at four levels:
+"""mmkd (Multi-level Multilingual Knowledge Distillation, from "Multi-level Distillation of
+Semantic Knowledge for Pre-training Multilingual Language Model", Li et al. 2022): an English
+teacher taught to a multilingual student over parallel en-X pairs, at four levels:
 
     L = L_TLM + L_XWCL + L_SentA + alpha * L_StrucA            (eq. 6)
 
@@ -119,7 +120,8 @@ def frozen_projector(d_in: int, hidden: int, out: int, seed: int) -> nn.Sequenti
 @register
 class MMKD(Method):
     name = "mmkd"
-    paper = "Multi-level Multilingual Knowledge Distillation, seeds/000"
+    paper = ("Multi-level Multilingual Knowledge Distillation (MMKD), from Multi-level Distillation of Semantic "
+             "Knowledge for Pre-training Multilingual Language Model (Li et al. 2022)")
     Config = Config
     needs = (TEXT_NEED, WORD_HIDDEN_NEED, CLS_NEED)  # with every objective on
 

@@ -1,4 +1,5 @@
-"""multikd (MultiKD, Yang et al. AAAI 2022, seeds/001): several monolingual teachers, each
+"""multikd (MultiKD, from "Cross-Lingual Text Classification with Multilingual Distillation
+and Zero-Shot-Aware Training", Yang et al. 2022): several monolingual teachers, each
 fine-tuned on the task in its language, taught to one multilingual student.
 
 Each step samples a supervised language l, a batch of that language (`mix = "batch"`), and
@@ -9,7 +10,9 @@ distils from that language's teacher (its cached class logits; one cache per tea
 with tau = 8 (the paper's temperature for all distillation experiments; `temperature`).
 Eq. 3 has no tau^2 factor, nor does TextBrewer's cross-entropy KD loss that the paper trains
 with, so none is applied by default; `t2=true` multiplies by tau^2 (Hinton et al.'s scaling,
-which keeps gradient sizes comparable across temperatures).
+which keeps gradient sizes comparable across temperatures). This is the one KD term that does
+not follow losses.distillation_cross_entropy's rule (tau^2 always, as mergedistill and tinybert
+do): at the paper's tau = 8 that rule would make the loss 64 times larger.
 
 Gold labels: where a row carries a class label (`class_label` >= 0: a cached `labeled:`
 corpus), the batch also reports `label`, the cross-entropy of the student's logits (tau = 1)
@@ -91,7 +94,8 @@ class MultiKDPlan(Plan):
 @register
 class MultiKD(Method):
     name = "multikd"
-    paper = "MultiKD with the MBLM student (Yang et al. AAAI 2022), seeds/001"
+    paper = ("MultiKD with the MBLM student, from Cross-Lingual Text Classification with Multilingual Distillation and "
+             "Zero-Shot-Aware Training (Yang et al. 2022)")
     Config = Config
     reads_sentence_pairs = True  # XNLI, PAWS-X: each language's teacher reads its own pairs
     needs = NEEDS

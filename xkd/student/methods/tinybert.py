@@ -1,5 +1,6 @@
 """tinybert (TinyBERT-style two-stage distillation, Jiao et al. 2019, as applied to
-multilingual BERT in seeds/003): the student learns the teacher's predictions and its
+multilingual BERT in "Limitations of Knowledge Distillation for Zero-shot Transfer
+Learning", Soltan et al. 2021): the student learns the teacher's predictions and its
 intermediate representations.
 
 Stage 1 (`stage=1`, pre-training distillation on the MLM task):
@@ -9,7 +10,8 @@ Stage 1 (`stage=1`, pre-training distillation on the MLM task):
 
 - L_pred: cross-entropy between the teacher's distribution at each masked position (from the
   cached top-k, as mergedistill reads it: `kd_target` topk or tail, `temperature`) and the
-  student's softmax over the union vocabulary (eq. 2 of seeds/003).
+  student's softmax over the union vocabulary (eq. 2 of Soltan et al. 2021), times τ² (Hinton et al.'s
+  rule, losses.distillation_cross_entropy; the identity at the paper's τ = 1).
 - L_embd: MSE between W_e·E_S (the student's embedding output) and the teacher's `hidden.0`.
 - L_hidn(m): MSE between W_h·H_S,m (student layer m) and the teacher's layer g(m); the layer
   map g is the paper's "every three layers" in general form, g(m) = m·T/S (12 -> 4: 3m), or
@@ -22,7 +24,7 @@ Stage 1 (`stage=1`, pre-training distillation on the MLM task):
   taken BEFORE attention dropout (models.use_pre_dropout_attention), as the teacher's were
   cached in inference mode: Hugging Face returns post-dropout maps in training mode, whose
   rows do not sum to 1 and would pull the student towards noise.
-- L_gold: the standard cross-entropy with the gold labels (seeds/003 sec. 3.2: "a
+- L_gold: the standard cross-entropy with the gold labels (Soltan et al. 2021, sec. 3.2: "a
   combination of distillation losses in addition to the standard cross-entropy loss", in both
   stages): the masked tokens' original ids in stage 1, the class labels in stage 2 (rows
   without a label, class_label -1, do not count). Weight `gold_weight`.
@@ -31,9 +33,9 @@ MSEs average over real tokens (and real query x key pairs), not padding.
 
 Stage 2 (`stage=2`, fine-tuning distillation, the paper's "ft-distill"): the student is a
 union-vocab sequence classifier; L_pred is the soft cross-entropy with the teacher's cached
-class logits at `temperature` (default 1), plus L_gold on the class labels, plus the same
-intermediate losses when the cache holds hidden states (and attention). seeds/003 finds that this stage can hurt zero-shot
-cross-lingual transfer (section 4.4.2), so it is an option, never run implicitly.
+class logits at `temperature` (default 1; times τ² as in stage 1), plus L_gold on the class labels, plus the same
+intermediate losses when the cache holds hidden states (and attention). Soltan et al. (2021) find that this
+stage can hurt zero-shot cross-lingual transfer (section 4.4.2), so it is an option, never run implicitly.
 
 The student reads exactly the token ids the teacher saw (the cache's input_ids, remapped 1:1
 into the union vocab), so the cached token-aligned hidden states line up with its tokens.
@@ -87,7 +89,7 @@ class Config:
     attention_weight: float = option(1.0, "weight of Σ_m L_attn(m) (when attention is cached)", paper=1.0, low=0.0)
     gold_weight: float = option(1.0, "weight of the gold-label cross-entropy (masked tokens / class labels)",
                                 paper=1.0, low=0.0)
-    temperature: float = option(1.0, "τ of L_pred", paper=1.0, low=0.0, low_open=True)
+    temperature: float = option(1.0, "τ of L_pred (the term is scaled by τ²)", paper=1.0, low=0.0, low_open=True)
     kd_target: str = option("topk", "stage 1 L_pred target: renormalised top-k, or top-k plus the exact tail",
                             paper="topk", choices=("topk", "tail"), used_when={"stage": (1,)})
 
@@ -202,7 +204,8 @@ def _unpack_keys(values, offsets, tokens, heads, out):
 @register
 class TinyBERT(Method):
     name = "tinybert"
-    paper = "TinyBERT-style two-stage distillation (Jiao et al. 2019) for mBERT, seeds/003"
+    paper = ("TinyBERT-style two-stage distillation (Jiao et al. 2019) for mBERT, as in Limitations of Knowledge "
+             "Distillation for Zero-shot Transfer Learning (Soltan et al. 2021)")
     Config = Config
     reads_sentence_pairs = True  # stage 2 on XNLI/PAWS-X: the cached pair ids, token types from segment_b
     needs = (Need("topk", "--topk 8 (stage 1)"), Need("hidden.*", HIDDEN_OPTION),
@@ -311,18 +314,16 @@ class TinyBERT(Method):
         logits = out.logits.float()
         parts = {}
         if c.stage == 2:
-            parts["pred"] = L.soft_cross_entropy(logits, batch["teacher_logits"], c.temperature)
+            parts["pred"] = L.distillation_cross_entropy(logits, batch["teacher_logits"], c.temperature)
             labelled = batch["class_label"] >= 0
             if c.gold_weight and bool(labelled.any()):
                 parts["gold"] = L.gold_cross_entropy(logits[labelled], batch["class_label"][labelled])
             return parts
         logp = torch.log_softmax(logits, dim=-1)  # once, for both terms: (M, V) over the union vocab
         if c.pred_weight:
-            if c.kd_target == "tail":
-                parts["pred"] = L.tail_topk_cross_entropy(logp, batch["topk_ids"], batch["topk_logits"], batch["lognorm"])
-            else:
-                at_tau = logp if c.temperature == 1.0 else torch.log_softmax(logits / c.temperature, dim=-1)
-                parts["pred"] = L.topk_cross_entropy(at_tau, batch["topk_ids"], batch["topk_logits"], c.temperature)
+            lognorm = batch["lognorm"] if c.kd_target == "tail" else None
+            parts["pred"] = L.distillation_cross_entropy(logits, batch["topk_logits"], c.temperature,
+                                                         topk_ids=batch["topk_ids"], lognorm=lognorm, student_logp=logp)
         if c.gold_weight:
             parts["gold"] = L.gold_nll(logp, batch["labels"])
         return parts

@@ -1,6 +1,6 @@
-"""xd (XD, cross-lingual knowledge distillation, seeds/002): a task-tuned teacher's outputs on
-the English side of parallel pairs are the targets of the student's outputs on the
-translations (section 2.3, steps 1-4):
+"""xd ("XD: Cross-lingual Knowledge Distillation for Polyglot Sentence Embeddings", an ICLR
+2020 submission): a task-tuned teacher's outputs on the English side of parallel pairs are
+the targets of the student's outputs on the translations (section 2.3, steps 1-4):
 
     L_xd = mean over pairs of || f_S(translation) - f_T(English) ||^2        (the paper's "L2")
 
@@ -76,7 +76,7 @@ class XDPlan(Plan):
 @register
 class XD(Method):
     name = "xd"
-    paper = "XD (cross-lingual distillation), seeds/002"
+    paper = "XD: Cross-lingual Knowledge Distillation for Polyglot Sentence Embeddings (ICLR 2020 submission)"
     Config = Config
     reads_sentence_pairs = True  # XNLI, PAWS-X: the translated pair against the English pair's logits
     needs = (TEXT_NEED, Need("class_logits", "--class-logits, for target=class_logits"),

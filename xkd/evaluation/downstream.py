@@ -1,9 +1,9 @@
-"""`xkd evaluate MODEL --mode classify|tag` and `xkd rdt`: a model judged the way the seed
-papers judge their students (docs/evaluation.md).
+"""`xkd evaluate MODEL --mode classify|tag`: a model judged the way the seed papers judge their
+students (docs/evaluation.md).
 
 MODEL (any Hugging Face encoder directory: an xkd student, a teacher, a checkpoint) gets a
 fresh classification head, is fine-tuned on the --train data with the documented recipe
-(xkd.finetune.Recipe), and is scored on every --test set, each named by its language:
+(finetune.Recipe), and is scored on every --test set, each named by its language:
 accuracy for sequence classification (single texts or sentence pairs), span F1 (conlleval)
 for BIO tags, token accuracy for other tags (POS). Testing on languages the model was not
 fine-tuned on is the papers' zero-shot cross-lingual transfer; --seeds N repeats the whole
@@ -11,14 +11,13 @@ fine-tuning with N seeds and reports the mean and the sample standard deviation.
 --as-is, nothing is fine-tuned: MODEL's own head is scored, as papers 001-003 score their
 distilled task students (xd, multikd, tinybert stage 2).
 
-`xkd rdt` reads the JSON of such evaluations, one of the student and one per teacher, and
-reports MergeDistill's relative deviation from teachers (xkd.metrics.rdt).
+`xkd rdt` (rdt.py) reads the JSON of such evaluations, one of the student and one per teacher,
+and reports MergeDistill's relative deviation from teachers.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BadInput
-from .finetune import Encoded, Recipe, TaskEncoder, fit, pick_device, predict
-from .metrics import is_bio, rdt, span_f1, token_accuracy
-from .storage.untrusted import parse_json
+from ..errors import BadInput
+from ..storage.untrusted import parse_json
+from .finetune import Encoded, Recipe, TaskEncoder, fit, predict
+from .metrics import is_bio, span_f1, token_accuracy
 from .tasks import TaskSet, read_tasks, task_labels
 
 MODES = ("classify", "tag")
@@ -53,7 +52,7 @@ class TaskEvalOptions:
     as_is: bool = False  # score MODEL's own head, no fine-tuning
 
     def __post_init__(self):
-        from .options import check_number
+        from ..options import check_number
 
         if self.mode not in MODES:
             raise BadInput(f"--mode {self.mode!r}: give one of mlm, bitext, {', '.join(MODES)}.")
@@ -63,9 +62,23 @@ class TaskEvalOptions:
         if not self.tests or not (self.train or self.as_is):
             raise BadInput(f"--mode {self.mode} needs --train SPEC (the data to fine-tune on; or --as-is to score "
                            "MODEL's own head) and at least one --test SPEC (a language's test set).")
-        from .student.trainer import check_device
+        from ..student.runtime import check_device
 
         check_device(self.device)  # --device cuda without CUDA: one paragraph now, not a traceback after reading
+
+
+def run(values: dict) -> tuple[dict, str]:
+    """The mode as `xkd evaluate` runs it: evaluate's parsed options -> (result, its table)."""
+    mode, vocab, out = values["mode"], values["vocab"], values["out"]
+    if values["model"] is None:
+        raise BadInput(f"--mode {mode} needs MODEL: a Hugging Face encoder directory (a student, a teacher, ...).")
+    recipe = Recipe(epochs=values["epochs"], lr=values["lr"], batch_size=values["batch_size"],
+                    max_length=values["max_length"], warmup=values["warmup"], weight_decay=values["weight_decay"],
+                    freeze_embeddings=values["freeze_embeddings"])
+    result = evaluate_task(TaskEvalOptions(str(values["model"]), mode, list(values["train"]), list(values["test"]), recipe,
+                                           values["seeds"], values["seed"], str(vocab) if vocab else None,
+                                           str(out) if out else None, values["device"], values["as_is"]))
+    return result, format_result(result)
 
 
 def model_tokenizer(model_dir: Path, vocab_dir: str | None):
@@ -85,7 +98,7 @@ def model_tokenizer(model_dir: Path, vocab_dir: str | None):
                                "gone; give --vocab DIR (the union vocab it was trained with) to tokenize as in training.")
             vocab_dir = trained_with
     if vocab_dir is not None:
-        from .vocab import load_vocab
+        from ..vocab import load_vocab
 
         vocab = load_vocab(vocab_dir)
         return TaskEncoder(vocab=vocab), f"the union vocab {vocab_dir} (each language routed as in training)", vocab_dir
@@ -99,7 +112,7 @@ def model_tokenizer(model_dir: Path, vocab_dir: str | None):
 
 def resolve_model(name: str) -> Path:
     """MODEL as a directory: a path, or an alias / model id found offline (as teachers are)."""
-    from .names import resolve_teacher
+    from ..names import resolve_teacher
 
     if Path(name).exists():
         return Path(name)
@@ -120,7 +133,7 @@ def own_labels(model_dir: Path, mode: str, tests: list[TaskSet]) -> list[str]:
                        f"…{head} with a head to score; fine-tune it instead (--train SPEC).")
     from transformers import AutoConfig
 
-    from .student import mblm  # noqa: F401  (registers MBLM students with the Auto classes)
+    from ..student import mblm  # noqa: F401  (registers MBLM students with the Auto classes)
 
     # Through transformers: a config.json with the default two classes names none of them.
     id2label = AutoConfig.from_pretrained(str(model_dir)).id2label or {}
@@ -141,8 +154,8 @@ def load_for_task(model_dir: Path, mode: str, labels: list[str], seed: int, devi
     import torch
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-    from .student import mblm  # noqa: F401  (registers MBLM students with the Auto classes)
-    from .student.models import quiet_transformers
+    from ..student import mblm  # noqa: F401  (registers MBLM students with the Auto classes)
+    from ..student.models import quiet_transformers
 
     auto = AutoModelForSequenceClassification if mode == "classify" else AutoModelForTokenClassification
     torch.manual_seed(seed)  # the head's initialisation is part of what a seed varies
@@ -170,8 +183,9 @@ def score(data: TaskSet, encoded: Encoded, logits: list[np.ndarray], labels: lis
 
 
 def evaluate_task(opts: TaskEvalOptions, progress=None) -> dict:
-    from .student.export import evaluation_key, record_evaluation
-    from .student.models import check_model_dir
+    from ..student.export import evaluation_key, record_evaluation
+    from ..student.models import check_model_dir
+    from ..student.runtime import resolve_device
 
     say = progress or (lambda msg: sys.stderr.write(msg + "\n"))
     started = time.time()
@@ -194,7 +208,7 @@ def evaluate_task(opts: TaskEvalOptions, progress=None) -> dict:
     max_length = opts.recipe.max_length
     train_encoded = [encoder.encode(t, labels, max_length) for t in train]
     test_encoded = [encoder.encode(t, labels, max_length) for t in tests]
-    device = pick_device(opts.device)
+    device = resolve_device(opts.device)
     train_langs = sorted({t.lang for t in train})
     trained = (f"fine-tuned on {sum(len(t) for t in train):,} examples ({', '.join(train_langs)})" if train
                else "its own head as is (no fine-tuning)")
@@ -238,8 +252,8 @@ def evaluate_task(opts: TaskEvalOptions, progress=None) -> dict:
 
 def write_outputs(result: dict, out: Path) -> None:
     """results.json and a bar chart per language (<metric>.png) in `out`."""
-    from .chart import bar_chart_png
-    from .storage.manifest import atomic_write_bytes
+    from ..chart import bar_chart_png
+    from ..durable import atomic_write_bytes
 
     out.mkdir(parents=True, exist_ok=True)
     metric, scores = result["metric"], result[result["metric"]]
@@ -268,120 +282,4 @@ def format_result(result: dict) -> str:
     return "\n".join(lines)
 
 
-# xkd rdt --------------------------------------------------------------------------------
-
-
-def _read_result(item: str, option: str) -> tuple[str, dict, list[str] | None]:
-    """(name, evaluate --json object, languages to keep or None) from FILE[@LANG,LANG]."""
-    path, at, langs = item.rpartition("@") if "@" in item else (item, "", "")
-    file = Path(path)
-    if not file.is_file():
-        problem = "is a directory" if file.is_dir() else "does not exist"
-        raise BadInput(f"{option} {item!r}: {file} {problem}. Give the JSON that `xkd evaluate ... --json` printed "
-                       "(its last line) or the results.json it wrote.")
-    try:
-        text = file.read_text(encoding="utf-8")
-        try:
-            result = parse_json(text)  # a results.json
-        except ValueError:  # captured stdout of --json: the object is its last line
-            result = parse_json([line for line in text.split("\n") if line.strip()][-1])
-    except (ValueError, IndexError, UnicodeDecodeError) as e:
-        raise BadInput(f"{option} {item!r}: {file} is not the JSON of an xkd evaluation ({e}).") from None
-    if not isinstance(result, dict) or "metric" not in result:
-        raise BadInput(f"{option} {item!r}: {file} holds no evaluation result (no \"metric\"); give the output of "
-                       "`xkd evaluate MODEL --mode classify|tag --json`.")
-    if not isinstance(result["metric"], str) or not result["metric"]:
-        raise BadInput(f"{option} {item!r}: in {file}, \"metric\" is {result['metric']!r}, not the name of a score; give "
-                       "the output of `xkd evaluate MODEL --mode classify|tag --json` as it was written.")
-    _scores(result, result["metric"], f"{option} {item!r}", file)
-    keep = [lang.strip() for lang in langs.split(",") if lang.strip()] if at else None
-    return Path(str(result.get("model", path))).name, result, keep
-
-
-def _scores(result: dict, metric: str, where: str, file: Path) -> dict[str, float]:
-    """result[metric] as {language: score}, or one paragraph saying what the file holds instead."""
-    scores = result.get(metric)
-    if not isinstance(scores, dict) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in scores.values()):
-        found = "missing" if scores is None else f"{type(scores).__name__} {str(scores)[:60]}"
-        raise BadInput(f"{where}: in {file}, the scores of metric {metric!r} (key \"{metric}\") must be an object "
-                       f"{{language: score}} of finite numbers, and they are {found}. Give the output of "
-                       "`xkd evaluate MODEL --mode classify|tag --json` as it was written.")
-    return scores
-
-
-def _merged_student(files: list[str]) -> tuple[str, dict]:
-    """One student result from one file, or from several (one per language, as when each
-    language is fine-tuned in its own run): their per-language scores merged."""
-    if not files:
-        raise BadInput("give the student's evaluation: STUDENT.json (or one file per language).")
-    name, merged = "", {}
-    for item in files:
-        name, result, keep = _read_result(item, "STUDENT")
-        if keep is not None:
-            raise BadInput(f"STUDENT {item!r}: languages are chosen per teacher (--teacher FILE@LANG,...), not on the "
-                           "student.")
-        if not merged:
-            merged = dict(result, **{result["metric"]: dict(result[result["metric"]])})
-            continue
-        if result["metric"] != merged["metric"]:
-            raise BadInput(f"STUDENT {item!r} reports {result['metric']}, {files[0]} {merged['metric']}: one task a run.")
-        twice = sorted(set(result[result["metric"]]) & set(merged[merged["metric"]]))
-        if twice:
-            raise BadInput(f"STUDENT files {files[0]} and {item} both score {twice[0]}; give one score per language.")
-        merged[merged["metric"]].update(result[result["metric"]])
-    return name, merged
-
-
-def rdt_from_files(students: list[str], teachers: list[str], metric: str | None = None) -> dict:
-    if not teachers:
-        raise BadInput("give at least one --teacher FILE (the evaluation of a teacher, from xkd evaluate --json).")
-    name, student_result = _merged_student(students)
-    student = students[0]
-    metric = metric or student_result["metric"]
-    scores = {}
-    for item in teachers:
-        teacher, result, keep = _read_result(item, "--teacher")
-        if metric not in result or metric not in student_result:
-            raise BadInput(f"metric {metric!r} is not in both {student} and {item}; they report "
-                           f"{student_result['metric']} and {result['metric']}. Evaluate them on the same task.")
-        if result.get("mode") != student_result.get("mode") or result.get("train") != student_result.get("train"):
-            # Not an error: the same task may sit at other paths. But the reader must know.
-            sys.stderr.write(f"xkd rdt: note: {item} was fine-tuned on {result.get('train')} and the student on "
-                             f"{student_result.get('train')}; check that they are the same task.\n")
-        values = _scores(result, metric, f"--teacher {item!r}", Path(item.rpartition("@")[0] or item))
-        _scores(student_result, metric, f"STUDENT {student!r}", Path(student))
-        if keep is not None:
-            unknown = [lang for lang in keep if lang not in values]
-            if unknown:
-                raise BadInput(f"--teacher {item!r}: {unknown[0]} is not among its languages ({', '.join(values)}).")
-            values = {lang: values[lang] for lang in keep}
-        while teacher in scores:
-            teacher += "'"
-        scores[teacher] = values
-    try:
-        out = rdt(student_result[metric], scores)
-    except ValueError as e:
-        raise BadInput(f"xkd rdt: {e}.") from None
-    return {"student": name, "metric": metric, "teachers": scores, "student_scores": student_result[metric], **out,
-            "sign": "100 * (student - teacher) / teacher: positive when the student is better (the paper's tables)"}
-
-
-def format_rdt(result: dict) -> str:
-    teachers = list(result["teachers"])
-    width = max(20, *(len(t) + 2 for t in teachers))  # a cell: "0.1234 (+12.3%)"
-    lines = [f"RDT of {result['student']} on {result['metric']} ({result['sign']})",
-             f"{'language':<10}{'student':>9}" + "".join(f"{t:>{width}}" for t in teachers)]
-    for lang in result["languages"]:
-        cells = []
-        for t in teachers:
-            deviation = result["per_language"][lang].get(t)
-            cells.append(f"{result['teachers'][t][lang]:.4f} ({deviation:+.1f}%)" if deviation is not None else "-")
-        lines.append(f"{lang:<10}{result['student_scores'][lang]:>9.4f}" + "".join(f"{c:>{width}}" for c in cells))
-    lines.append("RDT per teacher: " + ", ".join(f"{t} {v:+.2f}%" for t, v in result["per_teacher"].items()))
-    lines.append(f"RDT over all {result['pairs']} (language, teacher) pairs: {result['rdt']:+.2f}%")
-    return "\n".join(lines)
-
-
-__all__ = ["EVALUATE_RECIPE", "MODES", "TaskEvalOptions", "evaluate_task", "format_rdt", "format_result", "rdt_from_files"]
-
+__all__ = ["EVALUATE_RECIPE", "MODES", "TaskEvalOptions", "evaluate_task", "format_result", "run"]

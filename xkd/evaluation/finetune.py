@@ -4,11 +4,12 @@ classify|tag` (the papers' zero-shot yardstick) share this loop.
 
 The recipe (`Recipe`) is BERT's (Devlin et al. 2019), which every seed paper fine-tunes with:
 AdamW, weight decay 0.01 except on biases and LayerNorm weights, linear warm-up over the
-first 10% of steps then linear decay to 0, gradient norm clipped at 1.0. `freeze_embeddings`
-keeps the embedding layers fixed (seeds/003: "to prevent the change only in subset of
+first 10% of steps then linear decay to 0 (train-student's schedule, student/runtime.py, as
+is the choice of device), gradient norm clipped at 1.0. `freeze_embeddings`
+keeps the embedding layers fixed (Soltan et al. 2021: "to prevent the change only in subset of
 subwords that appear in the training data", which helps zero-shot transfer).
 
-Data is task data (xkd.tasks): labeled single texts, sentence pairs or CoNLL tags. Each
+Data is task data (tasks.py): labeled single texts, sentence pairs or CoNLL tags. Each
 language is tokenized as the model reads it (`TaskEncoder`): its own tokenizer and template
 (pairs: BERT's [CLS] a [SEP] b [SEP] with token types, RoBERTa's <s> a </s></s> b </s>), or
 for an xkd student, the union vocab's routing of that language. For tagging, a word's label
@@ -31,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BadInput
-from .options import check_number
-from .segments import takes_token_types
+from ..errors import BadInput
+from ..options import check_number
+from ..segments import takes_token_types
 from .tasks import TaskSet, read_tasks, task_labels
 
 IGNORED = -100  # transformers' label for positions the loss skips
@@ -100,7 +101,7 @@ class TaskEncoder:
             enc = tokenizer(data.texts, data.texts_b, truncation=True, max_length=max_length)
         ids = [np.asarray(row, dtype=np.int64) for row in enc["input_ids"]]
         if table is not None:
-            from .vocab import remap_lists
+            from ..vocab import remap_lists
 
             slug, mapping = table
             ids = [row.astype(np.int64) for row in remap_lists(ids, mapping, what=f"tokenize with teacher {slug}")]
@@ -156,6 +157,8 @@ def fit(model, train: list[Encoded], recipe: Recipe, pad_id: int, seed: int, dev
     return the mean loss of each epoch."""
     import torch
 
+    from ..student.runtime import linear_schedule
+
     say = say or (lambda msg: None)
     examples = [(d, r) for d, data in enumerate(train) for r in range(len(data.ids))]
     if recipe.freeze_embeddings:
@@ -163,14 +166,15 @@ def fit(model, train: list[Encoded], recipe: Recipe, pad_id: int, seed: int, dev
             p.requires_grad_(False)
     steps_per_epoch = math.ceil(len(examples) / recipe.batch_size)
     total = steps_per_epoch * recipe.epochs
+    # --warmup is a fraction of the steps here, 1.0 included (all of them); train-student's
+    # runtime.warmup_steps reads a value of 1 or more as a number of steps.
     warmup = max(1, int(recipe.warmup * total))
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([
         {"params": [p for n, p in trainable if p.ndim >= 2], "weight_decay": recipe.weight_decay},
         {"params": [p for n, p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ], lr=recipe.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+    scheduler = linear_schedule(optimizer, warmup, total)
     order_rng = np.random.default_rng([seed, 1])
     epoch_losses = []
     for epoch in range(recipe.epochs):
@@ -214,12 +218,6 @@ def predict(model, data: Encoded, pad_id: int, device, batch_size: int = 64) -> 
     return out
 
 
-def pick_device(device: str | None):
-    import torch
-
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 # finetune-teacher ---------------------------------------------------------------------
 
 
@@ -245,7 +243,7 @@ class FinetuneOptions:
         if not 0.0 <= self.held_out < 1.0:
             raise BadInput(f"--held-out {self.held_out}: give a fraction in [0, 1).")
         _ = self.recipe  # builds the Recipe, whose own checks validate the numbers
-        from .student.trainer import check_device
+        from ..student.runtime import check_device
 
         check_device(self.device)  # --device cuda without CUDA: one paragraph now, not a traceback after reading
 
@@ -291,8 +289,9 @@ def finetune_teacher(opts: FinetuneOptions, progress=None) -> dict:
     import transformers
     from transformers import AutoModelForSequenceClassification
 
-    from .names import resolve_teacher
-    from .pipeline.tokenize import load_tokenizer
+    from ..names import resolve_teacher
+    from ..pipeline.tokenize import load_tokenizer
+    from ..student.runtime import resolve_device
 
     say = progress or (lambda msg: sys.stderr.write(msg + "\n"))
     started = time.time()
@@ -315,7 +314,7 @@ def finetune_teacher(opts: FinetuneOptions, progress=None) -> dict:
     except (ValueError, OSError) as e:  # not a model transformers can put a classification head on
         raise BadInput(f"--base {opts.base!r}: cannot be loaded as a sequence classifier ({e}).") from None
     tokenizer = load_tokenizer(resolved.path)
-    device = pick_device(opts.device)
+    device = resolve_device(opts.device)
     model.to(device)
     recipe = opts.recipe
     encoder = TaskEncoder(tokenizer)

@@ -13,8 +13,9 @@ syntax: `hf:DATASET[:CONFIG]@LANG?text=COL[,COL_B]&label=COL&split=SPLIT` for se
 tasks, `hf:DATASET[:CONFIG]@LANG?tokens=COL&tags=COL&split=SPLIT` for tagging (a ClassLabel
 column's ids become its names).
 
-Labeled and pair files are read by the pipeline's own corpus reader, so a label parses here
-exactly as a cached corpus's `class_label` does. Labels are kept as written (class names, or
+Lines, labels and dataset columns are read by the rules the pipeline reads a corpus with
+(xkd.readers), so a label parses here exactly as a cached corpus's `class_label` does, and an
+example whose text is empty is skipped as there. Labels are kept as written (class names, or
 class ids as strings): the label set of a run is the sorted union over its training files,
 and a test file naming a label the training data lacks is refused.
 """
@@ -24,9 +25,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BadInput
-from .lines import read_lines
-from .names import language_code
+from ..errors import BadInput
+from ..lines import read_lines
+from ..names import language_code
+from ..readers import (
+    cell_text,
+    check_columns,
+    check_label,
+    class_names,
+    dataset_class_id,
+    dataset_class_names,
+    load_hf_dataset,
+    tab_fields,
+)
 
 TASK_SPEC_HELP = ("labeled:PATH@LANG (text<TAB>label a line), pairs:PATH@LANG (text_a<TAB>text_b<TAB>label a line), "
                   "conll:PATH@LANG (a token and its tag a line, a blank line between sentences), or "
@@ -78,49 +89,88 @@ def read_task(spec: str, option: str = "--data") -> TaskSet:
     if kind == "conll":
         words, tags = read_conll(path, f"{option} {spec!r}")
         return TaskSet(spec, kind, lang, words=words, tags=tags)
-    from .names import CorpusSpec
-
-    return _sequence_task(spec, CorpusSpec(kind, (path,), (lang,), spec=f"{kind}:{path}@{lang}"), option)
+    return _sequence_file(spec, kind, path, lang, option)
 
 
-def _sequence_task(spec: str, corpus, option: str) -> TaskSet:
-    """Labeled texts or pairs through the pipeline's corpus reader (a CorpusSpec)."""
-    from .pipeline.corpus import Cleaning, plan_corpus
+# Per kind: (texts a line has, the numbers of tab-separated fields it may have, what they are).
+# A pair line without its label (two fields) is a corpus's unlabelled pair: refused as such.
+_LAYOUTS = {"labeled": (1, (2,), "text<TAB>label"), "pairs": (2, (2, 3), "text_a<TAB>text_b[<TAB>label]")}
 
-    plan = plan_corpus(corpus, Cleaning(), 1 << 30)
-    if plan.source.parallel:
-        raise BadInput(f"{option} {spec!r} names two languages; task data is one language a spec (@LANG).")
-    examples = [ex for shard in plan.shards for ex in shard.examples()]
-    unlabelled = [ex.example_id for ex in examples if ex.label < 0]
-    if unlabelled:
-        raise BadInput(f"{option} {spec!r}: example {unlabelled[0] + 1} has no label; every example of task data "
-                       f"needs one ({TASK_SPEC_HELP}).")
-    names = plan.source.label_names
-    data = TaskSet(spec, "pairs" if plan.source.has_pairs else "labeled", plan.langs[0],
-                   texts=[ex.texts[0] for ex in examples],
-                   labels=[names[ex.label] if names else str(ex.label) for ex in examples])
-    if plan.source.has_pairs:
-        data.texts_b = [ex.texts_b[0] for ex in examples]
+
+def _sequence_file(spec: str, kind: str, path: str, lang: str, option: str) -> TaskSet:
+    """Labeled texts or pairs of a file, its lines read as a labeled: or pairs: corpus's."""
+    where = f"{option} {spec!r}"
+    try:
+        lines = read_lines(path)
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{where}: {path} is not UTF-8 text ({e}).") from None
+    n_texts, counts, layout = _LAYOUTS[kind]
+    data = TaskSet(spec, kind, lang, texts_b=[] if kind == "pairs" else None)
+    labels = set()
+    for number, line in enumerate(lines, 1):
+        fields, problem = tab_fields(line, counts, layout)
+        if problem:
+            raise BadInput(f"{where}: {path}, line {number}: {problem}. Fix the file.")
+        label = check_label(fields[n_texts].strip(), f"{where}: {path}, line {number}") if len(fields) > n_texts else None
+        labels.add(label)
+        _add(data, [f.strip() for f in fields[:n_texts]], label, number, where)
+    class_names(labels - {None}, f"{where}: {path}")  # refuses a mix of class ids and names, as a corpus's
+    return _checked_examples(data, f"{path} ({len(lines)} lines)", where)
+
+
+def _add(data: TaskSet, texts: list[str], label: str | None, number: int, where: str) -> None:
+    """One example (number: its line or row, from 1), unless a text is empty: skipped, as a
+    corpus skips it."""
+    if not all(texts):
+        return
+    if label is None:
+        raise BadInput(f"{where}: example {number} has no label; every example of task data needs one "
+                       f"({TASK_SPEC_HELP}).")
+    data.texts.append(texts[0])
+    data.labels.append(label)
+    if data.texts_b is not None:
+        data.texts_b.append(texts[1])
+
+
+def _checked_examples(data: TaskSet, what: str, where: str) -> TaskSet:
+    if not data.texts:
+        raise BadInput(f"{where}: {what} holds no example with its text{'s' if data.texts_b is not None else ''} "
+                       f"and label ({TASK_SPEC_HELP}).")
     return data
 
 
+def _sequence_dataset(spec: str, corpus, option: str) -> TaskSet:
+    """Labeled texts or pairs of a datasets dataset: its text=COL[,COL_B] columns (default
+    text) and label=COL (default label, when there is one), read as an hf: corpus's."""
+    where = f"{option} {spec!r}"
+    ds = load_hf_dataset(corpus.dataset, corpus.config, corpus.options.get("split", "train"), where)
+    columns = tuple(corpus.options.get("columns") or ("text",))
+    label_column = corpus.options.get("label") or ("label" if "label" in ds.column_names else "")
+    check_columns(ds, (*columns, label_column), where)
+    names = dataset_class_names(ds, label_column, where)
+    data = TaskSet(spec, "pairs" if len(columns) == 2 else "labeled", corpus.langs[0],
+                   texts_b=[] if len(columns) == 2 else None)
+    labels = ds[label_column] if label_column else [None] * len(ds)
+    for row, (label, *values) in enumerate(zip(labels, *(ds[c] for c in columns))):
+        texts = [cell_text(v, f"{where}: column {c!r}, row {row}") for c, v in zip(columns, values)]
+        class_id = dataset_class_id(label, names, f"{where}, column {label_column!r}, row {row}")
+        _add(data, texts, None if class_id < 0 else names[class_id] if names else str(class_id), row + 1, where)
+    return _checked_examples(data, f"the dataset ({len(ds)} rows)", where)
+
+
 def read_hf_task(spec: str, option: str) -> TaskSet:
-    from .names import parse_corpus
+    from ..names import parse_corpus
 
     corpus = parse_corpus(spec)
     if len(corpus.langs) != 1:
         raise BadInput(f"{option} {spec!r}: name the data's language after the dataset, e.g. "
                        "hf:facebook/xnli:hi@hi?text=premise,hypothesis&label=label&split=test.")
     if not ("tokens" in corpus.options or "tags" in corpus.options):
-        return _sequence_task(spec, corpus, option)
+        return _sequence_dataset(spec, corpus, option)
     if not ("tokens" in corpus.options and "tags" in corpus.options):
         raise BadInput(f"{option} {spec!r}: tagging data needs both tokens=COL and tags=COL.")
-    from .pipeline.corpus import load_hf_dataset
-
-    ds = load_hf_dataset(corpus.dataset, corpus.config, corpus.options.get("split", "train"), spec)
-    missing = [c for c in (corpus.options["tokens"], corpus.options["tags"]) if c not in ds.column_names]
-    if missing:
-        raise BadInput(f"{option} {spec!r}: the dataset has no column {missing[0]!r}; its columns are {ds.column_names}.")
+    ds = load_hf_dataset(corpus.dataset, corpus.config, corpus.options.get("split", "train"), f"{option} {spec!r}")
+    check_columns(ds, (corpus.options["tokens"], corpus.options["tags"]), f"{option} {spec!r}")
     feature = ds.features[corpus.options["tags"]]
     names = getattr(getattr(feature, "feature", None), "names", None)  # Sequence(ClassLabel): tag ids -> names
     words = [list(map(str, row)) for row in ds[corpus.options["tokens"]]]

@@ -2,7 +2,8 @@
 
 It lets the test suite, and users trying xkd offline, run zero-shot cross-lingual
 evaluation end to end the way the papers do: fine-tune on English task data, test on the
-other languages. `write_toy_task(out)` (or `python -m xkd.toytask OUT`) writes, for each
+other languages. It lives beside the tests, not in the package: no xkd command needs it.
+`write_toy_task(out)` (or, in a clone, `python tests/toytask.py OUT`) writes, for each
 language L in en, es, hi and each split S in train, test:
 
   classify.L.S.tsv   text<TAB>label          topic of one sentence: food, music, sports, weather
@@ -54,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xkd.storage.manifest import atomic_write_bytes
+from xkd.durable import atomic_write_bytes
 
 # --------------------------------------------------------------------------------------
 # Lexicon
@@ -487,7 +488,7 @@ def write_toy_task(out: str | Path, *, train: int = 400, test: int = 100, seed: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m xkd.toytask",
+    parser = argparse.ArgumentParser(prog="python tests/toytask.py",
                                      description="Write xkd's multilingual toy task (classify, pairs, NER, POS, parallel).")
     parser.add_argument("out", help="directory to write into (created if needed)")
     parser.add_argument("--train", type=int, default=400, help="examples per train file (default 400)")
