@@ -100,11 +100,20 @@ def user_errors(fn):
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object as the last line of stdout.")
 WorkspaceOpt = typer.Option(
     None, "--workspace", help="The workspace root holding caches/, vocabs/ and students/ (default: $XKD_HOME, else ./xkd-runs).")
+
+
+def declared_option(options_cls, name: str):
+    """The typer parameter of option `name` as `options_cls` declares it: for another command
+    that takes the same option (evaluate reads caches as train-student does)."""
+    from .options import declared, default_of
+
+    f, spec = next((f, spec) for f, spec in declared(options_cls) if f.name == name)
+    return typer.Option(default_of(f), *spec.flags, help=spec.help)
+
+
 # Caches on object storage (s3://, gs://, az://) are read through a bounded local directory.
-CacheDirOpt = typer.Option(None, "--cache-dir", help="Caches given as URLs (s3://...): where their fetched bytes are kept "
-                           "(default: $XDG_CACHE_HOME/xkd/remote, else ~/.cache/xkd/remote).")
-CacheSizeOpt = typer.Option("20G", "--cache-size", help="Caches given as URLs: the most --cache-dir holds (e.g. 500M, 20G); "
-                            "the least recently used bytes go first.")
+CacheDirOpt = declared_option(TrainStudentOptions, "cache_dir")
+CacheSizeOpt = declared_option(TrainStudentOptions, "cache_size")
 
 
 def remote_fetch(option_caches: list[str], cache_dir, cache_size: str):
@@ -142,9 +151,7 @@ def _remote_only(option: str):
             f"leave --{option.replace('_', '-')} out.")
 
 
-AllowIncompleteOpt = typer.Option(
-    False, "--allow-incomplete",
-    help="Use caches whose cache-teachers run has not finished (only their finished shards); says what is missing.")
+AllowIncompleteOpt = declared_option(TrainStudentOptions, "allow_incomplete")
 
 
 # Every option that is given is used, or refused. Each command has one table of rules

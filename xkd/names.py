@@ -293,19 +293,31 @@ def parse_corpus(spec: str, files: str | None = None) -> CorpusSpec:
         parsed = CorpusSpec("sample", (), tuple(language_code(lang, f"--corpus {original!r}") for lang in rest.split("-")),
                             spec=original)
     else:
-        rest, _, query = rest.partition("?")
-        options = _hf_options(query, original)
-        rest, at, lang = rest.rpartition("@") if "@" in rest else (rest, "", "")
-        dataset, _, config = rest.partition(":")
-        # A config such as "en-hi" names the pair; other configs ("plain_text") name no languages.
-        pair = tuple(normalize_language(lang) for lang in config.split("-")) if config.count("-") == 1 else ()
-        langs = pair if pair and all(pair) else ()
-        if at:
-            langs = (language_code(lang, f"--corpus {original!r}"),)
-        if options.get("columns") and len(langs) == 2:
-            raise BadInput(f"--corpus {original!r}: text columns name one language's texts; give it as @LANG "
-                           "(e.g. hf:facebook/xnli:en@en?text=premise,hypothesis&label=label).")
-        parsed = CorpusSpec("hf", (), langs, dataset=dataset, config=config, spec=original, options=options)
+        parsed = _hf_spec(rest, original)
+    _check_available(parsed)
+    return parsed
+
+
+def _hf_spec(rest: str, original: str) -> CorpusSpec:
+    """The CorpusSpec of an hf: spec, `rest` being what follows "hf:"."""
+    rest, _, query = rest.partition("?")
+    options = _hf_options(query, original)
+    rest, at, lang = rest.rpartition("@") if "@" in rest else (rest, "", "")
+    dataset, _, config = rest.partition(":")
+    # A config such as "en-hi" names the pair; other configs ("plain_text") name no languages.
+    pair = tuple(normalize_language(lang) for lang in config.split("-")) if config.count("-") == 1 else ()
+    langs = pair if pair and all(pair) else ()
+    if at:
+        langs = (language_code(lang, f"--corpus {original!r}"),)
+    if options.get("columns") and len(langs) == 2:
+        raise BadInput(f"--corpus {original!r}: text columns name one language's texts; give it as @LANG "
+                       "(e.g. hf:facebook/xnli:en@en?text=premise,hypothesis&label=label).")
+    return CorpusSpec("hf", (), langs, dataset=dataset, config=config, spec=original, options=options)
+
+
+def _check_available(parsed: CorpusSpec) -> None:
+    """Refuse a corpus whose local files are missing, or whose hub dataset cannot be reached offline."""
+    original = parsed.spec
     for path in parsed.paths:
         if not Path(path).is_file():
             raise BadInput(f"--corpus {original!r}: file {path} does not exist (or is not a file).")
@@ -315,4 +327,3 @@ def parse_corpus(spec: str, files: str | None = None) -> CorpusSpec:
             "HF_HUB_OFFLINE=1 is set. Give local files instead, e.g. --corpus "
             "parallel:train.en@en,train.hi@hi (for opus-en-hi, or set XKD_OPUS_EN_HI=SRC,TGT)."
         )
-    return parsed

@@ -61,8 +61,8 @@ def distillation_cross_entropy(student_logits: torch.Tensor, teacher_logits: tor
     The τ² rule (Hinton et al. 2015, sec. 2): the gradient of the cross-entropy at τ with
     respect to z_S is (q − p)/τ, which shrinks like 1/τ² as τ grows; the τ² factor keeps the
     gradient sizes independent of τ, so changing τ does not reweigh this term against a
-    method's other terms (MLM, hidden-state MSEs). At τ = 1, the default and the papers'
-    setting of every method that calls this, it is the identity."""
+    method's other terms (MLM, hidden-state MSEs). At τ = 1 it is the identity. MultiKD's eq. 3
+    has no τ², so multikd divides it out unless its `t2` option keeps it."""
     if lognorm is not None and (topk_ids is None or tau != 1.0):
         raise ValueError("the tail target needs topk_ids and τ = 1: the cached log-normaliser is that of softmax(z_T)")
     if student_logp is not None and tau == 1.0:
@@ -75,15 +75,6 @@ def distillation_cross_entropy(student_logits: torch.Tensor, teacher_logits: tor
         p = torch.softmax(teacher_logits.float() / tau, dim=-1)
         per_row = -(p * (logq if topk_ids is None else logq.gather(1, topk_ids))).sum(-1)
     return per_row.mean() * tau**2
-
-
-def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
-    """MultiKD eq. 3 (Yang et al. 2022) as the paper writes it, without distillation_cross_entropy's
-    τ² factor (multikd's default τ = 8 would make its loss 64 times larger; the method's `t2`
-    option applies the factor): logits (B, C).
-        -1/B Σ_i softmax(z_T,i / τ) · log softmax(z_S,i / τ)."""
-    target = torch.softmax(teacher_logits.float() / tau, dim=-1)
-    return -(target * torch.log_softmax(student_logits.float() / tau, dim=-1)).sum(-1).mean()
 
 
 def squared_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import BadInput
 from ..families import STUDENT_ARCHITECTURES
-from ..options import FREE, SAME, check_memory, check_number, check_options, machine_memory, option, size_in_words
+from ..options import FREE, SAME, check_memory, check_options, machine_memory, option, size_in_words
 
 AMP = ("auto", "off", "bf16", "fp16")
 COPIES = ("all", "best")
@@ -98,10 +98,6 @@ class TrainStudentOptions:
             raise BadInput(f"--warmup {self.warmup:g} steps is more than --steps {self.steps}: the learning rate would "
                            f"never reach --lr. Give at most {self.steps} steps, or a fraction of --steps below 1 "
                            "(e.g. 0.1).")
-        # The loader numbers batches in 64-bit integers (run.py bounds the rows they hold, with the ranks)
-        check_number("--steps", self.steps, low=1, high=(2**63 - 1) // (self.batch_size * self.grad_accum), whole=True,
-                     hint=f"the loader counts --steps x --grad-accum {self.grad_accum} x --batch-size {self.batch_size} "
-                          "rows in 64-bit integers")
         # Each DataLoader worker is a process that imports torch and holds its own shuffle window
         check_memory("--workers", self.workers, self.workers * WORKER_BYTES,
                      f"{self.workers:,} DataLoader worker processes of at least {size_in_words(WORKER_BYTES)} each",

@@ -9,10 +9,10 @@ distils from that language's teacher (its cached class logits; one cache per tea
 
 with tau = 8 (the paper's temperature for all distillation experiments; `temperature`).
 Eq. 3 has no tau^2 factor, nor does TextBrewer's cross-entropy KD loss that the paper trains
-with, so none is applied by default; `t2=true` multiplies by tau^2 (Hinton et al.'s scaling,
-which keeps gradient sizes comparable across temperatures). This is the one KD term that does
-not follow losses.distillation_cross_entropy's rule (tau^2 always, as mergedistill and tinybert
-do): at the paper's tau = 8 that rule would make the loss 64 times larger.
+with, so by default (`t2=false`) the factor that losses.distillation_cross_entropy applies (its
+one rule, tau^2, as for every method) is divided out again: at the paper's tau = 8 it would make
+the loss 64 times larger. `t2=true` keeps it (Hinton et al.'s scaling, which keeps gradient
+sizes comparable across temperatures).
 
 Gold labels: where a row carries a class label (`class_label` >= 0: a cached `labeled:`
 corpus), the batch also reports `label`, the cross-entropy of the student's logits (tau = 1)
@@ -150,7 +150,8 @@ class MultiKD(Method):
         langs = batch["lang"]
         extra = {"lang": langs[0] if len(set(langs)) == 1 else list(langs)} if self.pass_lang else {}
         logits = student(**model_inputs(batch), **extra).logits.float()
-        parts = {"kd": L.soft_cross_entropy(logits, batch["teacher_logits"], c.temperature) * (c.temperature**2 if c.t2 else 1.0)}
+        kd = L.distillation_cross_entropy(logits, batch["teacher_logits"], c.temperature)
+        parts = {"kd": kd if c.t2 else kd / c.temperature**2}  # eq. 3 has no τ²
         weights = {"kd": 1.0}
         labelled = batch["class_label"] >= 0
         if bool(labelled.any()):
