@@ -80,6 +80,10 @@ def test_finetune_teacher_learns_the_toy_task_and_saves_a_loadable_classifier(ti
     assert (predicted[held] == gold[held]).mean() == pytest.approx(summary["accuracy"], abs=1e-4)
     saved = json.loads((out / "finetune_summary.json").read_text())
     assert saved["accuracy"] == summary["accuracy"]
+    # Its config.yaml replays it: the same classifier, byte for byte
+    r = invoke("finetune-teacher", "--config", out / "config.yaml", "--out", tmp_path / "again")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
 def read_labeled(items):

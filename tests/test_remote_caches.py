@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from xkd import open_cache
 from xkd.storage.fetch import FetchCache
@@ -90,7 +91,9 @@ def test_cache_teachers_writes_the_object_store_and_nothing_local(remote_setup, 
         assert manifest["complete"]
         # every object is a listed shard file: no leftovers of attempts
         listed = {f"shards/{s['dir']}/{rel}" for s in manifest["shards"] for rel in s["files"]}
-        assert set(names) - {"manifest.json"} == listed
+        assert set(names) - {"manifest.json", "config.yaml"} == listed
+        # the run's options, replayable with --config, beside the manifest
+        assert yaml.safe_load(Remote(cache).get("config.yaml"))["corpus"] == manifest["corpus"]["spec"]
     assert not Path("s3:").exists()  # the old bug: a local directory named after the URL
     # the workers ran in directories of their own, and left nothing there: each shard went up from a
     # temporary directory the worker removed after its upload

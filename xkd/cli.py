@@ -23,6 +23,7 @@ import typer
 from .errors import XkdError, from_worker
 from .evaluation import FINE_TUNING, MODES as EVALUATE_MODES
 from .evaluation.downstream import EVALUATE_RECIPE
+from .evaluation.finetune import FinetuneOptions
 from .pipeline.options import CacheTeachersOptions
 from .quiet import quiet_transformers_by_default
 from .student.options import STUDENT_SHAPE, TrainStudentOptions
@@ -33,6 +34,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Cross-lingual knowledge distillation: cache teachers once, train many students.",
 )
+
+
+def show(text: str, result: dict, as_json: bool) -> None:
+    """A command's summary for a person, then, under --json, the object for a script."""
+    typer.echo(text)
+    if as_json:
+        emit_json(result)
 
 
 def emit_json(obj: dict) -> None:
@@ -344,9 +352,7 @@ def cache_teachers_cmd(ctx, opts, given, workspace, as_json):
     except Interrupted as e:  # Ctrl-C: one line saying what was kept, not an error
         typer.echo(f"xkd cache-teachers: {e}", err=True)
         raise typer.Exit(e.exit_code) from None
-    typer.echo(format_summary(result))
-    if as_json:
-        emit_json(result)
+    show(format_summary(result), result, as_json)
 
 
 BUILD_VOCAB_UNUSED = (_workspace_unused(("out",)),)
@@ -581,40 +587,17 @@ def rdt_cmd(
     from .evaluation.rdt import format_rdt, rdt_from_files
 
     result = rdt_from_files(list(student), list(teacher), metric)
-    typer.echo(format_rdt(result))
-    if as_json:
-        emit_json(result)
+    show(format_rdt(result), result, as_json)
 
 
-@app.command("finetune-teacher")
-@user_errors
-def finetune_teacher_cmd(
-    base: str = typer.Option(..., "--base", help="Model to fine-tune: alias (minilm, mbert, ...), HF model id or model dir."),
-    data: List[str] = typer.Option(..., "--data", help="Labeled file [labeled:]PATH@LANG (text<TAB>label a line) or sentence "
-        "pairs pairs:PATH@LANG (text_a<TAB>text_b<TAB>label); repeat for several."),
-    out: Path = typer.Option(..., "--out", help="Where to save the classifier (HF format, with its tokenizer and labels)."),
-    epochs: int = typer.Option(3, "--epochs"),
-    lr: float = typer.Option(5e-5, "--lr"),
-    batch_size: int = typer.Option(16, "--batch-size"),
-    max_length: int = typer.Option(128, "--max-length", help="Tokens per example, special tokens included."),
-    held_out: float = typer.Option(0.2, "--held-out", help="Fraction of each file kept out of training and scored (0: none)."),
-    seed: int = typer.Option(0, "--seed"),
-    freeze_embeddings: bool = typer.Option(False, "--freeze-embeddings", help="Keep the embedding layers fixed (as in "
-        "Soltan et al. 2021)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda if available)."),
-    as_json: bool = JsonOpt,
-):
+@options_command("finetune-teacher", FinetuneOptions, as_json=JsonOpt)
+def finetune_teacher_cmd(ctx, opts, given, as_json):
     """Fine-tune a Hugging Face sequence classifier on labelled texts or sentence pairs: a classifier teacher for xd,
     multikd and tinybert stage 2."""
-    from .evaluation.finetune import FinetuneOptions, finetune_teacher, format_summary
+    from .evaluation.finetune import finetune_teacher, format_summary
 
-    summary = finetune_teacher(FinetuneOptions(
-        base=base, data=list(data), out=str(out), epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
-        held_out=held_out, seed=seed, freeze_embeddings=freeze_embeddings, device=device,
-    ))
-    typer.echo(format_summary(summary))
-    if as_json:
-        emit_json(summary)
+    summary = finetune_teacher(opts)
+    show(format_summary(summary), summary, as_json)
 
 
 @app.command("ls")

@@ -14,6 +14,27 @@ from pathlib import Path
 
 from .errors import BadInput
 
+# Line files -----------------------------------------------------------------------------
+
+
+def text_lines(path, what: str, fix: str) -> list[str]:
+    """The lines of a UTF-8 text file, split as every command splits lines (xkd.lines: on "\\n"
+    only: splitlines() also splits at U+2028, U+0085 and the like inside a sentence or a
+    token). A missing, non-UTF-8 or empty file is one paragraph naming it as `what` ("vocab
+    file", "--src"); `fix` says what the file should hold."""
+    from .lines import read_lines
+
+    if not Path(path).is_file():
+        raise BadInput(f"{what} {path} does not exist (or is not a file).")
+    try:
+        lines = read_lines(path)
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{what} {path} is not UTF-8 (byte {e.start}). {fix}") from None
+    if not lines:
+        raise BadInput(f"{what} {path} is empty. {fix}")
+    return lines
+
+
 # Labeled lines --------------------------------------------------------------------------
 
 

@@ -26,26 +26,19 @@ def run(values: dict) -> tuple[dict, str]:
     return result, text
 
 
-def read_lines(spec: str) -> tuple[list[str], str]:
-    """PATH@LANG -> (lines, lang), with a clear error for a missing file or language."""
+def read_lines(spec: str, option: str) -> tuple[list[str], str]:
+    """PATH@LANG (given as `option`) -> (lines, lang), with a clear error for a missing file or language."""
+    from ..names import language_code
+    from ..readers import text_lines
+
     path, sep, lang = spec.rpartition("@")
     if not sep or not path or not lang:
-        raise BadInput(f"{spec!r} must be PATH@LANG, e.g. tatoeba.hin-eng.hin@hi")
-    if not Path(path).is_file():
-        raise BadInput(f"{path} does not exist (or is not a file).")
-    from ..lines import read_lines as file_lines
-    from ..names import language_code
-
+        raise BadInput(f"{option} {spec!r} must be PATH@LANG, e.g. tatoeba.hin-eng.hin@hi")
+    if not Path(path).is_file():  # before the language: the path is the likelier slip
+        raise BadInput(f"{option} {path} does not exist (or is not a file).")
     lang = language_code(lang, spec)
-    try:
-        # "\n" only: splitlines() also splits at U+2028, U+0085 and the like inside a
-        # sentence, which shifted every later line against its translation.
-        lines = file_lines(path)
-    except UnicodeDecodeError as e:
-        raise BadInput(f"{path} is not UTF-8 text ({e}).") from None
-    if not lines:
-        raise BadInput(f"{path} is empty: bitext evaluation needs one sentence a line, line-aligned with the other side.")
-    return lines, lang
+    # Split as the other side is: a line split apart would shift every later line against its translation.
+    return text_lines(path, option, "Bitext evaluation needs one sentence a line, line-aligned with the other side."), lang
 
 
 @torch.inference_mode()
@@ -82,8 +75,8 @@ def evaluate_bitext(model_dir: str | None, vocab_dir: str, src: str, tgt: str, i
         raise BadInput(f"--pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}.")
     if (model_dir is None) == (init_from is None):
         raise BadInput("give either a trained student (MODEL) or --init-from TEACHER (the student before training).")
-    src_lines, src_lang = read_lines(src)  # the text first: cheap to check, and no model is loaded for nothing
-    tgt_lines, tgt_lang = read_lines(tgt)
+    src_lines, src_lang = read_lines(src, "--src")  # the text first: cheap to check, and no model is loaded for nothing
+    tgt_lines, tgt_lang = read_lines(tgt, "--tgt")
     vocab = load_vocab(vocab_dir)
     if init_from:
         check_model_dir(init_dir(init_from), "--init-from")

@@ -182,15 +182,8 @@ def score(data: TaskSet, encoded: Encoded, logits: list[np.ndarray], labels: lis
     return span_f1(data.tags, predicted)["f1"] if metric == "f1" else token_accuracy(data.tags, predicted)
 
 
-def evaluate_task(opts: TaskEvalOptions, progress=None) -> dict:
-    from ..student.export import evaluation_key, record_evaluation
-    from ..student.models import check_model_dir
-    from ..student.runtime import resolve_device
-
-    say = progress or (lambda msg: sys.stderr.write(msg + "\n"))
-    started = time.time()
-    model_dir = resolve_model(opts.model)
-    check_model_dir(model_dir, "MODEL")
+def read_task_files(opts: TaskEvalOptions) -> tuple[list, list, list[str]]:
+    """(train sets, test sets, the test languages): files of the mode's kind, one test set a language."""
     train = read_tasks(opts.train, "--train") if opts.train else []
     tests = read_tasks(opts.tests, "--test")
     wanted = "conll" if opts.mode == "tag" else "labeled: or pairs:"
@@ -202,6 +195,19 @@ def evaluate_task(opts: TaskEvalOptions, progress=None) -> dict:
         twice = next(lang for lang in langs if langs.count(lang) > 1)
         raise BadInput(f"two --test files are in {twice}; results are reported per language, so give one test set per "
                        "language (evaluate other sets in another run).")
+    return train, tests, langs
+
+
+def evaluate_task(opts: TaskEvalOptions, progress=None) -> dict:
+    from ..student.export import evaluation_key, record_evaluation
+    from ..student.models import check_model_dir
+    from ..student.runtime import resolve_device
+
+    say = progress or (lambda msg: sys.stderr.write(msg + "\n"))
+    started = time.time()
+    model_dir = resolve_model(opts.model)
+    check_model_dir(model_dir, "MODEL")
+    train, tests, langs = read_task_files(opts)
     labels = own_labels(model_dir, opts.mode, tests) if opts.as_is else task_labels(train, tests)
     metric = "accuracy" if opts.mode == "classify" or not is_bio(labels) else "f1"
     encoder, tokenized_by, vocab_used = model_tokenizer(model_dir, opts.vocab)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInput
-from ..options import check_number
+from ..options import check_number, check_options, config_yaml, option
 from ..segments import takes_token_types
 from .tasks import TaskSet, read_tasks, task_labels
 
@@ -221,27 +221,34 @@ def predict(model, data: Encoded, pad_id: int, device, batch_size: int = 64) -> 
 # finetune-teacher ---------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneOptions:
-    base: str  # teacher alias, model id or model directory (xkd.names.resolve_teacher)
-    data: list[str]  # task specs: labeled:PATH@LANG (or PATH@LANG) or pairs:PATH@LANG
-    out: str
-    epochs: int = 3
-    lr: float = 5e-5
-    batch_size: int = 16
-    max_length: int = 128
-    held_out: float = 0.2  # fraction of each file kept out of training and scored
-    seed: int = 0
-    weight_decay: float = 0.01
-    warmup: float = 0.1
-    freeze_embeddings: bool = False
-    device: str | None = None  # default: cuda when available
+    """What `xkd finetune-teacher` takes: one declaration per flag (xkd/options.py)."""
+
+    base: str = option(None, "--base", required=True, help="Model to fine-tune: alias (minilm, mbert, ...), HF model id or "
+                       "model dir.")
+    data: tuple[str, ...] = option((), "--data", help="Labeled file [labeled:]PATH@LANG (text<TAB>label a line) or "
+                                   "sentence pairs pairs:PATH@LANG (text_a<TAB>text_b<TAB>label); repeat for several.")
+    out: str = option(None, "--out", required=True, replay=False, help="Where to save the classifier (HF format, with its "
+                      "tokenizer and labels).")
+    epochs: int = option(3, "--epochs", help="Passes over the training examples.")
+    lr: float = option(5e-5, "--lr", help="Peak learning rate.")
+    batch_size: int = option(16, "--batch-size", help="Examples per batch.")
+    max_length: int = option(128, "--max-length", help="Tokens per example, special tokens included.")
+    held_out: float = option(0.2, "--held-out", low=0.0, high=1.0, high_open=True, hint="a fraction",
+                             help="Fraction of each file kept out of training and scored (0: none).")
+    seed: int = option(0, "--seed", help="Seed of the head, the held-out split and the data order.")
+    weight_decay: float = option(0.01, "--weight-decay", help="AdamW weight decay.")
+    warmup: float = option(0.1, "--warmup", help="Warm-up, a fraction of the steps.")
+    freeze_embeddings: bool = option(False, "--freeze-embeddings", help="Keep the embedding layers fixed (as in Soltan et "
+                                     "al. 2021).")
+    device: str | None = option(None, "--device", help="cpu | cuda (default: cuda if available).")
 
     def __post_init__(self):
+        object.__setattr__(self, "data", tuple(self.data))
         if not self.data:
             raise BadInput("--data: give at least one labeled file, PATH@LANG (a text<TAB>label a line).")
-        if not 0.0 <= self.held_out < 1.0:
-            raise BadInput(f"--held-out {self.held_out}: give a fraction in [0, 1).")
+        check_options(self)
         _ = self.recipe  # builds the Recipe, whose own checks validate the numbers
         from ..student.runtime import check_device
 
@@ -343,6 +350,7 @@ def finetune_teacher(opts: FinetuneOptions, progress=None) -> dict:
         "seconds": round(time.time() - started, 2), "options": asdict(opts),
     }
     (out_dir / "finetune_summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    (out_dir / "config.yaml").write_bytes(config_yaml(opts, "finetune-teacher"))  # replayable with --config
     return summary
 
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 from ..errors import BadInput
 from ..lines import strip_line_end
@@ -492,6 +492,23 @@ class CorpusPlan:
         }
 
 
+def _refuse_empty(spec: CorpusSpec, source: Source, records: int, skipped: dict[str, int]) -> NoReturn:
+    """Refuse a corpus of which cleaning kept nothing, saying how many records were read and why each was skipped."""
+    where = ", ".join(source.paths) or f"dataset {source.dataset}"
+    counts = ", ".join(f"{n} {r}" for r, n in skipped.items() if n) or "it has no lines"
+    raise BadInput(
+        f"corpus {spec.spec!r} ({where}) yields no examples: {records} records read ({counts}). "
+        "Check the files, or loosen --min-tokens/--max-tokens."
+    )
+
+
+def _check_labels_unchanged(source: Source, file_sha256: list[str]) -> None:
+    """The class names were read from the first file before this pass: refuse when its bytes have changed since."""
+    if source.labels_sha256 and file_sha256[0] != source.labels_sha256:
+        raise BadInput(f"{source.paths[0]} changed while it was being read (its class names were read from other "
+                       "bytes). Re-run the command once the file is no longer being written.")
+
+
 def plan_corpus(spec: CorpusSpec, cleaning: Cleaning, shard_size: int, split: str = "train") -> CorpusPlan:
     """One lazy pass: fingerprint, clean, count, and cut into shards of `shard_size` examples.
 
@@ -539,17 +556,10 @@ def plan_corpus(spec: CorpusSpec, cleaning: Cleaning, shard_size: int, split: st
         max_label = max(max_label, record.label)
         kept += 1
     if kept == 0:
-        where = ", ".join(source.paths) or f"dataset {source.dataset}"
-        counts = ", ".join(f"{n} {r}" for r, n in skipped.items() if n) or "it has no lines"
-        raise BadInput(
-            f"corpus {spec.spec!r} ({where}) yields no examples: {records} records read ({counts}). "
-            "Check the files, or loosen --min-tokens/--max-tokens."
-        )
+        _refuse_empty(spec, source, records, skipped)
     digests.append(tuple(h.hexdigest() for h in shard))
     file_sha256 = [h.hexdigest() for h in files]
-    if source.labels_sha256 and file_sha256[0] != source.labels_sha256:
-        raise BadInput(f"{source.paths[0]} changed while it was being read (its class names were read from other "
-                       "bytes). Re-run the command once the file is no longer being written.")
+    _check_labels_unchanged(source, file_sha256)
     fingerprint = source.fingerprint(file_sha256 if source.paths else None)
     sizes = [min(shard_size, kept - i * shard_size) for i in range(len(starts))]
     shards = [ShardSlice(i, source, cleaning, start, size, end, digest, fingerprint)

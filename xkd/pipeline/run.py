@@ -395,40 +395,17 @@ def cache_teachers(opts: CacheTeachersOptions, client=None, log: TextIO | None =
         cluster.connect()
         device_type = cluster.device_type()
         compute_dtype = resolve_compute(opts.dtype, device_type)
-        for spec in specs:  # refuse impossible outputs before reading the corpus
-            outputs_for(spec, opts)
-            mask_for(spec, opts)
-        unused = [flag for flag, value in (("--whole-word", opts.whole_word), (f"--seed {opts.seed}", opts.seed))
-                  if value]
-        if unused and not any(mask_for(spec, opts).active for spec in specs):
-            raise BadInput(f"{unused[0]} applies to masking, and no teacher is masked (--no-mask or --mask-prob 0; "
-                           "encoders and classifiers default to --mask-prob 0): give --mask-prob P above 0, or leave "
-                           f"{unused[0].split()[0]} out.")
+        check_teacher_outputs(specs, opts)  # before reading the corpus
         log.write(f"cache-teachers: reading corpus {opts.corpus!r} ...\n")
         plan = plan_corpus(corpus_spec, cleaning, opts.shard_size, opts.split)
-        if len(plan.shards) > MAX_SHARDS:  # readers refuse a manifest planning more (storage/manifest.py)
-            raise BadInput(f"--shard-size {opts.shard_size:,} cuts the corpus's {plan.examples:,} examples into "
-                           f"{len(plan.shards):,} shards, more than the {MAX_SHARDS:,} a cache can hold: give --shard-size "
-                           f"{-(-plan.examples // MAX_SHARDS):,} or more. Nothing was written.")
-        if opts.sides != "both" and not plan.source.parallel:
-            raise BadInput(f"--sides {opts.sides} chooses a side of a parallel corpus, and --corpus {opts.corpus!r} has one "
-                           f"language ({', '.join(plan.langs)}): leave --sides out.")
+        check_plan(plan, opts)
         skipped = ", ".join(f"{n:,} {r}" for r, n in plan.skipped.items() if n) or "none"
         log.write(f"cache-teachers: {plan.examples:,} examples in {len(plan.shards)} shards (skipped: {skipped})\n")
         for spec in specs:
             check_labels(spec, plan)
         jobs = [plan_job(spec, plan, opts, compute_dtype) for spec in specs]
         with ExitStack() as stack:
-            for job in jobs:
-                job.writer = stack.enter_context(CacheWriter(job.root, job.key, job.meta, len(plan.shards)))
-                # The run's resolved options, replayable with --config (beside the manifest, under its lock)
-                job.writer.put(CONFIG_FILE, config_yaml(opts, "cache-teachers"))
-                for shard_id, problems in sorted(job.writer.damaged.items()):
-                    log.write(f"cache-teachers: {job.root}: shard {shard_id} is damaged ({'; '.join(problems)}); rewriting it\n")
-                done = job.writer.done_shards()
-                job.todo = [s.shard_id for s in plan.shards if s.shard_id not in done]
-                if len(done):
-                    log.write(f"cache-teachers: {job.root}: resuming, {len(done)} of {len(plan.shards)} shards already done\n")
+            open_caches(stack, jobs, plan, opts, log)
             if any(job.todo for job in jobs):
                 cluster.start(device_type)
                 failures = run_tasks(cluster, jobs, plan, opts, device_type, log)
@@ -446,6 +423,45 @@ def cache_teachers(opts: CacheTeachersOptions, client=None, log: TextIO | None =
     if interrupted:
         raise Interrupted(interrupted_message(jobs))
     return summarize(jobs, plan, time.perf_counter() - t_start)
+
+
+def check_teacher_outputs(specs: list[TeacherSpec], opts: CacheTeachersOptions) -> None:
+    """Refuse outputs a teacher cannot produce, and masking flags when no teacher is masked."""
+    for spec in specs:
+        outputs_for(spec, opts)
+        mask_for(spec, opts)
+    unused = [flag for flag, value in (("--whole-word", opts.whole_word), (f"--seed {opts.seed}", opts.seed))
+              if value]
+    if unused and not any(mask_for(spec, opts).active for spec in specs):
+        raise BadInput(f"{unused[0]} applies to masking, and no teacher is masked (--no-mask or --mask-prob 0; "
+                       "encoders and classifiers default to --mask-prob 0): give --mask-prob P above 0, or leave "
+                       f"{unused[0].split()[0]} out.")
+
+
+def check_plan(plan: CorpusPlan, opts: CacheTeachersOptions) -> None:
+    """Refuse a corpus plan the options cannot cache: too many shards, or --sides on a one-language corpus."""
+    if len(plan.shards) > MAX_SHARDS:  # readers refuse a manifest planning more (storage/manifest.py)
+        raise BadInput(f"--shard-size {opts.shard_size:,} cuts the corpus's {plan.examples:,} examples into "
+                       f"{len(plan.shards):,} shards, more than the {MAX_SHARDS:,} a cache can hold: give --shard-size "
+                       f"{-(-plan.examples // MAX_SHARDS):,} or more. Nothing was written.")
+    if opts.sides != "both" and not plan.source.parallel:
+        raise BadInput(f"--sides {opts.sides} chooses a side of a parallel corpus, and --corpus {opts.corpus!r} has one "
+                       f"language ({', '.join(plan.langs)}): leave --sides out.")
+
+
+def open_caches(stack: ExitStack, jobs: list[Job], plan: CorpusPlan, opts: CacheTeachersOptions, log: TextIO) -> None:
+    """Open each job's CacheWriter (held on `stack`), write the run's config.yaml into it, and set
+    `job.todo` to the shards its manifest does not list as done, saying what is resumed or rewritten."""
+    for job in jobs:
+        job.writer = stack.enter_context(CacheWriter(job.root, job.key, job.meta, len(plan.shards)))
+        # The run's resolved options, replayable with --config (beside the manifest, under its lock)
+        job.writer.put(CONFIG_FILE, config_yaml(opts, "cache-teachers"))
+        for shard_id, problems in sorted(job.writer.damaged.items()):
+            log.write(f"cache-teachers: {job.root}: shard {shard_id} is damaged ({'; '.join(problems)}); rewriting it\n")
+        done = job.writer.done_shards()
+        job.todo = [s.shard_id for s in plan.shards if s.shard_id not in done]
+        if len(done):
+            log.write(f"cache-teachers: {job.root}: resuming, {len(done)} of {len(plan.shards)} shards already done\n")
 
 
 def kept_shards(jobs: list[Job]) -> str:
@@ -555,24 +571,8 @@ def run_tasks(cluster: Cluster, jobs: list[Job], plan: CorpusPlan, opts, device_
                     if "bad_input" in result:  # the same input would fail again: no retry
                         failed.append((job, shard_id, BadInput(result["bad_input"])))
                         continue
-                    if "stop" in result:
-                        stop = BadInput(f"{result['stop']} Kept {kept_shards(jobs)}.")
-                        break
-                    if "unavailable" in result:  # its message says what is kept and how to resume
-                        stop = XkdError(result["unavailable"])
-                        break
-                    if "write_refused" in result:
-                        refused = result["write_refused"]
-                        stop = write_refused_error(jobs, job, shard_id, refused["errno"], refused["strerror"],
-                                                   refused["path"])
-                        break
-                    try:
-                        job.writer.commit(result["record"])
-                    except OSError as e:
-                        if e.errno not in WRITE_REFUSED:
-                            raise
-                        stop = write_refused_error(jobs, job, shard_id, e.errno, e.strerror or os.strerror(e.errno),
-                                                   e.filename or str(job.root))
+                    stop = run_ending_error(jobs, job, shard_id, result) or commit_shard(jobs, job, shard_id, result)
+                    if stop is not None:
                         break
                     progress.update(result["examples"], result["record"]["tokens"])
                     continue
@@ -587,6 +587,37 @@ def run_tasks(cluster: Cluster, jobs: list[Job], plan: CorpusPlan, opts, device_
     if stop is not None:
         client.cancel(every_future)
         return stop
+    return failed_shards_error(failed)
+
+
+def run_ending_error(jobs: list[Job], job: Job, shard_id: int, result: dict) -> XkdError | None:
+    """The error that ends the run, when a worker's result reports one that every other shard
+    would meet too (see run_on_worker); None for a result to commit."""
+    if "stop" in result:
+        return BadInput(f"{result['stop']} Kept {kept_shards(jobs)}.")
+    if "unavailable" in result:  # its message says what is kept and how to resume
+        return XkdError(result["unavailable"])
+    if "write_refused" in result:
+        refused = result["write_refused"]
+        return write_refused_error(jobs, job, shard_id, refused["errno"], refused["strerror"], refused["path"])
+    return None
+
+
+def commit_shard(jobs: list[Job], job: Job, shard_id: int, result: dict) -> XkdError | None:
+    """Commit a finished shard's record to its cache; a write the file system refuses is the
+    error that ends the run (returned), any other OSError propagates."""
+    try:
+        job.writer.commit(result["record"])
+    except OSError as e:
+        if e.errno not in WRITE_REFUSED:
+            raise
+        return write_refused_error(jobs, job, shard_id, e.errno, e.strerror or os.strerror(e.errno),
+                                   e.filename or str(job.root))
+    return None
+
+
+def failed_shards_error(failed: list[tuple[Job, int, BaseException]]) -> XkdError | None:
+    """One paragraph for the shards that failed (counted, the first one named), or None when none did."""
     if not failed:
         return None
     job, shard_id, error = failed[0]

@@ -344,67 +344,82 @@ class LoadedTeacher:
             want_attention = any(kind.attentions for kind in kinds)
             if want_attention:
                 self.use_eager_attention()
-            if self.spec.kind == "classifier":
-                captured = {}
-                hook = self.base.register_forward_hook(lambda _m, _a, out: captured.__setitem__("base", out))
-                try:
-                    logits = self.model(**inputs, output_hidden_states=want_hidden,
-                                        output_attentions=want_attention).logits
-                finally:
-                    hook.remove()
-                base = captured["base"]
-            else:
-                logits = None
-                base = self.base(**inputs, output_hidden_states=want_hidden, output_attentions=want_attention)
-            sequence = base.last_hidden_state
-            out: dict[str, np.ndarray] = {}
-            n_rows = input_ids.shape[0]
-            loss = torch.full((n_rows,), float("nan"), dtype=torch.float32, device=dev)
-            if self.spec.kind == "mlm" and batch.masked_rows.size:
-                rows = torch.from_numpy(batch.masked_rows).to(dev)
-                cols = torch.from_numpy(batch.masked_cols).to(dev)
-                labels = torch.from_numpy(batch.labels).to(dev)
-                full = None
-                if self.head is None:
-                    full = self.model(**inputs).logits
-                picked = sequence[rows, cols] if full is None else None
-                # Full-vocabulary logits exist for one chunk of masked positions at a time, so
-                # memory stays bounded whatever the batch (mBERT: 0.5 GB per 1,000 positions).
-                chunk = max(1, LOGIT_CHUNK_ELEMENTS // self.spec.model_vocab_size)
-                parts = {"lognorm": [], "label": [], "values": [], "ids": []}
-                for start in range(0, rows.numel(), chunk):
-                    span = slice(start, start + chunk)
-                    if full is None:
-                        mlm_logits = self.head(picked[span]).float()
-                    else:
-                        mlm_logits = full[rows[span], cols[span]].float()
-                    parts["lognorm"].append(torch.logsumexp(mlm_logits, dim=-1))
-                    parts["label"].append(mlm_logits.gather(1, labels[span, None]).squeeze(1))
-                    if outputs.topk:
-                        values, ids = mlm_logits.topk(outputs.topk, dim=-1)
-                        parts["values"].append(values)
-                        parts["ids"].append(ids)
-                    del mlm_logits
-                lognorm = torch.cat(parts["lognorm"])
-                per_position = lognorm - torch.cat(parts["label"])
-                counts = torch.zeros(n_rows, dtype=torch.float32, device=dev).index_add_(0, rows, torch.ones_like(per_position))
-                sums = torch.zeros(n_rows, dtype=torch.float32, device=dev).index_add_(0, rows, per_position)
-                loss = torch.where(counts > 0, sums / counts.clamp(min=1), loss)
-                if outputs.topk:
-                    out["topk_ids"] = torch.cat(parts["ids"]).to(torch.int32).cpu().numpy().view(np.uint32)
-                    out["topk_logits"] = torch.cat(parts["values"]).to(torch.float16).cpu().numpy()
-                    out["lognorm"] = lognorm.cpu().numpy()
-            elif outputs.topk:
-                out["topk_ids"] = np.zeros((0, outputs.topk), np.uint32)
-                out["topk_logits"] = np.zeros((0, outputs.topk), np.float16)
-                out["lognorm"] = np.zeros(0, np.float32)
-            out["teacher_loss"] = loss.cpu().numpy()
+            base, logits = self._run_model(inputs, want_hidden, want_attention)
+            out = self._masked_lm_outputs(batch, inputs, base.last_hidden_state, outputs)
             if kinds:  # the dense outputs, each computed by its declaration (outputs.py), cast on the device
                 forward = Forward(base, logits, attention, torch.from_numpy(batch.word_start).to(dev), self.pool)
                 dtypes = {spec.name: spec.dtype for spec in dense_specs(outputs, self.spec).values()}
                 for kind in kinds:
                     for name, values in kind.produce(forward, outputs).items():
                         out[name] = values.to(getattr(torch, dtypes[name])).cpu().numpy()
+        return out
+
+    def _run_model(self, inputs: dict, want_hidden: bool, want_attention: bool):
+        """(the base model's output, the classifier's logits or None). A classifier runs whole, its
+        base's output caught by a hook on the way; other teachers run their base alone."""
+        if self.spec.kind == "classifier":
+            captured = {}
+            hook = self.base.register_forward_hook(lambda _m, _a, out: captured.__setitem__("base", out))
+            try:
+                logits = self.model(**inputs, output_hidden_states=want_hidden,
+                                    output_attentions=want_attention).logits
+            finally:
+                hook.remove()
+            base = captured["base"]
+        else:
+            logits = None
+            base = self.base(**inputs, output_hidden_states=want_hidden, output_attentions=want_attention)
+        return base, logits
+
+    def _masked_lm_outputs(self, batch: PaddedBatch, inputs: dict, sequence, outputs: Outputs) -> dict[str, np.ndarray]:
+        """topk_ids, topk_logits and lognorm at the masked positions (empty where the teacher is no
+        MLM or nothing is masked, when top-k is asked for) and teacher_loss per row (NaN where no
+        position is masked)."""
+        import torch
+
+        dev = self.device
+        out: dict[str, np.ndarray] = {}
+        n_rows = inputs["input_ids"].shape[0]
+        loss = torch.full((n_rows,), float("nan"), dtype=torch.float32, device=dev)
+        if self.spec.kind == "mlm" and batch.masked_rows.size:
+            rows = torch.from_numpy(batch.masked_rows).to(dev)
+            cols = torch.from_numpy(batch.masked_cols).to(dev)
+            labels = torch.from_numpy(batch.labels).to(dev)
+            full = None
+            if self.head is None:
+                full = self.model(**inputs).logits
+            picked = sequence[rows, cols] if full is None else None
+            # Full-vocabulary logits exist for one chunk of masked positions at a time, so
+            # memory stays bounded whatever the batch (mBERT: 0.5 GB per 1,000 positions).
+            chunk = max(1, LOGIT_CHUNK_ELEMENTS // self.spec.model_vocab_size)
+            parts = {"lognorm": [], "label": [], "values": [], "ids": []}
+            for start in range(0, rows.numel(), chunk):
+                span = slice(start, start + chunk)
+                if full is None:
+                    mlm_logits = self.head(picked[span]).float()
+                else:
+                    mlm_logits = full[rows[span], cols[span]].float()
+                parts["lognorm"].append(torch.logsumexp(mlm_logits, dim=-1))
+                parts["label"].append(mlm_logits.gather(1, labels[span, None]).squeeze(1))
+                if outputs.topk:
+                    values, ids = mlm_logits.topk(outputs.topk, dim=-1)
+                    parts["values"].append(values)
+                    parts["ids"].append(ids)
+                del mlm_logits
+            lognorm = torch.cat(parts["lognorm"])
+            per_position = lognorm - torch.cat(parts["label"])
+            counts = torch.zeros(n_rows, dtype=torch.float32, device=dev).index_add_(0, rows, torch.ones_like(per_position))
+            sums = torch.zeros(n_rows, dtype=torch.float32, device=dev).index_add_(0, rows, per_position)
+            loss = torch.where(counts > 0, sums / counts.clamp(min=1), loss)
+            if outputs.topk:
+                out["topk_ids"] = torch.cat(parts["ids"]).to(torch.int32).cpu().numpy().view(np.uint32)
+                out["topk_logits"] = torch.cat(parts["values"]).to(torch.float16).cpu().numpy()
+                out["lognorm"] = lognorm.cpu().numpy()
+        elif outputs.topk:
+            out["topk_ids"] = np.zeros((0, outputs.topk), np.uint32)
+            out["topk_logits"] = np.zeros((0, outputs.topk), np.float16)
+            out["lognorm"] = np.zeros(0, np.float32)
+        out["teacher_loss"] = loss.cpu().numpy()
         return out
 
     def use_eager_attention(self) -> None:

@@ -206,6 +206,12 @@ def build_rows(examples, langs, parallel: bool, view: View, teacher) -> Rows:
                     cols["segment_b"].append(row.segment_b)
                     cols["text_b"].append(covered_b[i])
                     cols["pair_text_b"].append(covered_b.get(1 - i, ex.texts_b[1 - i]) if parallel else "")
+    return _rows_of(cols, pairs, teacher.pad_id, truncated)
+
+
+def _rows_of(cols: dict[str, list], pairs: bool, pad_id: int, truncated: int) -> Rows:
+    """The Rows of the per-row lists build_rows collected: per-row scalars as typed arrays, the
+    rest as lists; the sentence-pair columns only when the corpus has pairs."""
     return Rows(
         example_id=np.array(cols["example_id"], dtype=np.uint64),
         pair_id=np.array(cols["pair_id"], dtype=np.int64),
@@ -215,7 +221,7 @@ def build_rows(examples, langs, parallel: bool, view: View, teacher) -> Rows:
         class_label=np.array(cols["class_label"], dtype=np.int32),
         text=cols["text"], pair_text=cols["pair_text"], input_ids=cols["input_ids"],
         word_start=cols["word_start"], positions=cols["positions"], labels=cols["labels"],
-        pad_id=teacher.pad_id, truncated=truncated,
+        pad_id=pad_id, truncated=truncated,
         segment_b=np.array(cols["segment_b"], dtype=np.uint16) if pairs else None,
         text_b=cols["text_b"] if pairs else None, pair_text_b=cols["pair_text_b"] if pairs else None,
     )

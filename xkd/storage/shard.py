@@ -247,7 +247,15 @@ def write_shard_files(
         raise ValueError(f"dense outputs {sorted(dense)} do not match their specs {sorted(dense_specs)}")
     table = build_table(rows, has_topk, has_text, has_pairs)
     expected = {name: dense_length(spec, table) for name, spec in dense_specs.items()}
+    _write_in_place(root, shard_id, table, dense, dense_specs, expected, row_group_size)
+    return _shard_record(root, shard_id, table, dense_specs)
 
+
+def _write_in_place(root: Path, shard_id: int, table: pa.Table, dense: dict, dense_specs: dict[str, DenseSpec],
+                    expected: dict[str, int], row_group_size: int) -> None:
+    """Write the shard's Parquet file (and Zarr group) under temporary names, fsync them, and
+    rename them into place, the Parquet file last: a Parquet file in place means a whole shard.
+    The temporary files go whatever happens."""
     shards = root / SHARDS
     shards.mkdir(parents=True, exist_ok=True)
     tag = f"tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -271,6 +279,11 @@ def write_shard_files(
         if tmp_zarr.exists():
             shutil.rmtree(tmp_zarr)
 
+
+def _shard_record(root: Path, shard_id: int, table: pa.Table, dense_specs: dict[str, DenseSpec]) -> dict:
+    """The manifest record of a shard just written: what it holds, and each file's size and sha256."""
+    shards = root / SHARDS
+    name = shard_name(shard_id)
     files = {}
     for rel in shard_files(root, shard_id):
         path = shards / rel

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BadInput
-from ..lines import read_lines
 from ..names import resolve_teacher
+from ..readers import text_lines
 from ..storage.untrusted import parse_json
 from ..weights import config_size_problem
 from .canonical import (
@@ -182,14 +182,7 @@ def read_vocab_txt(path: Path) -> list[str]:
     """The lines of a WordPiece vocab.txt, checked: exists, not empty, no empty or duplicate
     lines. Read as every command reads lines (xkd.lines): split on '\\n' only (some real
     vocabs hold U+2028 as a token), a CRLF line end is a line end."""
-    if not path.is_file():
-        raise BadInput(f"vocab file {path} does not exist (or is not a file).")
-    try:
-        lines = read_lines(path)
-    except UnicodeDecodeError as e:
-        raise BadInput(f"vocab file {path} is not UTF-8 (byte {e.start}). Save it as UTF-8, one token a line.") from None
-    if not lines:
-        raise BadInput(f"vocab file {path} is empty. A WordPiece vocab.txt holds one token a line.")
+    lines = text_lines(path, "vocab file", "A WordPiece vocab.txt holds one token a line, in UTF-8.")
     seen: dict[str, int] = {}
     for number, token in enumerate(lines, 1):
         if token == "":
