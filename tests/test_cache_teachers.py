@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from xkd import open_cache
@@ -221,14 +222,16 @@ def test_cli_runs_on_an_existing_scheduler_prints_json_last_and_replays_from_its
     assert "cache: " + info["path"] in result.stdout
     # The run's config.yaml replays it: the same cache, byte for byte, under another --out
     config = Path(info["path"]) / "config.yaml"
-    replay = CliRunner().invoke(app, ["cache-teachers", "--config", str(config), "--out", str(tmp_path / "b"), "--json"])
+    assert "scheduler" not in yaml.safe_load(config.read_text())  # where it ran is not part of what it made
+    replay = CliRunner().invoke(app, ["cache-teachers", "--config", str(config), "--out", str(tmp_path / "b"),
+                                      "--scheduler", client.scheduler.address, "--json"])
     assert replay.exit_code == 0, replay.stderr
     [again] = json.loads(replay.stdout.strip().splitlines()[-1])["caches"]
     assert Path(again["path"]).name == Path(info["path"]).name
     assert cache_bytes(Path(again["path"])) == cache_bytes(Path(info["path"]))
     # A flag given beside --config overrides the file: another setting, another cache
     other = CliRunner().invoke(app, ["cache-teachers", "--config", str(config), "--out", str(tmp_path / "c"), "--topk", "2",
-                                     "--json"])
+                                     "--scheduler", client.scheduler.address, "--json"])
     assert other.exit_code == 0, other.stderr
     [changed] = json.loads(other.stdout.strip().splitlines()[-1])["caches"]
     assert open_cache(changed["path"]).manifest["view"]["outputs"]["topk"] == 2

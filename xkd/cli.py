@@ -224,16 +224,16 @@ def options_command(name: str, options_cls, rules=(), **cli_only):
     def decorate(body):
         def command(ctx: typer.Context, **kwargs):
             typed = given_options(ctx)
-            values = {f.name: default_of(f) for f, _ in declared(options_cls)}
+            defaults = {f.name: default_of(f) for f, _ in declared(options_cls)}
             from_file = read_config(kwargs["config"], options_cls) if kwargs["config"] else {}
-            values.update(from_file)
+            values = {**defaults, **from_file}
             for f, spec in declared(options_cls):
                 if f.name in typed:
                     value = kwargs[f.name]
                     values[f.name] = spec.parse(value, spec.flag) if spec.parse else as_field_type(value, hints[f.name],
                                                                                                      spec.flag)
             flags = {f.name: spec.flag for f, spec in declared(options_cls)}
-            given = {**{k: flags[k] for k, v in from_file.items() if v != _default(options_cls, k)}, **typed}
+            given = {**{k: flags[k] for k, v in from_file.items() if v != defaults[k]}, **typed}
             refuse_unused_values(values, given, rules)
             return body(ctx, options_cls(**values), given, **{k: kwargs[k] for k in cli_only})
 
@@ -244,12 +244,6 @@ def options_command(name: str, options_cls, rules=(), **cli_only):
         return body
 
     return decorate
-
-
-def _default(options_cls, name: str):
-    from .options import default_of
-
-    return next(default_of(f) for f in dataclasses.fields(options_cls) if f.name == name)
 
 
 def refuse_unused_values(values: dict, given: dict[str, str], rules) -> None:

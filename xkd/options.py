@@ -144,15 +144,15 @@ def free_options(cls) -> tuple[str, ...]:
     return tuple(spec.flag for _, spec in declared(cls) if spec.resume == FREE)
 
 
-def command_line(cls, values: dict) -> list[str]:
-    """The flags that give `values` (field: value) to the command whose options are `cls`, in
-    declaration order: a switch as its flag (or its --no- form), a list option once per item
-    or comma-joined where it is typed as one, None left out."""
+def command_line(opts, names) -> list[str]:
+    """The flags that give the options `names` of `opts` to its command, in declaration order:
+    a switch as its flag (or its --no- form), a list option once per item or comma-joined
+    where it is typed as one; None left out."""
     args = []
-    for f, spec in declared(cls):
-        if f.name not in values or values[f.name] is None:
+    for f, spec in declared(opts):
+        value, flag = getattr(opts, f.name), spec.flag
+        if f.name not in names or value is None:
             continue
-        value, flag = values[f.name], spec.flag
         if isinstance(value, bool):
             negative = spec.flags[0].partition("/")[2]
             args += [flag] if value else ([negative] if negative else [])
@@ -182,7 +182,7 @@ def config_values(opts) -> dict:
 def config_yaml(opts, command: str) -> bytes:
     import yaml
 
-    head = (f"# The resolved options of this run. Replay it with:\n"
+    head = (f"# The resolved options that made this output. Replay them with:\n"
             f"#   xkd {command} --config config.yaml [--out NEW] [more flags override the file]\n")
     return (head + yaml.safe_dump(config_values(opts), sort_keys=False, allow_unicode=True)).encode()
 
@@ -206,7 +206,7 @@ def read_config(path, cls) -> dict:
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise BadInput(f"{where}: holds a {type(data).__name__}, not a mapping of option names to values.")
-    known = {f.name: (f, spec) for f, spec in declared(cls) if spec.replay}
+    known = {f.name: (f, spec) for f, spec in declared(cls)}  # a file may give any option; runs write the replay ones
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in data.items():

@@ -339,11 +339,8 @@ def finetune_teacher(opts: FinetuneOptions, progress=None) -> dict:
     out_dir = Path(opts.out)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    counts: dict[str, int] = {}
-    for t in tasks:
-        counts[t.lang] = counts.get(t.lang, 0) + len(t)
     summary = {
-        "out": str(out_dir), "base": opts.base, "labels": labels, "examples": dict(sorted(counts.items())),
+        "out": str(out_dir), "base": opts.base, "labels": labels, "examples": examples_per_language(tasks),
         "pairs": tasks[0].kind == "pairs", "train_examples": n_train, "held_out_examples": n_held,
         "accuracy_before": before["accuracy"], "accuracy": after["accuracy"], "per_language": after["per_language"],
         "epoch_losses": epoch_losses, "steps": math.ceil(n_train / recipe.batch_size) * recipe.epochs,
@@ -352,6 +349,13 @@ def finetune_teacher(opts: FinetuneOptions, progress=None) -> dict:
     (out_dir / "finetune_summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     (out_dir / "config.yaml").write_bytes(config_yaml(opts, "finetune-teacher"))  # replayable with --config
     return summary
+
+
+def examples_per_language(tasks: list[TaskSet]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in tasks:
+        counts[t.lang] = counts.get(t.lang, 0) + len(t)
+    return dict(sorted(counts.items()))
 
 
 def format_summary(summary: dict) -> str:

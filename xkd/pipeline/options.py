@@ -86,10 +86,14 @@ class CacheTeachersOptions:
                                help="Padded tokens per batch (rows x longest row; length-bucketed).")
     dtype: str = option("auto", "--dtype", choices=DTYPES, help="Compute dtype: auto (fp16 on CUDA, fp32 on CPU) | fp16 | "
                         "bf16 | fp32.")
-    scheduler: str = option("local", "--scheduler", help="local (a LocalCluster) or a dask scheduler address tcp://host:port.")
-    workers: int | None = option(None, "--workers", low=1, whole=True, hint="local worker processes; leave it out for the "
-                                 "default", help="Local workers (default: one per GPU, else 1).")
-    cpu_threads: int | None = option(None, "--cpu-threads", low=1, high=MAX_CPU_THREADS, whole=True,
+    # Where and on how many processes it runs are not recorded in config.yaml: they change
+    # nothing in the cache, and a replay on another machine takes that machine's defaults.
+    scheduler: str = option("local", "--scheduler", replay=False,
+                            help="local (a LocalCluster) or a dask scheduler address tcp://host:port.")
+    workers: int | None = option(None, "--workers", replay=False, low=1, whole=True,
+                                 hint="local worker processes; leave it out for the default",
+                                 help="Local workers (default: one per GPU, else 1).")
+    cpu_threads: int | None = option(None, "--cpu-threads", replay=False, low=1, high=MAX_CPU_THREADS, whole=True,
                                      hint="torch threads per worker; leave it out for the default",
                                      help="Torch threads per worker on CPU (default: cores / local workers).")
 

@@ -160,15 +160,16 @@ def mask_for(spec: TeacherSpec, opts: CacheTeachersOptions) -> MaskConfig:
     return config
 
 
-def made_by(meta: dict) -> list[str]:
-    """The cache-teachers command (all but --out) that makes, or finishes, the cache described
-    by `meta`, recorded in its manifest (`made_by`; storage.completeness adds --out): every
-    setting that enters the cache key is given explicitly, so defaults that change between
-    versions do not change the key."""
+def cache_values(meta: dict) -> dict | None:
+    """The cache-teachers options (field: value, all but --out) that make, or finish, the cache
+    described by `meta`, resolved for its teacher: every setting that enters the cache key is
+    given explicitly, so defaults that change between versions do not change the key. Recorded
+    in the cache twice: as the command in its manifest (`made_by`; storage.completeness adds
+    --out) and as its config.yaml (what --config replays). None when `meta` says too little."""
     teacher = (meta.get("teacher") or {}).get("name")
     corpus, view = meta.get("corpus") or {}, meta.get("view") or {}
     if not teacher or not corpus.get("spec") or not view:
-        return []
+        return None
     mask, outputs, cleaning = view.get("mask") or {}, view.get("outputs") or {}, view.get("cleaning") or {}
     sides = view.get("sides") or []
     values = {
@@ -188,7 +189,13 @@ def made_by(meta: dict) -> list[str]:
     }
     for kind in KINDS.values():  # each dense output kind says which options ask for it (outputs.py)
         values.update(kind.options(outputs))
-    return ["xkd", "cache-teachers", *command_line(CacheTeachersOptions, values)]
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def made_by(meta: dict) -> list[str]:
+    """The command (all but --out) that makes or finishes the cache `meta` describes."""
+    values = cache_values(meta)
+    return [] if values is None else ["xkd", "cache-teachers", *command_line(CacheTeachersOptions(**values), values)]
 
 
 def plan_job(spec: TeacherSpec, plan: CorpusPlan, opts: CacheTeachersOptions, compute_dtype: str) -> Job:
@@ -455,7 +462,8 @@ def open_caches(stack: ExitStack, jobs: list[Job], plan: CorpusPlan, opts: Cache
     for job in jobs:
         job.writer = stack.enter_context(CacheWriter(job.root, job.key, job.meta, len(plan.shards)))
         # The run's resolved options, replayable with --config (beside the manifest, under its lock)
-        job.writer.put(CONFIG_FILE, config_yaml(opts, "cache-teachers"))
+        if (values := cache_values(job.meta)) is not None:
+            job.writer.put(CONFIG_FILE, config_yaml(CacheTeachersOptions(**values), "cache-teachers"))
         for shard_id, problems in sorted(job.writer.damaged.items()):
             log.write(f"cache-teachers: {job.root}: shard {shard_id} is damaged ({'; '.join(problems)}); rewriting it\n")
         done = job.writer.done_shards()

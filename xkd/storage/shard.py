@@ -253,9 +253,9 @@ def write_shard_files(
 
 def _write_in_place(root: Path, shard_id: int, table: pa.Table, dense: dict, dense_specs: dict[str, DenseSpec],
                     expected: dict[str, int], row_group_size: int) -> None:
-    """Write the shard's Parquet file (and Zarr group) under temporary names, fsync them, and
-    rename them into place, the Parquet file last: a Parquet file in place means a whole shard.
-    The temporary files go whatever happens."""
+    """Write the shard's Parquet file (and its Zarr group, when there are dense outputs) under
+    temporary names, fsync them, and rename them into place, the Zarr group first; the temporary
+    files are removed whatever happens."""
     shards = root / SHARDS
     shards.mkdir(parents=True, exist_ok=True)
     tag = f"tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -473,6 +473,43 @@ def _usage(name: str, info: dict, tag: str, mask_token: str) -> list[str]:
             "```", ""]
 
 
+def _training_section(info: dict, summary: dict, method: str, architecture: str, teachers: list) -> list[str]:
+    """How the student was trained: method, options, initialisation, shape, steps and final
+    losses, then the teachers and caches it was distilled from."""
+    lines = ["## Training", "", "| | |", "|---|---|", f"| method | `{method}` |"]
+    options = info.get("options") or {}
+    if options:
+        lines.append(f"| options | {_cell(', '.join(f'`{k}={_fmt(v)}`' for k, v in options.items()))} |")
+    if info.get("init_from"):
+        base = f" ({info['base_model']})" if info.get("base_model") else ""
+        lines.append(f"| initialised from | `{_cell(info['init_from'])}`{base} |")
+    if architecture:
+        shape = ", ".join(f"{label} {info[key]:,}" for key, label in (("layers", "layers"), ("hidden_size", "hidden"),
+                                                                      ("vocab_size", "vocabulary")) if info.get(key))
+        lines.append(f"| student | {architecture}" + (f" ({shape})" if shape else "") + " |")
+    if summary:
+        done, total = summary.get("steps"), summary.get("steps_total")
+        lines.append(f"| steps | {done} of {total}" + (" (partial: the run has not finished)" if summary.get("partial") else "")
+                     + " |")
+        from .report import NOT_LOSSES
+
+        final = {k: v for k, v in (summary.get("final") or {}).items() if k not in NOT_LOSSES}
+        if final:
+            lines.append(f"| final losses | {_cell(', '.join(f'{k} {_fmt(v)}' for k, v in final.items()))} |")
+    lines.append("")
+    if teachers:
+        lines += ["### Teachers", "", "| teacher | model | kind |", "|---|---|---|"]
+        lines += [f"| `{_cell(t.get('name'))}` | {_cell(t.get('model_id'))} | {_cell(t.get('kind'))} |" for t in teachers]
+        lines.append("")
+    caches = info.get("caches") or [{"path": p} for p in summary.get("caches") or []]
+    if caches:
+        lines += ["### Caches", "", "| cache | teacher | corpus | languages | rows |", "|---|---|---|---|---|"]
+        lines += [f"| `{_cell(c.get('path'))}` | {_cell(c.get('teacher') or '')} | {_cell(c.get('corpus') or '')} | "
+                  f"{_cell(', '.join(c.get('languages') or []))} | {_cell(c.get('rows') or '')} |" for c in caches]
+        lines.append("")
+    return [*lines, "The loss curves are in `losses.png`, the logged values in `metrics.jsonl`.", ""]
+
+
 def model_card(student_dir) -> str:
     """README.md of a student directory, from the files in it (any may be missing)."""
     path = Path(student_dir)
@@ -505,38 +542,7 @@ def model_card(student_dir) -> str:
              + (f", for {', '.join(languages)}" if languages else "") + ". Training read the caches only; no teacher "
              "was loaded.", "", "## Use it", "", *_usage(name, info, tag, tokenizer_config.get("mask_token") or "[MASK]")]
 
-    lines += ["## Training", "", "| | |", "|---|---|", f"| method | `{method}` |"]
-    options = info.get("options") or {}
-    if options:
-        lines.append(f"| options | {_cell(', '.join(f'`{k}={_fmt(v)}`' for k, v in options.items()))} |")
-    if info.get("init_from"):
-        base = f" ({info['base_model']})" if info.get("base_model") else ""
-        lines.append(f"| initialised from | `{_cell(info['init_from'])}`{base} |")
-    if architecture:
-        shape = ", ".join(f"{label} {info[key]:,}" for key, label in (("layers", "layers"), ("hidden_size", "hidden"),
-                                                                      ("vocab_size", "vocabulary")) if info.get(key))
-        lines.append(f"| student | {architecture}" + (f" ({shape})" if shape else "") + " |")
-    if summary:
-        done, total = summary.get("steps"), summary.get("steps_total")
-        lines.append(f"| steps | {done} of {total}" + (" (partial: the run has not finished)" if summary.get("partial") else "")
-                     + " |")
-        from .report import NOT_LOSSES
-
-        final = {k: v for k, v in (summary.get("final") or {}).items() if k not in NOT_LOSSES}
-        if final:
-            lines.append(f"| final losses | {_cell(', '.join(f'{k} {_fmt(v)}' for k, v in final.items()))} |")
-    lines.append("")
-    if teachers:
-        lines += ["### Teachers", "", "| teacher | model | kind |", "|---|---|---|"]
-        lines += [f"| `{_cell(t.get('name'))}` | {_cell(t.get('model_id'))} | {_cell(t.get('kind'))} |" for t in teachers]
-        lines.append("")
-    caches = info.get("caches") or [{"path": p} for p in summary.get("caches") or []]
-    if caches:
-        lines += ["### Caches", "", "| cache | teacher | corpus | languages | rows |", "|---|---|---|---|---|"]
-        lines += [f"| `{_cell(c.get('path'))}` | {_cell(c.get('teacher') or '')} | {_cell(c.get('corpus') or '')} | "
-                  f"{_cell(', '.join(c.get('languages') or []))} | {_cell(c.get('rows') or '')} |" for c in caches]
-        lines.append("")
-    lines += ["The loss curves are in `losses.png`, the logged values in `metrics.jsonl`.", ""]
+    lines += _training_section(info, summary, method, architecture, teachers)
 
     lines += ["## Tokenizer", "", *_tokenizer_section(read_json(path / TOKENIZER_INFO), info)]
     if isinstance(evaluations, dict) and evaluations:

@@ -149,18 +149,6 @@ class MBLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, BertOnlyMLMHead):
             init.zeros_(module.predictions.bias)
 
-    def _head_output(self, output_class, head, loss_fn, labels, inputs: dict, return_dict: bool | None):
-        """The encoder, then `head` on its output, as `output_class` (or a tuple): the part
-        every MBLM task model shares."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.mblm(**inputs, return_dict=True)
-        logits = head(outputs)
-        loss = loss_fn(labels, logits) if labels is not None else None
-        if not return_dict:
-            rest = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + rest) if loss is not None else rest
-        return output_class(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
-
     @classmethod
     def from_bert(cls, bert: PreTrainedModel | str | Path, branch_languages: Sequence[str], branch_layers: int = 4,
                   **config_overrides):
@@ -361,9 +349,48 @@ class MBLMModel(MBLMPreTrainedModel):
                 mixer.position_weights.zero_()
 
 
-class MBLMForSequenceClassification(MBLMPreTrainedModel):
+class _MBLMWithHead(MBLMPreTrainedModel):
+    """What every MBLM task model shares: the encoder, then the subclass's head on its output
+    (`_logits`) and loss (`_loss`), returned as `_output_class` (or a tuple)."""
+
+    _output_class: type
+
+    def _logits(self, outputs: BaseModelOutputWithPooling) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        lang: Lang = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput | MaskedLMOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.mblm(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                            position_ids=position_ids, inputs_embeds=inputs_embeds, lang=lang,
+                            output_hidden_states=output_hidden_states, return_dict=True)
+        logits = self._logits(outputs)
+        loss = self._loss(labels, logits) if labels is not None else None
+        if not return_dict:
+            rest = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            return ((loss,) + rest) if loss is not None else rest
+        return self._output_class(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+class MBLMForSequenceClassification(_MBLMWithHead):
     """MBLM with its family's sequence-classification head: BERT's (pooled [CLS] -> dropout ->
     linear) or XLM-R's (no pooler; <s> -> dropout -> dense -> tanh -> dropout -> out_proj)."""
+
+    _output_class = SequenceClassifierOutput
 
     def __init__(self, config: MBLMConfig):
         super().__init__(config)
@@ -378,30 +405,13 @@ class MBLMForSequenceClassification(MBLMPreTrainedModel):
             self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    def _classify(self, outputs) -> torch.Tensor:
+    def _logits(self, outputs: BaseModelOutputWithPooling) -> torch.Tensor:
         if PARTS[self.config.family].classifier is not None:  # it reads <s> itself
             return self.classifier(outputs.last_hidden_state)
         return self.classifier(self.dropout(outputs.pooler_output))
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        lang: Lang = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> SequenceClassifierOutput | tuple:
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                      position_ids=position_ids, inputs_embeds=inputs_embeds, lang=lang,
-                      output_hidden_states=output_hidden_states)
-        return self._head_output(SequenceClassifierOutput, self._classify,
-                                 lambda y, logits: ForSequenceClassificationLoss(y, logits, self.config),
-                                 labels, inputs, return_dict)
+    def _loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return ForSequenceClassificationLoss(labels, logits, self.config)
 
     def _copy_head_from_bert(self, source: PreTrainedModel) -> None:
         # BertForSequenceClassification or XLMRobertaForSequenceClassification: the family's own head
@@ -411,7 +421,7 @@ class MBLMForSequenceClassification(MBLMPreTrainedModel):
             self.classifier.load_state_dict(source.classifier.state_dict())
 
 
-class MBLMForMaskedLM(MBLMPreTrainedModel):
+class MBLMForMaskedLM(_MBLMWithHead):
     """MBLM with BERT's masked-LM head (decoder tied to the word embeddings), also for the
     xlm-roberta family: XLM-R's head (dense -> gelu -> layer_norm -> decoder + bias) is the same
     function, its weights copied under BERT's names."""
@@ -420,6 +430,7 @@ class MBLMForMaskedLM(MBLMPreTrainedModel):
         "cls.predictions.decoder.weight": "mblm.embeddings.word_embeddings.weight",
         "cls.predictions.decoder.bias": "cls.predictions.bias",
     }
+    _output_class = MaskedLMOutput
 
     def __init__(self, config: MBLMConfig):
         super().__init__(config)
@@ -434,26 +445,11 @@ class MBLMForMaskedLM(MBLMPreTrainedModel):
         self.cls.predictions.decoder = new_embeddings
         self.cls.predictions.bias = new_embeddings.bias
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        lang: Lang = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> MaskedLMOutput | tuple:
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                      position_ids=position_ids, inputs_embeds=inputs_embeds, lang=lang,
-                      output_hidden_states=output_hidden_states)
-        return self._head_output(MaskedLMOutput, lambda out: self.cls(out.last_hidden_state),
-                                 lambda y, logits: nn.functional.cross_entropy(logits.view(-1, self.config.vocab_size),
-                                                                               y.view(-1)),
-                                 labels, inputs, return_dict)
+    def _logits(self, outputs: BaseModelOutputWithPooling) -> torch.Tensor:
+        return self.cls(outputs.last_hidden_state)
+
+    def _loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits.view(-1, self.config.vocab_size), labels.view(-1))
 
     def _copy_head_from_bert(self, source: PreTrainedModel) -> None:
         if isinstance(source, BertForMaskedLM):

@@ -105,8 +105,6 @@ def remap_tables(caches, vocab, columns=None) -> list:
 def train_student(opts: TrainStudentOptions, fetch=None) -> dict:
     """Train a student as `opts` says (the options were checked when it was made); `fetch`:
     the local fetch cache for caches given as URLs."""
-    from ..vocab import StudentTokenizer, load_vocab
-
     if opts.vocab is None or opts.out is None:
         raise BadInput("give --vocab and --out (the command line supplies them from the workspace).")
     method, caches, out = opts.method, list(opts.caches), opts.out
@@ -118,17 +116,12 @@ def train_student(opts: TrainStudentOptions, fetch=None) -> dict:
     check_out(out, caches, opts.vocab, resume=opts.resume, overwrite=opts.overwrite, init_from=opts.init_from)
     config = method_config(method, opts.method_options)  # bad options fail before anything is opened
     rank, world = distributed_context()
-    check_number("--steps", opts.steps, low=1, high=(2**63 - 1) // (opts.batch_size * opts.grad_accum * world), whole=True,
-                 hint=f"the loader counts the rows it serves, --steps x --grad-accum x --batch-size x {world} process(es), "
-                      "in 64-bit integers")
+    check_steps(opts, world)
     # Only now, when the options are sound: the lock (taken before --overwrite clears anything)
     # is held until the student is saved, and released if anything below fails.
     claim, start = claim_out(Path(out), resume=opts.resume, overwrite=opts.overwrite, rank=rank, world=world)
     try:
-        opened = open_caches(caches, opts.allow_incomplete, warn=None if rank == 0 else (lambda msg: None), fetch=fetch)
-        check_mixing_options(opened, opts.alpha, opts.copies)
-        vocab = load_vocab(opts.vocab)
-        vocab.check_whole()  # a damaged vocab would fail only at the save, after every step
+        opened, vocab = open_inputs(opts, rank, fetch)
         seed_everything(opts.seed)
         prepared = prepare(method, config, opened, vocab, student=student, init_from=opts.init_from,
                            init_teacher=opts.init_teacher, total_steps=opts.steps)
@@ -145,16 +138,7 @@ def train_student(opts: TrainStudentOptions, fetch=None) -> dict:
             collate=impl.collate,
         )
         out_dir = Path(out)
-        base = {
-            "out": str(out_dir),
-            "method": method,
-            "caches": [str(c.path) for c in opened],
-            # evaluate checks a student against the vocab it was trained with, and names it
-            "vocab": str(vocab.path.resolve()),
-            "vocab_hash": vocab.hash,
-            "languages": dataset.probs,
-            **({"incomplete_caches": incomplete_summary(opened)} if opts.allow_incomplete else {}),
-        }
+        base = summary_inputs(out_dir, method, opened, vocab, dataset.probs, opts.allow_incomplete)
         resolved = replace(opts, method_options=asdict(config))
         run = run_config(resolved, opened, vocab, alpha=alpha, copies=copies, world=world)
         trainer = Trainer(model, impl, dataset, opts, device=opts.device, rank=rank, world=world, run=run, summary=base)
@@ -166,11 +150,7 @@ def train_student(opts: TrainStudentOptions, fetch=None) -> dict:
             atomic_write_bytes(out_dir / CONFIG_FILE, config_yaml(resolved, "train-student"))
         summary = trainer.train()
         if rank == 0:
-            export.name_classes(model, impl, opened)  # the teachers' class names, not LABEL_0, in config.json
-            # Routes each language as training did; AutoTokenizer gets the default route's (docs/vocab.md).
-            save_student(model, StudentTokenizer.from_vocab(vocab, model.config), out_dir)
-            # sentence-transformers files, xkd_student.json and the model card (docs/students.md)
-            export.write_student_extras(out_dir, impl, model, opened, init_from=opts.init_from, vocab=vocab)
+            save_trained_student(out_dir, model, impl, opened, vocab, opts.init_from)
         # Last, so that a complete summary means a complete student; the card then tells its numbers.
         result = trainer.write_summary(summary.pop("final"), student_on_disk=True, **summary)
         if rank == 0:
@@ -178,6 +158,52 @@ def train_student(opts: TrainStudentOptions, fetch=None) -> dict:
         return result
     finally:
         claim.release()
+
+
+def open_inputs(opts: TrainStudentOptions, rank: int, fetch) -> tuple[list, object]:
+    """The caches (only rank 0 warns of incomplete ones) and the vocab, opened and checked:
+    the mixing options against the caches, and the vocab whole."""
+    from ..vocab import load_vocab
+
+    opened = open_caches(list(opts.caches), opts.allow_incomplete, warn=None if rank == 0 else (lambda msg: None), fetch=fetch)
+    check_mixing_options(opened, opts.alpha, opts.copies)
+    vocab = load_vocab(opts.vocab)
+    vocab.check_whole()  # a damaged vocab would fail only at the save, after every step
+    return opened, vocab
+
+
+def check_steps(opts: TrainStudentOptions, world: int) -> None:
+    """--steps must leave the rows the loader serves countable in 64 bits."""
+    check_number("--steps", opts.steps, low=1, high=(2**63 - 1) // (opts.batch_size * opts.grad_accum * world), whole=True,
+                 hint=f"the loader counts the rows it serves, --steps x --grad-accum x --batch-size x {world} process(es), "
+                      "in 64-bit integers")
+
+
+def summary_inputs(out_dir: Path, method: str, opened, vocab, languages: dict, allow_incomplete: bool) -> dict:
+    """What the run's summary says of its inputs: where it writes, the method, caches and vocab,
+    the languages' sampling probabilities, and the caches used although incomplete."""
+    return {
+        "out": str(out_dir),
+        "method": method,
+        "caches": [str(c.path) for c in opened],
+        # evaluate checks a student against the vocab it was trained with, and names it
+        "vocab": str(vocab.path.resolve()),
+        "vocab_hash": vocab.hash,
+        "languages": languages,
+        **({"incomplete_caches": incomplete_summary(opened)} if allow_incomplete else {}),
+    }
+
+
+def save_trained_student(out_dir: Path, model, impl, opened, vocab, init_from: str | None) -> None:
+    """The trained student's files in --out (rank 0): weights and config with the teachers' class
+    names, its tokenizer, and the extras beside them."""
+    from ..vocab import StudentTokenizer
+
+    export.name_classes(model, impl, opened)  # the teachers' class names, not LABEL_0, in config.json
+    # Routes each language as training did; AutoTokenizer gets the default route's (docs/vocab.md).
+    save_student(model, StudentTokenizer.from_vocab(vocab, model.config), out_dir)
+    # sentence-transformers files, xkd_student.json and the model card (docs/students.md)
+    export.write_student_extras(out_dir, impl, model, opened, init_from=init_from, vocab=vocab)
 
 
 def check_out(out: str, caches: list[str], vocab_dir: str, *, resume: bool, overwrite: bool,

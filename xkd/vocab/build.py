@@ -28,7 +28,7 @@ from ..storage.untrusted import parse_json, remove_tree
 from .canonical import SPECIAL_ROLES
 from .teachers import TeacherVocab, load_teacher_vocab
 from .tokenizer import default_route, save_union_tokenizer, union_casing
-from .union import build_union, teacher_slug, union_report
+from .union import Union, build_union, teacher_slug, union_report
 from .vocabdir import FORMAT, MAPS, META, REPORT, TEACHERS, VOCAB_TXT, file_digests, vocab_hash
 
 XKD_VERSION = "0.1.0"
@@ -206,7 +206,9 @@ def build_vocab(teachers: list[str], out: str | os.PathLike, lang_teacher: dict[
         return _build(teachers, out, lang_teacher, progress or (lambda msg: None), overwrite)
 
 
-def _build(teachers: list[str], out: Path, lang_teacher: dict[str, str] | None, say, overwrite: bool) -> dict:
+def _load_teachers(teachers: list[str], say) -> tuple[list[TeacherVocab], list[str], list[str]]:
+    """Each teacher's vocabulary, its slug (its name in the vocab directory) and its tokenizer's
+    fingerprint; two teachers with one tokenizer are refused."""
     loaded: list[TeacherVocab] = []
     for name in teachers:
         say(f"reading the vocabulary of {name}")
@@ -220,6 +222,38 @@ def _build(teachers: list[str], out: Path, lang_teacher: dict[str, str] | None, 
             raise BadInput(f"--teachers {twin!r} and {t.name!r} have the same tokenizer; give each teacher once.")
         fingerprints.append(fp)
         slugs.append(teacher_slug(t.name, set(slugs)))
+    return loaded, slugs, fingerprints
+
+
+def _meta(tmp: Path, union: Union, loaded: list[TeacherVocab], slugs: list[str], fingerprints: list[str],
+          routes: dict[str, str]) -> dict:
+    """meta.json of the vocab being written in `tmp`: its hash and files' digests are of what
+    `tmp` holds, so it is made once every other file is written."""
+    return {
+        "format": FORMAT,
+        "xkd_version": XKD_VERSION,
+        "size": union.size,
+        "hash": vocab_hash(tmp, slugs),
+        "specials": {role: i for i, role in enumerate(SPECIAL_ROLES)},
+        "teachers": [
+            {
+                "name": t.name, "slug": slug, "model_id": t.model_id, "source": t.source, "path": t.path,
+                "convention": t.convention, "tokenizer_hash": fp,
+                "tokens": t.size, "map_size": t.map_size, "lowercase": t.lowercase,
+                "strip_accents": t.strip_accents, "special_roles": {r: t.roles.get(r) for r in SPECIAL_ROLES},
+                "langs": sorted(lang for lang, s in routes.items() if s == slug),
+            }
+            for t, slug, fp in zip(loaded, slugs, fingerprints)
+        ],
+        "routes": routes,
+        "default_teacher": default_route(loaded, slugs),
+        "union_tokenizer": union_casing(loaded),
+        "files": file_digests(tmp),
+    }
+
+
+def _build(teachers: list[str], out: Path, lang_teacher: dict[str, str] | None, say, overwrite: bool) -> dict:
+    loaded, slugs, fingerprints = _load_teachers(teachers, say)
     routes = _route_slugs(_normalise_routes(lang_teacher or {}), loaded, slugs)
 
     union = build_union(loaded, slugs)
@@ -238,27 +272,7 @@ def _build(teachers: list[str], out: Path, lang_teacher: dict[str, str] | None, 
             t.tokenizer.save_pretrained(str(tmp / TEACHERS / slug))
         save_union_tokenizer(tmp, tmp / VOCAB_TXT, loaded)
         _write_json(tmp / REPORT, report)
-        meta = {
-            "format": FORMAT,
-            "xkd_version": XKD_VERSION,
-            "size": union.size,
-            "hash": vocab_hash(tmp, slugs),
-            "specials": {role: i for i, role in enumerate(SPECIAL_ROLES)},
-            "teachers": [
-                {
-                    "name": t.name, "slug": slug, "model_id": t.model_id, "source": t.source, "path": t.path,
-                    "convention": t.convention, "tokenizer_hash": fp,
-                    "tokens": t.size, "map_size": t.map_size, "lowercase": t.lowercase,
-                    "strip_accents": t.strip_accents, "special_roles": {r: t.roles.get(r) for r in SPECIAL_ROLES},
-                    "langs": sorted(lang for lang, s in routes.items() if s == slug),
-                }
-                for t, slug, fp in zip(loaded, slugs, fingerprints)
-            ],
-            "routes": routes,
-            "default_teacher": default_route(loaded, slugs),
-            "union_tokenizer": union_casing(loaded),
-            "files": file_digests(tmp),
-        }
+        meta = _meta(tmp, union, loaded, slugs, fingerprints, routes)
         _write_json(tmp / META, meta)
         reused = _keep_or_refuse(tmp, out, overwrite)
         if reused:

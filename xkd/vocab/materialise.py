@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInput
-from ..storage import CacheWriter, Ragged, cache_key, open_cache, write_shard_files
+from ..storage import Cache, CacheWriter, Ragged, cache_key, open_cache, write_shard_files
 from ..storage.remote import absolute, is_url, location
 from .vocabdir import ID_COLUMNS, Vocab, load_vocab
 
@@ -78,6 +78,38 @@ def check_copy_out(out: Path, cache: Path, vocab_dir: Path) -> None:
                            "caches/NAME-union), or the directory of an earlier remap of this cache to resume it.")
 
 
+def _copy_meta(src: Cache, vocab: Vocab, slug: str) -> dict:
+    """The copy's manifest metadata: the source's description (what its writer does not own),
+    which vocab its ids are in and the cache they come from, and the command that made it."""
+    manifest = src.manifest
+    meta = {k: v for k, v in manifest.items() if k not in _WRITER_KEYS}
+    meta["vocab"] = {
+        "hash": vocab.hash,
+        "size": vocab.size,
+        "dir": str(vocab.path.resolve()),
+        "teacher": slug,
+        "specials": vocab.special_ids,
+        "source_cache": {"path": absolute(src.path), "key": manifest.get("key")},
+    }
+    meta["made_by"] = {"args": ["xkd", "remap", absolute(src.path), "--vocab", str(vocab.path.resolve())], "out": "self"}
+    return meta
+
+
+def _remapped_shard(src: Cache, vocab: Vocab, slug: str, shard_id: int) -> tuple[dict, dict]:
+    """One shard of `src` with its ids in `vocab`: its columns (ids unsigned, as the cache schema
+    stores them) and its dense arrays, each whole."""
+    columns, dense = [], {name: [] for name in src.dense_specs}
+    for block in src.iter_blocks(shards=[shard_id]):
+        remapped = vocab.remap_columns(block.columns, slug)
+        for name in ID_COLUMNS:  # the cache schema stores ids unsigned
+            if name in remapped:
+                remapped[name] = Ragged(remapped[name].values.astype(np.uint32), remapped[name].offsets)
+        columns.append(remapped)
+        for name in dense:
+            dense[name].append(block.dense[name])
+    return _concat_columns(columns), {name: np.concatenate(parts) for name, parts in dense.items()}
+
+
 def remap_cache(cache: str | os.PathLike, vocab: str | os.PathLike | Vocab, out: str | os.PathLike,
                 teacher: str | None = None, progress=None) -> dict:
     """Write a union-vocab copy of `cache` to `out`; return a summary."""
@@ -97,16 +129,7 @@ def remap_cache(cache: str | os.PathLike, vocab: str | os.PathLike | Vocab, out:
         raise BadInput(f"{src.incomplete_message()} A union-vocab copy needs the whole cache.")
     entry = vocab.teacher(teacher) if teacher else vocab.teacher(manifest)
     slug = entry["slug"]
-    meta = {k: v for k, v in manifest.items() if k not in _WRITER_KEYS}
-    meta["vocab"] = {
-        "hash": vocab.hash,
-        "size": vocab.size,
-        "dir": str(vocab.path.resolve()),
-        "teacher": slug,
-        "specials": vocab.special_ids,
-        "source_cache": {"path": absolute(src.path), "key": manifest.get("key")},
-    }
-    meta["made_by"] = {"args": ["xkd", "remap", absolute(src.path), "--vocab", str(vocab.path.resolve())], "out": "self"}
+    meta = _copy_meta(src, vocab, slug)
     key = cache_key(manifest.get("teacher", {}), manifest.get("corpus", {}),
                     {"source_key": manifest.get("key"), "vocab": vocab.hash, "teacher_map": slug})
     has_topk = bool(src.topk_k)
@@ -116,17 +139,7 @@ def remap_cache(cache: str | os.PathLike, vocab: str | os.PathLike | Vocab, out:
         for shard_id in src.shard_ids:
             if shard_id in done:
                 continue
-            columns, dense = [], {name: [] for name in src.dense_specs}
-            for block in src.iter_blocks(shards=[shard_id]):
-                remapped = vocab.remap_columns(block.columns, slug)
-                for name in ID_COLUMNS:  # the cache schema stores ids unsigned
-                    if name in remapped:
-                        remapped[name] = Ragged(remapped[name].values.astype(np.uint32), remapped[name].offsets)
-                columns.append(remapped)
-                for name in dense:
-                    dense[name].append(block.dense[name])
-            rows = _concat_columns(columns)
-            dense_arrays = {name: np.concatenate(parts) for name, parts in dense.items()}
+            rows, dense_arrays = _remapped_shard(src, vocab, slug, shard_id)
             record = write_shard_files(
                 out, shard_id, rows, dense_arrays, src.dense_specs, has_topk=has_topk, has_text=src.has_text,
                 has_pairs=src.has_pairs,

@@ -225,6 +225,23 @@ def _save_transformers_tokenizer(tokenizer, directory: Path) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _save_route_tokenizers(vocab, out: Path, slugs: list[str], remapped: dict) -> dict[str, dict]:
+    """Save each route's tokenizer under out/tokenizers/<slug>: the remapped one (union ids)
+    where there is one, else the teacher's own files with the map to union ids. Returns
+    xkd_tokenizer.json's entry for each."""
+    entries: dict[str, dict] = {}
+    for slug in slugs:
+        where = out / TOKENIZERS / slug
+        if remapped[slug] is not None:
+            _save_transformers_tokenizer(remapped[slug], where)
+            entries[slug] = {"dir": f"{TOKENIZERS}/{slug}", "ids": "union"}
+        else:  # the very files training tokenized with, and the map
+            shutil.copytree(vocab.path / "teachers" / slug, where)
+            np.save(where / UNION_IDS, vocab.map_for(slug), allow_pickle=False)
+            entries[slug] = {"dir": f"{TOKENIZERS}/{slug}", "ids": "teacher", "map": UNION_IDS}
+    return entries
+
+
 def save_student_tokenizer(vocab, out_dir: str | os.PathLike, *, model_config=None) -> dict:
     """Write the student tokenizer of `vocab` into `out_dir` (layout in this module's
     docstring); return what xkd_tokenizer.json says. `model_config`: the student's config
@@ -256,17 +273,7 @@ def save_student_tokenizer(vocab, out_dir: str | os.PathLike, *, model_config=No
         plain.model_max_length = max_length
         plain.save_pretrained(str(out))
         exact = []
-    for slug in used:
-        if slug in tokenizers:
-            continue
-        where = out / TOKENIZERS / slug
-        if remapped[slug] is not None:
-            _save_transformers_tokenizer(remapped[slug], where)
-            tokenizers[slug] = {"dir": f"{TOKENIZERS}/{slug}", "ids": "union"}
-        else:  # the very files training tokenized with, and the map
-            shutil.copytree(vocab.path / "teachers" / slug, where)
-            np.save(where / UNION_IDS, vocab.map_for(slug), allow_pickle=False)
-            tokenizers[slug] = {"dir": f"{TOKENIZERS}/{slug}", "ids": "teacher", "map": UNION_IDS}
+    tokenizers.update(_save_route_tokenizers(vocab, out, [slug for slug in used if slug not in tokenizers], remapped))
 
     names = {t["slug"]: t["name"] for t in vocab.teachers}
     info = {
