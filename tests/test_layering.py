@@ -1,6 +1,7 @@
-"""tools/check_layers.py: the package imports along the direction of
-docs/design.md ("Packages and layering"), and the check really catches each kind of import
-against it (planted in a copy of the package)."""
+"""The lint's own checks of the package. tools/check_layers.py: the package imports along the
+direction of docs/design.md ("Packages and layering"), and the check really catches each kind
+of import against it (planted in a copy of the package). tools/check_size.py: no function runs
+past 60 lines without a comment saying why, and the check catches one that does."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "tools" / "check_layers.py"
+CHECK_SIZE = ROOT / "tools" / "check_size.py"
 
 
-def check(package: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(CHECK), str(package)], capture_output=True, text=True, timeout=60)
+def check(package: Path, tool: Path = CHECK) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(tool), str(package)], capture_output=True, text=True, timeout=60)
 
 
 def test_the_package_imports_along_the_layers():
@@ -56,3 +58,22 @@ def test_each_rule_catches_a_planted_import(tmp_path):
     assert any("nothing imports the CLI" in line for line in lines)
     assert any("a method never imports pipeline" in line for line in lines)
     assert any("evaluation sits above xkd.student" in line for line in lines)
+
+
+def test_no_function_in_the_package_is_long_without_saying_why():
+    r = check(ROOT / "xkd", CHECK_SIZE)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def function(name: str, body_lines: int, above: str = "") -> str:
+    return f"{above}\ndef {name}():\n" + "".join(f"    x{i} = {i}\n" for i in range(body_lines))
+
+
+def test_a_long_function_is_caught_unless_a_comment_says_why(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "a.py").write_text(function("short", 59) + function("long", 60) + function("justified", 80, "# Long: why"))
+    (package / "b.py").write_text(function("decorated", 70, "# Long: why\n@staticmethod"))
+    r = check(package, CHECK_SIZE)
+    assert r.returncode == 1
+    assert [line.split(": ")[1].split(" is ")[0] for line in r.stdout.strip().split("\n")] == ["long"], r.stdout
