@@ -360,10 +360,10 @@ def test_stopped_and_resumed_run_ends_with_identical_weights_and_its_config_repl
     config = yaml.safe_load((replay / "config.yaml").read_text())
     assert config["method_options"]["lambda_start"] == 0.8 and config["workers"] == 1 and "out" not in config
     # Flags beside --config override the file's values
-    r = invoke("train-student", "--config", split / "config.yaml", "--out", tmp_path / "other", "--seed", 4, "--steps", 2)
+    r = invoke("train-student", "--config", split / "config.yaml", "--out", tmp_path / "other", "--seed", 4, "--steps", 5)
     assert r.exit_code == 0, r.output
     other = yaml.safe_load((tmp_path / "other" / "config.yaml").read_text())
-    assert (other["seed"], other["steps"], other["method_options"]["lambda_start"]) == (4, 2, 0.8)
+    assert (other["seed"], other["steps"], other["method_options"]["lambda_start"]) == (4, 5, 0.8)
 
 
 def free_port() -> int:
