@@ -31,6 +31,7 @@ from conftest import PARALLEL, ROOT, TATOEBA, TEST_DATA, VOCABS, build_tiny_bert
 
 IITB_VAL = f"parallel:{PARALLEL}/iitb-en-hi/val.en@en,{PARALLEL}/iitb-en-hi/val.hi@hi"
 TINY = StudentConfig(hidden=32, layers=2, heads=2, dropout=0.0)
+SAMPLE_N = 32
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,9 @@ def setup(client, tmp_path_factory):
     multi = build_tiny_bert(root / "hi-teacher", VOCABS / "bert-base-multilingual-cased.vocab.txt", lowercase=False,
                             seed=12, init_range=1.0)
     caches = {
-        "en": cache_teacher(client, root / "train", en, TATOEBA, sides="src", max_pairs=96, topk=8, shard_size=48),
+        # with draws beside the top-k: kd_target=sampled reads them
+        "en": cache_teacher(client, root / "train", en, TATOEBA, sides="src", max_pairs=96, topk=8, shard_size=48,
+                            sample=SAMPLE_N),
         "hi": cache_teacher(client, root / "train", multi, TATOEBA, sides="tgt", max_pairs=48, topk=8, shard_size=48),
         "en_full": cache_teacher(client, root / "full", en, TATOEBA, sides="src", max_pairs=6, topk=30522),
     }
@@ -231,6 +234,49 @@ def test_tail_target_equals_the_coarsened_online_distribution(setup):
     q_tail = torch.log1p(-q_top.exp().sum(-1))
     online = float(-((p_top * q_top).sum(-1) + (1 - p_top.sum(-1)) * q_tail).mean())
     assert offline == pytest.approx(online, rel=2e-3)
+
+
+def independent_draws(logits: torch.Tensor, uniforms: np.ndarray) -> np.ndarray:
+    """Inverse-CDF draws computed apart from xkd.sampling, in float64 numpy: for each uniform u
+    the id j with cdf(j − 1) <= u < cdf(j)."""
+    cdf = np.cumsum(torch.softmax(logits.double(), -1).numpy(), axis=-1)
+    return np.stack([np.searchsorted(c, u * c[-1], side="right") for c, u in zip(cdf, uniforms)])
+
+
+def test_sampled_target_from_the_cache_equals_the_teachers_draws_online(setup):
+    """kd_target=sampled: the cached draws are the teacher's, drawn again now from its online
+    softmax with the row's uniforms, and the loss is −1/M Σ_m Σ_j (count_mj / N) log q_mj."""
+    from xkd.pipeline.masking import SIDE_CODES
+    from xkd.sampling import draw_uniforms
+
+    vocab = load_vocab(setup["vocab"])
+    method = mergedistill(vocab, setup["caches"]["en"], lambda_schedule="constant", lambda_start=1.0, kd_target="sampled")
+    assert "sample_ids" in method.plan.columns and "topk_logits" not in method.plan.columns
+    cache, batch = first_batch(setup["caches"]["en"], vocab, method, batch_size=8)
+    rows = teacher_rows_for(cache, batch, vocab)
+    logits = online_teacher_logits(setup["teachers"]["en"], rows)
+    draws = np.concatenate([
+        independent_draws(z, draw_uniforms(0, int(r["example_id"]), SIDE_CODES[r["side"]], int(r["mask_epoch"]),
+                                           len(r["masked_positions"]), SAMPLE_N)) for z, r in zip(logits, rows)])
+    stored = np.concatenate([np.repeat(r["sample_ids"], r["sample_counts"]) for r in rows]).reshape(-1, SAMPLE_N)
+    assert np.array_equal(stored, draws)
+    assert len(np.unique(draws)) > SAMPLE_N  # the teacher is peaky, yet the draws spread over many ids
+    torch.manual_seed(3)
+    student = Student(build_student(TINY, vocab.size, vocab.pad_id).eval())
+    offline = float(method.losses(batch, student, step=0)["kd"].detach())
+    logp = student_logp(student, batch).double()
+    union = torch.from_numpy(vocab.map_for(cache.manifest).astype(np.int64))[torch.from_numpy(draws)]
+    online = float(-logp.gather(1, union).mean(-1).mean())
+    assert offline == pytest.approx(online, rel=1e-5)
+
+
+def test_sampled_target_refusals_name_the_option(setup, tmp_path):
+    r = invoke("train-student", "--method", "mergedistill", "--caches", setup["caches"]["hi"], "--vocab", setup["vocab"],
+               "--out", tmp_path / "o", "--steps", 1, "-o", "kd_target=sampled")
+    assert r.exit_code == 2 and "--sample 16" in r.output and "kd_target=sampled" in r.output, r.output
+    r = invoke("train-student", "--method", "mergedistill", "--caches", setup["caches"]["en"], "--vocab", setup["vocab"],
+               "--out", tmp_path / "o", "--steps", 1, "-o", "kd_target=sampled", "-o", "temperature=2")
+    assert r.exit_code == 2 and "temperature=1" in r.output and "Traceback" not in r.output, r.output
 
 
 def test_mergedistill_on_two_languages_and_two_teachers_equals_the_papers_loss(setup):

@@ -13,7 +13,8 @@ lazy imports are still dependencies):
   pipeline, vocab and student may all look a family up;
 - vocab imports neither pipeline nor student;
 - student/methods never imports pipeline (a method cannot load a teacher);
-- lines imports nothing of xkd, and readers (the reading rules the pipeline's corpora and
+- lines and sampling (the draws the pipeline makes, the students and verify read) import
+  nothing of xkd; readers (the reading rules the pipeline's corpora and
   evaluation's task data share) nothing but errors and lines;
 - evaluation sits above vocab, pipeline and student (none of them imports it), and reads task
   data through readers, never through the pipeline's corpus reader;
@@ -44,6 +45,7 @@ RULES = [
     ("xkd.student.methods", lambda target: target.startswith("xkd.pipeline"),
      "a method never imports pipeline (it cannot load a teacher)"),
     ("xkd.lines", lambda target: True, "lines imports nothing of xkd"),
+    ("xkd.sampling", lambda target: True, "sampling imports nothing of xkd"),
     ("xkd.readers", lambda target: target not in ("xkd.errors", "xkd.lines"),
      "readers imports nothing of xkd but xkd.errors and xkd.lines"),
     *((layer, lambda target: _within(target, "xkd.evaluation"), f"evaluation sits above {layer}: the CLI and the demo run it")

@@ -317,6 +317,11 @@ CACHE_TEACHERS_UNUSED = (
        f"applies to masking, which --no-mask or --mask-prob 0 turns off: leave {flag} out, or give --mask-prob P "
        "above 0.")
       for name, flag in (("whole_word", "--whole-word"), ("mask_epochs", "--mask-epochs"), ("seed", "--seed"))),
+    ("sample", lambda v, g: _unmasked(v),
+     "draws at masked positions, and --no-mask or --mask-prob 0 turns masking off: leave --sample out, or give "
+     "--mask-prob P above 0."),
+    ("topk_codec", lambda v, g: v["topk"] == 0,
+     "chooses how top-k is stored, and --topk 0 stores none: leave --topk-codec out, or give --topk K."),
     ("hidden_positions", lambda v, g: not v["hidden_layers"],
      "chooses the positions of the hidden states that --hidden-layers stores, and --hidden-layers is not given: "
      "give --hidden-layers L1,L2 too, or leave --hidden-positions out."),

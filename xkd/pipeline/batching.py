@@ -46,6 +46,7 @@ class PaddedBatch:
     masked_cols: np.ndarray  # (M,) int64
     labels: np.ndarray  # (M,) int64
     token_type_ids: np.ndarray | None = None  # (B, T) int64, sentence pairs only
+    uniforms: np.ndarray | None = None  # (M, N) sorted uniforms of --sample's draws (xkd/sampling.py)
 
     @classmethod
     def build(cls, rows: np.ndarray, ids: list, word_start: list, positions: list, labels: list, pad_id: int,

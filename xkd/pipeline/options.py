@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..families import TEACHER_ALIASES
 from ..options import check_options, comma_list, option
 from ..storage.manifest import MAX_MASK_EPOCHS
+from ..storage.schema import TOPK_CODECS
 from .outputs import HIDDEN_POSITIONS, SENTENCE_VECTORS
 
 SIDES = ("both", "src", "tgt")
@@ -15,6 +16,8 @@ DTYPES = ("auto", "fp16", "bf16", "fp32")
 # Torch threads per worker on another scheduler's machines, whose cores the client cannot count:
 # more than any one machine has (a huge count dies in every worker's allocator).
 MAX_CPU_THREADS = 4096
+# Draws per masked position: a shard holds its positions' uniforms (8 bytes each) while it runs.
+MAX_SAMPLE_OPTION = 1024
 
 
 def _layers(text: str | None, flag: str) -> tuple[int, ...]:
@@ -45,13 +48,21 @@ class CacheTeachersOptions:
     topk: int | None = option(None, "--topk", low=0, whole=True, hint="top logits kept per masked position; 0: none",
                               help="Store the top-k logits and log-normaliser at masked positions (masked LMs; default 8; "
                               "0: off).")
+    topk_codec: str = option("fp16", "--topk-codec", choices=TOPK_CODECS,
+                             help="How top-k is stored: fp16 (logits, and the log-normaliser in fp32) or q8 (one byte per "
+                             "log-probability, at most 24 B per masked position at k=8; docs/pipeline.md gives its error "
+                             "bound).")
+    sample: int = option(0, "--sample", low=0, high=MAX_SAMPLE_OPTION, whole=True, hint="draws per masked position; 0: none",
+                         help="Store N token ids drawn from the teacher's softmax at each masked position, with their "
+                         "counts: an unbiased KD target (random-sampling KD; kd_target=sampled). Beside top-k, or instead "
+                         "of it with --topk 0. The draws follow --seed.")
     mask_prob: float | None = option(None, "--mask-prob", low=0, high=1, high_open=True, hint="e.g. 0.15; 0: no masking",
                                      help="Masking probability (default 0.15 for masked LMs, 0 otherwise).")
     no_mask: bool = option(False, "--no-mask", replay=False, help="Teachers see unmasked text (same as --mask-prob 0).")
     whole_word: bool = option(False, "--whole-word", help="Mask whole words.")
     mask_epochs: int = option(1, "--mask-epochs", low=1, high=MAX_MASK_EPOCHS, whole=True,
                               hint="a row's mask epoch is stored as uint16", help="Cache this many maskings of each example.")
-    seed: int = option(0, "--seed", low=0, high=2**63 - 1, whole=True, help="Masking seed.")
+    seed: int = option(0, "--seed", low=0, high=2**63 - 1, whole=True, help="Seed of the masks and of --sample's draws.")
     max_length: int = option(128, "--max-length", low=3, high=65535, whole=True, hint="tokens per row, specials included",
                              help="Tokens per row, special tokens included.")
     hidden_layers: tuple[int, ...] = option((), "--hidden-layers", typed_as=str | None, parse=_layers,

@@ -145,7 +145,8 @@ def outputs_for(spec: TeacherSpec, opts: CacheTeachersOptions) -> Outputs:
     class_logits = opts.class_logits if opts.class_logits is not None else spec.kind == "classifier"
     attention_layers = tuple(sorted(opts.attention_layers))
     outputs = Outputs(topk, tuple(sorted(opts.hidden_layers)), opts.hidden_positions, tuple(sentence), class_logits,
-                      attention_layers, opts.max_length if attention_layers else 0, tuple(sorted(set(opts.extra_outputs))))
+                      attention_layers, opts.max_length if attention_layers else 0, tuple(sorted(set(opts.extra_outputs))),
+                      opts.sample, opts.topk_codec if topk else "fp16")
     spec.check_outputs(outputs, opts.max_length)
     return outputs
 
@@ -157,6 +158,9 @@ def mask_for(spec: TeacherSpec, opts: CacheTeachersOptions) -> MaskConfig:
     config = MaskConfig(prob, opts.whole_word, opts.mask_epochs, opts.seed)
     if not config.active and config.epochs > 1:
         raise BadInput(f"--mask-epochs {config.epochs} needs masking: without it every epoch would be the same row.")
+    if not config.active and opts.sample:
+        raise BadInput(f"--sample {opts.sample} draws at masked positions, and teacher {spec.name!r} sees unmasked text: "
+                       "give --mask-prob above 0 (0.15 is BERT's), or leave --sample out.")
     return config
 
 
@@ -180,7 +184,8 @@ def cache_values(meta: dict) -> dict | None:
         "split": corpus.get("split") or None, "shard_size": view.get("shard_size"), "max_length": view.get("max_length"),
         "mask_prob": mask.get("prob"), "whole_word": bool(mask.get("whole_word")),
         "mask_epochs": mask.get("epochs") if mask.get("epochs", 1) != 1 else None,
-        "seed": mask.get("seed") or None, "topk": outputs.get("topk"),
+        "seed": mask.get("seed") or None, "topk": outputs.get("topk"), "topk_codec": outputs.get("topk_codec"),
+        "sample": outputs.get("sample"),
         "extra_outputs": tuple(outputs.get("extra") or ()),
         "sides": ("both" if len(sides) == 2 else str(sides[0])) if sides and "mono" not in sides else None,
         "text": None if view.get("text") is not False else False,
@@ -210,7 +215,8 @@ def plan_job(spec: TeacherSpec, plan: CorpusPlan, opts: CacheTeachersOptions, co
         "teacher": spec.to_json(),
         "corpus": {**plan.to_json(), "paths": list(plan.source.paths)},
         "view": view_json,
-        "outputs": outputs_json(outputs.topk or None, dense, text=opts.text, pairs=plan.source.has_pairs),
+        "outputs": outputs_json(outputs.topk or None, dense, text=opts.text, pairs=plan.source.has_pairs,
+                                topk_codec=outputs.topk_codec, sample=outputs.sample, sample_seed=view.mask.seed),
     }
     meta["made_by"] = {"args": made_by(meta), "out": "parent"}
     root = join(location(opts.out), f"{teacher_slug(spec.name)}-{key}")

@@ -29,6 +29,7 @@ import numpy as np
 from ..errors import BadInput
 from ..families import position_offset
 from ..names import ResolvedTeacher
+from ..sampling import inverse_cdf
 from ..segments import takes_token_types
 from ..storage import DenseSpec
 from ..storage.shard import sha256_file
@@ -182,6 +183,10 @@ class Outputs:
     attention_keys: int = 0
     # Kinds registered in outputs.py without options of their own (cache-teachers --output NAME).
     extra: tuple[str, ...] = ()
+    # Draws per masked position from the teacher's softmax (xkd/sampling.py); 0: none.
+    sample: int = 0
+    # How top-k is stored: "fp16" (logits fp16 and the log-normaliser fp32) or "q8" (storage/codec.py).
+    topk_codec: str = "fp16"
 
     def dense_specs(self, teacher: "TeacherSpec") -> dict[str, DenseSpec]:
         """Every dense array, as computed and as stored (outputs.py declares each kind)."""
@@ -189,6 +194,10 @@ class Outputs:
 
     def to_json(self) -> dict:
         d = asdict(self)
+        # Absent at their defaults, so that the cache keys of every earlier cache stay as they were.
+        for name, default in (("sample", 0), ("topk_codec", "fp16")):
+            if d[name] == default:
+                del d[name]
         if not self.extra:  # absent rather than empty: the cache keys of every earlier cache stay as they were
             del d["extra"]
         else:
@@ -203,6 +212,17 @@ class Outputs:
         else:
             del d["attention_layers"], d["attention_keys"]
         return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Outputs":
+        """The outputs a cache's manifest records (view.outputs), as they were asked for."""
+        d = {name: value for name, value in d.items() if name in cls.__dataclass_fields__}
+        for name in ("hidden_layers", "sentence", "attention_layers", "extra"):
+            if name in d:
+                d[name] = tuple(d[name] or ())
+        if d.get("hidden_positions") is None:
+            d.pop("hidden_positions", None)
+        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -244,6 +264,9 @@ class TeacherSpec:
                 f"with no masked-LM head (architectures in config.json: not …ForMaskedLM), so it has no "
                 "top-k to cache. Drop --topk (or give --topk 0) for it, or use a masked-LM checkpoint."
             )
+        if outputs.sample and self.kind != "mlm":
+            raise BadInput(f"teacher {self.name!r} has no masked-LM head (architectures in config.json: not …ForMaskedLM), "
+                           "so it has no distribution to draw from. Drop --sample for it, or use a masked-LM checkpoint.")
         if outputs.topk > self.model_vocab_size:
             raise BadInput(f"--topk {outputs.topk} is larger than teacher {self.name!r}'s vocabulary ({self.model_vocab_size}).")
         for kind in wanted_kinds(outputs):
@@ -252,6 +275,11 @@ class TeacherSpec:
                 raise BadInput(problem)
         if max_length > self.max_positions:
             raise BadInput(f"--max-length {max_length} exceeds teacher {self.name!r}'s {self.max_positions} positions.")
+
+
+def topk_dtype(outputs: Outputs) -> str:
+    """The dtype top-k logits leave the device in: fp16, as stored, or fp32 for the q8 codec."""
+    return "float16" if outputs.topk_codec == "fp16" else "float32"
 
 
 def describe_teacher(resolved: ResolvedTeacher) -> TeacherSpec:
@@ -392,7 +420,8 @@ class LoadedTeacher:
             # Full-vocabulary logits exist for one chunk of masked positions at a time, so
             # memory stays bounded whatever the batch (mBERT: 0.5 GB per 1,000 positions).
             chunk = max(1, LOGIT_CHUNK_ELEMENTS // self.spec.model_vocab_size)
-            parts = {"lognorm": [], "label": [], "values": [], "ids": []}
+            parts = {"lognorm": [], "label": [], "values": [], "ids": [], "draws": []}
+            uniforms = torch.from_numpy(batch.uniforms).to(dev) if outputs.sample else None
             for start in range(0, rows.numel(), chunk):
                 span = slice(start, start + chunk)
                 if full is None:
@@ -405,6 +434,8 @@ class LoadedTeacher:
                     values, ids = mlm_logits.topk(outputs.topk, dim=-1)
                     parts["values"].append(values)
                     parts["ids"].append(ids)
+                if outputs.sample:
+                    parts["draws"].append(inverse_cdf(mlm_logits, uniforms[span]))
                 del mlm_logits
             lognorm = torch.cat(parts["lognorm"])
             per_position = lognorm - torch.cat(parts["label"])
@@ -413,14 +444,38 @@ class LoadedTeacher:
             loss = torch.where(counts > 0, sums / counts.clamp(min=1), loss)
             if outputs.topk:
                 out["topk_ids"] = torch.cat(parts["ids"]).to(torch.int32).cpu().numpy().view(np.uint32)
-                out["topk_logits"] = torch.cat(parts["values"]).to(torch.float16).cpu().numpy()
+                # q8 codes are made from the fp32 values (storage/shard.py), not from their fp16 rounding
+                out["topk_logits"] = torch.cat(parts["values"]).to(getattr(torch, topk_dtype(outputs))).cpu().numpy()
                 out["lognorm"] = lognorm.cpu().numpy()
-        elif outputs.topk:
-            out["topk_ids"] = np.zeros((0, outputs.topk), np.uint32)
-            out["topk_logits"] = np.zeros((0, outputs.topk), np.float16)
-            out["lognorm"] = np.zeros(0, np.float32)
+            if outputs.sample:
+                out["sample_draws"] = torch.cat(parts["draws"]).cpu().numpy()
+        else:
+            if outputs.topk:
+                out["topk_ids"] = np.zeros((0, outputs.topk), np.uint32)
+                out["topk_logits"] = np.zeros((0, outputs.topk), topk_dtype(outputs))
+                out["lognorm"] = np.zeros(0, np.float32)
+            if outputs.sample:
+                out["sample_draws"] = np.zeros((0, outputs.sample), np.int64)
         out["teacher_loss"] = loss.cpu().numpy()
         return out
+
+    def masked_logits(self, batch: PaddedBatch):
+        """Full-vocabulary fp32 logits (M, V), a torch tensor on the device, at the batch's masked
+        positions in row-major order, computed as _masked_lm_outputs computes them (`xkd verify
+        --teacher` re-ranks, re-normalises and re-draws from them: pipeline/recheck.py). M x V x 4
+        bytes at once: the caller keeps M small."""
+        import torch
+
+        dev = self.device
+        with torch.inference_mode():
+            inputs = {"input_ids": torch.from_numpy(batch.input_ids).to(dev),
+                      "attention_mask": torch.from_numpy(batch.attention_mask).to(dev)}
+            if batch.token_type_ids is not None and self.takes_token_types:
+                inputs["token_type_ids"] = torch.from_numpy(batch.token_type_ids).to(dev)
+            rows, cols = torch.from_numpy(batch.masked_rows).to(dev), torch.from_numpy(batch.masked_cols).to(dev)
+            if self.head is None:
+                return self.model(**inputs).logits[rows, cols].float()
+            return self.head(self.base(**inputs).last_hidden_state[rows, cols]).float()
 
     def use_eager_attention(self) -> None:
         # Fused attention kernels (sdpa, flash) never materialise the probabilities.

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import BadInput
+from ..sampling import draw_uniforms, positions_of, runs
 from ..storage import Ragged, write_shard_files
 from ..weights import load_error_reason
 from .batching import PaddedBatch, length_buckets
 from .corpus import ShardSlice
-from .masking import MaskConfig, mask_row
+from .masking import SIDE_CODES, MaskConfig, mask_row
 from .options import SIDES
-from .teachers import DAMAGED, Outputs, TeacherLoadFailed, TeacherSpec, get_teacher, worker_device
+from .teachers import DAMAGED, Outputs, TeacherLoadFailed, TeacherSpec, get_teacher, topk_dtype, worker_device
 from .tokenize import tokenize_seen, word_starts
 
 
@@ -116,7 +117,7 @@ def process_shard(task: ShardTask) -> dict:
     timing["tokenize_mask_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    outputs, dense = run_teacher(teacher, rows, view.outputs, task.token_budget)
+    outputs, dense = run_teacher(teacher, rows, view.outputs, task.token_budget, view.mask.seed)
     timing["infer_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -125,6 +126,7 @@ def process_shard(task: ShardTask) -> dict:
     record = write_shard_files(
         task.cache_root, task.slice.shard_id, columns, dense, specs,
         has_topk=bool(view.outputs.topk), has_text=view.text, has_pairs=source.has_pairs,
+        topk_codec=view.outputs.topk_codec, has_sample=bool(view.outputs.sample),
     )
     # In the manifest, so that a resumed run's summary still counts every shard's.
     record["truncated_rows"] = rows.truncated
@@ -239,8 +241,26 @@ def _spans(starts: np.ndarray, counts: np.ndarray, rows: np.ndarray) -> np.ndarr
     return np.repeat(starts[rows] - _starts(c)[:-1], c) + np.arange(int(c.sum()))
 
 
-def run_teacher(teacher, rows: Rows, outputs: Outputs, token_budget: int) -> tuple[dict, dict]:
-    """Batched inference over a shard's rows; results scattered back into row order."""
+def shard_uniforms(rows: Rows, n_masked: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """(masked positions, n) uniforms of --sample's draws, rows in order: each row's from its own
+    seed (xkd/sampling.py), so batching never changes a draw."""
+    per_row = [draw_uniforms(seed, int(rows.example_id[r]), SIDE_CODES[rows.side[r]], int(rows.mask_epoch[r]),
+                             int(n_masked[r]), n) for r in range(len(rows)) if n_masked[r]]
+    return np.concatenate(per_row) if per_row else np.zeros((0, n))
+
+
+def draws_by_row(draws: np.ndarray, n_masked: np.ndarray) -> dict[str, Ragged]:
+    """The (positions, N) draws as the cache stores them: per row, its positions' distinct ids
+    with their counts."""
+    ids, counts = runs(draws)
+    row_of_position = np.repeat(np.arange(len(n_masked)), n_masked)
+    per_row = np.bincount(row_of_position[positions_of(counts, draws.shape[1])], minlength=len(n_masked))
+    return {"sample_ids": Ragged(ids, _starts(per_row)), "sample_counts": Ragged(counts, _starts(per_row))}
+
+
+def run_teacher(teacher, rows: Rows, outputs: Outputs, token_budget: int, seed: int = 0) -> tuple[dict, dict]:
+    """Batched inference over a shard's rows; results scattered back into row order. `seed`:
+    the masks' seed, which --sample's draws follow too."""
     n = len(rows)
     lengths = np.array([len(ids) for ids in rows.input_ids], dtype=np.int64)
     n_masked = np.array([len(p) for p in rows.positions], dtype=np.int64)
@@ -253,16 +273,21 @@ def run_teacher(teacher, rows: Rows, outputs: Outputs, token_budget: int) -> tup
     k = outputs.topk
     flat = {"teacher_loss": np.full(n, np.nan, dtype=np.float32)}
     if k:
-        flat.update(topk_ids=np.zeros((total_masked, k), np.uint32), topk_logits=np.zeros((total_masked, k), np.float16),
-                    lognorm=np.zeros(total_masked, np.float32))
+        flat.update(topk_ids=np.zeros((total_masked, k), np.uint32),
+                    topk_logits=np.zeros((total_masked, k), topk_dtype(outputs)), lognorm=np.zeros(total_masked, np.float32))
+    if outputs.sample:
+        uniforms = shard_uniforms(rows, n_masked, outputs.sample, seed)
+        flat["sample_draws"] = np.zeros((total_masked, outputs.sample), np.int64)
     for batch_rows in length_buckets(lengths, token_budget):
         batch = PaddedBatch.build(batch_rows, rows.input_ids, rows.word_start, rows.positions, rows.labels, rows.pad_id,
                                   rows.segment_b)
+        dest = _spans(masked_starts, n_masked, batch_rows)
+        if outputs.sample:
+            batch.uniforms = uniforms[dest]
         result = teacher.infer(batch, outputs)
         flat["teacher_loss"][batch_rows] = result["teacher_loss"]
-        if k:
-            dest = _spans(masked_starts, n_masked, batch_rows)
-            for name in ("topk_ids", "topk_logits", "lognorm"):
+        for name in ("topk_ids", "topk_logits", "lognorm", "sample_draws"):
+            if name in flat:
                 flat[name][dest] = result[name]
         for name, s in specs.items():
             if s.align == "row":
@@ -276,6 +301,8 @@ def run_teacher(teacher, rows: Rows, outputs: Outputs, token_budget: int) -> tup
         flat["topk_ids"] = Ragged(flat["topk_ids"].ravel(), offsets)
         flat["topk_logits"] = Ragged(flat["topk_logits"].ravel(), offsets)
         flat["lognorm"] = Ragged(flat["lognorm"], masked_starts)
+    if outputs.sample:
+        flat.update(draws_by_row(flat.pop("sample_draws"), n_masked))
     return flat, dense
 
 

@@ -23,7 +23,8 @@ def inspect_cache(path: str | os.PathLike) -> dict:
         for lang, n in (s.get("langs") or {}).items():
             langs[lang] = langs.get(lang, 0) + n
     outputs = manifest.get("outputs") or {}
-    present = (["topk"] if outputs.get("topk") else []) + sorted(outputs.get("dense") or {})
+    present = (["topk"] if outputs.get("topk") else []) + (["sample"] if outputs.get("sample") else []) \
+        + sorted(outputs.get("dense") or {})
 
     def ratio(n, d):
         return round(n / d, 3) if d else None
@@ -37,6 +38,9 @@ def inspect_cache(path: str | os.PathLike) -> dict:
         **totals,
         "outputs": present,
         "topk_k": (outputs.get("topk") or {}).get("k"),
+        "topk_codec": (outputs.get("topk") or {}).get("codec", "fp16") if outputs.get("topk") else None,
+        "sample_n": (outputs.get("sample") or {}).get("n"),
+        "sample_seed": (outputs.get("sample") or {}).get("seed"),
         "teacher": (manifest.get("teacher") or {}).get("name"),
         "inputs": "sentence pairs" if outputs.get("pairs") else "single texts",
         "languages": dict(sorted(langs.items())),
@@ -79,6 +83,16 @@ def _completeness(path, manifest: dict) -> dict:
     }
 
 
+def _details(info: dict) -> str:
+    """How top-k and the draws are stored, for the outputs line."""
+    parts = []
+    if info["topk_k"]:
+        parts.append(f"top-k k={info['topk_k']}, codec {info['topk_codec']}")
+    if info["sample_n"]:
+        parts.append(f"sampled N={info['sample_n']}, seed {info['sample_seed']}")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def format_inspect(info: dict) -> str:
     lines = [
         f"cache      {info['cache']}  (key {info['key']}, {'complete' if info['complete'] else 'INCOMPLETE'})",
@@ -87,7 +101,7 @@ def format_inspect(info: dict) -> str:
         f"rows       {info['rows']:,} in {info['shards']} shards ({info['inputs']})",
         f"tokens     {info['tokens']:,}",
         f"masked     {info['masked']:,} positions",
-        f"outputs    {', '.join(info['outputs']) or 'none'}" + (f" (top-k k={info['topk_k']})" if info["topk_k"] else ""),
+        f"outputs    {', '.join(info['outputs']) or 'none'}" + _details(info),
         "languages  " + (", ".join(f"{k} {v:,}" for k, v in info["languages"].items()) or "none"),
         f"bytes      {info['bytes']:,} ({info['bytes_per_token']} per token, "
         f"{info['bytes_per_masked_position']} per masked position)",

@@ -25,7 +25,7 @@ from ..durable import atomic_write_bytes
 from ..errors import BadInput, XkdError
 from .completeness import finish_command
 from .remote import is_url
-from .schema import ALIGNS, CODECS, LAYOUTS, SCHEMA_VERSION
+from .schema import ALIGNS, CODECS, LAYOUTS, MAX_SAMPLE, SCHEMA_VERSION, TOPK_CODECS
 from .untrusted import parse_json
 
 MANIFEST = "manifest.json"
@@ -311,6 +311,12 @@ def _outputs_problem(outputs: dict) -> str | None:
     topk = outputs.get("topk")
     if topk is not None and not (isinstance(topk, dict) and _is_int(topk.get("k"), 1)):
         return f"`outputs.topk` is {topk!r}, not {{\"k\": K, ...}}"
+    if topk is not None and topk.get("codec", "fp16") not in TOPK_CODECS:
+        return f"`outputs.topk.codec` is {topk['codec']!r}, not one of {', '.join(TOPK_CODECS)}"
+    sample = outputs.get("sample")
+    if sample is not None and not (isinstance(sample, dict) and _is_int(sample.get("n"), 1) and sample["n"] <= MAX_SAMPLE
+                                   and _is_int(sample.get("seed"), 0)):
+        return f"`outputs.sample` is {sample!r}, not {{\"n\": N (1 to {MAX_SAMPLE}), \"seed\": S, ...}}"
     dense = outputs.get("dense") or {}
     if not isinstance(dense, dict):
         return "`outputs.dense` is not an object"

@@ -213,6 +213,16 @@ class RecycledBuffers:
 READ_BUFFERS = RecycledBuffers()  # DirectArray.read's arrays
 
 
+def decoded_topk(codes: Ragged, k: int) -> dict[str, Ragged]:
+    """A q8 cache's codes as the columns an fp16 cache holds: topk_logits, the decoded
+    log-probabilities (float32), and lognorm, 0 at every position (storage/codec.py)."""
+    from .codec import decode_q8
+
+    positions = codes.offsets // k
+    return {"topk_logits": Ragged(decode_q8(codes.values).astype(np.float32, copy=False), codes.offsets),
+            "lognorm": Ragged(np.zeros(int(positions[-1]), np.float32), positions)}
+
+
 def _read_exactly(f, n: int) -> bytes:
     data = f.read(n)
     if len(data) != n:
@@ -376,6 +386,19 @@ class Cache:
     def topk_k(self) -> int | None:
         topk = (self.manifest.get("outputs") or {}).get("topk")
         return int(topk["k"]) if topk else None
+
+    @cached_property
+    def topk_codec(self) -> str:
+        """How the top-k values are stored: "fp16", or "q8" (read back decoded: topk_logits are
+        then the log-probabilities and lognorm 0)."""
+        topk = (self.manifest.get("outputs") or {}).get("topk") or {}
+        return topk.get("codec", "fp16")
+
+    @cached_property
+    def sample_n(self) -> int | None:
+        """Draws per masked position (cache-teachers --sample N), or None."""
+        sample = (self.manifest.get("outputs") or {}).get("sample")
+        return int(sample["n"]) if sample else None
 
     @cached_property
     def has_text(self) -> bool:
@@ -642,11 +665,16 @@ class Cache:
         cols = None if columns is None else list(dict.fromkeys([*columns, "example_id"]))
         if cols is not None and dense_names:
             cols = list(dict.fromkeys([*cols, "input_ids", "word_start", "token_offset", "word_offset"]))
+        decode = self.topk_codec == "q8" and (cols is None or "topk_logits" in cols or "lognorm" in cols)
+        if decode and cols is not None:
+            cols = [c for c in cols if c not in ("topk_logits", "lognorm")] + ["topk_codes"]
         table = self.read_table(shard_id, row_group, cols)
         columns_np = {}
         for name in table.column_names:
             col = table[name]
             columns_np[name] = ragged_from_arrow(col) if name in RAGGED_COLUMNS else col.to_numpy()
+        if decode:
+            columns_np.update(decoded_topk(columns_np.pop("topk_codes"), self.topk_k))
         dense_out, dense_offsets, packed = {}, {}, []
         for name in dense_names:
             spec = self.dense_specs[name]

@@ -51,6 +51,27 @@ TOPK_FIELDS = [
     pa.field("lognorm", pa.list_(pa.float32()), nullable=False),
 ]
 
+# The same with the q8 codec (storage/codec.py): the ids as above, and per masked position k
+# uint8 codes of the top-k log-probabilities in place of topk_logits and lognorm (the
+# log-probabilities carry the normaliser). Readers decode them back to topk_logits (the
+# log-probabilities) and lognorm (0), so no consumer sees the codes.
+TOPK_Q8_FIELDS = [
+    TOPK_FIELDS[0],
+    pa.field("topk_codes", pa.list_(pa.uint8()), nullable=False),
+]
+
+# How top-k values are stored: "fp16" (TOPK_FIELDS) or "q8" (TOPK_Q8_FIELDS).
+TOPK_CODECS = ("fp16", "q8")
+
+# Present when draws were stored (cache-teachers --sample N; xkd/sampling.py): per masked
+# position the distinct drawn ids, ascending, and how often each was drawn. Each position's
+# counts sum to N, which is where one position's ids end and the next one's begin.
+SAMPLE_FIELDS = [
+    pa.field("sample_ids", pa.list_(pa.uint32()), nullable=False),
+    pa.field("sample_counts", pa.list_(pa.uint16()), nullable=False),
+]
+MAX_SAMPLE = 2**16 - 1  # draws per position: a count is uint16
+
 # Present when the raw text was stored: students that tokenize a side themselves (the
 # translation side in xd and mmkd, a student tokenizer unlike the teacher's) read it here.
 # pair_text is the other side of a parallel pair ("" for monolingual rows), so one row
@@ -72,7 +93,7 @@ PAIR_TEXT_FIELDS = [
     pa.field("pair_text_b", pa.string(), nullable=False),
 ]
 
-ALL_FIELDS = BASE_FIELDS + TOPK_FIELDS + TEXT_FIELDS + PAIR_FIELDS + PAIR_TEXT_FIELDS
+ALL_FIELDS = BASE_FIELDS + TOPK_FIELDS + TOPK_Q8_FIELDS[1:] + SAMPLE_FIELDS + TEXT_FIELDS + PAIR_FIELDS + PAIR_TEXT_FIELDS
 RAGGED_COLUMNS = {f.name for f in ALL_FIELDS if pa.types.is_list(f.type)}
 
 # How a dense array's first axis relates to rows: one entry per row, per token of the row,
@@ -80,8 +101,10 @@ RAGGED_COLUMNS = {f.name for f in ALL_FIELDS if pa.types.is_list(f.type)}
 ALIGNS = ("row", "token", "word")
 
 
-def arrow_schema(has_topk: bool, has_text: bool = False, has_pairs: bool = False) -> pa.Schema:
-    return pa.schema(BASE_FIELDS + (TOPK_FIELDS if has_topk else []) + (TEXT_FIELDS if has_text else [])
+def arrow_schema(has_topk: bool, has_text: bool = False, has_pairs: bool = False, topk_codec: str = "fp16",
+                 has_sample: bool = False) -> pa.Schema:
+    topk = (TOPK_Q8_FIELDS if topk_codec == "q8" else TOPK_FIELDS) if has_topk else []
+    return pa.schema(BASE_FIELDS + topk + (SAMPLE_FIELDS if has_sample else []) + (TEXT_FIELDS if has_text else [])
                      + (PAIR_FIELDS if has_pairs else []) + (PAIR_TEXT_FIELDS if has_pairs and has_text else []))
 
 

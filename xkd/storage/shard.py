@@ -68,9 +68,28 @@ def _offsets_from_lengths(lengths: np.ndarray) -> np.ndarray:
     return out
 
 
-def build_table(rows: dict, has_topk: bool, has_text: bool = False, has_pairs: bool = False) -> pa.Table:
-    """Rows as an Arrow table in the cache schema; adds the dense-alignment offsets."""
+def q8_codes(rows: dict) -> Ragged:
+    """The q8 codes of rows that hold top-k logits and log-normalisers (storage/codec.py): the
+    log-probabilities are formed here in fp32, from whatever precision the rows hold."""
+    from .codec import encode_q8
+
+    logits, lognorm = rows["topk_logits"], rows["lognorm"]
+    if not isinstance(logits, Ragged):
+        logits = Ragged.from_rows(logits, np.float32)
+        lognorm = Ragged.from_rows(lognorm, np.float32)
+    positions = len(lognorm.values)
+    k = len(logits.values) // positions if positions else 1
+    logprobs = logits.values.astype(np.float32).reshape(positions, k) - lognorm.values.astype(np.float32)[:, None]
+    return Ragged(encode_q8(logprobs).ravel(), logits.offsets)
+
+
+def build_table(rows: dict, has_topk: bool, has_text: bool = False, has_pairs: bool = False, topk_codec: str = "fp16",
+                has_sample: bool = False) -> pa.Table:
+    """Rows as an Arrow table in the cache schema; adds the dense-alignment offsets. With the q8
+    codec, rows that give topk_logits and lognorm have them encoded here."""
     rows = dict(rows)
+    if has_topk and topk_codec == "q8" and "topk_codes" not in rows:
+        rows["topk_codes"] = q8_codes(rows)
     for name in ("input_ids", "word_start"):
         if not isinstance(rows[name], Ragged):
             rows[name] = Ragged.from_rows(rows[name], np.uint32 if name == "input_ids" else np.bool_)
@@ -78,7 +97,7 @@ def build_table(rows: dict, has_topk: bool, has_text: bool = False, has_pairs: b
     n = len(input_ids)
     rows["token_offset"] = _offsets_from_lengths(input_ids.lengths())
     rows["word_offset"] = _offsets_from_lengths(word_start.row_sums())
-    schema = arrow_schema(has_topk, has_text, has_pairs)
+    schema = arrow_schema(has_topk, has_text, has_pairs, topk_codec, has_sample)
     arrays = []
     for field in schema:
         if field.name not in rows:
@@ -224,13 +243,17 @@ def write_shard_files(
     has_text: bool = False,
     has_pairs: bool = False,
     row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
+    *,
+    topk_codec: str = "fp16",
+    has_sample: bool = False,
 ) -> dict:
     """Write shard `shard_id` atomically; return its manifest record.
 
     `rows` maps every column of the schema (except the offsets, computed here) to a numpy
     array (scalars) or a Ragged / list of arrays (lists). `dense` maps each name of
-    `dense_specs` to an array whose first axis follows the spec's alignment. `has_topk` and
-    `has_text` must agree with the manifest's outputs (see writer.outputs_json).
+    `dense_specs` to an array whose first axis follows the spec's alignment. `has_topk`,
+    `has_text`, `has_pairs`, `topk_codec` and `has_sample` must agree with the manifest's
+    outputs (see writer.outputs_json).
 
     A `root` on object storage (a URL): the shard is written to a local temporary directory
     and uploaded under shards/<shard>-<digest>/ (see upload_shard).
@@ -238,14 +261,14 @@ def write_shard_files(
     if is_url(root):
         with tempfile.TemporaryDirectory(prefix="xkd-shard-") as local:
             record = write_shard_files(local, shard_id, rows, dense, dense_specs, has_topk, has_text, has_pairs,
-                                       row_group_size)
+                                       row_group_size, topk_codec=topk_codec, has_sample=has_sample)
             return upload_shard(Remote(str(root)), Path(local), record)
     root = Path(root)
     dense = dense or {}
     dense_specs = dense_specs or {}
     if set(dense) != set(dense_specs):
         raise ValueError(f"dense outputs {sorted(dense)} do not match their specs {sorted(dense_specs)}")
-    table = build_table(rows, has_topk, has_text, has_pairs)
+    table = build_table(rows, has_topk, has_text, has_pairs, topk_codec, has_sample)
     expected = {name: dense_length(spec, table) for name, spec in dense_specs.items()}
     _write_in_place(root, shard_id, table, dense, dense_specs, expected, row_group_size)
     return _shard_record(root, shard_id, table, dense_specs)

@@ -51,7 +51,7 @@ def _check_contents(cache: Cache, record: dict) -> list[str]:
     except Exception as e:  # any unreadable footer or page is the finding itself
         return [f"its Parquet file cannot be read ({e})"]
     k = cache.topk_k
-    expected = arrow_schema(bool(k), cache.has_text, cache.has_pairs)
+    expected = arrow_schema(bool(k), cache.has_text, cache.has_pairs, cache.topk_codec, bool(cache.sample_n))
     if not table.schema.remove_metadata().equals(expected):
         return [f"its Parquet schema differs from schema version {cache.manifest['schema_version']}"]
     problems = []
@@ -76,9 +76,13 @@ def _check_contents(cache: Cache, record: dict) -> list[str]:
     if masked.values.size and np.any(masked.values >= n_tokens[row_of_position]):
         problems.append("a masked position lies beyond its row's tokens")
     if k:
-        for name, per in (("topk_ids", k), ("topk_logits", k), ("lognorm", 1)):
+        stored = (("topk_ids", k), ("topk_codes", k)) if cache.topk_codec == "q8" else \
+            (("topk_ids", k), ("topk_logits", k), ("lognorm", 1))
+        for name, per in stored:
             if not np.array_equal(ragged_from_arrow(table[name]).lengths(), n_masked * per):
                 problems.append(f"{name} does not hold {per} value(s) per masked position")
+    if cache.sample_n:
+        problems += _sample_problems(table, n_masked, cache.sample_n)
     if cache.dense_specs:
         try:  # the numbers in zarr.json against the chunk files, as every reader checks them on open
             cache.check_dense_sizes(shard_id)
@@ -103,6 +107,24 @@ def _check_contents(cache: Cache, record: dict) -> list[str]:
                 if group[name].attrs.get("row_group_starts") != per_row[firsts].tolist():
                     problems.append(f"dense array {name} records row group starts that do not match its rows")
     return problems
+
+
+def _sample_problems(table, n_masked: np.ndarray, n: int) -> list[str]:
+    """Draws: one count per id, counts of at least 1 that sum to n per masked position, and
+    each position's ids strictly ascending (xkd/sampling.py)."""
+    ids, counts = ragged_from_arrow(table["sample_ids"]), ragged_from_arrow(table["sample_counts"])
+    if not np.array_equal(ids.lengths(), counts.lengths()):
+        return ["sample_ids and sample_counts differ in length"]
+    if counts.values.size and counts.values.min() < 1:
+        return ["a sample count is 0"]
+    if not np.array_equal(counts.row_sums(), n_masked * n):
+        return [f"sample_counts do not sum to {n} per masked position"]
+    running = np.cumsum(counts.values.astype(np.int64))
+    first = np.ones(len(running), dtype=bool)
+    first[1:] = (running[:-1] % n) == 0  # the previous id ended a position
+    if np.any(~first[1:] & (np.diff(ids.values.astype(np.int64)) <= 0)):
+        return ["a masked position's sampled ids are not strictly ascending"]
+    return []
 
 
 def verify_cache(path: str | os.PathLike) -> dict:

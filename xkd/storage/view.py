@@ -37,6 +37,7 @@ class CacheView:
     max_length: int
     mask_prob: float | None
     topk_k: int | None
+    sample_n: int | None  # draws per masked position (cache-teachers --sample N)
     has_text: bool
     has_pairs: bool  # rows are sentence pairs (segment_b; text_b with the text)
     dense: dict[str, DenseSpec] = field(hash=False)
@@ -93,6 +94,7 @@ def view_of(cache) -> CacheView:
         max_length=int(view.get("max_length") or 0),
         mask_prob=(view.get("mask") or {}).get("prob"),
         topk_k=cache.topk_k,
+        sample_n=cache.sample_n,
         has_text=cache.has_text,
         has_pairs=cache.has_pairs,
         dense=dict(cache.dense_specs),

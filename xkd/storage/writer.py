@@ -26,16 +26,22 @@ XKD_VERSION = "0.1.0"
 
 
 def outputs_json(topk_k: int | None, dense_specs: dict[str, DenseSpec], text: bool = False,
-                 pairs: bool = False) -> dict:
-    """The manifest's description of what each row and dense array holds."""
-    return {
+                 pairs: bool = False, topk_codec: str = "fp16", sample: int = 0, sample_seed: int = 0) -> dict:
+    """The manifest's description of what each row and dense array holds. The q8 codec and the
+    draws are recorded only when present, so earlier manifests read the same."""
+    topk = None
+    if topk_k:
+        topk = {"k": topk_k, "ids": "uint32", "logits": "float16", "lognorm": "float32"} if topk_codec == "fp16" \
+            else {"k": topk_k, "ids": "uint32", "codec": topk_codec, "codes": "uint8"}
+    out = {
         "text": text,
         "pairs": pairs,
-        "topk": (
-            {"k": topk_k, "ids": "uint32", "logits": "float16", "lognorm": "float32"} if topk_k else None
-        ),
+        "topk": topk,
         "dense": {name: spec.to_json() for name, spec in sorted(dense_specs.items())},
     }
+    if sample:
+        out["sample"] = {"n": sample, "seed": sample_seed, "ids": "uint32", "counts": "uint16"}
+    return out
 
 
 class CacheWriter:

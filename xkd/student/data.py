@@ -419,7 +419,7 @@ def _remap_rows(rows: dict, table) -> dict:
         return rows
     from ..vocab import remap
 
-    for name in ("input_ids", "labels", "topk_ids"):
+    for name in ("input_ids", "labels", "topk_ids", "sample_ids"):
         if name in rows:
             col = rows[name]
             rows[name] = Ragged(remap(col.values, table), col.offsets)

@@ -77,6 +77,21 @@ def distillation_cross_entropy(student_logits: torch.Tensor, teacher_logits: tor
     return per_row.mean() * tau**2
 
 
+def sampled_cross_entropy(student_logp: torch.Tensor, position: torch.Tensor, ids: torch.Tensor,
+                          weights: torch.Tensor) -> torch.Tensor:
+    """Random-sampling KD (Anshumann et al. 2025, "Sparse Logit Sampling", sec. 3): the
+    cross-entropy against the empirical distribution of N draws from the teacher's softmax,
+    mean over the M masked positions:
+
+        loss = 1/M Σ_m −Σ_j p̂_mj · log q_mj,   p̂_mj = count_mj / N
+
+    student_logp (M, V) = log softmax(z_S); for each stored (position, id) pair, E entries:
+    position (E,), ids (E,) union ids, weights (E,) = count / N. E[p̂] = p makes the loss and
+    its gradient, q − p̂ per position, unbiased estimates of the full-distribution ones."""
+    picked = student_logp.float()[position, ids]
+    return -(weights.float() * picked).sum() / max(student_logp.shape[0], 1)
+
+
 def squared_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """XD's L2 (its ICLR 2020 submission, sec. 2.3): (B, D) each; 1/B Σ_i ||s_i - t_i||²."""
     return (student.float() - teacher.float()).pow(2).sum(-1).mean()

@@ -29,8 +29,10 @@ import torch
 
 from ...errors import BadInput
 from ...options import check_memory
+from ...sampling import positions_of
 from ...segments import token_type_ids
 from ...storage import CacheView, Ragged
+from .. import losses as L
 from ..data import padded_with_mask
 
 # Options -----------------------------------------------------------------------------
@@ -234,6 +236,8 @@ class Need:
     def present_in(self, cache: CacheView) -> bool:
         if self.output == "topk":
             return cache.topk_k is not None
+        if self.output == "sample":
+            return cache.sample_n is not None
         if self.output == "text":
             return cache.has_text
         if self.output.endswith(".*"):
@@ -242,6 +246,46 @@ class Need:
 
 
 TEXT_NEED = Need("text", "--text (on by default; drop --no-text)")
+
+
+# The teacher's distribution at masked positions, as the cache stores it (mergedistill's L_KD,
+# tinybert's stage-1 L_pred): the renormalised top-k, the top-k plus its exact tail mass, or the
+# draws (random-sampling KD, xkd/sampling.py).
+KD_TARGETS = ("topk", "tail", "sampled")
+KD_TARGET_HELP = ("teacher distribution: the renormalised top-k, top-k plus the exact tail mass, or N draws from the "
+                  "full softmax (unbiased; needs cache-teachers --sample N)")
+TOPK_COLUMNS = ("topk_ids", "topk_logits", "lognorm")
+SAMPLE_COLUMNS = ("sample_ids", "sample_counts")
+
+
+def check_kd_target(kd_target: str, temperature: float) -> None:
+    """The tail's log-normaliser and the draws are those of softmax(z_T) at τ = 1."""
+    if kd_target in ("tail", "sampled") and temperature != 1.0:
+        why = "the cached log-normaliser is" if kd_target == "tail" else "the draws were made from the softmax"
+        raise BadInput(f"--option kd_target={kd_target} needs temperature=1: {why} at τ = 1.")
+
+
+def kd_target_need(kd_target: str, topk_option: str = "--topk 8") -> Need:
+    return Need("sample", "--sample 16") if kd_target == "sampled" else Need("topk", topk_option)
+
+
+def kd_target_why(kd_target: str) -> str:
+    """What `require` names besides the method when the cache lacks the target's output."""
+    return " --option kd_target=sampled" if kd_target == "sampled" else ""
+
+
+def kd_target_columns(kd_target: str) -> tuple[str, ...]:
+    return SAMPLE_COLUMNS if kd_target == "sampled" else TOPK_COLUMNS
+
+
+def kd_term(kd_target: str, logits: torch.Tensor, logp: torch.Tensor, batch: dict, temperature: float) -> torch.Tensor:
+    """The distillation cross-entropy at the batch's masked positions against the cached target.
+    logits (M, V) the student's, logp their log-softmax (shared with the gold term)."""
+    if kd_target == "sampled":
+        return L.sampled_cross_entropy(logp, batch["sample_position"], batch["sample_ids"], batch["sample_weights"])
+    lognorm = batch["lognorm"] if kd_target == "tail" else None
+    return L.distillation_cross_entropy(logits, batch["topk_logits"], temperature, topk_ids=batch["topk_ids"],
+                                        lognorm=lognorm, student_logp=logp)
 
 
 def require(method: str, caches: list[CacheView], needs, why: str = "") -> None:
@@ -384,6 +428,12 @@ def collate_masked_lm(rows: dict, pad_id: int) -> dict:
         batch["topk_ids"] = torch.from_numpy(rows["topk_ids"].values.astype(np.int64).reshape(n_masked, k))
         batch["topk_logits"] = torch.from_numpy(rows["topk_logits"].values.astype(np.float32).reshape(n_masked, k))
         batch["lognorm"] = torch.from_numpy(rows["lognorm"].values.astype(np.float32))
+    if "sample_ids" in rows:
+        counts = rows["sample_counts"].values.astype(np.int64)
+        n = int(counts.sum()) // n_masked if n_masked else 1
+        batch["sample_ids"] = torch.from_numpy(rows["sample_ids"].values.astype(np.int64))
+        batch["sample_position"] = torch.from_numpy(positions_of(counts, n))
+        batch["sample_weights"] = torch.from_numpy((counts / n).astype(np.float32))
     return batch
 
 

@@ -3,7 +3,7 @@ Khanuja et al. 2021): L = λ·L_KD + (1−λ)·L_MLM, λ annealed.
 
 L_KD is the cross-entropy between the teacher's distribution and the student's softmax over
 the whole union vocabulary at each masked position (sec. 3, eq. 2). The teacher's
-distribution comes from the cached top-k, in one of two forms (`kd_target`):
+distribution comes from the cache, in one of three forms (`kd_target`):
 - "topk" (the paper, k = 8): softmax over the k stored logits (at temperature τ), i.e. the
   top-k renormalised; the rest of the vocabulary gets no mass. With τ != 1 the term is
   multiplied by τ² (Hinton et al.; the rule of losses.distillation_cross_entropy, which
@@ -12,6 +12,10 @@ distribution comes from the cached top-k, in one of two forms (`kd_target`):
   1 − Σ top-k, matched against the student's mass outside those k tokens: the exact
   cross-entropy between the two distributions coarsened to {top-k tokens, everything else}.
   Needs τ = 1 (the log-normaliser is for τ = 1).
+- "sampled": the empirical distribution of N ids drawn from the teacher's full softmax
+  (cache-teachers --sample N; random-sampling KD, Anshumann et al. 2025): an unbiased
+  estimate of the full-distribution cross-entropy and of its gradient, where both top-k forms
+  are biased. Needs τ = 1 (the draws are from softmax(z_T)).
 With k equal to the teacher's vocabulary both forms equal the full-softmax cross-entropy.
 
 λ follows teacher annealing (Clark et al. 2019, as the paper does): linear from
@@ -26,20 +30,31 @@ from dataclasses import dataclass
 
 import torch
 
-from ...errors import BadInput
 from .. import losses as L
 from . import register
-from .base import Method, Need, Plan, collate_masked_lm, lambda_at, masked_logits, option, require
+from .base import (
+    KD_TARGET_HELP,
+    KD_TARGETS,
+    Method,
+    Plan,
+    check_kd_target,
+    collate_masked_lm,
+    kd_target_columns,
+    kd_target_need,
+    kd_target_why,
+    kd_term,
+    lambda_at,
+    masked_logits,
+    option,
+    require,
+)
 
-NEED = Need("topk", "--topk 8")
-COLUMNS = ("example_id", "lang", "side", "mask_epoch", "teacher_loss",
-           "input_ids", "masked_positions", "labels", "topk_ids", "topk_logits", "lognorm")
+COLUMNS = ("example_id", "lang", "side", "mask_epoch", "teacher_loss", "input_ids", "masked_positions", "labels")
 
 
 @dataclass(frozen=True)
 class Config:
-    kd_target: str = option("topk", "teacher distribution: the renormalised top-k, or top-k plus the exact tail mass",
-                            paper="topk", choices=("topk", "tail"))
+    kd_target: str = option("topk", KD_TARGET_HELP, paper="topk", choices=KD_TARGETS)
     temperature: float = option(1.0, "distillation temperature τ (topk target only; the term is scaled by τ²)",
                                 paper=1.0, low=0.0, low_open=True)
     lambda_schedule: str = option("anneal", "λ over training: linear from lambda_start to lambda_end, or constant",
@@ -49,8 +64,7 @@ class Config:
                                 used_when={"lambda_schedule": ("anneal",)})
 
     def __post_init__(self):
-        if self.kd_target == "tail" and self.temperature != 1.0:
-            raise BadInput("--option kd_target=tail needs temperature=1: the cached log-normaliser is for τ = 1.")
+        check_kd_target(self.kd_target, self.temperature)
 
 
 @register
@@ -58,12 +72,12 @@ class MergeDistill(Method):
     name = "mergedistill"
     paper = "MergeDistill: Merging Pre-trained Language Models using Distillation (Khanuja et al. 2021)"
     Config = Config
-    needs = (NEED,)
+    needs = (kd_target_need("topk"), kd_target_need("sampled"))
 
     @classmethod
     def plan_for(cls, config, caches, student):
-        require(cls.name, caches, [NEED])
-        return Plan(columns=COLUMNS)
+        require(cls.name, caches, [kd_target_need(config.kd_target)], kd_target_why(config.kd_target))
+        return Plan(columns=COLUMNS + kd_target_columns(config.kd_target))
 
     def collate(self, rows):
         return collate_masked_lm(rows, self.vocab.pad_id)
@@ -72,10 +86,7 @@ class MergeDistill(Method):
         c = self.config
         logits = masked_logits(student, batch)
         logp = torch.log_softmax(logits, dim=-1)  # once, for both terms: (M, V) over the union vocab
-        lognorm = batch["lognorm"] if c.kd_target == "tail" else None
-        kd = L.distillation_cross_entropy(logits, batch["topk_logits"], c.temperature, topk_ids=batch["topk_ids"],
-                                          lognorm=lognorm, student_logp=logp)
-        parts = {"kd": kd, "mlm": L.gold_nll(logp, batch["labels"])}
+        parts = {"kd": kd_term(c.kd_target, logits, logp, batch, c.temperature), "mlm": L.gold_nll(logp, batch["labels"])}
         lam = lambda_at(c.lambda_schedule, c.lambda_start, c.lambda_end, step, self.total_steps)
         return {"loss": L.weighted_sum(parts, {"kd": lam, "mlm": 1 - lam}), **parts,
                 "lambda": logits.new_tensor(lam)}

@@ -9,7 +9,7 @@ Stage 1 (`stage=1`, pre-training distillation on the MLM task):
         + attention_weight·Σ_m L_attn(m) + gold_weight·L_gold
 
 - L_pred: cross-entropy between the teacher's distribution at each masked position (from the
-  cached top-k, as mergedistill reads it: `kd_target` topk or tail, `temperature`) and the
+  cache, as mergedistill reads it: `kd_target` topk, tail or sampled, `temperature`) and the
   student's softmax over the union vocabulary (eq. 2 of Soltan et al. 2021), times τ² (Hinton et al.'s
   rule, losses.distillation_cross_entropy; the identity at the paper's τ = 1).
 - L_embd: MSE between W_e·E_S (the student's embedding output) and the teacher's `hidden.0`.
@@ -58,22 +58,29 @@ from ..data import padded
 from ..models import classifier_student, quiet_transformers, use_pre_dropout_attention
 from . import register
 from .base import (
+    KD_TARGET_HELP,
+    KD_TARGETS,
     Method,
     Need,
     Plan,
+    check_kd_target,
     class_orders,
     collate_masked_lm,
     gold_order_of,
     in_student_class_order,
+    kd_target_columns,
+    kd_target_need,
+    kd_target_why,
+    kd_term,
     model_inputs,
     option,
+    require,
     same_width,
     with_pair_columns,
 )
 
 HIDDEN_OPTION = "--hidden-layers 0,3,6,9,12 --hidden-positions all"  # a 12-layer teacher, 4-layer student
-TOPK_COLUMNS = ("topk_ids", "topk_logits", "lognorm")
-STAGE1_COLUMNS = ("example_id", "lang", "side", "input_ids", "masked_positions", "labels") + TOPK_COLUMNS
+STAGE1_COLUMNS = ("example_id", "lang", "side", "input_ids", "masked_positions", "labels")
 STAGE2_COLUMNS = ("example_id", "lang", "side", "input_ids", "masked_positions", "labels", "class_label")
 
 
@@ -90,12 +97,11 @@ class Config:
     gold_weight: float = option(1.0, "weight of the gold-label cross-entropy (masked tokens / class labels)",
                                 paper=1.0, low=0.0)
     temperature: float = option(1.0, "τ of L_pred (the term is scaled by τ²)", paper=1.0, low=0.0, low_open=True)
-    kd_target: str = option("topk", "stage 1 L_pred target: renormalised top-k, or top-k plus the exact tail",
-                            paper="topk", choices=("topk", "tail"), used_when={"stage": (1,)})
+    kd_target: str = option("topk", f"stage 1 L_pred {KD_TARGET_HELP}", paper="topk", choices=KD_TARGETS,
+                            used_when={"stage": (1,)})
 
     def __post_init__(self):
-        if self.kd_target == "tail" and self.temperature != 1.0:
-            raise BadInput("--option kd_target=tail needs temperature=1: the cached log-normaliser is for τ = 1.")
+        check_kd_target(self.kd_target, self.temperature)
 
 
 @dataclass(frozen=True)
@@ -208,7 +214,7 @@ class TinyBERT(Method):
              "Distillation for Zero-shot Transfer Learning (Soltan et al. 2021)")
     Config = Config
     reads_sentence_pairs = True  # stage 2 on XNLI/PAWS-X: the cached pair ids, token types from segment_b
-    needs = (Need("topk", "--topk 8 (stage 1)"), Need("hidden.*", HIDDEN_OPTION),
+    needs = (kd_target_need("topk", "--topk 8 (stage 1)"), kd_target_need("sampled"), Need("hidden.*", HIDDEN_OPTION),
              Need("attn.*", "--attention-layers 3,6,9,12 (optional: turns on L_attn)"),
              Need("class_logits", "--class-logits (stage 2)"))
 
@@ -217,14 +223,11 @@ class TinyBERT(Method):
         columns = STAGE1_COLUMNS if config.stage == 1 else STAGE2_COLUMNS
         dense: list[str] = []
         classes, label_names, logit_order, gold_order = 0, None, (), ()
-        if config.stage == 1:
-            if config.pred_weight == 0:
-                columns = tuple(c for c in columns if c not in TOPK_COLUMNS)
-            for cache in caches:
-                if config.pred_weight and cache.topk_k is None:
-                    raise BadInput(f"--method tinybert (stage 1) needs the cached top-k predictions, which {cache.path} "
-                                   "lacks. Re-run cache-teachers with --topk 8 (or set --option pred_weight=0).")
-        else:
+        if config.stage == 1 and config.pred_weight:
+            columns += kd_target_columns(config.kd_target)
+            need = kd_target_need(config.kd_target, "--topk 8 (or set --option pred_weight=0)")
+            require(cls.name, caches, [need], " (stage 1)" + kd_target_why(config.kd_target))
+        if config.stage == 2:
             for cache in caches:
                 if "class_logits" not in cache.dense:
                     raise BadInput(f"--method tinybert --option stage=2 distils class logits, which {cache.path} lacks. "
@@ -321,9 +324,7 @@ class TinyBERT(Method):
             return parts
         logp = torch.log_softmax(logits, dim=-1)  # once, for both terms: (M, V) over the union vocab
         if c.pred_weight:
-            lognorm = batch["lognorm"] if c.kd_target == "tail" else None
-            parts["pred"] = L.distillation_cross_entropy(logits, batch["topk_logits"], c.temperature,
-                                                         topk_ids=batch["topk_ids"], lognorm=lognorm, student_logp=logp)
+            parts["pred"] = kd_term(c.kd_target, logits, logp, batch, c.temperature)
         if c.gold_weight:
             parts["gold"] = L.gold_nll(logp, batch["labels"])
         return parts
