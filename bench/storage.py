@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from xkd.storage import CacheWriter, Ragged, open_cache, outputs_json, write_shard_files
 from xkd.storage.schema import ragged_from_arrow
 from xkd.storage.shard import DEFAULT_ROW_GROUP_SIZE, PARQUET_OPTIONS, build_table
-from xkd.storage.synthetic import synthetic_rows
+from xkd.storage.synthetic import synthetic_draws, synthetic_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -45,6 +45,8 @@ TOPK_COLUMNS = ("topk_ids", "topk_logits", "lognorm")
 REPEATS = 5
 READ_BYTES = 96_000_000  # decoded bytes per read pass: three times this machine's 32 MiB L3
 TARGET_BYTES_K8 = 40.0
+TARGET_Q8_BYTES_K8 = 24.0
+SAMPLE_SIZES = (8, 16, 32)
 TARGET_READ_RATIO = 0.5
 
 
@@ -212,6 +214,70 @@ def run_k(k: int, rows_per_shard: int, work: Path) -> dict:
     }
 
 
+def bytes_per_masked(cache_dir: Path, names, masked: int) -> dict[str, float]:
+    by_output: dict[str, int] = {}
+    for record in open_cache(cache_dir).manifest["shards"]:
+        for name, size in record["bytes_by_output"].items():
+            by_output[name] = by_output.get(name, 0) + size
+    return {name: by_output[name] / masked for name in names}
+
+
+def run_sampled_and_q8(rows_per_shard: int, work: Path) -> dict:
+    """Bytes per masked position of --sample N's draws (N = 8, 16, 32) and of the q8 top-k codec,
+    over the k=8 synthetic shards (the draws follow each position's synthetic distribution)."""
+    shards = [synthetic_rows(s, rows_per_shard, vocab=VOCAB, k=8, first_example_id=s * rows_per_shard)[0]
+              for s in range(SHARDS)]
+    masked = sum(len(r["lognorm"].values) for r in shards)
+    sampled = {}
+    for n in SAMPLE_SIZES:
+        cache_dir = work / f"sample-{n}"
+        with CacheWriter(cache_dir, f"bench-sample-{n}", {"outputs": outputs_json(None, {}, sample=n)}) as writer:
+            for s, rows in enumerate(shards):
+                plain = {name: col for name, col in rows.items() if name not in TOPK_COLUMNS}
+                writer.commit(write_shard_files(cache_dir, s, {**plain, **synthetic_draws(rows, n, VOCAB, s)},
+                                                has_sample=True))
+            writer.finish()
+        distinct = sum(len(block.columns["sample_ids"].values) for block in
+                       open_cache(cache_dir).iter_blocks(columns=["sample_ids"], dense=()))
+        sampled[n] = {**bytes_per_masked(cache_dir, ("sample_ids", "sample_counts"), masked),
+                      "distinct": distinct / masked}
+    cache_dir = work / "q8"
+    with CacheWriter(cache_dir, "bench-q8", {"outputs": outputs_json(8, {}, topk_codec="q8")}) as writer:
+        for s, rows in enumerate(shards):
+            writer.commit(write_shard_files(cache_dir, s, rows, has_topk=True, topk_codec="q8"))
+        writer.finish()
+    return {"masked": masked, "sampled": sampled, "q8": bytes_per_masked(cache_dir, ("topk_ids", "topk_codes"), masked)}
+
+
+def sampled_and_q8_lines(r: dict, fp16_total: float) -> list[str]:
+    lines = [
+        "",
+        f"Bytes per masked position of `--sample N`'s draws (distinct ids uint32 + their counts uint16), over the k=8 "
+        f"shards above ({r['masked']:,} positions; each position's draws follow its synthetic distribution: a top-k id "
+        "with its probability, else a Zipf id for the tail mass):",
+        "",
+        "| N | sample_ids | sample_counts | total | distinct ids per position |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for n, b in r["sampled"].items():
+        lines.append(f"| {n} | {b['sample_ids']:.2f} | {b['sample_counts']:.2f} | "
+                     f"**{b['sample_ids'] + b['sample_counts']:.2f}** | {b['distinct']:.2f} |")
+    q8 = r["q8"]
+    total = q8["topk_ids"] + q8["topk_codes"]
+    lines += [
+        "",
+        "The q8 top-k codec (`--topk-codec q8`, k=8, the same shards): ids as before, one byte per log-probability, "
+        "no log-normaliser:",
+        "",
+        "| codec | topk_ids | values | total | target |",
+        "|---|---:|---:|---:|---|",
+        f"| fp16 (default) | | | {fp16_total:.2f} | |",
+        f"| q8 | {q8['topk_ids']:.2f} | {q8['topk_codes']:.2f} | **{total:.2f}** | <= {TARGET_Q8_BYTES_K8:.0f}: "
+        f"{'met' if total <= TARGET_Q8_BYTES_K8 else 'MISSED'} |",
+    ]
+    return lines
+
+
 def encoding_alternatives(k: int, rows_per_shard: int, work: Path) -> list[dict]:
     """The shard writer's Parquet options against alternatives, on one shard's top-k columns:
     bytes per masked position, and read speed (row group by row group, as the reader reads)
@@ -272,7 +338,7 @@ def machine() -> str:
     return f"{os.cpu_count()}-core {model} ({platform.machine()}), Python {platform.python_version()}"
 
 
-def report(results: list[dict], alternatives: list[dict], seconds: float) -> str:
+def report(results: list[dict], alternatives: list[dict], seconds: float, sampled: dict) -> str:
     by_k = {r["k"]: r for r in results}
     lines = [
         "## storage",
@@ -332,6 +398,7 @@ def report(results: list[dict], alternatives: list[dict], seconds: float) -> str
     ]
     lines += [f"| {a['variant']} | {a['bytes']:.2f} | {a['read_ratio']:.3f}x |" for a in alternatives]
     p = results[0]["plausibility"]
+    lines += sampled_and_q8_lines(sampled, by_k[8]["topk_total"])
     lines += [
         "",
         "Plausibility of the synthetic data (k=8): "
@@ -384,7 +451,9 @@ def main() -> int:
             results.append(run_k(k, args.rows, Path(work)))
         print("storage bench: Parquet options ...", file=sys.stderr, flush=True)
         alternatives = encoding_alternatives(8, args.rows, Path(work))
-    text = report(results, alternatives, time.perf_counter() - start)
+        print("storage bench: sampled targets and the q8 codec ...", file=sys.stderr, flush=True)
+        sampled = run_sampled_and_q8(args.rows, Path(work))
+    text = report(results, alternatives, time.perf_counter() - start, sampled)
     print(text)
     if not args.no_docs:
         write_section(text)

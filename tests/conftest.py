@@ -83,6 +83,23 @@ def cache_teacher(client, out, teacher, corpus, **options) -> str:
     return result["caches"][0]["path"]
 
 
+def independent_draws(logits, row: dict, n: int, seed: int = 0):
+    """A cached row's --sample draws made again apart from xkd.sampling's inverse CDF: the row's
+    uniforms (the seed contract of xkd.sampling.draw_uniforms) mapped through the float64
+    numpy cumulative softmax of the teacher's logits at its masked positions; for each u, the id
+    j with cdf(j − 1) <= u < cdf(j). (positions, n) ids."""
+    import numpy as np
+    import torch
+
+    from xkd.pipeline.masking import SIDE_CODES
+    from xkd.sampling import draw_uniforms
+
+    uniforms = draw_uniforms(seed, int(row["example_id"]), SIDE_CODES[row["side"]], int(row["mask_epoch"]),
+                             len(row["masked_positions"]), n)
+    cdf = np.cumsum(torch.softmax(logits.double(), -1).numpy(), axis=-1)
+    return np.stack([np.searchsorted(c, u * c[-1], side="right") for c, u in zip(cdf, uniforms)]).reshape(-1, n)
+
+
 @pytest.fixture(scope="session")
 def tiny_teachers(tmp_path_factory):
     """Two tiny masked-LM teachers with different real vocabularies:

@@ -26,10 +26,11 @@ from xkd.student.methods.tinybert import layer_map, unpack_attention
 from xkd.student.models import Student, StudentConfig
 from xkd.vocab import build_vocab
 
-from conftest import ROOT, TATOEBA, VOCABS, build_tiny_bert
+from conftest import ROOT, TATOEBA, VOCABS, build_tiny_bert, independent_draws
 
 STUDENT = StudentConfig(hidden=24, layers=2, heads=2, dropout=0.0)  # teacher: 4 layers, width 32, 2 heads
 MAX_LENGTH = 32
+SAMPLE_N = 16
 TOY = ROOT / "xkd" / "data"
 
 
@@ -43,9 +44,11 @@ def setup(client, tmp_path_factory):
     uncased = VOCABS / "bert-base-uncased.vocab.txt"
     teacher = build_tiny_bert(root / "teacher", uncased, lowercase=True, layers=4, seed=21, init_range=1.0)
     classifier = build_tiny_bert(root / "classifier", uncased, lowercase=True, kind="classifier", layers=4, seed=22)
-    # The documented stage-1 invocation (docs/methods.md), for a 4-layer teacher and a 2-layer student.
+    # The documented stage-1 invocation (docs/methods.md), for a 4-layer teacher and a 2-layer student,
+    # with draws beside the top-k (kd_target=sampled reads them).
     r = invoke("cache-teachers", "--teacher", teacher, "--corpus", TATOEBA, "--sides", "src", "--max-pairs", 12,
-               "--topk", 8, "--hidden-layers", "0,2,4", "--hidden-positions", "all", "--attention-layers", "2,4",
+               "--topk", 8, "--sample", SAMPLE_N, "--hidden-layers", "0,2,4", "--hidden-positions", "all",
+               "--attention-layers", "2,4",
                "--max-length", MAX_LENGTH, "--out", root / "stage1", "--scheduler", client.scheduler.address)
     assert r.exit_code == 0, r.output
     [stage1] = [p for p in (root / "stage1").iterdir() if p.is_dir()]
@@ -175,6 +178,34 @@ def test_stage1_loss_from_the_cache_equals_the_teacher_run_online(setup):
     assert float(parts["attention"]) == pytest.approx(attention / (n_pairs * 2), rel=2e-3)
     assert float(parts["loss"]) == pytest.approx(
         float(sum(parts[k] for k in ("pred", "embedding", "hidden", "attention", "gold"))), rel=1e-6)
+
+
+def test_stage1_sampled_pred_from_the_cache_equals_the_teachers_draws_online(setup):
+    """kd_target=sampled: L_pred = −1/M Σ_m Σ_j (count_mj / N) log q_mj over draws made again
+    from the teacher's online softmax."""
+    from transformers import BertForMaskedLM
+
+    vocab, cache, method, student, batch = prepared(setup, "stage1", kd_target="sampled")
+    with torch.no_grad():
+        pred = float(method.losses(batch, student, step=0)["pred"])
+    table = torch.from_numpy(vocab.map_for(cache.manifest).astype(np.int64))
+    teacher = BertForMaskedLM.from_pretrained(setup["teacher"]).eval()
+    total, n_masked = 0.0, 0
+    with torch.no_grad():
+        for i, example_id in enumerate(batch["example_id"].tolist()):
+            n = int(batch["attention_mask"][i].sum())
+            [row] = [r for r in cache.examples_by_id(example_id)
+                     if np.array_equal(table[r["input_ids"].astype(np.int64)].numpy(), batch["input_ids"][i, :n].numpy())]
+            positions = row["masked_positions"].astype(np.int64)
+            logits = teacher(input_ids=torch.from_numpy(row["input_ids"].astype(np.int64))[None]).logits[0, positions]
+            draws = independent_draws(logits, row, SAMPLE_N)
+            assert np.array_equal(np.repeat(row["sample_ids"], row["sample_counts"]), draws.ravel())
+            s = student(input_ids=batch["input_ids"][i:i + 1, :n], attention_mask=torch.ones(1, n, dtype=torch.long),
+                        masked_flat=torch.from_numpy(positions))
+            total -= float(torch.log_softmax(s.logits.double(), -1).gather(1, table[torch.from_numpy(draws)]).mean(-1).sum())
+            n_masked += len(positions)
+    assert n_masked > 0
+    assert pred == pytest.approx(total / n_masked, rel=1e-4)
 
 
 def test_weights_and_the_gold_mlm_term(setup):

@@ -27,7 +27,17 @@ from xkd.student.methods import prepare
 from xkd.student.models import Student, StudentConfig, build_student
 from xkd.vocab import build_vocab
 
-from conftest import PARALLEL, ROOT, TATOEBA, TEST_DATA, VOCABS, build_tiny_bert, cache_teacher, requires_iitb
+from conftest import (
+    PARALLEL,
+    ROOT,
+    TATOEBA,
+    TEST_DATA,
+    VOCABS,
+    build_tiny_bert,
+    cache_teacher,
+    independent_draws,
+    requires_iitb,
+)
 
 IITB_VAL = f"parallel:{PARALLEL}/iitb-en-hi/val.en@en,{PARALLEL}/iitb-en-hi/val.hi@hi"
 TINY = StudentConfig(hidden=32, layers=2, heads=2, dropout=0.0)
@@ -236,28 +246,16 @@ def test_tail_target_equals_the_coarsened_online_distribution(setup):
     assert offline == pytest.approx(online, rel=2e-3)
 
 
-def independent_draws(logits: torch.Tensor, uniforms: np.ndarray) -> np.ndarray:
-    """Inverse-CDF draws computed apart from xkd.sampling, in float64 numpy: for each uniform u
-    the id j with cdf(j − 1) <= u < cdf(j)."""
-    cdf = np.cumsum(torch.softmax(logits.double(), -1).numpy(), axis=-1)
-    return np.stack([np.searchsorted(c, u * c[-1], side="right") for c, u in zip(cdf, uniforms)])
-
-
 def test_sampled_target_from_the_cache_equals_the_teachers_draws_online(setup):
     """kd_target=sampled: the cached draws are the teacher's, drawn again now from its online
     softmax with the row's uniforms, and the loss is −1/M Σ_m Σ_j (count_mj / N) log q_mj."""
-    from xkd.pipeline.masking import SIDE_CODES
-    from xkd.sampling import draw_uniforms
-
     vocab = load_vocab(setup["vocab"])
     method = mergedistill(vocab, setup["caches"]["en"], lambda_schedule="constant", lambda_start=1.0, kd_target="sampled")
     assert "sample_ids" in method.plan.columns and "topk_logits" not in method.plan.columns
     cache, batch = first_batch(setup["caches"]["en"], vocab, method, batch_size=8)
     rows = teacher_rows_for(cache, batch, vocab)
     logits = online_teacher_logits(setup["teachers"]["en"], rows)
-    draws = np.concatenate([
-        independent_draws(z, draw_uniforms(0, int(r["example_id"]), SIDE_CODES[r["side"]], int(r["mask_epoch"]),
-                                           len(r["masked_positions"]), SAMPLE_N)) for z, r in zip(logits, rows)])
+    draws = np.concatenate([independent_draws(z, r, SAMPLE_N) for z, r in zip(logits, rows)])
     stored = np.concatenate([np.repeat(r["sample_ids"], r["sample_counts"]) for r in rows]).reshape(-1, SAMPLE_N)
     assert np.array_equal(stored, draws)
     assert len(np.unique(draws)) > SAMPLE_N  # the teacher is peaky, yet the draws spread over many ids

@@ -122,3 +122,33 @@ def _attention(rng: np.random.Generator, lengths: np.ndarray, heads: int, max_ke
     probs = np.where(real, np.exp(scores), 0.0)
     probs /= probs.sum(-1, keepdims=True)
     return probs.reshape(len(per_token), heads * max_keys).astype(dtype)
+
+
+def synthetic_draws(rows: dict, n: int, vocab: int = 120_000, seed: int = 0) -> dict:
+    """sample_ids and sample_counts for rows made by synthetic_rows, as `--sample n` would store
+    them if the teacher's distribution were the rows' own: each draw is one of the top-k ids
+    with its probability exp(logit − lognorm), else (with the tail mass) a Zipf id."""
+    rng = np.random.default_rng([seed, n])
+    positions = len(rows["lognorm"].values)
+    k = len(rows["topk_ids"].values) // max(positions, 1)
+    ids = rows["topk_ids"].values.reshape(positions, k).astype(np.int64)
+    p_top = np.exp(rows["topk_logits"].values.astype(np.float64).reshape(positions, k)
+                   - rows["lognorm"].values.astype(np.float64)[:, None])
+    cdf = np.cumsum(p_top, axis=1)
+    u = rng.random((positions, n))
+    slot = (u[:, :, None] >= cdf[:, None, :]).sum(-1)  # k: in the tail
+    draws = np.where(slot < k, np.take_along_axis(ids, np.minimum(slot, k - 1), 1),
+                     zipf_ids(rng, positions * n, vocab).reshape(positions, n))
+    draws.sort(axis=1)
+    first = np.ones(draws.shape, dtype=bool)
+    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    starts = np.flatnonzero(first.ravel())
+    counts = np.diff(np.append(starts, draws.size))
+    runs_per_position = first.sum(1)
+    per_row = np.add.reduceat(runs_per_position, rows["masked_positions"].offsets[:-1]) \
+        if positions else np.zeros(len(rows["masked_positions"]), np.int64)
+    per_row[rows["masked_positions"].lengths() == 0] = 0
+    offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64)
+    return {"sample_ids": Ragged(draws.ravel()[starts].astype(np.uint32), offsets),
+            "sample_counts": Ragged(counts.astype(np.uint16), offsets)}
+

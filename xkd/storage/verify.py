@@ -75,14 +75,7 @@ def _check_contents(cache: Cache, record: dict) -> list[str]:
     row_of_position = np.repeat(np.arange(len(n_masked)), n_masked)
     if masked.values.size and np.any(masked.values >= n_tokens[row_of_position]):
         problems.append("a masked position lies beyond its row's tokens")
-    if k:
-        stored = (("topk_ids", k), ("topk_codes", k)) if cache.topk_codec == "q8" else \
-            (("topk_ids", k), ("topk_logits", k), ("lognorm", 1))
-        for name, per in stored:
-            if not np.array_equal(ragged_from_arrow(table[name]).lengths(), n_masked * per):
-                problems.append(f"{name} does not hold {per} value(s) per masked position")
-    if cache.sample_n:
-        problems += _sample_problems(table, n_masked, cache.sample_n)
+    problems += _masked_output_problems(cache, table, n_masked)
     if cache.dense_specs:
         try:  # the numbers in zarr.json against the chunk files, as every reader checks them on open
             cache.check_dense_sizes(shard_id)
@@ -106,6 +99,20 @@ def _check_contents(cache: Cache, record: dict) -> list[str]:
                 per_row = np.concatenate([[0], np.cumsum(key_counts(spec, n_tokens))]).astype(np.int64)
                 if group[name].attrs.get("row_group_starts") != per_row[firsts].tolist():
                     problems.append(f"dense array {name} records row group starts that do not match its rows")
+    return problems
+
+
+def _masked_output_problems(cache: Cache, table, n_masked: np.ndarray) -> list[str]:
+    """Top-k: k ids and values per masked position (and a log-normaliser with fp16); the draws."""
+    problems, k = [], cache.topk_k
+    if k:
+        stored = (("topk_ids", k), ("topk_codes", k)) if cache.topk_codec == "q8" else \
+            (("topk_ids", k), ("topk_logits", k), ("lognorm", 1))
+        for name, per in stored:
+            if not np.array_equal(ragged_from_arrow(table[name]).lengths(), n_masked * per):
+                problems.append(f"{name} does not hold {per} value(s) per masked position")
+    if cache.sample_n:
+        problems += _sample_problems(table, n_masked, cache.sample_n)
     return problems
 
 
