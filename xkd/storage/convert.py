@@ -37,6 +37,7 @@ def rewrite_cache(source: str | os.PathLike, out: str | os.PathLike, *, codec: s
             dense = {name: np.concatenate([b.dense[name] for b in blocks]) for name in specs}
             writer.commit(write_shard_files(out, shard, rows, dense, specs, has_topk=old.topk_k is not None,
                                             has_text=old.has_text, has_pairs=old.has_pairs,
-                                            row_group_size=row_group_size))
+                                            row_group_size=row_group_size, topk_codec=old.topk_codec,
+                                            has_sample=old.sample_n is not None))
         writer.finish()
     return Path(out)

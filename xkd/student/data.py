@@ -418,8 +418,9 @@ def _remap_rows(rows: dict, table) -> dict:
     if table is None:
         return rows
     from ..vocab import remap
+    from ..vocab.vocabdir import ID_COLUMNS
 
-    for name in ("input_ids", "labels", "topk_ids", "sample_ids"):
+    for name in ID_COLUMNS:
         if name in rows:
             col = rows[name]
             rows[name] = Ragged(remap(col.values, table), col.offsets)

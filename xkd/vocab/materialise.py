@@ -142,8 +142,9 @@ def remap_cache(cache: str | os.PathLike, vocab: str | os.PathLike | Vocab, out:
             rows, dense_arrays = _remapped_shard(src, vocab, slug, shard_id)
             record = write_shard_files(
                 out, shard_id, rows, dense_arrays, src.dense_specs, has_topk=has_topk, has_text=src.has_text,
-                has_pairs=src.has_pairs,
-                row_group_size=src.row_groups(shard_id)[0],
+                has_pairs=src.has_pairs, row_group_size=src.row_groups(shard_id)[0],
+                # q8 values are read decoded and encoded again: the same codes (storage/codec.py)
+                topk_codec=src.topk_codec, has_sample=src.sample_n is not None,
             )
             writer.commit(record)
             rows_written += record["rows"]

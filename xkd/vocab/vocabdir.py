@@ -38,7 +38,7 @@ TEACHERS = "teachers"
 FORMAT = 1
 
 # Columns of a cache row that hold teacher vocabulary ids.
-ID_COLUMNS = ("input_ids", "labels", "topk_ids")
+ID_COLUMNS = ("input_ids", "labels", "topk_ids", "sample_ids")
 
 
 def vocab_hash(root: Path, slugs: list[str]) -> str:
@@ -301,7 +301,7 @@ class Vocab:
         return remap(ids, self.map_for(slug), what=f"remap for teacher {slug}")
 
     def remap_columns(self, columns: dict, teacher) -> dict:
-        """A cache block's columns with input_ids, labels and topk_ids in union ids (Ragged
+        """A cache block's columns with their ids (ID_COLUMNS) in union ids (Ragged
         columns keep their offsets); other columns are passed through."""
         from ..storage import Ragged
 
