@@ -105,24 +105,25 @@ def test_two_runs_started_at_once_into_one_out_one_is_refused_naming_the_other(s
     assert not (out / ".lock").exists()
 
 
-@pytest.mark.parametrize("second", ["--overwrite", "--resume", "--seed"])
-def test_a_second_run_while_the_first_trains_is_refused_and_the_first_finishes_whole(setup, tmp_path, second):
+def test_a_second_run_while_the_first_trains_is_refused_and_the_first_finishes_whole(setup, tmp_path):
     """--overwrite while the other trains used to remove its checkpoints and metrics under it;
     --resume while the original ran trained a second copy from its checkpoint; another seed
-    into the same --out (once the first has written) says 'not empty' rather than who holds it."""
+    into the same --out (once the first has written) says 'not empty' rather than who holds it.
+    All three are tried, one after another, while one first run is held after its first
+    checkpoint."""
     out = tmp_path / "busy"
     first = start(train_args(setup, out, "--save-every", 1, steps=STEPS))
     wait_for(lambda: any((out / "checkpoints").glob("step-*")), first, "the first checkpoint")
     first.send_signal(signal.SIGSTOP)
     try:
         before = tree_sha(out)
-        extra = {"--overwrite": ["--save-every", 1, "--overwrite"], "--resume": ["--save-every", 1, "--resume"],
-                 "--seed": ["--save-every", 1]}[second]
-        args = with_seed(train_args(setup, out, *extra, steps=STEPS), 4 if second == "--seed" else 3)
-        r = subprocess.run(xkd_cmd(args), env=env(), capture_output=True, text=True, timeout=300)
-        assert r.returncode == 1, r.stderr[-3000:]
-        assert_one_paragraph(r.stderr, f"--out {out}", f"pid {first.pid}")
-        assert tree_sha(out) == before  # the refused run touched nothing
+        for second, extra in (("--overwrite", ["--save-every", 1, "--overwrite"]),
+                              ("--resume", ["--save-every", 1, "--resume"]), ("--seed", ["--save-every", 1])):
+            args = with_seed(train_args(setup, out, *extra, steps=STEPS), 4 if second == "--seed" else 3)
+            r = subprocess.run(xkd_cmd(args), env=env(), capture_output=True, text=True, timeout=300)
+            assert r.returncode == 1, (second, r.stderr[-3000:])
+            assert_one_paragraph(r.stderr, f"--out {out}", f"pid {first.pid}")
+            assert tree_sha(out) == before, second  # the refused run touched nothing
     finally:
         first.send_signal(signal.SIGCONT)
     code, _, err = finish(first)

@@ -284,20 +284,71 @@ def inspect_cmd(
 @user_errors
 def verify_cmd(
     cache: str = typer.Argument(..., help="A cache directory (holds manifest.json), or its URL (s3://bucket/prefix/...)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Also re-run this teacher (alias, HF model id or model "
+                                          "dir, as cache-teachers takes it) on random rows of the cache, with their stored "
+                                          "masks, and compare every stored output within its dtype's tolerance."),
+    rows: Optional[int] = typer.Option(None, "--rows", help="With --teacher: rows to re-run, drawn across the finished "
+                                       "shards (default 64)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="With --teacher: the seed of that draw (default 0)."),
+    device: Optional[str] = typer.Option(None, "--device", help="With --teacher: auto | cpu | cuda (default auto: cuda if "
+                                         "available)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="With --teacher: compute dtype, auto | fp16 | bf16 | fp32 "
+                                        "(auto: fp32 on CPU; on CUDA the cache's own fp16 or bf16, else fp32)."),
     as_json: bool = JsonOpt,
 ):
-    """Check every shard's checksums, schema and offsets, and that no planned shard is missing.
-    Exits 1 naming each bad shard, 3 if the finished shards are sound but the cache is incomplete."""
+    """Check every shard's checksums, schema and offsets, and that no planned shard is missing;
+    with --teacher, also re-run the teacher on --rows random rows and compare what the cache stores.
+    Exits 1 naming each bad shard (or the first row and output that differ from the teacher's
+    re-run), 3 if the finished shards are sound but the cache is incomplete."""
+    from .errors import BadInput
     from .storage import format_verdict, verify_cache
 
+    if teacher is None:
+        given = [flag for flag, value in (("--rows", rows), ("--seed", seed), ("--device", device), ("--dtype", dtype))
+                 if value is not None]
+        if given:
+            raise BadInput(f"{given[0]} applies to the re-run of a teacher, and --teacher is not given: give --teacher T "
+                           f"(the teacher that made the cache), or leave {given[0]} out.")
     report = verify_cache(cache)
+    rechecked = teacher is not None and report["status"] != "damaged"  # a damaged cache is reported as it is
+    if rechecked:
+        report["recheck"] = _recheck(cache, teacher, 64 if rows is None else rows, seed or 0, device or "auto",
+                                     dtype or "auto")
+        if not report["recheck"]["ok"]:
+            report["ok"], report["status"] = False, "differs"
     if as_json:
         emit_json(report)
-    elif report["ok"]:
-        typer.echo(f"{cache}: ok ({report['shards_checked']} shards, checksums, schema and offsets verified)")
+    else:
+        if report["ok"]:
+            typer.echo(f"{cache}: ok ({report['shards_checked']} shards, checksums, schema and offsets verified)")
+        if rechecked and report["recheck"]["ok"]:  # an incomplete cache's finished shards too
+            from .pipeline.recheck import format_recheck
+
+            typer.echo(format_recheck(report["recheck"]))
+    if report["status"] == "differs":
+        from .pipeline.recheck import format_recheck
+
+        typer.echo(f"xkd verify: {format_recheck(report['recheck'])}", err=True)
+        raise typer.Exit(1)
     if not report["ok"]:
         typer.echo(f"xkd verify: {format_verdict(report)}", err=True)
         raise typer.Exit(1 if report["status"] == "damaged" else 3)
+
+
+def _recheck(cache: str, teacher: str, rows: int, seed: int, device: str, dtype: str) -> dict:
+    """verify --teacher's re-run, its progress on stderr every few seconds."""
+    import time
+
+    from .pipeline.recheck import recheck_cache
+
+    last = [time.monotonic()]
+
+    def progress(done: int, total: int) -> None:
+        if time.monotonic() - last[0] >= 5 and done < total:
+            typer.echo(f"xkd verify: re-ran {done} of {total} rows", err=True)
+            last[0] = time.monotonic()
+
+    return recheck_cache(cache, teacher, rows=rows, seed=seed, device=device, dtype=dtype, progress=progress)
 
 
 def _corpus_kind(v: dict):

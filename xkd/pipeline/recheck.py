@@ -17,7 +17,8 @@ also by its own rounding to the stored dtype; nothing else may differ. So each c
   (`np.spacing`; round-to-nearest never moves a value further), e.g. |v| x 2^-11 for fp16. Dense
   outputs come back from the teacher already cast to the stored dtype (on the device, as the
   pipeline casts them), so their re-run side adds its half ulp too. The q8 codec's error is the
-  codec's own bound (storage/codec.py: q8_logprob_tolerance).
+  codec's own bound (storage/codec.py: q8_logprob_tolerance), taken at this run's value less its
+  compute error, plus that error, as the codec's docstring prescribes for a value so known.
 - Compute error, normwise: a forward pass in a dtype of unit roundoff u (fp32 2^-24, fp16 2^-11,
   bf16 2^-8) leaves each output vector y within u x sqrt(n) x s x ||y||_inf of the exact one,
   where n is the hidden size (inner products of length n: rounding errors of a sum of n terms
@@ -30,9 +31,11 @@ also by its own rounding to the stored dtype; nothing else may differ. So each c
   magnitude: a token's hidden state, a token's attention over heads and keys, a sentence
   vector, a masked position's logits over the whole vocabulary. Measured against this model
   (fp16 and bf16 forward passes against fp32 on CPU): MiniLM's errors are 3u at layer 0 and
-  6u at layer 6, where the model allows 20u and 137u; a 2-layer, width-32 BERT's are up to 8u
-  where it allows 17u to 23u. In fp32 the compute term is about 1e-5 of a vector's scale, under
-  fp16 storage's half ulp, so another checkpoint, or one layer's weights moved by 1%, fails.
+  6u at layer 6, where the model allows 20u and 137u; a 2-layer, width-32 BERT's 2u at layer 0
+  (5.7u allowed), 6u at layer 2 (17u) and 8u in the logits (23u). In fp32 the compute term is
+  1e-6 to 1e-5 of a vector's scale, under fp16 storage's half ulp, so another checkpoint, or one
+  layer's weights moved by 1%, fails (tests/test_verify_teacher.py); in fp16 or bf16 caches it
+  is 4,000 or 32,000 times that, and such a small change may pass.
 
 Derived checks (ctol: a masked position's logit tolerance, by the rule above):
 - lognorm: logsumexp moves no more than its largest logit: ctol, plus fp32 sums over V terms in
@@ -85,6 +88,7 @@ DEVICES = ("auto", "cpu", "cuda")
 TOKEN_BUDGET = 4096  # padded tokens per re-run batch
 LOGIT_ELEMENTS = 1 << 25  # full-vocabulary fp32 logits alive at once (128 MiB), and their fp64 cdf twice that
 OUTPUT_ORDER = ("teacher_loss", "topk_ids", "topk_logits", "lognorm", "sample_ids")
+KIND_NAMES = {"mlm": "a masked LM", "encoder": "an encoder", "classifier": "a sequence classifier"}
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,8 @@ class Finding:
     values: int = 0  # values compared
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        """Strict JSON: a non-finite number (an inf ratio, a NaN loss) as its name, "inf" or "nan"."""
+        return {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in dataclasses.asdict(self).items()}
 
 
 def half_ulp(stored: np.ndarray) -> np.ndarray:
@@ -182,8 +187,8 @@ def choose_device(device: str, dtype: str, cache_dtype: str) -> tuple[str, str]:
 
 
 def check_teacher_fits(cache: Cache, spec: TeacherSpec, outputs: Outputs) -> None:
-    """Refuse, in one paragraph, a teacher that cannot have made the cache: another kind, another
-    vocabulary or widths, too few layers or positions. Different weights are the re-run's to find."""
+    """Refuse, in one paragraph, a teacher that cannot have made the cache: another kind, vocabulary
+    or shape (width, layers, heads), too few positions. Different weights are the re-run's to find."""
     manifest = cache.manifest
     if manifest.get("vocab"):
         source = (manifest["vocab"].get("source_cache") or {}).get("path", "the cache it was made from")
@@ -192,10 +197,13 @@ def check_teacher_fits(cache: Cache, spec: TeacherSpec, outputs: Outputs) -> Non
     made_by = manifest.get("teacher") or {}
     problems = []
     if spec.kind != made_by.get("kind"):
-        problems.append(f"it is {'an' if spec.kind == 'mlm' else 'a'} {spec.kind} teacher, the cache's is {made_by.get('kind')}")
-    for key, what in (("vocab_size", "its tokenizer's vocabulary"), ("model_vocab_size", "its output vocabulary")):
-        if getattr(spec, key) != made_by.get(key):
-            problems.append(f"{what} has {getattr(spec, key):,} ids, the cache's teacher's {made_by.get(key)}")
+        problems.append(f"it is {KIND_NAMES.get(spec.kind, spec.kind)}, the cache's teacher "
+                        f"{KIND_NAMES.get(made_by.get('kind'), made_by.get('kind'))}")
+    for key, what in (("vocab_size", "its tokenizer's vocabulary has {} ids"), ("model_vocab_size", "its output "
+                      "vocabulary has {} ids"), ("hidden_size", "it is {} wide"), ("num_layers", "it has {} layers"),
+                      ("num_heads", "it has {} attention heads")):
+        if made_by.get(key) is not None and getattr(spec, key) != made_by[key]:
+            problems.append(f"{what.format(f'{getattr(spec, key):,}')}, the cache's teacher {made_by[key]:,}")
     if not problems:
         try:
             spec.check_outputs(outputs, int(manifest["view"]["max_length"]))
@@ -328,7 +336,7 @@ def loss_finding(row: dict, facts: dict | None, tol: Tolerances, vocab: int) -> 
     ctol = tol.compute("logits", facts["scale"].max())
     sums = 2 * (math.log2(vocab) + m) * U32 * abs(recomputed)
     return worst("teacher_loss", stored, np.array([recomputed]), half_ulp(stored) + 2 * ctol + sums,
-                 lambda at: f"the row's mean over {m} masked positions")
+                 lambda at: f"the row's mean over {m} masked position{'s' if m > 1 else ''}")
 
 
 def topk_findings(row: dict, facts: dict, tol: Tolerances, plan: Plan) -> list[Finding]:
@@ -350,11 +358,18 @@ def topk_findings(row: dict, facts: dict, tol: Tolerances, plan: Plan) -> list[F
         f"{facts['left_out'][at[0]]:.6g}, above stored id {int(ids[at[0], lowest[at[0]]])}'s "
         f"{facts['at_ids'][at[0], lowest[at[0]]]:.6g}"))]
     found[0].stored = found[0].recomputed = None
-    where = lambda at: f"{position_where(row, at[0])}, id {int(ids[at])}"  # noqa: E731
-    if plan.codec == "q8":  # decoded log-probabilities (lognorm 0): the codec's own bound, and both runs' lognorm
-        recomputed = facts["at_ids"] - facts["lognorm"][:, None]
+
+    def where(at: tuple) -> str:
+        return f"{position_where(row, at[0])}, id {int(ids[at])}"
+
+    if plan.codec == "q8":
+        # Decoded log-probabilities (lognorm 0 as read). This run's logp is within eps of the one the
+        # cache encoded (the logit's and the lognorm's errors), and the codec bounds its own error at
+        # a value known to within eps: q8_logprob_tolerance(logp - eps) + eps (storage/codec.py).
+        recomputed = facts["at_ids"].astype(np.float64) - facts["lognorm"][:, None]
         stored = values.astype(np.float64) - lognorm[:, None]
-        found.append(worst("topk_logits", stored, recomputed, plan.q8_tolerance(stored) + 2 * ctol + sums, where))
+        eps = 2 * ctol + sums
+        found.append(worst("topk_logits", stored, recomputed, plan.q8_tolerance(recomputed - eps) + eps, where))
     else:
         found.append(worst("topk_logits", values, facts["at_ids"], half_ulp(values) + ctol, where))
         found.append(worst("lognorm", lognorm, facts["lognorm"], half_ulp(lognorm) + ctol[:, 0] + sums,
@@ -386,7 +401,9 @@ def dense_finding(name: str, stored: np.ndarray, recomputed: np.ndarray, tol: To
     stored, recomputed = np.asarray(stored), np.asarray(recomputed)
     if stored.shape != recomputed.shape:
         return Finding(name, math.inf, math.inf, 0.0, f"stored shape {stored.shape}, this run's {recomputed.shape}")
-    scale = np.abs(recomputed.astype(np.float64)).max(axis=-1, keepdims=True) if stored.size else 0.0
+    # the scale of a vector's finite values: an element that overflowed fp16 (inf in both runs) sets no tolerance
+    magnitude = np.abs(recomputed.astype(np.float64))
+    scale = np.where(np.isfinite(magnitude), magnitude, 0).max(axis=-1, keepdims=True) if stored.size else 0.0
     bound = half_ulp(stored) + half_ulp(recomputed) + tol.compute(name, scale)
     unit = {"token": "token", "word": "word"}.get(spec.align)
 
@@ -461,6 +478,8 @@ def recheck_cache(cache: str | Cache, teacher: str, *, rows: int = 64, seed: int
     started = time.perf_counter()
     if rows < 1:
         raise BadInput(f"--rows must be at least 1, not {rows}.")
+    if seed < 0:
+        raise BadInput(f"--seed must be 0 or more, not {seed}.")
     cache = cache if isinstance(cache, Cache) else Cache(cache)
     view = cache.manifest["view"]
     outputs = Outputs.from_json(view["outputs"])
@@ -493,23 +512,26 @@ def recheck_cache(cache: str | Cache, teacher: str, *, rows: int = 64, seed: int
 def summarise(examples: list[dict], findings: list[list[Finding]]) -> dict:
     """ok, the first row that differs (in cache order) and its first output that differs, and
     per output the values compared and the largest difference relative to its tolerance."""
-    outputs: dict[str, dict] = {}
+    def place(row: dict) -> dict:
+        return {"shard": int(row["shard"]), "row": int(row["row"])}
+
+    values: dict[str, int] = {}
+    worst_of: dict[str, tuple[Finding, dict]] = {}
     first, differing = None, 0
     for row, found in zip(examples, findings):
         for f in found:
-            entry = outputs.setdefault(f.output, {"values": 0, "worst": None})
-            entry["values"] += f.values
-            if entry["worst"] is None or f.ratio > entry["worst"]["ratio"]:
-                entry["worst"] = f.to_json()
+            values[f.output] = values.get(f.output, 0) + f.values
+            if f.output not in worst_of or f.ratio > worst_of[f.output][0].ratio:
+                worst_of[f.output] = (f, place(row))
         bad = [f for f in found if not f.ratio <= 1]
         if bad:
             differing += 1
         if bad and first is None:
             order = {name: i for i, name in enumerate(OUTPUT_ORDER)}
             bad.sort(key=lambda f: (order.get(f.output, len(order)), f.output))
-            first = {"shard": int(row["shard"]), "row": int(row["row"]), "example_id": int(row["example_id"]),
-                     "side": str(row["side"]), "mask_epoch": int(row["mask_epoch"]), **bad[0].to_json(),
-                     "outputs": [f.output for f in bad]}
+            first = {**place(row), "example_id": int(row["example_id"]), "side": str(row["side"]),
+                     "mask_epoch": int(row["mask_epoch"]), **bad[0].to_json(), "outputs": [f.output for f in bad]}
+    outputs = {name: {"values": values[name], "worst": {**at, **f.to_json()}} for name, (f, at) in worst_of.items()}
     return {"ok": first is None, "rows": len(examples), "differing_rows": differing, "first_difference": first,
             "outputs": outputs}
 
@@ -520,9 +542,15 @@ def _number(x) -> str:
 
 def format_recheck(report: dict) -> str:
     """One line when every row matches; else a paragraph naming the first row and output that differ."""
-    weights = ("the teacher's weights hash as the manifest records" if report["weights_sha256"]["same"] else
-               "the teacher's weights hash differently from the manifest's (a re-saved copy's would)")
+    if report["weights_sha256"]["same"]:
+        weights = "the teacher's weights hash as the manifest records"
+    elif report["ok"]:
+        weights = "the teacher's weights hash differently from the manifest's, as a re-saved copy's would"
+    else:
+        weights = "the teacher's weights hash differently from the manifest's"
     ran = f"teacher {report['teacher']!r} on {report['device']} in {report['dtype']}, the cache made in {report['cache_dtype']}"
+    if not report["outputs"]:
+        return f"{report['cache']}: no finished rows to re-run the teacher on."
     if report["ok"]:
         top = max(report["outputs"].values(), key=lambda o: o["worst"]["ratio"])["worst"]
         values = sum(o["values"] for o in report["outputs"].values())
