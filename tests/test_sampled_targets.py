@@ -85,3 +85,28 @@ def test_sample_requests_that_cannot_work_are_refused(tmp_path, args, says):
     r = CliRunner().invoke(app, ["cache-teachers", "--teacher", "bert-base", "--corpus", TATOEBA, "--out", str(tmp_path),
                                  *args])
     assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output, r.output
+
+
+def test_verify_checks_that_each_positions_counts_add_up_to_n(tmp_path):
+    """A shard whose draws do not sum to N at a position (written whole, checksums and all) is
+    damaged; the same rows with their counts intact are sound."""
+    from xkd.storage import CacheWriter, outputs_json, write_shard_files
+    from xkd.storage.schema import Ragged
+    from xkd.storage.synthetic import synthetic_draws, synthetic_rows
+
+    rows = synthetic_rows(0, 20, vocab=500, k=4)[0]
+    plain = {name: col for name, col in rows.items() if name not in ("topk_ids", "topk_logits", "lognorm")}
+    draws = synthetic_draws(rows, N, vocab=500)
+    assert np.array_equal(draws["sample_counts"].row_sums(), rows["masked_positions"].lengths() * N)
+    counts = draws["sample_counts"].values.copy()
+    counts[3] += 1
+    for name, sample_counts in (("sound", draws["sample_counts"]), ("bad", Ragged(counts, draws["sample_counts"].offsets))):
+        root = tmp_path / name
+        with CacheWriter(root, name, {"outputs": outputs_json(None, {}, sample=N)}, planned_shards=1) as writer:
+            writer.commit(write_shard_files(root, 0, {**plain, **draws, "sample_counts": sample_counts}, has_sample=True))
+            writer.finish()
+        r = CliRunner().invoke(app, ["verify", str(root)])
+        if name == "sound":
+            assert r.exit_code == 0, r.output
+        else:
+            assert r.exit_code == 1 and f"sample_counts do not sum to {N} per masked position" in r.output, r.output

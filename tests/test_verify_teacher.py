@@ -76,7 +76,7 @@ def setup(thread_client, tmp_path_factory, minilm_dir):
         "minilm": minilm_dir,
     }
     caches = root / "caches"
-    lines = (PARALLEL / "tatoeba" / "tatoeba.hin-eng.eng").read_text(encoding="utf-8").splitlines()[:16]
+    lines = (PARALLEL / "tatoeba" / "tatoeba.hin-eng.eng").read_text(encoding="utf-8").split("\n")[:16]
     pairs = root / "pairs.tsv"
     pairs.write_text("".join(f"{a}\t{b}\n" for a, b in zip(lines[::2], lines[1::2])), encoding="utf-8")
     return {"root": root, "teachers": teachers, "caches": {
@@ -96,6 +96,19 @@ STORED = {
     "pairs": {"teacher_loss", "topk_ids", "topk_logits", "lognorm", "hidden.2"},
     "minilm": {"teacher_loss", "cls", "pooled", "hidden.6"},
 }
+
+
+def test_inspect_says_how_top_k_and_the_draws_are_stored(setup):
+    """The q8 cache holds codes, not logits or a log-normaliser, and says so; the sampled one
+    gives N and the seed. Both pass the integrity check."""
+    q8 = CliRunner().invoke(app, ["inspect", str(setup["caches"]["q8"])])
+    assert q8.exit_code == 0 and "top-k k=8, codec q8" in q8.output, q8.output
+    columns = {line.split()[0] for line in q8.output.split("\n")[q8.output.split("\n").index("") + 2:] if line}
+    assert "topk_codes" in columns and not {"topk_logits", "lognorm", "sample_ids"} & columns, columns
+    sampled = CliRunner().invoke(app, ["inspect", str(setup["caches"]["mlm"])])
+    assert sampled.exit_code == 0 and "top-k k=8, codec fp16; sampled N=8, seed 0" in sampled.output, sampled.output
+    for name in ("q8", "mlm"):
+        assert CliRunner().invoke(app, ["verify", str(setup["caches"][name])]).exit_code == 0
 
 
 @pytest.mark.parametrize("cache", ["mlm", "q8", "pairs", "minilm"])
