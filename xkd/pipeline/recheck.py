@@ -20,10 +20,13 @@ also by its own rounding to the stored dtype; nothing else may differ. So each c
   codec's own bound (storage/codec.py: q8_logprob_tolerance), taken at this run's value less its
   compute error, plus that error, as the codec's docstring prescribes for a value so known.
 - Compute error, normwise: a forward pass in a dtype of unit roundoff u (fp32 2^-24, fp16 2^-11,
-  bf16 2^-8) leaves each output vector y within u x sqrt(n) x s x ||y||_inf of the exact one,
-  where n is the hidden size (inner products of length n: rounding errors of a sum of n terms
-  grow as sqrt(n) u with high probability, Higham & Mary 2019, "A new approach to probabilistic
-  rounding error analysis") and s the stages the value passes through, whose errors add:
+  bf16 2^-8) leaves each output vector y within λ x u x sqrt(n) x s x ||y||_inf of the exact
+  one, where n is the hidden size (inner products of length n: Higham & Mary 2019, "A new
+  approach to probabilistic rounding error analysis", Theorem 3.1: a sum of n rounded terms is
+  within λ sqrt(n) u of exact with probability at least 1 - 2n exp(-λ²/2), so
+  λ = sqrt(2 ln(2n / FALSE_ALARM)) bounds one inner product but for a FALSE_ALARM chance, 1e-12:
+  λ is 8.2 at n = 256 and 8.4 at n = 1024, and a re-check of a million vectors raises a false
+  alarm with probability below 1e-6) and s the stages the value passes through, whose errors add:
   embeddings, then each layer up to its own (hidden.L and attn.L: L + 1; cls: layers + 1), then
   one more for a head (MLM logits, pooling, a classifier, a registered kind: layers + 2). Two
   runs differ by at most the sum of their errors, so u is the cache's compute dtype's
@@ -31,11 +34,13 @@ also by its own rounding to the stored dtype; nothing else may differ. So each c
   magnitude: a token's hidden state, a token's attention over heads and keys, a sentence
   vector, a masked position's logits over the whole vocabulary. Measured against this model
   (fp16 and bf16 forward passes against fp32 on CPU): MiniLM's errors are 3u at layer 0 and
-  6u at layer 6, where the model allows 20u and 137u; a 2-layer, width-32 BERT's 2u at layer 0
-  (5.7u allowed), 6u at layer 2 (17u) and 8u in the logits (23u). In fp32 the compute term is
-  1e-6 to 1e-5 of a vector's scale, under fp16 storage's half ulp, so another checkpoint, or one
-  layer's weights moved by 1%, fails (tests/test_verify_teacher.py); in fp16 or bf16 caches it
-  is 4,000 or 32,000 times that, and such a small change may pass.
+  6u at layer 6, where the model allows 20λu and 137λu; a 2-layer, width-32 BERT's 2u at layer 0
+  (5.7λu allowed), 6u at layer 2 (17λu) and 8u in the logits (23λu). Without λ (λ = 1) the
+  bound is not a bound: over all 2,000 rows of a width-256 BERT's fp32 cache, the teacher that
+  made it differed once by 1.04 of it (docs/benchmarks.md, "verify"). In fp32 the compute term
+  is 1e-5 to 1e-4 of a vector's scale, about fp16 storage's half ulp, so another checkpoint, or
+  one layer's weights moved by 1%, fails (tests/test_verify_teacher.py); in fp16 or bf16 caches
+  it is 4,000 or 32,000 times that, and such a small change may pass.
 
 Derived checks (ctol: a masked position's logit tolerance, by the rule above):
 - lognorm: logsumexp moves no more than its largest logit: ctol, plus fp32 sums over V terms in
@@ -80,6 +85,13 @@ from .options import DTYPES
 from .teachers import LoadedTeacher, Outputs, TeacherSpec, describe_teacher
 
 UNIT_ROUNDOFF = {"fp32": 2.0**-24, "fp16": 2.0**-11, "bf16": 2.0**-8}
+FALSE_ALARM = 1e-12  # the chance that one inner product's rounding exceeds the bound (module docstring)
+
+
+def confidence(n: int) -> float:
+    """λ of the probabilistic bound λ sqrt(n) u for inner products of length n (Higham & Mary
+    2019, Theorem 3.1: it fails with probability at most 2n exp(-λ²/2) = FALSE_ALARM)."""
+    return math.sqrt(2 * math.log(2 * n / FALSE_ALARM))
 U32 = UNIT_ROUNDOFF["fp32"]
 # Rounded operations per probability in an fp32 softmax: subtracting the maximum, exp, the sum's
 # share, the division.
@@ -106,7 +118,8 @@ class Tolerances:
         return self.layers + (1 if output == "cls" else 2)
 
     def compute(self, output: str, scale):
-        return self.unit * math.sqrt(self.width) * self.stages(output) * np.asarray(scale, dtype=np.float64)
+        return confidence(self.width) * self.unit * math.sqrt(self.width) * self.stages(output) \
+            * np.asarray(scale, dtype=np.float64)
 
 
 @dataclass
