@@ -345,7 +345,8 @@ def dominant_lines(runs: dict, cli: dict, parts: dict) -> list[str]:
              "rest": "the comparison"}
     for (name, _), p in parts.items():
         top = max(names, key=lambda k: p[k])
-        out.append(f"{name}, {p['rows']:,} rows in process: {names[top]} dominate ({100 * p[top] / p['total']:.0f}%).")
+        out.append(f"{name}, {p['rows']:,} rows in process: most of the time goes to {names[top]} "
+                   f"({100 * p[top] / p['total']:.0f}%).")
     for name in cli:
         extra = cli[name]["teacher"]["wall"] - median_of(runs[name][ROW_COUNTS[0]])[0]
         out.append(f"{name}, the CLI with --rows {ROW_COUNTS[0]}: {cli[name]['teacher']['wall']:.1f} s, of which "

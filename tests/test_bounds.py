@@ -264,11 +264,16 @@ def oversized_config(directory: Path, **sizes) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("sizes", [{"vocab_size": 10**9}, {"hidden_size": 10**6, "intermediate_size": 10**6},
-                                   {"num_hidden_layers": 10**6}, {"num_labels": 10**9},
-                                   {"max_position_embeddings": 10**9}, {"intermediate_size": 10**9}])
+OVERSIZED = [{"vocab_size": 10**9}, {"hidden_size": 10**6, "intermediate_size": 10**6}, {"num_hidden_layers": 10**6},
+             {"num_labels": 10**9}, {"max_position_embeddings": 10**9}, {"intermediate_size": 10**9}]
+
+
+@pytest.mark.parametrize("sizes", OVERSIZED)
 def test_a_config_json_describing_more_than_its_weights_is_refused_before_building(made, tmp_path, sizes):
-    """A teacher's (cache-teachers, on the client; build-vocab) and a checkpoint's (--init-from) config.json."""
+    """A teacher's (cache-teachers, on the client; build-vocab) and a checkpoint's (--init-from)
+    config.json. Every size through cache-teachers; build-vocab and --init-from, which call the
+    same check (weights.config_size_problem), with the first two sizes (each command is a process
+    of its own: a check that failed would allocate in it, not in pytest)."""
     teacher = oversized_config(shutil.copytree(made["teacher"], tmp_path / "teacher"), **sizes)
     result = xkd("cache-teachers", "--teacher", teacher, "--corpus", TATOEBA, "--out", tmp_path / "caches",
                  "--max-pairs", 8, timeout=90)
@@ -277,6 +282,8 @@ def test_a_config_json_describing_more_than_its_weights_is_refused_before_buildi
     assert f"{teacher / 'config.json'}: its config.json describes a model of at least" in said
     assert "the config does not belong to these weights" in said
     assert not (tmp_path / "caches").exists() or not any((tmp_path / "caches").iterdir())
+    if sizes not in OVERSIZED[:2]:
+        return
     vocab = xkd("build-vocab", "--teachers", teacher, "--out", tmp_path / "vocab", timeout=90)  # a map row per id
     assert vocab.returncode == 2 and f"{teacher / 'config.json'}: its config.json describes" in \
         paragraph(vocab, "build-vocab")
