@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,25 @@ def cache_teacher(client, out, teacher, corpus, **options) -> str:
     result = cache_teachers(CacheTeachersOptions(teachers=[str(teacher)], corpus=corpus, out=str(out), **options),
                             client=client, log=io.StringIO())
     return result["caches"][0]["path"]
+
+
+# Run `python -m xkd.cli ARGS` as a terminal's foreground job would start it: SIGINT deliverable
+# (unblocked, default disposition), whatever signal mask or disposition the test process holds
+# at the moment (threads and libraries the suite has started may leave SIGINT blocked, and a
+# child inherits the mask through fork and exec). pid and process group stay the xkd process's.
+AS_FROM_A_TERMINAL = [sys.executable, "-c", "import os, signal, sys; "
+                      "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+                      "signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                      "os.execv(sys.executable, [sys.executable, '-m', 'xkd.cli', *sys.argv[1:]])"]
+
+
+def sigint_state(pid: int) -> str:
+    """The SigBlk and SigIgn lines of a process (Linux), for a message when Ctrl-C was not heard."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().split("\n")
+    except OSError:
+        return "(no /proc status)"
+    return "; ".join(line for line in lines if line.startswith(("SigBlk", "SigIgn")))
 
 
 def independent_draws(logits, row: dict, n: int, seed: int = 0):

@@ -35,7 +35,7 @@ from typer.testing import CliRunner
 from xkd.cli import app
 from xkd.vocab import build_vocab
 
-from conftest import PARALLEL, ROOT, VOCABS, build_tiny_bert, cache_teacher
+from conftest import AS_FROM_A_TERMINAL, PARALLEL, ROOT, VOCABS, build_tiny_bert, cache_teacher, sigint_state
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -173,7 +173,7 @@ def test_ctrl_c_during_a_commit_says_the_number_of_shards_the_manifest_holds(tea
     line says so."""
     corpus = write_lines(tmp_path / "c.en", ENGLISH[:400])
     out = tmp_path / "caches"
-    proc = subprocess.Popen([sys.executable, "-m", "xkd.cli", "cache-teachers", "--teacher", str(teacher), "--corpus",
+    proc = subprocess.Popen([*AS_FROM_A_TERMINAL, "cache-teachers", "--teacher", str(teacher), "--corpus",
                              f"text:{corpus}@en", "--out", str(out), "--shard-size", "1", "--workers", "1",
                              "--cpu-threads", "1"], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -193,12 +193,13 @@ def test_ctrl_c_during_a_commit_says_the_number_of_shards_the_manifest_holds(tea
         held = len(json.loads(stalled.read_text())["shards"])
         time.sleep(2)  # the next commit is now waiting on the FIFO
         assert len(json.loads(stalled.read_text())["shards"]) == held
+        state = sigint_state(proc.pid)
         os.killpg(proc.pid, signal.SIGINT)
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, stderr[-3000:]
+    assert proc.returncode == 130, (state, stderr[-3000:])
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
     kept = re.fullmatch(r"xkd cache-teachers: interrupted; kept (\d+) of 400 shards in (\S+)\. "
                         r"Run the same command again to resume\.", stderr.strip().split("\n")[-1])

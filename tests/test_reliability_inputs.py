@@ -16,7 +16,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from xkd.errors import BadInput
 from xkd.lines import read_lines, split_lines
 from xkd.pipeline import CacheTeachersOptions, cache_teachers
 
-from conftest import PARALLEL, ROOT, VOCABS, build_tiny_bert, requires_iitb
+from conftest import AS_FROM_A_TERMINAL, PARALLEL, ROOT, VOCABS, build_tiny_bert, requires_iitb, sigint_state
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -189,7 +188,7 @@ def test_ctrl_c_prints_one_line_saying_what_was_kept_and_how_to_resume(thread_cl
     args = ["cache-teachers", "--teacher", str(tiny_teachers["multi"]), "--corpus",
             f"parallel:{iitb}/train.en@en,{iitb}/train.hi@hi", "--out", str(out), "--max-pairs", "600",
             "--shard-size", "4", "--workers", "1", "--cpu-threads", "1", "--dtype", "fp32"]
-    proc = subprocess.Popen([sys.executable, "-m", "xkd.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*AS_FROM_A_TERMINAL, *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 240
@@ -199,12 +198,13 @@ def test_ctrl_c_prints_one_line_saying_what_was_kept_and_how_to_resume(thread_cl
                 break
             time.sleep(0.02)
         assert proc.poll() is None, "the run ended before it could be interrupted"
+        state = sigint_state(proc.pid)
         os.killpg(proc.pid, signal.SIGINT)
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 130, (state, stderr)
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     lines = stderr.strip().split("\n")
     assert [line for line in lines if "interrupted" in line] == lines[-1:], stderr
