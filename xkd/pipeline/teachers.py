@@ -360,13 +360,8 @@ class LoadedTeacher:
 
         dev = self.device
         with torch.inference_mode():
-            input_ids = torch.from_numpy(batch.input_ids).to(dev, non_blocking=True)
-            attention = torch.from_numpy(batch.attention_mask).to(dev, non_blocking=True)
-            # Sentence pairs: token types as the teacher's tokenizer would give them (BERT);
-            # models without them (RoBERTa, XLM-R) read the pair from its template alone.
-            inputs = {"input_ids": input_ids, "attention_mask": attention}
-            if batch.token_type_ids is not None and self.takes_token_types:
-                inputs["token_type_ids"] = torch.from_numpy(batch.token_type_ids).to(dev, non_blocking=True)
+            inputs = self._model_inputs(batch)
+            attention = inputs["attention_mask"]
             kinds = wanted_kinds(outputs)
             want_hidden = any(kind.hidden_states for kind in kinds)
             want_attention = any(kind.attentions for kind in kinds)
@@ -381,6 +376,18 @@ class LoadedTeacher:
                     for name, values in kind.produce(forward, outputs).items():
                         out[name] = values.to(getattr(torch, dtypes[name])).cpu().numpy()
         return out
+
+    def _model_inputs(self, batch: PaddedBatch) -> dict:
+        """The batch as the model's keyword inputs, on the device. Sentence pairs: token types as
+        the teacher's tokenizer would give them (BERT); models without them (RoBERTa, XLM-R) read
+        the pair from its template alone."""
+        import torch
+
+        inputs = {"input_ids": torch.from_numpy(batch.input_ids).to(self.device, non_blocking=True),
+                  "attention_mask": torch.from_numpy(batch.attention_mask).to(self.device, non_blocking=True)}
+        if batch.token_type_ids is not None and self.takes_token_types:
+            inputs["token_type_ids"] = torch.from_numpy(batch.token_type_ids).to(self.device, non_blocking=True)
+        return inputs
 
     def _run_model(self, inputs: dict, want_hidden: bool, want_attention: bool):
         """(the base model's output, the classifier's logits or None). A classifier runs whole, its
@@ -468,10 +475,7 @@ class LoadedTeacher:
 
         dev = self.device
         with torch.inference_mode():
-            inputs = {"input_ids": torch.from_numpy(batch.input_ids).to(dev),
-                      "attention_mask": torch.from_numpy(batch.attention_mask).to(dev)}
-            if batch.token_type_ids is not None and self.takes_token_types:
-                inputs["token_type_ids"] = torch.from_numpy(batch.token_type_ids).to(dev)
+            inputs = self._model_inputs(batch)
             rows, cols = torch.from_numpy(batch.masked_rows).to(dev), torch.from_numpy(batch.masked_cols).to(dev)
             if self.head is None:
                 return self.model(**inputs).logits[rows, cols].float()
