@@ -58,6 +58,15 @@ def runs(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids.ravel()[starts].astype(np.uint32), counts.astype(np.uint16)
 
 
+def runs_by_row(draws: np.ndarray, n_masked: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nondecreasing draws (positions, n), rows' positions one after another (n_masked per
+    row), as the cache stores them: (distinct ids, counts, how many of them each row has)."""
+    ids, counts = runs(draws)
+    row_of_position = np.repeat(np.arange(len(n_masked)), n_masked)
+    per_row = np.bincount(row_of_position[positions_of(counts, draws.shape[1])], minlength=len(n_masked))
+    return ids, counts, per_row
+
+
 def positions_of(counts: np.ndarray, n: int) -> np.ndarray:
     """The masked position (0, 1, ...) each stored id belongs to, from counts that sum to n per
     position."""

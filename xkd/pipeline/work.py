@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import BadInput
-from ..sampling import draw_uniforms, positions_of, runs
+from ..sampling import draw_uniforms, runs_by_row
 from ..storage import Ragged, write_shard_files
 from ..weights import load_error_reason
 from .batching import PaddedBatch, length_buckets
@@ -252,9 +252,7 @@ def shard_uniforms(rows: Rows, n_masked: np.ndarray, n: int, seed: int) -> np.nd
 def draws_by_row(draws: np.ndarray, n_masked: np.ndarray) -> dict[str, Ragged]:
     """The (positions, N) draws as the cache stores them: per row, its positions' distinct ids
     with their counts."""
-    ids, counts = runs(draws)
-    row_of_position = np.repeat(np.arange(len(n_masked)), n_masked)
-    per_row = np.bincount(row_of_position[positions_of(counts, draws.shape[1])], minlength=len(n_masked))
+    ids, counts, per_row = runs_by_row(draws, n_masked)
     return {"sample_ids": Ragged(ids, _starts(per_row)), "sample_counts": Ragged(counts, _starts(per_row))}
 
 

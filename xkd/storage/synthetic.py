@@ -11,6 +11,7 @@ import functools
 
 import numpy as np
 
+from ..sampling import runs_by_row
 from .schema import DenseSpec, Ragged
 
 
@@ -140,15 +141,7 @@ def synthetic_draws(rows: dict, n: int, vocab: int = 120_000, seed: int = 0) -> 
     draws = np.where(slot < k, np.take_along_axis(ids, np.minimum(slot, k - 1), 1),
                      zipf_ids(rng, positions * n, vocab).reshape(positions, n))
     draws.sort(axis=1)
-    first = np.ones(draws.shape, dtype=bool)
-    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
-    starts = np.flatnonzero(first.ravel())
-    counts = np.diff(np.append(starts, draws.size))
-    runs_per_position = first.sum(1)
-    per_row = np.add.reduceat(runs_per_position, rows["masked_positions"].offsets[:-1]) \
-        if positions else np.zeros(len(rows["masked_positions"]), np.int64)
-    per_row[rows["masked_positions"].lengths() == 0] = 0
+    ids, counts, per_row = runs_by_row(draws, rows["masked_positions"].lengths())
     offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64)
-    return {"sample_ids": Ragged(draws.ravel()[starts].astype(np.uint32), offsets),
-            "sample_counts": Ragged(counts.astype(np.uint16), offsets)}
+    return {"sample_ids": Ragged(ids, offsets), "sample_counts": Ragged(counts, offsets)}
 
