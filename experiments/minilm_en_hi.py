@@ -44,6 +44,7 @@ MBERT_VOCAB = DATA / "vocab" / "bert-base-multilingual-cased.vocab.txt"
 XKD = str(Path(sys.executable).with_name("xkd"))
 BASELINE = ROOT / "experiments" / "st_baseline.py"
 HAND_WRITTEN = "## Reading the numbers"
+TIMING = "## Time, measured side by side"  # written by bench/peer_timing.py, kept here on re-runs
 BASELINE_NAME = "sentence-transformers MSELoss (online teacher)"
 # The recipe's student as the recipe builds it, and with the Normalize module its teacher has.
 BASELINES = {BASELINE_NAME: ("st-baseline", []),
@@ -169,7 +170,7 @@ def main() -> None:
     log: list = []
     t0 = time.perf_counter()
 
-    cache_info, cache_timing = cache_teacher(args, work, log)
+    cache_info, _ = cache_teacher(args, work, log)
     cache = cache_info["path"]
     vocab = build_vocab(work, log)
     scores = {"before (MiniLM, union-vocab init)": evaluate(["--init-from", "minilm"], vocab, log)}
@@ -182,7 +183,7 @@ def main() -> None:
         timings[name], curves[name] = timing, read_curve(out)
 
     total = time.perf_counter() - t0
-    write_report(scores, timings, curves, log, total, cache_timing, dir_bytes(Path(cache)), cache_info, args)
+    write_report(scores, timings, curves, log, total, dir_bytes(Path(cache)), cache_info, args)
 
 
 def plot(scores: dict, curves: dict) -> None:
@@ -214,17 +215,21 @@ def plot(scores: dict, curves: dict) -> None:
     fig.savefig(ROOT / "docs" / "results.png", dpi=110)
 
 
-def three_runs(cache: dict, xd: dict, st: dict, key: str) -> tuple[str, str]:
-    """(xkd, sentence-transformers) rows of the three-students table, in one unit (`key`)."""
-    return (f"cache-teachers ({cache[key]:.0f}) + 3 × xd training ({xd[key]:.0f}) | {cache[key] + 3 * xd[key]:.0f}",
-            f"3 × online training ({st[key]:.0f}) | {3 * st[key]:.0f}")
+def timing_section(previous: str) -> list[str]:
+    """The time comparison is measured side by side by bench/peer_timing.py, which writes it
+    into this page: kept as it is on a re-run (single runs on shared cores cannot compare)."""
+    if TIMING in previous:
+        start = previous.index(TIMING)
+        end = previous.find("\n## ", start + len(TIMING))
+        return previous[start:end if end >= 0 else len(previous)].rstrip("\n").split("\n")
+    return [TIMING, "", "Not measured yet: `./dev bench peer_timing` runs both sides in turns and writes it here."]
 
 
-def write_report(scores, timings, curves, log, total, cache_timing, cache_bytes, cache_info, args) -> None:
+def write_report(scores, timings, curves, log, total, cache_bytes, cache_info, args) -> None:
     plot(scores, curves)
     columns = [(bench, key, f"{bench} {arrow}") for bench, *_ in BENCHMARKS for key, arrow in DIRECTIONS]
-    xd, st = timings["xd (pooled)"], timings[BASELINE_NAME]
-    wall, cpu = three_runs(cache_timing, xd, st, "seconds"), three_runs(cache_timing, xd, st, "cpu_seconds")
+    report = ROOT / "docs" / "results.md"
+    previous = report.read_text() if report.exists() else ""
     lines = [
         "# Real-teacher experiment: MiniLM -> union-vocab student on English-Hindi",
         "",
@@ -264,18 +269,9 @@ def write_report(scores, timings, curves, log, total, cache_timing, cache_bytes,
         "Training: the run's whole command (start-up, building the student, every step, saving), one clock "
         "for all; CPU s is the command's user + system CPU time. Where the cores are shared with other work, "
         "wall times carry that contention and CPU times less of it; the load average after each command "
-        "is in the last table.",
+        "is in the last table. These are single runs: the time comparison is the next section's.",
         "",
-        "## Three students: one cache against three online runs",
-        "",
-        "Computed from the measured single-run times above (three runs of each were not made): xkd pays "
-        "for the teacher once (cache-teachers) and then trains each student from the cache; the "
-        "sentence-transformers recipe runs the teacher inside every training run.",
-        "",
-        "| | how (wall s) | wall s | how (CPU s) | CPU s |",
-        "|---|---|---:|---|---:|",
-        f"| xkd | {wall[0]} | {cpu[0]} |",
-        f"| sentence-transformers | {wall[1]} | {cpu[1]} |",
+        *timing_section(previous),
         "",
         "## Cache",
         "",
@@ -290,8 +286,6 @@ def write_report(scores, timings, curves, log, total, cache_timing, cache_bytes,
     ]
     lines += [f"| `{e['command']}` | {e['seconds']} | {e['cpu_seconds']} | {e['load']} |" for e in log]
     lines += ["", "![loss curves and retrieval accuracy](results.png)", ""]
-    report = ROOT / "docs" / "results.md"
-    previous = report.read_text() if report.exists() else ""
     kept = previous[previous.index(HAND_WRITTEN):] if HAND_WRITTEN in previous else ""
     report.write_text("\n".join(lines) + ("\n" + kept if kept else ""))
     print("\n".join(lines))

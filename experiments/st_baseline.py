@@ -1,7 +1,7 @@
 """The baseline a user would otherwise pick: sentence-transformers' multilingual distillation
 (Reimers & Gurevych 2020), trained at the budget of the experiment's xkd xd student.
 
-    python experiments/st_baseline.py --cache CACHE --vocab VOCAB --out DIR \
+    python experiments/st_baseline.py --cache CACHE --vocab VOCAB --out DIR [--teacher minilm] \
         [--steps 100] [--batch-size 16] [--lr 1e-3] [--warmup 0.1] [--normalize] [--json]
 
 The recipe: `losses.MSELoss` pulls the student's vector of the English source AND of its
@@ -22,11 +22,16 @@ loss is MSELoss's element-wise mean (xkd's xd sums over the 384 dimensions: same
 `--normalize` gives the student sentence-transformers' Normalize module, as the teacher has and
 as xd normalises the student's vector for a normalising teacher: without it, the unit-length
 targets can also be approached by shrinking the student's vectors, whatever their direction.
+`--teacher` (an alias or a sentence-transformers directory; default minilm, the teacher the
+xkd cache was made with in the experiment) is the online teacher; when its vectors are wider
+than the student's, the student gets a Dense module (linear, with bias) from its pooled vector
+to the teacher's width before Normalize, as xd learns a projection then.
 
 The trained student is saved with `save_pretrained` (config.json + weights of the encoder, the
 union tokenizer, the pooling config): `xkd evaluate DIR --mode bitext --vocab VOCAB` loads it
 like a train-student output (its masked-LM head, unused by bitext retrieval, starts random).
-Progress goes to stderr; with --json the last stdout line is a summary (loop seconds included).
+Progress goes to stderr; with --json the last stdout line is a summary (the loop's seconds, and
+of them the teacher's forwards, included).
 """
 
 from __future__ import annotations
@@ -64,18 +69,22 @@ def read_pairs(cache: Path) -> tuple[list[tuple[str, str]], str, str]:
     return pairs, src_lang, tgt_lang
 
 
-def build_student(vocab, workdir: Path, normalize: bool):
-    """xkd's initial student (union vocab, rows from MiniLM) as a SentenceTransformer. The
-    Transformer module loads from a directory, so the student is saved there first."""
+def build_student(vocab, workdir: Path, normalize: bool, width: int):
+    """xkd's initial student (union vocab, rows from MiniLM) as a SentenceTransformer, its
+    vectors `width` wide. The Transformer module loads from a directory, so the student is
+    saved there first."""
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
 
     model, tokenizer = student_from_teacher("minilm", vocab)
     model.save_pretrained(workdir)
     tokenizer.save_pretrained(workdir)
     encoder = Transformer(str(workdir))
-    modules = [encoder, Pooling(encoder.get_embedding_dimension(), "mean")] + ([Normalize()] if normalize else [])
-    return SentenceTransformer(modules=modules, device="cpu")
+    own = encoder.get_embedding_dimension()
+    modules = [encoder, Pooling(own, "mean")]
+    if width != own:  # xd's projection: a linear map, no activation
+        modules.append(Dense(own, width, activation_function=torch.nn.Identity()))
+    return SentenceTransformer(modules=modules + ([Normalize()] if normalize else []), device="cpu")
 
 
 def features(vocab, texts: list[str], lang: str) -> dict:
@@ -94,7 +103,8 @@ def batches(n: int, batch_size: int, seed: int):
 
 
 def train(student, teacher, pairs, vocab, src_lang, tgt_lang, args, metrics) -> dict:
-    """The training loop around sentence-transformers' MSELoss; returns the last step's loss."""
+    """The training loop around sentence-transformers' MSELoss; returns the last step's loss and
+    the seconds spent in the teacher's forwards (what an offline cache saves each run)."""
     from sentence_transformers.sentence_transformer.losses import MSELoss
 
     loss_fn = MSELoss(model=student)
@@ -107,12 +117,15 @@ def train(student, teacher, pairs, vocab, src_lang, tgt_lang, args, metrics) -> 
     scheduler = linear_schedule(optimizer, warmup_steps(args.warmup, args.steps), args.steps)
     torch.manual_seed(args.seed)  # dropout masks
     student.train()
+    teacher_seconds = 0.0
     for step, rows in enumerate(batches(len(pairs), args.batch_size, args.seed), start=1):
         src = [pairs[i][0] for i in rows]
         tgt = [pairs[i][1] for i in rows]
         # The recipe's teacher runs online: its vector of each English source, every step
         # (encode runs under inference_mode; the clone is an ordinary tensor the loss may keep).
+        start = time.perf_counter()
         target = teacher.encode(src, batch_size=len(src), convert_to_tensor=True, show_progress_bar=False).clone()
+        teacher_seconds += time.perf_counter() - start
         loss = loss_fn([features(vocab, src, src_lang), features(vocab, tgt, tgt_lang)], target)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
@@ -124,7 +137,7 @@ def train(student, teacher, pairs, vocab, src_lang, tgt_lang, args, metrics) -> 
             metrics.write(json.dumps(record) + "\n")
             print(f"step {step}/{args.steps} loss {loss.item():.5f}", file=sys.stderr, flush=True)
         if step == args.steps:
-            return {"loss": round(loss.item(), 6)}
+            return {"loss": round(loss.item(), 6), "teacher_seconds": round(teacher_seconds, 2)}
 
 
 def main() -> None:
@@ -132,6 +145,7 @@ def main() -> None:
     parser.add_argument("--cache", required=True, help="an xkd cache of parallel pairs (cache-teachers --sides src)")
     parser.add_argument("--vocab", required=True, help="the union vocab the xkd students use")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--teacher", default="minilm", help="the online teacher: an alias or a sentence-transformers directory")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -149,17 +163,19 @@ def main() -> None:
     if len(pairs) < args.batch_size:
         raise SystemExit(f"--batch-size {args.batch_size}: the cache holds only {len(pairs)} pairs.")
     vocab = load_vocab(args.vocab)
-    teacher = SentenceTransformer(str(resolve_teacher("minilm").path), device="cpu")
+    teacher = SentenceTransformer(str(resolve_teacher(args.teacher).path), device="cpu")
     # Loading the encoder without the masked-LM head it was saved with is the intent, not news.
     with tempfile.TemporaryDirectory() as init, quiet_transformers():
-        student = build_student(vocab, Path(init), args.normalize)
+        student = build_student(vocab, Path(init), args.normalize, teacher.get_embedding_dimension())
     start = time.perf_counter()
     with open(out / "metrics.jsonl", "w") as metrics:
         final = train(student, teacher, pairs, vocab, src_lang, tgt_lang, args, metrics)
     seconds = time.perf_counter() - start
     with quiet_transformers():
         student.save_pretrained(str(out))
-    summary = {"out": str(out), "pairs": len(pairs), "steps": args.steps, "final": final, "seconds": round(seconds, 2)}
+    teacher_seconds = final.pop("teacher_seconds")
+    summary = {"out": str(out), "pairs": len(pairs), "steps": args.steps, "final": final, "seconds": round(seconds, 2),
+               "teacher_seconds": teacher_seconds}
     if args.json:
         print(json.dumps(summary))
 
