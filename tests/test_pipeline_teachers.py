@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from xkd.errors import BadInput
 from xkd.names import parse_corpus, resolve_teacher
 from xkd.pipeline import teachers as teachers_module
 from xkd.pipeline.batching import PaddedBatch, length_buckets
@@ -78,3 +81,40 @@ def test_teacher_slugs_name_cache_directories():
     assert teacher_slug("bert-base") == "bert-base"
     assert teacher_slug("google/muril-base-cased") == "google--muril-base-cased"
     assert teacher_slug("/models/my teacher/") == "my-teacher"
+
+
+@pytest.mark.parametrize("mode, normalize", [("cls", True), ("max", False), ("mean_sqrt_len_tokens", True)])
+def test_a_sentence_transformers_6_pooling_is_read(tiny_teachers, tmp_path, mode, normalize):
+    """sentence-transformers 6 writes one `pooling_mode` key, not the boolean flags of 5: each
+    mode is read as the model's own, and its vector is the one sentence-transformers encodes."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Normalize, Pooling, Transformer
+
+    body = Transformer(str(tiny_teachers["en"]))
+    modules = [body, Pooling(body.get_embedding_dimension(), pooling_mode=mode)] + ([Normalize()] if normalize else [])
+    model = SentenceTransformer(modules=modules, device="cpu")
+    model.save(str(tmp_path / "st"))
+    assert "pooling_mode" in json.loads((tmp_path / "st" / "1_Pooling" / "config.json").read_text())
+
+    spec = describe_teacher(resolve_teacher(str(tmp_path / "st")))
+    assert spec.pooling == {"mode": mode.removesuffix("_tokens"), "normalize": normalize, "from": "1_Pooling/config.json"}
+    teacher = LoadedTeacher(spec, "cpu", "fp32")
+    texts = ["the cat sat on the mat", "a dog", "rain falls on the quiet hills today"]
+    encoded = teacher.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        base = teacher.model.base_model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+        ours = teacher.pool(base, encoded["attention_mask"])
+    theirs = model.encode(texts, convert_to_tensor=True)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5 * float(theirs.abs().max()))
+
+
+@pytest.mark.parametrize("mode", ["weightedmean", ["mean", "max"]])
+def test_a_pooling_xkd_does_not_compute_is_refused(tiny_teachers, tmp_path, mode):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Pooling, Transformer
+
+    body = Transformer(str(tiny_teachers["en"]))
+    SentenceTransformer(modules=[body, Pooling(body.get_embedding_dimension(), pooling_mode=mode)],
+                        device="cpu").save(str(tmp_path / "st"))
+    with pytest.raises(BadInput, match="1_Pooling/config.json: this model pools a sentence by .*which xkd does not compute"):
+        describe_teacher(resolve_teacher(str(tmp_path / "st")))

@@ -147,6 +147,12 @@ def _weight_names(path: Path) -> list[str]:
     return names
 
 
+# sentence-transformers' names for the poolings xkd computes (xkd/pooling.py): up to version 5
+# a Pooling config sets one boolean `pooling_mode_<name>` key, from version 6 one `pooling_mode`.
+ST_POOLING_FLAGS = {"cls_token": "cls", "mean_tokens": "mean", "max_tokens": "max", "mean_sqrt_len_tokens": "mean_sqrt_len"}
+ST_POOLING_MODES = {"cls": "cls", "mean": "mean", "max": "max", "mean_sqrt_len_tokens": "mean_sqrt_len"}
+
+
 def pooling_config(path: Path, kind: str) -> dict:
     """How the model itself pools a sentence: a sentence-transformers directory says so in
     modules.json (Pooling, then Normalize if listed); otherwise BERT's pooler output where
@@ -156,12 +162,22 @@ def pooling_config(path: Path, kind: str) -> dict:
         modules = read_json(modules_file, str(path))
         pooling = next((m for m in modules if m.get("type", "").endswith(".Pooling")), None)
         if pooling is not None:
-            cfg = read_json(path / pooling["path"] / "config.json", str(path))
-            for mode in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens"):
-                if cfg.get(f"pooling_mode_{mode}"):
-                    normalize = any(m.get("type", "").endswith(".Normalize") for m in modules)
-                    return {"mode": mode.removesuffix("_tokens").removesuffix("_token"), "normalize": normalize,
-                            "from": f"{pooling['path']}/config.json"}
+            config_file = path / pooling["path"] / "config.json"
+            cfg = read_json(config_file, str(path))
+            named = cfg.get("pooling_mode")
+            if named is None:
+                modes = [ST_POOLING_FLAGS.get(flag, flag) for flag in
+                         (key.removeprefix("pooling_mode_") for key, on in cfg.items() if key.startswith("pooling_mode_") and on)]
+            else:
+                modes = [ST_POOLING_MODES.get(name, name) for name in ([named] if isinstance(named, str) else named)]
+            if len(modes) != 1 or modes[0] not in ST_POOLING_MODES.values():
+                raise BadInput(
+                    f"{config_file}: this model pools a sentence by {' + '.join(modes) or 'nothing'}, which xkd does "
+                    f"not compute; xkd's teachers pool by one of {', '.join(ST_POOLING_MODES.values())}. Save the model "
+                    "with one of those Pooling modes, or give the transformer directory alone (without modules.json) "
+                    "to cache outputs other than its sentence vector.")
+            normalize = any(m.get("type", "").endswith(".Normalize") for m in modules)
+            return {"mode": modes[0], "normalize": normalize, "from": f"{pooling['path']}/config.json"}
     # A masked LM loads without its pooler even when the checkpoint has one.
     if kind != "mlm" and any(n.endswith("pooler.dense.weight") for n in _weight_names(path)):
         return {"mode": "pooler", "normalize": False, "from": "the model's pooler"}
