@@ -21,7 +21,7 @@ The recipe, every step a command a user would type, timed with one clock:
    label is ever read: Hindi is zero-shot.
 
 Writes docs/zero-shot.md (its "## Reading the numbers" section is written by hand and kept).
-About 35-45 minutes on 2 CPU cores with the defaults, more while they are shared.
+About 16 minutes on 2 idle CPU cores with the defaults (52 while they were shared with other work).
 """
 
 from __future__ import annotations
