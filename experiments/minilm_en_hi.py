@@ -88,6 +88,30 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def fresh_work(path: str) -> Path:
+    """The run's work directory, emptied: every run starts from nothing, as a user's first would."""
+    work = Path(path)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    return work
+
+
+def command_rows(log: list) -> list[str]:
+    """The "Commands and times" table: every command, its wall and CPU seconds, the load after."""
+    return ["| command | wall s | CPU s | load after |", "|---|---:|---:|---:|",
+            *(f"| `{e['command']}` | {e['seconds']} | {e['cpu_seconds']} | {e['load']} |" for e in log)]
+
+
+def write_keeping_hand_written(report: Path, previous: str, lines: list[str]) -> str:
+    """Write a generated report, keeping its hand-written tail (HAND_WRITTEN onwards) from the
+    previous version; return the generated text."""
+    text = "\n".join(lines).replace(str(DATA), "../shared/data").replace(str(ROOT) + "/", "")
+    kept = previous[previous.index(HAND_WRITTEN):] if HAND_WRITTEN in previous else ""
+    report.write_text(text + ("\n" + kept if kept else ""))
+    return text
+
+
 def cache_teacher(args, work: Path, log: list) -> tuple[dict, dict]:
     """One teacher pass over the cleaned IITB pairs: every student below trains from it."""
     corpus = f"parallel:{IITB}/train.en@en,{IITB}/train.hi@hi"
@@ -163,10 +187,7 @@ def main() -> None:
     parser.add_argument("--max-words", type=int, default=24, help="longest side of a cached pair, in words")
     parser.add_argument("--work", default=str(ROOT / "runs" / "experiment"))
     args = parser.parse_args()
-    work = Path(args.work)
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work = fresh_work(args.work)
     log: list = []
     t0 = time.perf_counter()
 
@@ -281,14 +302,10 @@ def write_report(scores, timings, curves, log, total, cache_bytes, cache_info, a
         "",
         "## Commands and times",
         "",
-        "| command | wall s | CPU s | load after |",
-        "|---|---:|---:|---:|",
+        *command_rows(log),
+        "", "![loss curves and retrieval accuracy](results.png)", "",
     ]
-    lines += [f"| `{e['command']}` | {e['seconds']} | {e['cpu_seconds']} | {e['load']} |" for e in log]
-    lines += ["", "![loss curves and retrieval accuracy](results.png)", ""]
-    kept = previous[previous.index(HAND_WRITTEN):] if HAND_WRITTEN in previous else ""
-    report.write_text("\n".join(lines) + ("\n" + kept if kept else ""))
-    print("\n".join(lines))
+    print(write_keeping_hand_written(report, previous, lines))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ About 16 minutes on 2 idle CPU cores with the defaults (52 while they were share
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
 import time
@@ -35,10 +34,9 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from minilm_en_hi import DATA, IITB, MBERT_VOCAB, ROOT, XKD, run  # noqa: E402  (one way to run and time a command)
+from minilm_en_hi import IITB, MBERT_VOCAB, ROOT, XKD, command_rows, fresh_work, run, write_keeping_hand_written  # noqa: E402
 from zero_shot_task import TOPICS, build_task, read_lines, write_task  # noqa: E402
 
-HAND_WRITTEN = "## Reading the numbers"
 REPORT = ROOT / "docs" / "zero-shot.md"
 LANGUAGES = ("en", "hi")
 
@@ -72,10 +70,7 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=3)
     parser.add_argument("--work", default=str(ROOT / "runs" / "zero-shot"))
     args = parser.parse_args()
-    work = Path(args.work)
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work = fresh_work(args.work)
     log: list = []
     t0 = time.perf_counter()
 
@@ -159,16 +154,11 @@ def write_report(args, task, cache: dict, scores: dict, students: dict, log: lis
         "",
         "## Commands and times",
         "",
-        "| command | wall s | CPU s | load after |",
-        "|---|---:|---:|---:|",
+        *command_rows(log),
+        "",
     ]
-    lines += [f"| `{e['command']}` | {e['seconds']} | {e['cpu_seconds']} | {e['load']} |" for e in log]
-    lines.append("")
     previous = REPORT.read_text() if REPORT.exists() else ""
-    kept = previous[previous.index(HAND_WRITTEN):] if HAND_WRITTEN in previous else ""
-    text = "\n".join(lines).replace(str(DATA), "../shared/data").replace(str(ROOT) + "/", "")
-    REPORT.write_text(text + ("\n" + kept if kept else ""))
-    print(text)
+    print(write_keeping_hand_written(REPORT, previous, lines))
 
 
 if __name__ == "__main__":
