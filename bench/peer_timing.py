@@ -130,9 +130,7 @@ def peer(args, work: Path, log: list) -> dict:
 def build_teacher(out: Path) -> Path:
     """A random-weight BERT-base-shaped encoder with bert-base-uncased's WordPiece tokenizer,
     saved as a sentence-transformers directory: mean pooling, then Normalize, like MiniLM. The
-    module files are written in the layout MiniLM's package ships, which both xkd
-    (pooling_config) and sentence-transformers read; sentence-transformers 6's own save writes
-    a Pooling config that xkd does not recognise (it would pool with BERT's pooler instead)."""
+    module files are MiniLM's own (sentence-transformers 5's layout), with this model's width."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 

@@ -122,9 +122,9 @@ def cache_teacher(args, work: Path, log: list) -> tuple[dict, dict]:
     return cached["caches"][0], timing
 
 
-def build_vocab(work: Path, log: list) -> Path:
-    """The union vocab: English through MiniLM's tokenizer, Hindi through mBERT's."""
-    run([XKD, "build-vocab", "--teachers", "minilm", MBERT_VOCAB, "--lang-teacher", "en=minilm",
+def build_vocab(work: Path, log: list, teacher: str | Path = "minilm") -> Path:
+    """The union vocab: English through the teacher's tokenizer (MiniLM's), Hindi through mBERT's."""
+    run([XKD, "build-vocab", "--teachers", teacher, MBERT_VOCAB, "--lang-teacher", f"en={teacher}",
          "--lang-teacher", f"hi={MBERT_VOCAB}", "--out", work / "vocab", "--json"], log)
     return work / "vocab"
 

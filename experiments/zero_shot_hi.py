@@ -34,7 +34,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from minilm_en_hi import IITB, MBERT_VOCAB, ROOT, XKD, command_rows, fresh_work, run, write_keeping_hand_written  # noqa: E402
+from minilm_en_hi import IITB, ROOT, XKD, build_vocab, command_rows, fresh_work, run, write_keeping_hand_written  # noqa: E402
 from zero_shot_task import TOPICS, build_task, read_lines, write_task  # noqa: E402
 
 REPORT = ROOT / "docs" / "zero-shot.md"
@@ -47,13 +47,13 @@ def prepare_task(args, work: Path):
     return task, write_task(task, work / "task")
 
 
-def tests(files: dict) -> list:
+def test_specs(files: dict) -> list:
     return [a for lang in LANGUAGES for a in ("--test", f"labeled:{files[f'test.{lang}']}@{lang}")]
 
 
 def score(model: Path, files: dict, work: Path, log: list) -> dict:
     """{lang: accuracy} of a classifier's own head on the test sentences."""
-    result, _ = run([XKD, "evaluate", model, "--mode", "classify", "--as-is", *tests(files),
+    result, _ = run([XKD, "evaluate", model, "--mode", "classify", "--as-is", *test_specs(files),
                      "--out", work / "eval" / model.name, "--json"], log)
     return result["accuracy"]
 
@@ -78,14 +78,12 @@ def main() -> None:
     teacher = work / "teacher"
     run([XKD, "finetune-teacher", "--base", "minilm", "--data", f"labeled:{files['train.en']}@en", "--out", teacher,
          "--epochs", args.teacher_epochs, "--lr", "5e-5", "--batch-size", 16, "--held-out", 0, "--json"], log)
-    scores = {"teacher (MiniLM fine-tuned on English)": score(teacher, files, work, log)}
+    teacher_accuracy = score(teacher, files, work, log)
     cached, _ = run([XKD, "cache-teachers", "--teacher", teacher, "--corpus",
                      f"parallel:{files['pairs.en']}@en,{files['pairs.hi']}@hi", "--sides", "src", "--class-logits",
                      "--max-tokens", args.max_tokens, "--out", work / "caches", "--json"], log)
     cache = cached["caches"][0]
-    vocab = work / "vocab"
-    run([XKD, "build-vocab", "--teachers", teacher, MBERT_VOCAB, "--lang-teacher", f"en={teacher}",
-         "--lang-teacher", f"hi={MBERT_VOCAB}", "--out", vocab, "--json"], log)
+    vocab = build_vocab(work, log, teacher)
     students = {}
     for seed in range(args.seeds):
         out = work / f"student-seed{seed}"
@@ -96,7 +94,7 @@ def main() -> None:
         students[seed] = score(out, files, work, log), timing
 
     total = time.perf_counter() - t0
-    write_report(args, task, cache, scores, students, log, total)
+    write_report(args, task, cache, teacher_accuracy, students, log, total)
 
 
 def mean_std(values: list[float]) -> str:
@@ -105,10 +103,9 @@ def mean_std(values: list[float]) -> str:
 
 
 # Long: the report is one page of text, tables and the command log, written in order.
-def write_report(args, task, cache: dict, scores: dict, students: dict, log: list, total: float) -> None:
+def write_report(args, task, cache: dict, teacher: dict, students: dict, log: list, total: float) -> None:
     chance = 1 / len(TOPICS)
     student_scores = {lang: [accuracy[lang] for accuracy, _ in students.values()] for lang in LANGUAGES}
-    teacher = next(iter(scores.values()))
     lines = [
         "# Zero-shot transfer to Hindi: a task result on CPU",
         "",
